@@ -1,0 +1,509 @@
+//! The archive index: every entry's metadata and every chunk's location and digest.
+//!
+//! Encoded with protobuf (prost, no code generation) so later versions can add
+//! fields that older readers skip. Stored zstd-compressed in shard 0 just before
+//! the footer. [`Index::validate`] checks everything a reader later relies on,
+//! so code that walks a validated index can index slices without further checks.
+
+use std::collections::HashMap;
+
+use crate::codec::CodecId;
+use crate::error::{Error, Result};
+use crate::layout::{MAX_CHUNK_RAW, MAX_SHARDS};
+
+/// Kind of filesystem object an entry describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum EntryKind {
+    Unspecified = 0,
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+    /// A hard link to an earlier `File` entry named by `link_target`.
+    Hardlink = 4,
+    CharDevice = 5,
+    BlockDevice = 6,
+    Fifo = 7,
+    Socket = 8,
+}
+
+impl EntryKind {
+    /// One-letter type as `ls -l` prints it.
+    pub fn type_char(self) -> char {
+        match self {
+            EntryKind::Dir => 'd',
+            EntryKind::Symlink => 'l',
+            EntryKind::CharDevice => 'c',
+            EntryKind::BlockDevice => 'b',
+            EntryKind::Fifo => 'p',
+            EntryKind::Socket => 's',
+            EntryKind::Hardlink => 'h',
+            _ => '-',
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryKind::Unspecified => "unspecified",
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+            EntryKind::Symlink => "symlink",
+            EntryKind::Hardlink => "hardlink",
+            EntryKind::CharDevice => "chardev",
+            EntryKind::BlockDevice => "blockdev",
+            EntryKind::Fifo => "fifo",
+            EntryKind::Socket => "socket",
+        }
+    }
+}
+
+/// One extended attribute.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Xattr {
+    #[prost(bytes = "vec", tag = "1")]
+    pub name: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// Metadata of one archived path.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Entry {
+    /// Relative path, `/`-separated, validated by [`validate_path`].
+    #[prost(bytes = "vec", tag = "1")]
+    pub path: Vec<u8>,
+    #[prost(enumeration = "EntryKind", tag = "2")]
+    pub kind: i32,
+    /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
+    #[prost(uint32, tag = "3")]
+    pub mode: u32,
+    #[prost(uint32, tag = "4")]
+    pub uid: u32,
+    #[prost(uint32, tag = "5")]
+    pub gid: u32,
+    /// Modification time in nanoseconds since the Unix epoch.
+    #[prost(int64, tag = "6")]
+    pub mtime_ns: i64,
+    /// Logical size of a file; bytes not covered by chunks read as zeros (holes).
+    #[prost(uint64, tag = "7")]
+    pub size: u64,
+    #[prost(uint32, tag = "8")]
+    pub rdev_major: u32,
+    #[prost(uint32, tag = "9")]
+    pub rdev_minor: u32,
+    /// Symlink target, or the path of the `File` entry a `Hardlink` points to.
+    #[prost(bytes = "vec", tag = "10")]
+    pub link_target: Vec<u8>,
+    #[prost(message, repeated, tag = "11")]
+    pub xattrs: Vec<Xattr>,
+    /// First chunk of this entry in [`Index::chunks`].
+    #[prost(uint64, tag = "12")]
+    pub first_chunk: u64,
+    #[prost(uint64, tag = "13")]
+    pub chunk_count: u64,
+    /// Entry flags ([`entry_flags`]).
+    #[prost(uint32, tag = "14")]
+    pub flags: u32,
+}
+
+/// Bits of [`Entry::flags`].
+pub mod entry_flags {
+    /// Size was unknown when the inline entry record was written (streamed input);
+    /// an `EntryEnd` record carries the final size.
+    pub const STREAMED: u32 = 1 << 0;
+}
+
+impl Entry {
+    /// The kind, with unknown values mapped to `Unspecified` (rejected by validation).
+    pub fn entry_kind(&self) -> EntryKind {
+        EntryKind::try_from(self.kind).unwrap_or(EntryKind::Unspecified)
+    }
+
+    /// The path as text (lossy for non-UTF-8 names), for messages and listings.
+    pub fn path_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.path).into_owned()
+    }
+}
+
+/// Where one chunk of an entry's content lives.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Chunk {
+    /// Offset of the chunk's first byte in the entry.
+    #[prost(uint64, tag = "1")]
+    pub file_offset: u64,
+    #[prost(uint32, tag = "2")]
+    pub raw_len: u32,
+    #[prost(uint32, tag = "3")]
+    pub stored_len: u32,
+    #[prost(uint32, tag = "4")]
+    pub shard: u32,
+    /// Offset of the stored payload in its shard.
+    #[prost(uint64, tag = "5")]
+    pub offset: u64,
+    /// [`CodecId`] as an integer.
+    #[prost(uint32, tag = "6")]
+    pub codec: u32,
+    /// BLAKE3 of the raw bytes.
+    #[prost(bytes = "vec", tag = "7")]
+    pub digest: Vec<u8>,
+    /// 0 = this archive; n > 0 = `Index::parents[n - 1]` (incremental checkpoints, reserved).
+    #[prost(uint32, tag = "8")]
+    pub archive: u32,
+}
+
+impl Chunk {
+    pub fn codec_id(&self) -> Option<CodecId> {
+        u8::try_from(self.codec).ok().and_then(CodecId::from_u8)
+    }
+
+    pub fn file_end(&self) -> u64 {
+        self.file_offset + self.raw_len as u64
+    }
+}
+
+/// Another archive whose chunks this one references (reserved for incremental checkpoints).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ParentArchive {
+    #[prost(bytes = "vec", tag = "1")]
+    pub archive_id: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub location: String,
+    #[prost(bytes = "vec", tag = "3")]
+    pub index_digest: Vec<u8>,
+}
+
+/// Free-form key/value metadata (tool versions, CRIU version, source host...).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MetaItem {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+/// The whole index.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Index {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<Entry>,
+    #[prost(message, repeated, tag = "2")]
+    pub chunks: Vec<Chunk>,
+    #[prost(message, repeated, tag = "3")]
+    pub parents: Vec<ParentArchive>,
+    #[prost(message, repeated, tag = "4")]
+    pub meta: Vec<MetaItem>,
+    /// Nominal chunk size the writer used.
+    #[prost(uint32, tag = "5")]
+    pub chunk_size: u32,
+    /// Entry ids worth prefetching first (lazy mounts, streaming restore).
+    #[prost(uint64, repeated, tag = "6")]
+    pub hot_list: Vec<u64>,
+}
+
+/// Checks that `path` is a safe relative archive path: non-empty, no leading `/`,
+/// no empty, `.` or `..` components, no NUL, components ≤ 255 bytes, ≤ 4096 bytes total.
+///
+/// # Errors
+/// [`Error::UnsafeEntry`] naming the path and the rule it breaks.
+pub fn validate_path(path: &[u8]) -> Result<()> {
+    let show = || String::from_utf8_lossy(path).into_owned();
+    if path.is_empty() {
+        return Err(Error::UnsafeEntry("empty path".into()));
+    }
+    if path.len() > 4096 {
+        return Err(Error::UnsafeEntry(format!(
+            "path longer than 4096 bytes: {}",
+            show()
+        )));
+    }
+    if path[0] == b'/' {
+        return Err(Error::UnsafeEntry(format!("absolute path {:?}", show())));
+    }
+    if path.contains(&0) {
+        return Err(Error::UnsafeEntry(format!(
+            "path with NUL byte {:?}",
+            show()
+        )));
+    }
+    for comp in path.split(|&b| b == b'/') {
+        match comp {
+            b"" => {
+                return Err(Error::UnsafeEntry(format!(
+                    "path with empty component {:?}",
+                    show()
+                )))
+            }
+            b"." => {
+                return Err(Error::UnsafeEntry(format!(
+                    "path with '.' component {:?}",
+                    show()
+                )))
+            }
+            b".." => {
+                return Err(Error::UnsafeEntry(format!(
+                    "path with '..' component {:?}",
+                    show()
+                )))
+            }
+            c if c.len() > 255 => {
+                return Err(Error::UnsafeEntry(format!(
+                    "path component longer than 255 bytes in {:?}",
+                    show()
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// True when a relative symlink at `link_path` with `target` would point above the archive root.
+/// Absolute targets are interpreted relative to the extraction root and never followed by
+/// ckstream, so they do not escape.
+pub fn symlink_escapes(link_path: &[u8], target: &[u8]) -> bool {
+    if target.first() == Some(&b'/') {
+        return false;
+    }
+    let mut depth: i64 = link_path.split(|&b| b == b'/').count() as i64 - 1;
+    for comp in target.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
+/// Parent directory of an archive path (`None` for a top-level path).
+pub fn parent_path(path: &[u8]) -> Option<&[u8]> {
+    path.iter().rposition(|&b| b == b'/').map(|i| &path[..i])
+}
+
+impl Index {
+    /// Validates every entry and chunk; `shard_count` bounds chunk shard numbers.
+    /// Returns a map from path to entry position.
+    ///
+    /// # Errors
+    /// [`Error::UnsafeEntry`] for unsafe paths, duplicates, escaping links;
+    /// [`Error::Corrupt`] for inconsistent chunk tables; [`Error::Unsupported`] for
+    /// references to parent archives.
+    pub fn validate(&self, shard_count: u32) -> Result<HashMap<Vec<u8>, usize>> {
+        let mut by_path: HashMap<Vec<u8>, usize> = HashMap::with_capacity(self.entries.len());
+        let nchunks = self.chunks.len() as u64;
+        for (i, e) in self.entries.iter().enumerate() {
+            validate_path(&e.path)?;
+            let name = e.path_lossy();
+            if by_path.insert(e.path.clone(), i).is_some() {
+                return Err(Error::UnsafeEntry(format!("duplicate path {name:?}")));
+            }
+            let kind = e.entry_kind();
+            match kind {
+                EntryKind::Unspecified => {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: unknown entry kind {}",
+                        e.kind
+                    )))
+                }
+                EntryKind::Symlink => {
+                    if e.link_target.is_empty()
+                        || e.link_target.contains(&0)
+                        || e.link_target.len() > 4096
+                    {
+                        return Err(Error::UnsafeEntry(format!(
+                            "{name:?}: invalid symlink target"
+                        )));
+                    }
+                    if symlink_escapes(&e.path, &e.link_target) {
+                        return Err(Error::UnsafeEntry(format!(
+                            "symlink {name:?} -> {:?} points outside the archive root",
+                            String::from_utf8_lossy(&e.link_target)
+                        )));
+                    }
+                }
+                EntryKind::Hardlink => {
+                    validate_path(&e.link_target).map_err(|err| {
+                        Error::UnsafeEntry(format!("hardlink {name:?}: target {err}"))
+                    })?;
+                    match by_path.get(&e.link_target) {
+                        Some(&t) if self.entries[t].entry_kind() == EntryKind::File => {}
+                        _ => {
+                            return Err(Error::UnsafeEntry(format!(
+                                "hardlink {name:?} -> {:?} does not point to an earlier regular file in the archive",
+                                String::from_utf8_lossy(&e.link_target)
+                            )))
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let Some(parent) = parent_path(&e.path) {
+                if let Some(&p) = by_path.get(parent) {
+                    if self.entries[p].entry_kind() != EntryKind::Dir {
+                        return Err(Error::UnsafeEntry(format!(
+                            "{name:?} is inside {:?}, which is not a directory",
+                            String::from_utf8_lossy(parent)
+                        )));
+                    }
+                }
+            }
+            if kind != EntryKind::File && e.chunk_count != 0 {
+                return Err(Error::Corrupt(format!(
+                    "{name:?}: a {} has data chunks",
+                    kind.name()
+                )));
+            }
+            let end = e.first_chunk.checked_add(e.chunk_count);
+            if end.is_none_or(|end| end > nchunks) {
+                return Err(Error::Corrupt(format!(
+                    "{name:?}: chunk range out of bounds"
+                )));
+            }
+            let mut covered = 0u64;
+            for c in &self.chunks[e.first_chunk as usize..(e.first_chunk + e.chunk_count) as usize]
+            {
+                if c.file_offset < covered {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: chunks overlap or are out of order"
+                    )));
+                }
+                if c.raw_len == 0 || c.raw_len > MAX_CHUNK_RAW {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: chunk length {} out of range",
+                        c.raw_len
+                    )));
+                }
+                covered = c
+                    .file_offset
+                    .checked_add(c.raw_len as u64)
+                    .ok_or_else(|| Error::Corrupt(format!("{name:?}: chunk offset overflows")))?;
+                if covered > e.size {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: chunk beyond the file size"
+                    )));
+                }
+                let Some(codec) = c.codec_id() else {
+                    return Err(Error::Unsupported(format!(
+                        "{name:?}: unknown codec {}",
+                        c.codec
+                    )));
+                };
+                if codec == CodecId::None && c.stored_len != c.raw_len {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: raw chunk with stored length {}",
+                        c.stored_len
+                    )));
+                }
+                if c.stored_len as u64 > c.raw_len as u64 + c.raw_len as u64 / 8 + 4096 {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: stored chunk length out of range"
+                    )));
+                }
+                if c.shard >= shard_count.min(MAX_SHARDS) {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: chunk in shard {} of {shard_count}",
+                        c.shard
+                    )));
+                }
+                if c.digest.len() != 32 {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: chunk digest of {} bytes",
+                        c.digest.len()
+                    )));
+                }
+                if c.archive != 0 {
+                    return Err(Error::Unsupported(format!(
+                        "{name:?} references a parent archive; incremental archives are not supported by this version"
+                    )));
+                }
+            }
+        }
+        Ok(by_path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        for ok in [&b"a"[..], b"a/b", b"a/.b/..c", b"x y"] {
+            validate_path(ok).unwrap();
+        }
+        for bad in [
+            &b""[..],
+            b"/a",
+            b"a/../b",
+            b"..",
+            b"a//b",
+            b"a/",
+            b"./a",
+            b"a\0b",
+        ] {
+            assert!(
+                validate_path(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn symlink_escape_rules() {
+        assert!(!symlink_escapes(b"a/l", b"../b"));
+        assert!(symlink_escapes(b"a/l", b"../../b"));
+        assert!(symlink_escapes(b"l", b".."));
+        assert!(!symlink_escapes(b"l", b"/etc/passwd"));
+        assert!(!symlink_escapes(b"a/b/l", b"c/../../x"));
+        assert!(symlink_escapes(b"a/l", b"x/../../../y"));
+    }
+
+    fn file(path: &str) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::File as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validate_rejects_duplicates_and_bad_hardlinks() {
+        let mut idx = Index {
+            entries: vec![file("a"), file("a")],
+            ..Default::default()
+        };
+        assert!(idx.validate(1).is_err());
+        idx.entries[1] = Entry {
+            path: b"h".to_vec(),
+            kind: EntryKind::Hardlink as i32,
+            link_target: b"missing".to_vec(),
+            ..Default::default()
+        };
+        assert!(idx.validate(1).is_err());
+        idx.entries[1].link_target = b"a".to_vec();
+        idx.validate(1).unwrap();
+    }
+
+    #[test]
+    fn validate_rejects_files_inside_non_directories() {
+        let idx = Index {
+            entries: vec![
+                Entry {
+                    path: b"l".to_vec(),
+                    kind: EntryKind::Symlink as i32,
+                    link_target: b"/tmp".to_vec(),
+                    ..Default::default()
+                },
+                file("l/x"),
+            ],
+            ..Default::default()
+        };
+        assert!(idx.validate(1).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! The `.cka` archive format of ckstream.
+//!
+//! An archive is 1..N shards. Each shard is a 4 KiB header, a data region of
+//! records (inline entry metadata and content chunks, uncompressed chunks aligned
+//! for reflinks, compressed chunks as independent zstd frames or LZ4 blocks), and,
+//! once the archive is committed, a 128-byte footer. Shard 0 also holds the index
+//! (every entry and every chunk with its BLAKE3 digest) just before its footer.
+//! `docs/FORMAT.md` is the specification; this crate is its reference.
+//!
+//! The crate does no I/O of its own beyond the [`ShardSink`] / [`ShardSource`]
+//! traits (writes, positional reads), so it can be fuzzed and reused; files,
+//! pipes and object stores live in `ckstream-store`.
+
+pub mod codec;
+pub mod error;
+pub mod index;
+pub mod layout;
+pub mod reader;
+pub mod writer;
+
+pub use codec::{CodecId, Compression};
+pub use error::{Error, Result};
+pub use index::{Chunk, Entry, EntryKind, Index, Xattr};
+pub use reader::{ArchiveReader, RecordScanner, ShardSource, VerifyReport};
+pub use writer::{ArchiveWriter, ShardSink, WriteSummary, WriterOptions};

@@ -1,0 +1,744 @@
+//! Random-access reader (index first, then only the chunks asked for) and the
+//! sequential record scanner used by `verify` and by pipe readers.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+
+use prost::Message;
+
+use crate::codec::{self, CodecId};
+use crate::error::{Error, Result};
+use crate::index::{entry_flags, Chunk, Entry, EntryKind, Index};
+use crate::layout::{
+    Footer, RecordHeader, RecordKind, ShardHeader, FOOTER_LEN, FOOTER_MAGIC, HEADER_LEN,
+    RECORD_HEADER_LEN, RECORD_MAGIC,
+};
+
+/// Read side of a shard: a local file, an object, a byte buffer.
+///
+/// Implementations live in `ckstream-store` (files, S3) and in tests (memory).
+#[allow(clippy::len_without_is_empty)]
+pub trait ShardSource: Send + Sync {
+    /// Total length in bytes.
+    ///
+    /// # Errors
+    /// The I/O error of the size query.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Fills `buf` from `offset`.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` when the range passes the end; any other I/O error.
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Reads `len` bytes at `offset` into a new buffer.
+    ///
+    /// # Errors
+    /// As [`read_exact_at`](Self::read_exact_at).
+    fn read_partial(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_exact_at(offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The local file behind this shard, when there is one (lets callers reflink out of it).
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
+
+    /// A name for messages.
+    fn describe(&self) -> String;
+}
+
+impl ShardSource for Vec<u8> {
+    fn len(&self) -> io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        if end > <[u8]>::len(self) {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&self[start..end]);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+/// How much of the tail `open` fetches in one read, hoping the index fits in it.
+const TAIL_READ: u64 = 256 << 10;
+
+struct OpenShard {
+    source: Box<dyn ShardSource>,
+    data_end: u64,
+}
+
+/// An opened, validated, committed archive.
+pub struct ArchiveReader {
+    header: ShardHeader,
+    footer: Footer,
+    index: Index,
+    by_path: HashMap<Vec<u8>, usize>,
+    shards: Vec<OpenShard>,
+}
+
+fn read_at(src: &dyn ShardSource, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
+    src.read_exact_at(offset, buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Error::Corrupt(format!(
+                "{}: {what} lies past the end of the shard (truncated?)",
+                src.describe()
+            ))
+        } else {
+            Error::io(format!("reading {what} from {}", src.describe()), e)
+        }
+    })
+}
+
+fn read_header(src: &dyn ShardSource, len: u64) -> Result<ShardHeader> {
+    let name = src.describe();
+    let n = len.min(HEADER_LEN as u64) as usize;
+    let mut buf = vec![0u8; n];
+    read_at(src, 0, &mut buf, "shard header")?;
+    if n < HEADER_LEN {
+        // Distinguish "not ours" from "ours but cut short" for the message.
+        ShardHeader::decode(&[buf.clone(), vec![0; HEADER_LEN - n]].concat(), &name)
+            .and_then(|_| Err(Error::Incomplete(format!("{name} is only {len} bytes"))))
+    } else {
+        ShardHeader::decode(&buf, &name)
+    }
+}
+
+impl ArchiveReader {
+    /// Opens an archive: `open_shard(i)` must return shard `i`. Reads shard 0's header,
+    /// its tail (footer and usually the whole index in one read), validates the index,
+    /// then checks every other shard's header and footer.
+    ///
+    /// # Errors
+    /// [`Error::NotAnArchive`], [`Error::Incomplete`] (no commit footer on any shard),
+    /// [`Error::Corrupt`], [`Error::Unsupported`], [`Error::UnsafeEntry`], or the error
+    /// of `open_shard` (for example a missing shard file, named in the message).
+    pub fn open(mut open_shard: impl FnMut(u32) -> Result<Box<dyn ShardSource>>) -> Result<Self> {
+        let s0 = open_shard(0)?;
+        let name0 = s0.describe();
+        let len0 = s0
+            .len()
+            .map_err(|e| Error::io(format!("size of {name0}"), e))?;
+        let header = read_header(s0.as_ref(), len0)?;
+        if header.shard_index != 0 {
+            return Err(Error::Usage(format!(
+                "{name0} is shard {} of {}; open the archive by its first shard",
+                header.shard_index, header.shard_count
+            )));
+        }
+        if len0 < (HEADER_LEN + FOOTER_LEN) as u64 {
+            return Err(Error::Incomplete(format!(
+                "{name0} ends after {len0} bytes"
+            )));
+        }
+        let tail_len = TAIL_READ.min(len0 - HEADER_LEN as u64);
+        let tail_start = len0 - tail_len;
+        let tail = {
+            let mut b = vec![0u8; tail_len as usize];
+            read_at(s0.as_ref(), tail_start, &mut b, "archive tail")?;
+            b
+        };
+        let footer = Footer::decode(&tail[tail.len() - FOOTER_LEN..], len0, &name0)?;
+        check_footer_matches(&footer, &header, 0, &name0)?;
+        let loc = footer
+            .index
+            .ok_or_else(|| Error::Corrupt(format!("{name0}: shard 0 footer has no index")))?;
+        let stored = if loc.offset >= tail_start {
+            let s = (loc.offset - tail_start) as usize;
+            tail[s..s + loc.stored_len as usize].to_vec()
+        } else {
+            let mut b = vec![0u8; loc.stored_len as usize];
+            read_at(s0.as_ref(), loc.offset, &mut b, "index")?;
+            b
+        };
+        let raw = zstd::bulk::decompress(&stored, loc.raw_len as usize)
+            .map_err(|e| Error::Corrupt(format!("{name0}: index does not decompress: {e}")))?;
+        if raw.len() as u64 != loc.raw_len || *blake3::hash(&raw).as_bytes() != footer.index_digest
+        {
+            return Err(Error::DigestMismatch {
+                what: format!("the index of {name0}"),
+            });
+        }
+        let index = Index::decode(raw.as_slice())
+            .map_err(|e| Error::Corrupt(format!("{name0}: index does not decode: {e}")))?;
+        let by_path = index.validate(header.shard_count)?;
+
+        let mut shards = vec![OpenShard {
+            source: s0,
+            data_end: footer.data_end,
+        }];
+        for i in 1..header.shard_count {
+            let src = open_shard(i)?;
+            let name = src.describe();
+            let len = src
+                .len()
+                .map_err(|e| Error::io(format!("size of {name}"), e))?;
+            let h = read_header(src.as_ref(), len)?;
+            if h.archive_id != header.archive_id
+                || h.shard_index != i
+                || h.shard_count != header.shard_count
+            {
+                return Err(Error::Corrupt(format!(
+                    "{name} is not shard {i} of this archive (it is shard {} of {} of another archive)",
+                    h.shard_index, h.shard_count
+                )));
+            }
+            if len < (HEADER_LEN + FOOTER_LEN) as u64 {
+                return Err(Error::Incomplete(format!("{name} ends after {len} bytes")));
+            }
+            let mut fb = vec![0u8; FOOTER_LEN];
+            read_at(src.as_ref(), len - FOOTER_LEN as u64, &mut fb, "footer")?;
+            let f = Footer::decode(&fb, len, &name)?;
+            check_footer_matches(&f, &header, i, &name)?;
+            if f.index_digest != footer.index_digest {
+                return Err(Error::Corrupt(format!(
+                    "{name} belongs to a different write of this archive"
+                )));
+            }
+            shards.push(OpenShard {
+                source: src,
+                data_end: f.data_end,
+            });
+        }
+        for c in &index.chunks {
+            let s = &shards[c.shard as usize];
+            let end = c.offset.checked_add(c.stored_len as u64);
+            if c.offset < (HEADER_LEN + RECORD_HEADER_LEN) as u64
+                || end.is_none_or(|e| e > s.data_end)
+            {
+                return Err(Error::Corrupt(format!(
+                    "chunk at {} in shard {} lies outside its data region",
+                    c.offset, c.shard
+                )));
+            }
+        }
+        Ok(ArchiveReader {
+            header,
+            footer,
+            index,
+            by_path,
+            shards,
+        })
+    }
+
+    pub fn header(&self) -> &ShardHeader {
+        &self.header
+    }
+
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.index.entries
+    }
+
+    /// Position of the entry with this path.
+    pub fn find(&self, path: &[u8]) -> Option<usize> {
+        self.by_path.get(path).copied()
+    }
+
+    /// The chunks of entry `i`, sorted by file offset.
+    pub fn chunks_of(&self, i: usize) -> &[Chunk] {
+        let e = &self.index.entries[i];
+        &self.index.chunks[e.first_chunk as usize..(e.first_chunk + e.chunk_count) as usize]
+    }
+
+    pub fn shard_count(&self) -> u32 {
+        self.header.shard_count
+    }
+
+    /// The source of shard `i`.
+    pub fn shard(&self, i: u32) -> &dyn ShardSource {
+        self.shards[i as usize].source.as_ref()
+    }
+
+    /// Sizes of every shard in bytes.
+    ///
+    /// # Errors
+    /// The I/O error of a size query.
+    pub fn shard_sizes(&self) -> Result<Vec<u64>> {
+        self.shards
+            .iter()
+            .map(|s| s.source.len().map_err(|e| Error::io("shard size", e)))
+            .collect()
+    }
+
+    /// Reads a chunk's stored bytes without decoding them.
+    ///
+    /// # Errors
+    /// I/O errors and truncation.
+    pub fn read_stored(&self, c: &Chunk) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; c.stored_len as usize];
+        read_at(self.shard(c.shard), c.offset, &mut buf, "chunk")?;
+        Ok(buf)
+    }
+
+    /// Reads, decodes and verifies one chunk of `entry`.
+    ///
+    /// # Errors
+    /// [`Error::DigestMismatch`] when the bytes are not what the index recorded;
+    /// [`Error::Corrupt`] when they do not decode; I/O errors.
+    pub fn read_chunk(&self, entry: &Entry, c: &Chunk) -> Result<Vec<u8>> {
+        let stored = self.read_stored(c)?;
+        decode_chunk(entry, c, &stored)
+    }
+
+    /// Writes the whole content of entry `i` (holes as zeros) to `out`.
+    ///
+    /// # Errors
+    /// As [`read_chunk`](Self::read_chunk), plus write errors on `out`.
+    pub fn copy_entry(&self, i: usize, out: &mut dyn io::Write) -> Result<()> {
+        let e = &self.index.entries[i];
+        let mut pos = 0u64;
+        let zeros = vec![0u8; 1 << 16];
+        let write_zeros = |out: &mut dyn io::Write, mut n: u64| -> Result<()> {
+            while n > 0 {
+                let k = n.min(zeros.len() as u64) as usize;
+                out.write_all(&zeros[..k])
+                    .map_err(|e| Error::io("writing output", e))?;
+                n -= k as u64;
+            }
+            Ok(())
+        };
+        for c in self.chunks_of(i) {
+            write_zeros(out, c.file_offset - pos)?;
+            let data = self.read_chunk(e, c)?;
+            out.write_all(&data)
+                .map_err(|e| Error::io("writing output", e))?;
+            pos = c.file_end();
+        }
+        write_zeros(out, e.size - pos)
+    }
+}
+
+/// Decodes a chunk's stored bytes and checks its digest.
+///
+/// # Errors
+/// [`Error::Corrupt`] or [`Error::DigestMismatch`], naming the entry and offset.
+pub fn decode_chunk(entry: &Entry, c: &Chunk, stored: &[u8]) -> Result<Vec<u8>> {
+    let what = || format!("{:?} at offset {}", entry.path_lossy(), c.file_offset);
+    let codec = c
+        .codec_id()
+        .ok_or_else(|| Error::Unsupported(format!("{}: codec {}", what(), c.codec)))?;
+    let raw = codec::decode(codec, stored, c.raw_len as usize, &what())?;
+    verify_digest(&raw, &c.digest, what)?;
+    Ok(raw)
+}
+
+/// Checks `data` against a BLAKE3 digest.
+///
+/// # Errors
+/// [`Error::DigestMismatch`] naming `what()`.
+pub fn verify_digest(data: &[u8], digest: &[u8], what: impl FnOnce() -> String) -> Result<()> {
+    if blake3::hash(data).as_bytes()[..] != digest[..] {
+        return Err(Error::DigestMismatch { what: what() });
+    }
+    Ok(())
+}
+
+fn check_footer_matches(f: &Footer, h: &ShardHeader, i: u32, name: &str) -> Result<()> {
+    if f.archive_id != h.archive_id || f.shard_index != i || f.shard_count != h.shard_count {
+        return Err(Error::Corrupt(format!(
+            "{name}: footer does not match the shard header"
+        )));
+    }
+    Ok(())
+}
+
+/// A record found by [`RecordScanner`].
+#[derive(Debug)]
+pub struct ScannedRecord {
+    pub header: RecordHeader,
+    /// Offset of the payload in the shard.
+    pub payload_offset: u64,
+    /// The payload as stored.
+    pub stored: Vec<u8>,
+}
+
+/// Reads a shard front to back from any `Read` (a file or a pipe), checking every
+/// record header and padding. Payload digests are left to the caller, which may
+/// check them on other threads.
+pub struct RecordScanner<R: Read> {
+    r: R,
+    pos: u64,
+    header: ShardHeader,
+    footer: Option<Footer>,
+    records: u64,
+    what: String,
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+impl<R: Read> RecordScanner<R> {
+    /// Reads and validates the shard header.
+    ///
+    /// # Errors
+    /// [`Error::NotAnArchive`], [`Error::Incomplete`], [`Error::Unsupported`], I/O errors.
+    pub fn new(mut r: R, what: impl Into<String>) -> Result<Self> {
+        let what = what.into();
+        let mut buf = vec![0u8; HEADER_LEN];
+        let n = read_full(&mut r, &mut buf).map_err(|e| Error::io(format!("reading {what}"), e))?;
+        let header = ShardHeader::decode(&buf, &what);
+        let header = match header {
+            Ok(h) if n == HEADER_LEN => h,
+            Ok(_) => return Err(Error::Incomplete(format!("{what} ends inside its header"))),
+            Err(e) => return Err(e),
+        };
+        Ok(RecordScanner {
+            r,
+            pos: HEADER_LEN as u64,
+            header,
+            footer: None,
+            records: 0,
+            what,
+        })
+    }
+
+    pub fn header(&self) -> &ShardHeader {
+        &self.header
+    }
+
+    /// The footer, once [`next_record`](Self::next_record) has returned `None`.
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+
+    /// The next record, or `None` after a valid footer that ends the shard.
+    ///
+    /// # Errors
+    /// [`Error::Incomplete`] when the input ends before a footer; [`Error::Corrupt`]
+    /// for damaged headers, non-zero padding, trailing bytes or a wrong record count.
+    pub fn next_record(&mut self) -> Result<Option<ScannedRecord>> {
+        if self.footer.is_some() {
+            return Ok(None);
+        }
+        let at = format!("{} at offset {}", self.what, self.pos);
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        let n =
+            read_full(&mut self.r, &mut hb).map_err(|e| Error::io(format!("reading {at}"), e))?;
+        if n >= 8 && hb[0..8] == FOOTER_MAGIC {
+            let mut fb = [0u8; FOOTER_LEN];
+            fb[..n].copy_from_slice(&hb[..n]);
+            let m = read_full(&mut self.r, &mut fb[n..])
+                .map_err(|e| Error::io(format!("reading {at}"), e))?;
+            if n + m < FOOTER_LEN {
+                return Err(Error::Incomplete(format!(
+                    "{} ends inside its footer",
+                    self.what
+                )));
+            }
+            let footer = Footer::decode(&fb, self.pos + FOOTER_LEN as u64, &self.what)?;
+            if footer.archive_id != self.header.archive_id
+                || footer.shard_index != self.header.shard_index
+            {
+                return Err(Error::Corrupt(format!(
+                    "{}: footer belongs to another shard",
+                    self.what
+                )));
+            }
+            if footer.record_count != self.records {
+                return Err(Error::Corrupt(format!(
+                    "{}: footer counts {} records, found {}",
+                    self.what, footer.record_count, self.records
+                )));
+            }
+            let mut extra = [0u8; 1];
+            if read_full(&mut self.r, &mut extra)
+                .map_err(|e| Error::io(format!("reading {at}"), e))?
+                != 0
+            {
+                return Err(Error::Corrupt(format!(
+                    "{}: bytes after the footer",
+                    self.what
+                )));
+            }
+            self.footer = Some(footer);
+            return Ok(None);
+        }
+        if n < RECORD_HEADER_LEN {
+            if n == 0 || hb[..n.min(4)] == RECORD_MAGIC[..n.min(4)] {
+                return Err(Error::Incomplete(format!(
+                    "{} ends after {} bytes without a commit footer",
+                    self.what,
+                    self.pos + n as u64
+                )));
+            }
+            return Err(Error::Corrupt(format!("{at}: garbage instead of a record")));
+        }
+        if hb[0..4] != RECORD_MAGIC {
+            return Err(Error::Corrupt(format!("{at}: garbage instead of a record")));
+        }
+        let header = RecordHeader::decode(&hb, &at)?;
+        let mut pad = vec![0u8; header.pad as usize];
+        let short = |got: usize, want: usize, this: &Self| {
+            if got < want {
+                Err(Error::Incomplete(format!(
+                    "{} ends inside a record at offset {} without a commit footer",
+                    this.what, this.pos
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let got =
+            read_full(&mut self.r, &mut pad).map_err(|e| Error::io(format!("reading {at}"), e))?;
+        short(got, pad.len(), self)?;
+        if pad.iter().any(|&b| b != 0) {
+            return Err(Error::Corrupt(format!("{at}: non-zero padding")));
+        }
+        let mut stored = vec![0u8; header.stored_len as usize];
+        let got = read_full(&mut self.r, &mut stored)
+            .map_err(|e| Error::io(format!("reading {at}"), e))?;
+        short(got, stored.len(), self)?;
+        let payload_offset = self.pos + RECORD_HEADER_LEN as u64 + header.pad as u64;
+        self.pos = payload_offset + header.stored_len as u64;
+        self.records += 1;
+        Ok(Some(ScannedRecord {
+            header,
+            payload_offset,
+            stored,
+        }))
+    }
+}
+
+/// Adapts a [`ShardSource`] to `Read` for sequential scans.
+pub struct SourceReader<'a> {
+    src: &'a dyn ShardSource,
+    pos: u64,
+    len: u64,
+}
+
+impl<'a> SourceReader<'a> {
+    /// # Errors
+    /// The I/O error of the size query.
+    pub fn new(src: &'a dyn ShardSource) -> io::Result<Self> {
+        Ok(SourceReader {
+            len: src.len()?,
+            src,
+            pos: 0,
+        })
+    }
+}
+
+impl Read for SourceReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.len.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.src.read_exact_at(self.pos, &mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Result of [`ArchiveReader::verify`].
+#[derive(Debug, Default, Clone)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+impl ArchiveReader {
+    /// Reads every shard front to back and checks every record: header checksums,
+    /// padding, every payload's digest, that inline entry records agree with the index,
+    /// and that the index's chunk table matches the data records exactly.
+    /// `progress` is called with stored bytes as they are checked.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn verify(&self, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyReport> {
+        let mut expected: HashMap<(u32, u64), &Chunk> =
+            HashMap::with_capacity(self.index.chunks.len());
+        let mut owner: HashMap<(u32, u64), usize> = HashMap::new();
+        for (ei, _) in self.index.entries.iter().enumerate() {
+            for c in self.chunks_of(ei) {
+                if expected.insert((c.shard, c.offset), c).is_some() {
+                    return Err(Error::Corrupt(format!(
+                        "two chunks share shard {} offset {}",
+                        c.shard, c.offset
+                    )));
+                }
+                owner.insert((c.shard, c.offset), ei);
+            }
+        }
+        let mut report = VerifyReport::default();
+        let (tx, rx) = crossbeam_channel::bounded::<(usize, Chunk, Vec<u8>)>(threads.max(1) * 2);
+        std::thread::scope(|scope| -> Result<()> {
+            let mut handles = Vec::new();
+            for _ in 0..threads.max(1) {
+                let rx = rx.clone();
+                handles.push(scope.spawn(move || -> Result<()> {
+                    for (ei, c, stored) in rx {
+                        decode_chunk(&self.index.entries[ei], &c, &stored)?;
+                        progress(stored.len() as u64);
+                    }
+                    Ok(())
+                }));
+            }
+            drop(rx);
+            let scan = (|| -> Result<()> {
+                for (si, shard) in self.shards.iter().enumerate() {
+                    let reader = SourceReader::new(shard.source.as_ref())
+                        .map_err(|e| Error::io("shard size", e))?;
+                    let mut scanner = RecordScanner::new(
+                        io::BufReader::with_capacity(1 << 20, reader),
+                        shard.source.describe(),
+                    )?;
+                    while let Some(rec) = scanner.next_record()? {
+                        report.records += 1;
+                        let h = &rec.header;
+                        let at = || {
+                            format!(
+                                "{} record at offset {}",
+                                shard.source.describe(),
+                                rec.payload_offset
+                            )
+                        };
+                        match h.kind {
+                            RecordKind::Data => {
+                                let key = (si as u32, rec.payload_offset);
+                                let c = expected.remove(&key).ok_or_else(|| {
+                                    Error::Corrupt(format!(
+                                        "{}: data record not in the index",
+                                        at()
+                                    ))
+                                })?;
+                                let ei = owner[&key];
+                                if c.raw_len != h.raw_len
+                                    || c.stored_len != h.stored_len
+                                    || c.codec != h.codec as u32
+                                    || c.digest[..] != h.digest
+                                    || c.file_offset != h.file_offset
+                                    || ei as u64 != h.entry_id
+                                {
+                                    return Err(Error::Corrupt(format!(
+                                        "{}: record disagrees with the index",
+                                        at()
+                                    )));
+                                }
+                                report.chunks += 1;
+                                report.raw_bytes += h.raw_len as u64;
+                                report.stored_bytes += h.stored_len as u64;
+                                if tx.send((ei, c.clone(), rec.stored)).is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            RecordKind::Entry => {
+                                let raw =
+                                    codec::decode(h.codec, &rec.stored, h.raw_len as usize, &at())?;
+                                verify_digest(&raw, &h.digest, at)?;
+                                let inline = Entry::decode(raw.as_slice()).map_err(|e| {
+                                    Error::Corrupt(format!("{}: entry does not decode: {e}", at()))
+                                })?;
+                                let Some(e) = self.index.entries.get(h.entry_id as usize) else {
+                                    return Err(Error::Corrupt(format!(
+                                        "{}: entry id {} not in the index",
+                                        at(),
+                                        h.entry_id
+                                    )));
+                                };
+                                let streamed = inline.flags & entry_flags::STREAMED != 0;
+                                let same = inline.path == e.path
+                                    && inline.kind == e.kind
+                                    && inline.mode == e.mode
+                                    && inline.uid == e.uid
+                                    && inline.gid == e.gid
+                                    && inline.mtime_ns == e.mtime_ns
+                                    && inline.link_target == e.link_target
+                                    && inline.xattrs == e.xattrs
+                                    && inline.rdev_major == e.rdev_major
+                                    && inline.rdev_minor == e.rdev_minor
+                                    && (streamed || inline.size == e.size);
+                                if !same {
+                                    return Err(Error::Corrupt(format!(
+                                        "{}: entry record disagrees with the index",
+                                        at()
+                                    )));
+                                }
+                            }
+                            RecordKind::EntryEnd => {
+                                let ok =
+                                    self.index
+                                        .entries
+                                        .get(h.entry_id as usize)
+                                        .is_some_and(|e| {
+                                            e.size == h.file_offset
+                                                && e.entry_kind() == EntryKind::File
+                                        });
+                                if !ok {
+                                    return Err(Error::Corrupt(format!(
+                                        "{}: entry end disagrees with the index",
+                                        at()
+                                    )));
+                                }
+                            }
+                            RecordKind::Index => {
+                                let loc = self.footer.index.expect("validated");
+                                if si != 0
+                                    || rec.payload_offset != loc.offset
+                                    || h.codec != CodecId::Zstd
+                                {
+                                    return Err(Error::Corrupt(format!(
+                                        "{}: unexpected index record",
+                                        at()
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(tx);
+            let mut first = scan.err();
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        first.get_or_insert(e);
+                    }
+                    Err(_) => {
+                        first.get_or_insert(Error::Usage("verify thread panicked".into()));
+                    }
+                }
+            }
+            first.map_or(Ok(()), Err)
+        })?;
+        if let Some(((s, o), _)) = expected.into_iter().next() {
+            return Err(Error::Corrupt(format!(
+                "index chunk at shard {s} offset {o} has no data record"
+            )));
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,14 @@
+//! The filesystem side of ckstream: turning directory trees into archive entries
+//! (with sparse maps, hardlinks, xattrs and reflink sources) and extracting
+//! archives into a directory without ever writing outside it.
+//!
+//! Extraction resolves every path relative to an open directory handle with
+//! `O_NOFOLLOW` on each component, so neither links inside the archive nor links
+//! already present in the target can redirect a write.
+
+pub mod pack;
+pub mod unpack;
+mod xattr;
+
+pub use pack::{pack_inputs, parse_input, plan_inputs, PackInput, PackPlan, PackStats};
+pub use unpack::{unpack, UnpackOptions, UnpackStats};

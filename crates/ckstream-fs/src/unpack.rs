@@ -1,0 +1,564 @@
+//! Extracting an archive into a directory, safely and with reflinks where possible.
+//!
+//! Every path is resolved component by component from an open handle on the target
+//! directory with `O_NOFOLLOW`, so nothing the archive (or the target) contains can
+//! redirect a write outside it. File data is verified chunk by chunk before it is
+//! written; uncompressed chunks are cloned from the archive when both sit on one
+//! reflink-capable filesystem. Directory metadata is applied last, deepest first.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ckstream_format::index::parent_path;
+use ckstream_format::reader::decode_chunk;
+use ckstream_format::{ArchiveReader, Chunk, CodecId, Entry, EntryKind, Error, Result};
+use ckstream_store::{clone_or_copy_range, CopyMethod};
+use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
+use rustix::io::Errno;
+
+/// Options for [`unpack`].
+#[derive(Debug, Clone)]
+pub struct UnpackOptions {
+    /// Restore owners (default: when running as root).
+    pub same_owner: bool,
+    /// Threads that read, decompress and verify chunks.
+    pub threads: usize,
+    /// Try FICLONERANGE / copy_file_range for uncompressed chunks.
+    pub reflink: bool,
+}
+
+impl Default for UnpackOptions {
+    fn default() -> Self {
+        UnpackOptions {
+            same_owner: rustix::process::geteuid().is_root(),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            reflink: true,
+        }
+    }
+}
+
+/// Counters of an unpack run; the atomics let a progress bar watch them.
+#[derive(Debug, Default)]
+pub struct UnpackStats {
+    pub entries: AtomicU64,
+    pub files: AtomicU64,
+    /// Raw bytes of file data restored (holes excluded).
+    pub bytes: AtomicU64,
+    /// Bytes whose extents were shared with the archive.
+    pub cloned_bytes: AtomicU64,
+    /// Bytes copied inside the kernel (copy_file_range).
+    pub kernel_copied_bytes: AtomicU64,
+}
+
+fn os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+fn last_component(path: &[u8]) -> &[u8] {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => &path[i + 1..],
+        None => path,
+    }
+}
+
+fn ferr(path: &[u8], what: &str, e: impl Into<io::Error>) -> Error {
+    Error::io(
+        format!("{what} {}", String::from_utf8_lossy(path)),
+        e.into(),
+    )
+}
+
+/// Open directory handles inside the target, keyed by archive path ("" = the target).
+struct DirCache {
+    dirs: HashMap<Vec<u8>, OwnedFd>,
+}
+
+impl DirCache {
+    fn new(root: OwnedFd) -> Self {
+        let mut dirs = HashMap::new();
+        dirs.insert(Vec::new(), root);
+        DirCache { dirs }
+    }
+
+    /// Handle on directory `path`, creating missing directories (mode 0700 until
+    /// their own entry, if any, sets metadata). Refuses to traverse a symlink.
+    fn dir(&mut self, path: &[u8]) -> Result<&OwnedFd> {
+        if !self.dirs.contains_key(path) {
+            let (parent, name) = match parent_path(path) {
+                Some(p) => (p.to_vec(), last_component(path)),
+                None => (Vec::new(), path),
+            };
+            let pfd = self.dir(&parent)?;
+            let open = |pfd: &OwnedFd| {
+                rustix::fs::openat(
+                    pfd,
+                    os(name),
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+            };
+            let fd = match open(pfd) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => {
+                    match rustix::fs::mkdirat(pfd, os(name), Mode::from_raw_mode(0o700)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(ferr(path, "cannot create directory", e)),
+                    }
+                    open(pfd).map_err(|e| ferr(path, "cannot open directory", e))?
+                }
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    return Err(Error::UnsafeEntry(format!(
+                        "{:?} in the target is not a directory (a symlink?); refusing to write through it",
+                        String::from_utf8_lossy(path)
+                    )))
+                }
+                Err(e) => return Err(ferr(path, "cannot open directory", e)),
+            };
+            self.dirs.insert(path.to_vec(), fd);
+        }
+        Ok(&self.dirs[path])
+    }
+
+    /// Parent handle and final name of `path`.
+    fn parent_of<'p>(&mut self, path: &'p [u8]) -> Result<(&OwnedFd, &'p [u8])> {
+        let parent = parent_path(path).unwrap_or(b"");
+        let fd = self.dir(parent)?;
+        Ok((fd, last_component(path)))
+    }
+}
+
+/// Removes whatever non-directory is at `name` so a new entry can take its place
+/// (like tar's default). Never follows a symlink.
+fn remove_existing(dir: &OwnedFd, name: &[u8], path: &[u8]) -> Result<()> {
+    match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => {
+            let is_dir =
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+            let flags = if is_dir {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            rustix::fs::unlinkat(dir, os(name), flags)
+                .map_err(|e| ferr(path, "cannot replace existing", e))
+        }
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(ferr(path, "cannot inspect", e)),
+    }
+}
+
+fn timestamps(mtime_ns: i64) -> Timestamps {
+    let t = rustix::fs::Timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+fn proc_path(dir: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name);
+    std::path::PathBuf::from(OsStr::from_bytes(&p))
+}
+
+/// Applies owner, mode, xattrs and mtime to a non-directory, non-file node (symlink,
+/// device, fifo) without following it.
+fn apply_meta_at(dir: &OwnedFd, name: &[u8], e: &Entry, opts: &UnpackOptions) -> Result<()> {
+    let path = &e.path;
+    if opts.same_owner {
+        rustix::fs::chownat(
+            dir,
+            os(name),
+            Some(rustix::fs::Uid::from_raw(e.uid)),
+            Some(rustix::fs::Gid::from_raw(e.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|er| ferr(path, "cannot chown", er))?;
+    }
+    if e.entry_kind() != EntryKind::Symlink {
+        rustix::fs::chmodat(
+            dir,
+            os(name),
+            Mode::from_raw_mode(e.mode & 0o7777),
+            AtFlags::empty(),
+        )
+        .map_err(|er| ferr(path, "cannot chmod", er))?;
+    }
+    if !e.xattrs.is_empty() {
+        let p = proc_path(dir, name);
+        for x in &e.xattrs {
+            rustix::fs::lsetxattr(&p, os(&x.name), &x.value, rustix::fs::XattrFlags::empty())
+                .map_err(|er| {
+                    ferr(
+                        path,
+                        &format!("cannot set xattr {} on", String::from_utf8_lossy(&x.name)),
+                        er,
+                    )
+                })?;
+        }
+    }
+    rustix::fs::utimensat(
+        dir,
+        os(name),
+        &timestamps(e.mtime_ns),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|er| ferr(path, "cannot set times of", er))
+}
+
+/// Applies owner, mode, xattrs and mtime through an open handle (files, directories).
+fn apply_meta_fd(fd: impl AsFd, e: &Entry, opts: &UnpackOptions) -> Result<()> {
+    let path = &e.path;
+    if opts.same_owner {
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::from_raw(e.uid)),
+            Some(rustix::fs::Gid::from_raw(e.gid)),
+        )
+        .map_err(|er| ferr(path, "cannot chown", er))?;
+    }
+    // After chown, which clears setuid/setgid bits.
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(e.mode & 0o7777))
+        .map_err(|er| ferr(path, "cannot chmod", er))?;
+    for x in &e.xattrs {
+        rustix::fs::fsetxattr(&fd, os(&x.name), &x.value, rustix::fs::XattrFlags::empty())
+            .map_err(|er| {
+                ferr(
+                    path,
+                    &format!("cannot set xattr {} on", String::from_utf8_lossy(&x.name)),
+                    er,
+                )
+            })?;
+    }
+    rustix::fs::futimens(&fd, &timestamps(e.mtime_ns))
+        .map_err(|er| ferr(path, "cannot set times of", er))
+}
+
+/// True when `path` is selected by `selection` (equal to, or below, a selected path).
+fn selected(path: &[u8], selection: &[Vec<u8>]) -> bool {
+    selection.is_empty()
+        || selection.iter().any(|s| {
+            path == &s[..] || (path.len() > s.len() && path.starts_with(s) && path[s.len()] == b'/')
+        })
+}
+
+/// One chunk to restore into an open output file.
+struct ChunkJob<'a> {
+    slot: usize,
+    entry: &'a Entry,
+    chunk: &'a Chunk,
+}
+
+/// Reads, verifies and writes one chunk: reflink from the archive when the chunk is
+/// uncompressed and aligned, else copy_file_range, else pwrite of the verified bytes.
+/// Bytes are verified *before* anything reaches the output.
+fn restore_chunk(
+    reader: &ArchiveReader,
+    out: &File,
+    job: &ChunkJob,
+    opts: &UnpackOptions,
+    stats: &UnpackStats,
+) -> Result<()> {
+    let c = job.chunk;
+    let stored = reader.read_stored(c)?;
+    let data = decode_chunk(job.entry, c, &stored)?;
+    drop(stored);
+    let werr = |e: io::Error| ferr(&job.entry.path, "cannot write", e);
+    let src = reader.shard(c.shard).as_file();
+    let block = 4096u64;
+    let mut done = 0u64;
+    if let (true, Some(src), Some(CodecId::None)) = (opts.reflink, src, c.codec_id()) {
+        if c.offset % block == c.file_offset % block && c.file_offset % block == 0 {
+            let whole = c.raw_len as u64 - c.raw_len as u64 % block;
+            if whole > 0 {
+                match clone_or_copy_range(src, c.offset, out, c.file_offset, whole, block)
+                    .map_err(werr)?
+                {
+                    CopyMethod::Cloned => {
+                        stats.cloned_bytes.fetch_add(whole, Ordering::Relaxed);
+                        done = whole;
+                    }
+                    CopyMethod::KernelCopy => {
+                        stats
+                            .kernel_copied_bytes
+                            .fetch_add(whole, Ordering::Relaxed);
+                        done = whole;
+                    }
+                    CopyMethod::NotDone => {}
+                }
+            }
+        }
+    }
+    if done < data.len() as u64 {
+        out.write_all_at(&data[done as usize..], c.file_offset + done)
+            .map_err(werr)?;
+    }
+    stats.bytes.fetch_add(c.raw_len as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+struct OpenFile<'a> {
+    file: File,
+    entry: &'a Entry,
+    dir: Vec<u8>,
+}
+
+/// Restores a batch of open files: all their chunks in parallel, then metadata.
+/// On failure removes the files of the batch that were not completed.
+fn flush_batch(
+    reader: &ArchiveReader,
+    batch: &mut Vec<OpenFile>,
+    jobs: &mut Vec<ChunkJob>,
+    cache: &mut DirCache,
+    opts: &UnpackOptions,
+    stats: &UnpackStats,
+) -> Result<()> {
+    let next = AtomicU64::new(0);
+    let threads = opts.threads.max(1).min(jobs.len().max(1));
+    let result = std::thread::scope(|s| -> Result<()> {
+        let work = || -> Result<()> {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(job) = jobs.get(i) else {
+                    return Ok(());
+                };
+                if let Err(e) = restore_chunk(reader, &batch[job.slot].file, job, opts, stats) {
+                    next.store(u64::MAX / 2, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        };
+        let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut first = work().err();
+        for h in handles {
+            if let Ok(Err(e)) = h.join() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    });
+    let result = result.and_then(|()| {
+        for f in batch.iter() {
+            apply_meta_fd(&f.file, f.entry, opts)?;
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        // A file whose data could not be verified is not left behind looking complete.
+        for f in batch.iter() {
+            if let Ok(dir) = cache.dir(&f.dir) {
+                let _ =
+                    rustix::fs::unlinkat(dir, os(last_component(&f.entry.path)), AtFlags::empty());
+            }
+        }
+    }
+    batch.clear();
+    jobs.clear();
+    result
+}
+
+/// Extracts `reader`'s entries (all, or those at or below the `selection` paths) into
+/// `dest`, which is created if missing.
+///
+/// # Errors
+/// [`Error::UnsafeEntry`] when a path would leave `dest` (for example through a
+/// symlink already in `dest`); digest and corruption errors (the affected file is
+/// removed); I/O errors naming the path.
+pub fn unpack(
+    reader: &ArchiveReader,
+    dest: &Path,
+    selection: &[Vec<u8>],
+    opts: &UnpackOptions,
+    stats: &UnpackStats,
+) -> Result<()> {
+    for s in selection {
+        if reader.find(s).is_none()
+            && !reader
+                .entries()
+                .iter()
+                .any(|e| selected(&e.path, std::slice::from_ref(s)))
+        {
+            return Err(Error::Usage(format!(
+                "{:?} is not in the archive",
+                String::from_utf8_lossy(s)
+            )));
+        }
+    }
+    std::fs::create_dir_all(dest)
+        .map_err(|e| Error::io(format!("cannot create {}", dest.display()), e))?;
+    let root = rustix::fs::open(
+        dest,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(format!("cannot open {}", dest.display()), e.into()))?;
+    let mut cache = DirCache::new(root);
+    let entries = reader.entries();
+    let mut dirs: Vec<usize> = Vec::new();
+    let mut batch: Vec<OpenFile> = Vec::new();
+    let mut jobs: Vec<ChunkJob> = Vec::new();
+    let mut extracted_files: HashMap<&[u8], ()> = HashMap::new();
+    const MAX_BATCH_FILES: usize = 128;
+    const MAX_BATCH_CHUNKS: usize = 512;
+
+    for (i, e) in entries.iter().enumerate() {
+        if !selected(&e.path, selection) {
+            continue;
+        }
+        let mut kind = e.entry_kind();
+        let mut data_entry = i;
+        if kind == EntryKind::Hardlink && !extracted_files.contains_key(&e.link_target[..]) {
+            // The link's target was not extracted (not selected): materialize a copy.
+            data_entry = reader.find(&e.link_target).expect("validated hardlink");
+            kind = EntryKind::File;
+        }
+        stats.entries.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            EntryKind::Dir => {
+                let (pfd, name) = cache.parent_of(&e.path)?;
+                match rustix::fs::mkdirat(pfd, os(name), Mode::from_raw_mode(0o700)) {
+                    Ok(()) => {}
+                    Err(Errno::EXIST) => {
+                        let st = rustix::fs::statat(pfd, os(name), AtFlags::SYMLINK_NOFOLLOW)
+                            .map_err(|er| ferr(&e.path, "cannot inspect", er))?;
+                        if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                            != rustix::fs::FileType::Directory
+                        {
+                            remove_existing(pfd, name, &e.path)?;
+                            rustix::fs::mkdirat(pfd, os(name), Mode::from_raw_mode(0o700))
+                                .map_err(|er| ferr(&e.path, "cannot create directory", er))?;
+                        }
+                    }
+                    Err(er) => return Err(ferr(&e.path, "cannot create directory", er)),
+                }
+                dirs.push(i);
+            }
+            EntryKind::File => {
+                let (pfd, name) = cache.parent_of(&e.path)?;
+                remove_existing(pfd, name, &e.path)?;
+                let fd = rustix::fs::openat(
+                    pfd,
+                    os(name),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|er| ferr(&e.path, "cannot create", er))?;
+                let file = File::from(fd);
+                let src = &entries[data_entry];
+                file.set_len(src.size)
+                    .map_err(|er| ferr(&e.path, "cannot size", er))?;
+                stats.files.fetch_add(1, Ordering::Relaxed);
+                extracted_files.insert(&e.path, ());
+                let slot = batch.len();
+                let entry_for_meta = if data_entry == i {
+                    e
+                } else {
+                    src_with_path(src, e)
+                };
+                batch.push(OpenFile {
+                    file,
+                    entry: entry_for_meta,
+                    dir: parent_path(&e.path).unwrap_or(b"").to_vec(),
+                });
+                for c in reader.chunks_of(data_entry) {
+                    jobs.push(ChunkJob {
+                        slot,
+                        entry: src,
+                        chunk: c,
+                    });
+                }
+                if batch.len() >= MAX_BATCH_FILES || jobs.len() >= MAX_BATCH_CHUNKS {
+                    flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
+                }
+            }
+            EntryKind::Hardlink => {
+                // The target must be complete (data and metadata) before linking.
+                flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
+                let (tfd, tname) = cache.parent_of(&e.link_target)?;
+                let tfd = tfd
+                    .try_clone()
+                    .map_err(|er| ferr(&e.path, "cannot link", er))?;
+                let tname = tname.to_vec();
+                let (pfd, name) = cache.parent_of(&e.path)?;
+                remove_existing(pfd, name, &e.path)?;
+                rustix::fs::linkat(&tfd, os(&tname), pfd, os(name), AtFlags::empty())
+                    .map_err(|er| ferr(&e.path, "cannot create hard link", er))?;
+            }
+            EntryKind::Symlink => {
+                let (pfd, name) = cache.parent_of(&e.path)?;
+                remove_existing(pfd, name, &e.path)?;
+                rustix::fs::symlinkat(os(&e.link_target), pfd, os(name))
+                    .map_err(|er| ferr(&e.path, "cannot create symlink", er))?;
+                apply_meta_at(pfd, name, e, opts)?;
+            }
+            EntryKind::CharDevice
+            | EntryKind::BlockDevice
+            | EntryKind::Fifo
+            | EntryKind::Socket => {
+                let (pfd, name) = cache.parent_of(&e.path)?;
+                remove_existing(pfd, name, &e.path)?;
+                let ft = match kind {
+                    EntryKind::CharDevice => rustix::fs::FileType::CharacterDevice,
+                    EntryKind::BlockDevice => rustix::fs::FileType::BlockDevice,
+                    EntryKind::Fifo => rustix::fs::FileType::Fifo,
+                    _ => rustix::fs::FileType::Socket,
+                };
+                rustix::fs::mknodat(
+                    pfd,
+                    os(name),
+                    ft,
+                    Mode::from_raw_mode(e.mode & 0o777),
+                    rustix::fs::makedev(e.rdev_major, e.rdev_minor),
+                )
+                .map_err(|er| ferr(&e.path, "cannot create node", er))?;
+                apply_meta_at(pfd, name, e, opts)?;
+            }
+            EntryKind::Unspecified => unreachable!("validated"),
+        }
+    }
+    flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
+    // Deepest first, so setting a directory read-only or its mtime does not disturb its children.
+    dirs.sort_by_key(|&i| {
+        std::cmp::Reverse(entries[i].path.iter().filter(|&&b| b == b'/').count())
+    });
+    for i in dirs {
+        let e = &entries[i];
+        let fd = {
+            let (pfd, name) = cache.parent_of(&e.path)?;
+            rustix::fs::openat(
+                pfd,
+                os(name),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|er| ferr(&e.path, "cannot open directory", er))?
+        };
+        apply_meta_fd(&fd, e, opts)?;
+    }
+    Ok(())
+}
+
+/// A hardlink whose target was not selected is restored as a copy of the target's
+/// data with the target's metadata; only the path differs. Leaks one small `Entry`
+/// per such link, which lives as long as the unpack anyway.
+fn src_with_path<'a>(src: &'a Entry, link: &Entry) -> &'a Entry {
+    let mut copy = src.clone();
+    copy.path = link.path.clone();
+    Box::leak(Box::new(copy))
+}

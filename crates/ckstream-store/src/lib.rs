@@ -1,0 +1,15 @@
+//! Where archive shards live: local files (written with reflinks when the
+//! filesystem shares extents), standard output as a pipe, and the naming rule that
+//! ties the shards of one archive together.
+//!
+//! The format crate talks to this one only through its `ShardSink` and
+//! `ShardSource` traits, so other backends (object stores) slot in beside these.
+
+pub mod clone;
+pub mod local;
+
+pub use clone::{clone_or_copy_range, CopyMethod};
+pub use local::{
+    create_archive, new_archive_id, open_archive, shard_path, ArchiveTarget, FileSink, FileSource,
+    NewArchive, PendingArchive,
+};

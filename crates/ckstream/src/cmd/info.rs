@@ -1,0 +1,127 @@
+//! `ckstream info`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use ckstream_format::layout::FORMAT_VERSION;
+
+use crate::output::{hex, human_bytes, utc_time};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    archive: PathBuf,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let reader = super::open(&args.archive)?;
+    let index = reader.index();
+    let header = reader.header();
+    let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut logical = 0u64;
+    for e in &index.entries {
+        *kinds.entry(e.entry_kind().name()).or_default() += 1;
+        if e.entry_kind() == ckstream_format::EntryKind::File {
+            logical += e.size;
+        }
+    }
+    let mut codecs: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    for c in &index.chunks {
+        let name = c.codec_id().map(|c| c.name()).unwrap_or("unknown");
+        let v = codecs.entry(name).or_default();
+        v.0 += 1;
+        v.1 += c.raw_len as u64;
+        v.2 += c.stored_len as u64;
+    }
+    let raw: u64 = index.chunks.iter().map(|c| c.raw_len as u64).sum();
+    let stored: u64 = index.chunks.iter().map(|c| c.stored_len as u64).sum();
+    let shard_sizes = reader.shard_sizes()?;
+    let archive_bytes: u64 = shard_sizes.iter().sum();
+    let ratio = if archive_bytes > 0 {
+        logical as f64 / archive_bytes as f64
+    } else {
+        0.0
+    };
+    let index_bytes = reader.footer().index.map(|l| l.stored_len).unwrap_or(0);
+    if args.json {
+        let v = serde_json::json!({
+            "archive_id": hex(&header.archive_id),
+            "format_version": FORMAT_VERSION,
+            "created_unix_ns": header.created_unix_ns,
+            "alignment": header.alignment(),
+            "shards": shard_sizes.len(),
+            "shard_bytes": shard_sizes,
+            "archive_bytes": archive_bytes,
+            "entries": index.entries.len(),
+            "entry_kinds": kinds,
+            "chunks": index.chunks.len(),
+            "chunk_size": index.chunk_size,
+            "logical_bytes": logical,
+            "raw_bytes": raw,
+            "stored_bytes": stored,
+            "index_bytes": index_bytes,
+            "ratio": ratio,
+            "codecs": codecs.iter().map(|(k, (n, r, s))| (k.to_string(), serde_json::json!({"chunks": n, "raw_bytes": r, "stored_bytes": s}))).collect::<BTreeMap<_, _>>(),
+            "meta": index.meta.iter().map(|m| (m.key.clone(), m.value.clone())).collect::<BTreeMap<_, _>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!("archive id:   {}", hex(&header.archive_id));
+    println!(
+        "format:       .cka version {FORMAT_VERSION}, alignment {} bytes, BLAKE3 digests",
+        header.alignment()
+    );
+    println!(
+        "created:      {} UTC",
+        utc_time(header.created_unix_ns as i64)
+    );
+    println!(
+        "shards:       {} ({})",
+        shard_sizes.len(),
+        shard_sizes
+            .iter()
+            .map(|s| human_bytes(*s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "entries:      {} ({})",
+        index.entries.len(),
+        kinds
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "data:         {} logical, {} in chunks, {} stored",
+        human_bytes(logical),
+        human_bytes(raw),
+        human_bytes(stored)
+    );
+    println!(
+        "archive size: {} (ratio {ratio:.2})",
+        human_bytes(archive_bytes)
+    );
+    println!(
+        "chunks:       {} of up to {}",
+        index.chunks.len(),
+        human_bytes(index.chunk_size as u64)
+    );
+    for (k, (n, r, s)) in &codecs {
+        println!(
+            "  {k:<5} {n} chunks, {} -> {}",
+            human_bytes(*r),
+            human_bytes(*s)
+        );
+    }
+    println!("index:        {}", human_bytes(index_bytes));
+    for m in &index.meta {
+        println!("meta:         {} = {}", m.key, m.value);
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Command-line definition and one module per subcommand.
+
+mod cat;
+mod info;
+mod ls;
+mod pack;
+mod unpack;
+mod verify;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Fast, verified checkpoint archives for CRIU processes and containers.
+#[derive(Debug, Parser)]
+#[command(name = "ckstream", version, about)]
+pub struct Cli {
+    /// No progress bars or summaries on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Pack files and directories (a CRIU image dir, a rootfs, anything) into an archive.
+    Pack(pack::Args),
+    /// Extract an archive (or some paths of it) into a directory.
+    Unpack(unpack::Args),
+    /// List the entries of an archive.
+    Ls(ls::Args),
+    /// Write one file of an archive to stdout, reading only its chunks.
+    Cat(cat::Args),
+    /// Check every record and digest of an archive.
+    Verify(verify::Args),
+    /// Show sizes, counts, codecs and shards of an archive.
+    Info(info::Args),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pack(a) => pack::run(a, cli.quiet),
+        Command::Unpack(a) => unpack::run(a, cli.quiet),
+        Command::Ls(a) => ls::run(a),
+        Command::Cat(a) => cat::run(a),
+        Command::Verify(a) => verify::run(a, cli.quiet),
+        Command::Info(a) => info::run(a),
+    }
+}
+
+/// Opens an archive given on the command line.
+pub fn open(path: &std::path::Path) -> Result<ckstream_format::ArchiveReader> {
+    if path.as_os_str() == "-" {
+        anyhow::bail!("random access needs a file: save the stream to a file first");
+    }
+    let p = path.to_string_lossy();
+    let p = PathBuf::from(p.strip_prefix("file://").unwrap_or(&p).to_string());
+    ckstream_store::open_archive(&p)
+        .map_err(|e| anyhow::Error::new(e).context(format!("cannot read {}", path.display())))
+}
+
+/// Default number of worker threads: every core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}

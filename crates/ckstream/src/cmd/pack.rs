@@ -1,0 +1,147 @@
+//! `ckstream pack`.
+
+use std::ffi::OsString;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use ckstream_format::{ArchiveWriter, Compression, WriterOptions};
+use ckstream_store::{create_archive, ArchiveTarget};
+
+use crate::output::human_bytes;
+use crate::progress::Progress;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Archive to write (`-` for stdout). Shards beyond the first go to ARCHIVE.1, ARCHIVE.2, ...
+    #[arg(short, long)]
+    output: String,
+    /// none, lz4, zstd or zstd:LEVEL.
+    #[arg(short, long, default_value = "zstd:1")]
+    compress: String,
+    /// Number of shard files to spread the archive over.
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
+    /// Worker threads for hashing and compression (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Chunk size in KiB (64..=16384).
+    #[arg(long, default_value_t = 1024)]
+    chunk_kib: u32,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// PATH (stored under its name) or NAME=PATH (stored under NAME; `.=DIR` stores DIR's contents at the root).
+    #[arg(required = true)]
+    inputs: Vec<OsString>,
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let compression: Compression = args.compress.parse()?;
+    if !(64..=16384).contains(&args.chunk_kib) {
+        anyhow::bail!("--chunk-kib must be between 64 and 16384");
+    }
+    if args.shards == 0 || args.shards > 256 {
+        anyhow::bail!("--shards must be between 1 and 256");
+    }
+    let target = ArchiveTarget::parse(&args.output);
+    if args.json && matches!(target, ArchiveTarget::Stdout) {
+        anyhow::bail!("--json cannot be used when the archive goes to stdout");
+    }
+    let inputs = args
+        .inputs
+        .iter()
+        .map(|a| ckstream_fs::parse_input(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let started = Instant::now();
+    let plan = ckstream_fs::plan_inputs(&inputs)?;
+    let total = plan.total_bytes;
+    let ckstream_store::NewArchive { sinks, pending } = create_archive(&target, args.shards)?;
+    let opts = WriterOptions {
+        compression,
+        chunk_size: args.chunk_kib * 1024,
+        threads: args.threads.unwrap_or_else(super::default_threads),
+        ..Default::default()
+    };
+    let archive_id = ckstream_store::new_archive_id();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let result = (|| -> Result<ckstream_format::WriteSummary> {
+        let mut writer = ArchiveWriter::new(sinks, opts, archive_id, now)?;
+        writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
+        writer.add_meta("ckstream.command", "pack");
+        let stats = writer.stats();
+        let progress = Progress::bytes("pack", total, quiet, move || {
+            stats.raw_bytes.load(Ordering::Relaxed)
+        });
+        let packed = ckstream_fs::pack_inputs(&mut writer, plan);
+        let summary = match packed {
+            Ok(_) => writer.finish(),
+            Err(e) => {
+                writer.abort();
+                Err(e)
+            }
+        };
+        progress.finish();
+        Ok(summary?)
+    })();
+    let summary = match result {
+        Ok(s) => {
+            if let Some(p) = pending {
+                p.publish()?;
+            }
+            s
+        }
+        Err(e) => {
+            if let Some(p) = pending {
+                p.discard();
+            }
+            return Err(e).context(format!(
+                "packing {} failed; no archive was written",
+                args.output
+            ));
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let archive_bytes: u64 = summary.shard_sizes.iter().sum();
+    let ratio = if archive_bytes > 0 {
+        summary.logical_bytes as f64 / archive_bytes as f64
+    } else {
+        0.0
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "archive": args.output,
+            "archive_id": crate::output::hex(&summary.archive_id),
+            "entries": summary.entries,
+            "chunks": summary.chunks,
+            "logical_bytes": summary.logical_bytes,
+            "raw_bytes": summary.raw_bytes,
+            "stored_bytes": summary.stored_bytes,
+            "archive_bytes": archive_bytes,
+            "cloned_bytes": summary.cloned_bytes,
+            "index_bytes": summary.index_bytes,
+            "shard_bytes": summary.shard_sizes,
+            "compression": compression.to_string(),
+            "ratio": ratio,
+            "seconds": secs,
+        });
+        println!("{v}");
+    } else if !quiet {
+        eprintln!(
+            "packed {} entries, {} of data into {} ({}, {} shard{}, ratio {:.2}, {} reflinked) in {:.2}s",
+            summary.entries,
+            human_bytes(summary.logical_bytes),
+            human_bytes(archive_bytes),
+            compression,
+            summary.shard_sizes.len(),
+            if summary.shard_sizes.len() == 1 { "" } else { "s" },
+            ratio,
+            human_bytes(summary.cloned_bytes),
+            secs
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! `ckstream verify`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::output::human_bytes;
+use crate::progress::Progress;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    archive: PathBuf,
+    /// Print a JSON report on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let started = Instant::now();
+    let reader = super::open(&args.archive)?;
+    let total: u64 = reader
+        .index()
+        .chunks
+        .iter()
+        .map(|c| c.stored_len as u64)
+        .sum();
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = {
+        let done = done.clone();
+        Progress::bytes("verify", total, quiet, move || done.load(Ordering::Relaxed))
+    };
+    let report = reader.verify(args.threads.unwrap_or_else(super::default_threads), &|n| {
+        done.fetch_add(n, Ordering::Relaxed);
+    });
+    progress.finish();
+    let report = report?;
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": true,
+                "entries": reader.entries().len(),
+                "records": report.records,
+                "chunks": report.chunks,
+                "raw_bytes": report.raw_bytes,
+                "stored_bytes": report.stored_bytes,
+                "seconds": secs,
+            })
+        );
+    } else if !quiet {
+        println!(
+            "OK: {} entries, {} records, {} chunks ({} raw, {} stored) verified in {:.2}s",
+            reader.entries().len(),
+            report.records,
+            report.chunks,
+            human_bytes(report.raw_bytes),
+            human_bytes(report.stored_bytes),
+            secs
+        );
+    }
+    Ok(())
+}

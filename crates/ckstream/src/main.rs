@@ -1,0 +1,36 @@
+//! `ckstream`: fast, verified checkpoint archives for CRIU processes and containers.
+//!
+//! This binary is a thin layer: argument parsing, progress and output formatting.
+//! The work happens in `ckstream-format`, `ckstream-store` and `ckstream-fs`.
+
+mod cmd;
+mod output;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for an archive that is corrupt, incomplete, unsafe or unsupported.
+const EXIT_BAD_ARCHIVE: u8 = 3;
+/// Exit code for any other failure.
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = cmd::Cli::parse();
+    match cmd::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ckstream: error: {}", output::one_line(&err));
+            let bad_archive = err.chain().any(|c| {
+                c.downcast_ref::<ckstream_format::Error>()
+                    .is_some_and(|e| e.is_bad_archive())
+            });
+            ExitCode::from(if bad_archive {
+                EXIT_BAD_ARCHIVE
+            } else {
+                EXIT_FAILURE
+            })
+        }
+    }
+}

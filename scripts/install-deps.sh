@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install the system tools the ckstream test suite needs (Debian 12 / bookworm).
+# Idempotent and quiet when everything is present.
+#
+#   scripts/install-deps.sh [--with-criu]
+#
+# --with-criu (or CKSTREAM_WITH_CRIU=1) also runs scripts/install-criu.sh.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+with_criu=${CKSTREAM_WITH_CRIU:-0}
+for arg in "$@"; do
+  case $arg in
+    --with-criu) with_criu=1 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "install-deps: unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf 'install-deps: %s\n' "$*"; }
+
+PACKAGES=(
+  btrfs-progs xfsprogs e2fsprogs attr zstd tar util-linux procps psmisc
+  gcc make libc6-dev time
+)
+OPTIONAL=(hyperfine)   # installed if the archive has it
+
+is_installed() {
+  dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'
+}
+
+missing=()
+for p in "${PACKAGES[@]}" "${OPTIONAL[@]}"; do
+  is_installed "$p" || missing+=("$p")
+done
+
+if (( ${#missing[@]} > 0 )); then
+  [[ $(id -u) -eq 0 ]] || { echo "install-deps: must run as root to install: ${missing[*]}" >&2; exit 1; }
+  log "apt-get update"
+  apt-get update -q >/dev/null
+  install=()
+  for p in "${missing[@]}"; do
+    if [[ " ${OPTIONAL[*]} " == *" $p "* ]] \
+       && ! apt-cache show "$p" >/dev/null 2>&1; then
+      log "skipping $p (not available in the archive)"
+      continue
+    fi
+    install+=("$p")
+  done
+  if (( ${#install[@]} > 0 )); then
+    libc_before=$(dpkg-query -W -f='${Version}' libc6)
+    log "apt-get install ${install[*]}"
+    if ! apt-get -s -t bookworm --no-install-recommends install "${install[@]}" 2>/dev/null \
+         | grep -Eq '^(Inst|Remv) libc6 '; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q -t bookworm --no-install-recommends \
+        "${install[@]}" >/tmp/ckstream-install-deps.log 2>&1 \
+        || { cat /tmp/ckstream-install-deps.log >&2; exit 1; }
+      rm -f /tmp/ckstream-install-deps.log
+    else
+      echo "install-deps: refusing: installing ${install[*]} would change libc6" >&2
+      exit 1
+    fi
+    libc_after=$(dpkg-query -W -f='${Version}' libc6)
+    [[ $libc_after == "$libc_before" ]] \
+      || { echo "install-deps: libc6 changed $libc_before -> $libc_after" >&2; exit 1; }
+  fi
+fi
+
+if [[ $with_criu == 1 ]]; then
+  "$here/install-criu.sh"
+fi
