@@ -27,6 +27,13 @@
  * At start-up all inherited fds >= 3 are closed; the tree then holds only
  * stdio, the HB.log fd (parent) and the pipes.
  *
+ * Environment (optional):
+ *   MEMTEST_FILL=random  (default) every buffer is xorshift64* noise
+ *   MEMTEST_FILL=mixed   buffers get realistic mixed compressibility, in
+ *                        128 KiB regions: ~35% noise, ~30% text log lines,
+ *                        ~15% heap-like structs, ~15% bytes copied from a
+ *                        shared library, ~5% zeros
+ *
  * Build: gcc -O2 -static -o memtest memtest.c   (or without -static)
  */
 #define _GNU_SOURCE
@@ -117,6 +124,123 @@ static uint64_t checksum(const struct buf *b)
 	return h ^ b->nwords;
 }
 
+/* ---- optional mixed fill (MEMTEST_FILL=mixed) ---- */
+
+static int fill_mixed;
+static unsigned char *lib_bytes;
+static size_t lib_len;
+
+static uint64_t xs_next(uint64_t *x)
+{
+	*x ^= *x >> 12;
+	*x ^= *x << 25;
+	*x ^= *x >> 27;
+	return *x * 0x2545F4914F6CDD1DULL;
+}
+
+static void load_lib_bytes(void)
+{
+	static const char *cands[] = { "/usr/lib/x86_64-linux-gnu/libc.so.6", "/lib64/libc.so.6",
+				       "/usr/lib/libc.so.6", "/proc/self/exe" };
+	for (size_t i = 0; i < sizeof(cands) / sizeof(cands[0]) && !lib_bytes; i++) {
+		FILE *f = fopen(cands[i], "rb");
+		if (!f)
+			continue;
+		size_t cap = 8 << 20, n = 0;
+		unsigned char *p = malloc(cap);
+		if (p) {
+			n = fread(p, 1, cap, f);
+			if (n >= (256 << 10)) {
+				lib_bytes = p;
+				lib_len = n;
+			} else {
+				free(p);
+			}
+		}
+		fclose(f);
+	}
+}
+
+static const char *const w_lvl[] = { "info", "info", "info", "debug", "warn", "error" };
+static const char *const w_svc[] = { "orders-api", "billing", "auth", "search", "cart", "inventory" };
+static const char *const w_meth[] = { "GET", "GET", "GET", "POST", "PUT", "DELETE" };
+static const char *const w_path[] = { "/v1/orders/", "/v1/users/", "/v2/items/", "/v1/cart/", "/healthz?id=", "/v1/search?q=" };
+static const char *const w_name[] = { "session_cache", "http_conn", "order_line", "user_record", "lru_node", "json_value", "tls_ctx", "buffer_pool" };
+
+static void fill_text(char *p, size_t len, uint64_t *x, uint64_t *clock_ms)
+{
+	size_t off = 0;
+	char line[512];
+	while (off < len) {
+		uint64_t r = xs_next(x);
+		*clock_ms += r % 17;
+		uint64_t t = *clock_ms;
+		int n = snprintf(line, sizeof(line),
+				 "2025-11-%02u %02u:%02u:%02u.%03u level=%s svc=%s host=node-%02u req=%016" PRIx64
+				 " method=%s path=%s%u status=%u bytes=%u dur_ms=%u.%03u\n",
+				 (unsigned)(1 + (t / 86400000) % 28), (unsigned)(t / 3600000 % 24), (unsigned)(t / 60000 % 60),
+				 (unsigned)(t / 1000 % 60), (unsigned)(t % 1000), w_lvl[r % 6], w_svc[(r >> 3) % 6],
+				 (unsigned)((r >> 6) % 12), xs_next(x), w_meth[(r >> 10) % 6], w_path[(r >> 13) % 6],
+				 (unsigned)((r >> 16) % 200000), (r >> 34) % 20 ? 200u : 404u + (unsigned)((r >> 40) % 100),
+				 (unsigned)((r >> 20) % 65536), (unsigned)((r >> 36) % 250), (unsigned)((r >> 44) % 1000));
+		size_t m = (size_t)n < len - off ? (size_t)n : len - off;
+		memcpy(p + off, line, m);
+		off += m;
+	}
+}
+
+struct heap_rec { /* 64 bytes, like a small heap object */
+	uint64_t next, prev;
+	uint32_t id, flags;
+	double value;
+	char name[16];
+	uint64_t refcount;
+	uint32_t pad[2];
+};
+
+static void fill_structs(void *dst, size_t len, uint64_t *x, uint64_t base, uint32_t *id)
+{
+	struct heap_rec *r = dst;
+	for (size_t i = 0; i < len / sizeof(*r); i++) {
+		uint64_t v = xs_next(x);
+		memset(&r[i], 0, sizeof(r[i]));
+		r[i].next = base + ((i + 1 + (v & 7)) * 64);
+		r[i].prev = i ? base + (i - 1) * 64 : 0;
+		r[i].id = (*id)++;
+		r[i].flags = (uint32_t)(v >> 8) & 0x13;
+		r[i].value = (double)((v >> 16) % 100000) / 100.0;
+		snprintf(r[i].name, sizeof(r[i].name), "%s", w_name[(v >> 40) % 8]);
+		r[i].refcount = 1 + ((v >> 50) % 4);
+	}
+}
+
+static void buf_fill_mixed(unsigned char *p, size_t bytes, uint64_t x)
+{
+	const size_t region = 128 << 10;
+	uint64_t clock_ms = 1700000000000ULL % (28ULL * 86400000);
+	uint32_t id = 1;
+	for (size_t off = 0; off < bytes; off += region) {
+		size_t len = bytes - off < region ? bytes - off : region;
+		unsigned kind = (unsigned)(xs_next(&x) % 100);
+		if (kind < 35 || (kind >= 80 && kind < 95 && !lib_bytes)) { /* noise */
+			uint64_t *w = (uint64_t *)(p + off);
+			for (size_t i = 0; i < len / 8; i++)
+				w[i] = xs_next(&x);
+		} else if (kind < 65) {
+			fill_text((char *)p + off, len, &x, &clock_ms);
+		} else if (kind < 80) {
+			fill_structs(p + off, len, &x, 0x7f0000000000ULL + ((uint64_t)(uintptr_t)(p + off) & 0xffffffffffULL), &id);
+		} else if (kind < 95) { /* a page-aligned slice of a library file */
+			size_t src = lib_len > len ? (size_t)(xs_next(&x) % (lib_len - len)) & ~(size_t)4095 : 0;
+			size_t m = len < lib_len - src ? len : lib_len - src;
+			memcpy(p + off, lib_bytes + src, m);
+			memset(p + off + m, 0, len - m);
+		} else {
+			memset(p + off, 0, len);
+		}
+	}
+}
+
 static void buf_init(struct buf *b, size_t mib, uint64_t seed)
 {
 	size_t bytes = mib << 20;
@@ -127,6 +251,11 @@ static void buf_init(struct buf *b, size_t mib, uint64_t seed)
 	b->nwords = bytes / sizeof(uint64_t);
 	b->mib = mib;
 	uint64_t x = seed ? seed : 0x9e3779b97f4a7c15ULL;
+	if (fill_mixed) {
+		buf_fill_mixed(p, bytes, x);
+		b->checksum = checksum(b);
+		return;
+	}
 	for (size_t i = 0; i < b->nwords; i++) {
 		x ^= x >> 12;
 		x ^= x << 25;
@@ -274,6 +403,16 @@ int main(int argc, char **argv)
 	if (argc == 4 && (*end || nchildren < 0 || nchildren > MAX_CHILDREN)) {
 		fprintf(stderr, "bad CHILDREN (0..%d): %s\n", MAX_CHILDREN, argv[3]);
 		return 2;
+	}
+
+	const char *fill = getenv("MEMTEST_FILL");
+	if (fill && *fill && strcmp(fill, "random") != 0) {
+		if (strcmp(fill, "mixed") != 0) {
+			fprintf(stderr, "bad MEMTEST_FILL (random|mixed): %s\n", fill);
+			return 2;
+		}
+		fill_mixed = 1;
+		load_lib_bytes();
 	}
 
 	/* Drop fds inherited from whoever started us (an inherited pipe to an

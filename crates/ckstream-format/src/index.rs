@@ -342,7 +342,8 @@ impl Index {
                 }
                 _ => {}
             }
-            if let Some(parent) = parent_path(&e.path) {
+            let mut ancestor = parent_path(&e.path);
+            while let Some(parent) = ancestor {
                 if let Some(&p) = by_path.get(parent) {
                     if self.entries[p].entry_kind() != EntryKind::Dir {
                         return Err(Error::UnsafeEntry(format!(
@@ -351,6 +352,7 @@ impl Index {
                         )));
                     }
                 }
+                ancestor = parent_path(parent);
             }
             if kind != EntryKind::File && e.chunk_count != 0 {
                 return Err(Error::Corrupt(format!(

@@ -1,0 +1,36 @@
+# ckstream: the two entry points for a fresh machine are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+export CKSTREAM_BIN := $(CURDIR)/target/release/ckstream
+
+.PHONY: demo test deps build unit-and-integration fuzz-smoke lint bench clean
+
+## Install what is needed, build, pack and unpack a sample, print what happened.
+demo: deps build
+	scripts/demo.sh
+
+## Install what is needed and run every test (CI runs this as root).
+test: deps build lint unit-and-integration fuzz-smoke
+
+deps:
+	scripts/install-deps.sh --with-criu
+
+build:
+	$(CARGO) build --release --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+# Privileged tests (loopback btrfs/XFS, real CRIU) fail instead of skipping here.
+unit-and-integration:
+	CKSTREAM_REQUIRE_PRIVILEGED=1 $(CARGO) test --release --locked --workspace
+
+fuzz-smoke:
+	scripts/fuzz-smoke.sh
+
+bench:
+	bench/pack-bench.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,312 @@
+//! Pack → verify → unpack round trips of a tree with every file type, for every codec
+//! and for 1 and 4 shards, through the real binary.
+
+mod common;
+
+use common::*;
+
+fn round_trip(codec: &str, shards: u32) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let archive = tmp.path().join("a.cka");
+    let shards_s = shards.to_string();
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-c".as_ref(),
+        codec.as_ref(),
+        "--shards".as_ref(),
+        shards_s.as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        format!(".={}", src.display()).as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    for i in 1..shards {
+        assert!(
+            ckstream_store::shard_path(&archive, i).exists(),
+            "shard {i} missing"
+        );
+    }
+    let verify = ck_ok(&["verify".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
+    assert!(String::from_utf8_lossy(&verify.stdout).starts_with("OK"));
+    let out = tmp.path().join("out");
+    ck_ok(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "-C".as_ref(),
+        out.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    assert_same_tree(&src, &out);
+    // Holes stay holes; an all-zero file becomes sparse.
+    assert!(
+        allocated(&out.join("sparse")) < 1 << 20,
+        "sparse file came back allocated"
+    );
+    assert!(
+        allocated(&out.join("zeros")) < 1 << 20,
+        "all-zero file stored as data"
+    );
+    // No temporary files left next to the archive.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn round_trip_none_1_shard() {
+    round_trip("none", 1);
+}
+
+#[test]
+fn round_trip_none_4_shards() {
+    round_trip("none", 4);
+}
+
+#[test]
+fn round_trip_lz4_1_shard() {
+    round_trip("lz4", 1);
+}
+
+#[test]
+fn round_trip_lz4_4_shards() {
+    round_trip("lz4", 4);
+}
+
+#[test]
+fn round_trip_zstd_1_shard() {
+    round_trip("zstd", 1);
+}
+
+#[test]
+fn round_trip_zstd_4_shards() {
+    round_trip("zstd:3", 4);
+}
+
+#[test]
+fn ownership_is_restored_as_root() {
+    if !need_root("ownership_is_restored_as_root") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let archive = tmp.path().join("a.cka");
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        src.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    let out = tmp.path().join("out");
+    ck_ok(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "-C".as_ref(),
+        out.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    let m = manifest(&out.join("src"));
+    let rec = &m[&b"dir/4095"[..]];
+    assert_eq!((rec.uid, rec.gid), (1234, 5678));
+    let link = &m[&b"rel-link"[..]];
+    assert_eq!((link.uid, link.gid), (42, 43));
+    assert_eq!(
+        m[&b"setuid"[..]].mode,
+        0o4755,
+        "setuid bit must survive chown"
+    );
+    assert_eq!(m[&b"whiteout"[..]].kind, "chardev");
+}
+
+#[test]
+fn pack_stores_names_and_unpack_selects_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let archive = tmp.path().join("a.cka");
+    let renamed = format!("images/renamed={}", src.join("dir").display());
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        renamed.as_ref(),
+        src.join("sparse").as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    let ls = ck_ok(&["ls".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        listing.lines().any(|l| l == "images/renamed/4096"),
+        "{listing}"
+    );
+    assert!(listing.lines().any(|l| l == "sparse"), "{listing}");
+    let out = tmp.path().join("out");
+    ck_ok(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "-C".as_ref(),
+        out.as_os_str(),
+        "images/renamed/nested".as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    assert!(out.join("images/renamed/nested/random-3.5m").exists());
+    assert!(!out.join("images/renamed/4096").exists());
+    assert!(!out.join("sparse").exists());
+    // The hard link's other name was not selected: its data is restored as a copy.
+    assert_eq!(
+        std::fs::read(out.join("images/renamed/nested/second-name")).unwrap(),
+        b"shared by two names"
+    );
+}
+
+#[test]
+fn cat_reads_one_file_and_ls_json_describes_entries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let archive = tmp.path().join("a.cka");
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-c".as_ref(),
+        "zstd".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        format!(".={}", src.display()).as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    for name in [
+        "dir/nested/random-3.5m",
+        "sparse",
+        "dir/nested/deeper/text.txt",
+        "dir/nested/second-name",
+        "empty",
+    ] {
+        let out =
+            ck_ok(&["cat".as_ref(), archive.as_os_str(), name.as_ref()] as &[&std::ffi::OsStr]);
+        assert_eq!(out.stdout, std::fs::read(src.join(name)).unwrap(), "{name}");
+    }
+    let missing =
+        ck(&["cat".as_ref(), archive.as_os_str(), "nope".as_ref()] as &[&std::ffi::OsStr]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("not in the archive"));
+    let dir = ck(&["cat".as_ref(), archive.as_os_str(), "dir".as_ref()] as &[&std::ffi::OsStr]);
+    assert!(!dir.status.success());
+
+    let json =
+        ck_ok(&["ls".as_ref(), "--json".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let text = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "dir/nested/deeper/text.txt")
+        .unwrap();
+    assert_eq!(text["type"], "file");
+    assert!(text["stored_bytes"].as_u64().unwrap() < text["size"].as_u64().unwrap() / 4);
+    let info =
+        ck_ok(&["info".as_ref(), "--json".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["shards"], 1);
+    assert!(v["ratio"].as_f64().unwrap() > 1.0);
+    let long = ck_ok(&["ls".as_ref(), "-l".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
+    let long = String::from_utf8_lossy(&long.stdout);
+    assert!(
+        long.lines()
+            .any(|l| l.starts_with("-rwsr-xr-x") && l.ends_with(" setuid")),
+        "{long}"
+    );
+    assert!(
+        long.lines()
+            .any(|l| l.starts_with('l') && l.ends_with("rel-link -> dir/4096")),
+        "{long}"
+    );
+}
+
+#[test]
+fn pack_to_stdout_and_failures_leave_no_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"data").unwrap();
+    let out = ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        "-".as_ref(),
+        src.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    let archive = tmp.path().join("piped.cka");
+    std::fs::write(&archive, &out.stdout).unwrap();
+    ck_ok(&["verify".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
+
+    // A missing input fails with a clear message, non-zero exit and no archive.
+    let bad = tmp.path().join("bad.cka");
+    let r = ck(&[
+        "pack".as_ref(),
+        "-o".as_ref(),
+        bad.as_os_str(),
+        tmp.path().join("missing").as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("missing"), "{}", stderr(&r));
+    assert!(!bad.exists());
+    // An existing good archive is not replaced by a failed pack.
+    let unreadable = format!("x={}", tmp.path().join("missing").display());
+    let r = ck(&[
+        "pack".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        unreadable.as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    assert!(!r.status.success());
+    ck_ok(&["verify".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
+    // Bad options.
+    let r = ck(&[
+        "pack".as_ref(),
+        "-c".as_ref(),
+        "gzip".as_ref(),
+        "-o".as_ref(),
+        bad.as_os_str(),
+        src.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(stderr(&r).contains("unknown compression"));
+}
+
+#[test]
+fn manifest_comparison_detects_a_one_nanosecond_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let archive = tmp.path().join("a.cka");
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        format!(".={}", src.display()).as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    let out = tmp.path().join("out");
+    ck_ok(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "-C".as_ref(),
+        out.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    let before = manifest(&out);
+    assert_eq!(before, manifest(&src));
+    let m = std::fs::symlink_metadata(out.join("dir/4096")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    set_mtime(
+        &out.join("dir/4096"),
+        m.mtime() * 1_000_000_000 + m.mtime_nsec() + 1,
+    );
+    assert_ne!(manifest(&out), manifest(&src));
+}
