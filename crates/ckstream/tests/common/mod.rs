@@ -153,7 +153,7 @@ pub fn make_tree(root: &Path) {
     .unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &root.join("fifo"),
+        root.join("fifo"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o640),
         0,
@@ -180,7 +180,7 @@ pub fn make_tree(root: &Path) {
     if root_user {
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &root.join("null-dev"),
+            root.join("null-dev"),
             rustix::fs::FileType::CharacterDevice,
             rustix::fs::Mode::from_raw_mode(0o666),
             rustix::fs::makedev(1, 3),
@@ -188,7 +188,7 @@ pub fn make_tree(root: &Path) {
         .unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &root.join("block-dev"),
+            root.join("block-dev"),
             rustix::fs::FileType::BlockDevice,
             rustix::fs::Mode::from_raw_mode(0o660),
             rustix::fs::makedev(7, 200),
@@ -197,7 +197,7 @@ pub fn make_tree(root: &Path) {
         // An overlay whiteout is a 0/0 character device.
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &root.join("whiteout"),
+            root.join("whiteout"),
             rustix::fs::FileType::CharacterDevice,
             rustix::fs::Mode::from_raw_mode(0),
             rustix::fs::makedev(0, 0),
@@ -207,7 +207,7 @@ pub fn make_tree(root: &Path) {
         set_xattr(&root.join("abs-link"), "trusted.linkattr", b"on a symlink");
         rustix::fs::chownat(
             rustix::fs::CWD,
-            &root.join("dir/4095"),
+            root.join("dir/4095"),
             Some(rustix::fs::Uid::from_raw(1234)),
             Some(rustix::fs::Gid::from_raw(5678)),
             rustix::fs::AtFlags::empty(),
@@ -215,7 +215,7 @@ pub fn make_tree(root: &Path) {
         .unwrap();
         rustix::fs::chownat(
             rustix::fs::CWD,
-            &root.join("rel-link"),
+            root.join("rel-link"),
             Some(rustix::fs::Uid::from_raw(42)),
             Some(rustix::fs::Gid::from_raw(43)),
             rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
@@ -223,7 +223,7 @@ pub fn make_tree(root: &Path) {
         .unwrap();
         rustix::fs::chownat(
             rustix::fs::CWD,
-            &root.join("dir/nested"),
+            root.join("dir/nested"),
             Some(rustix::fs::Uid::from_raw(1000)),
             Some(rustix::fs::Gid::from_raw(1000)),
             rustix::fs::AtFlags::empty(),
@@ -231,7 +231,7 @@ pub fn make_tree(root: &Path) {
         .unwrap();
         rustix::fs::chownat(
             rustix::fs::CWD,
-            &root.join("setuid"),
+            root.join("setuid"),
             Some(rustix::fs::Uid::from_raw(0)),
             Some(rustix::fs::Gid::from_raw(7)),
             rustix::fs::AtFlags::empty(),
