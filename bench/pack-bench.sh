@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# pack-bench.sh — ckstream vs tar (+zstd) on XFS (reflink=1) and btrfs loopbacks.
+#
+# Dataset (built once, cached under $CACHE/dataset, reused if complete):
+#   criu/    `criu dump` image dir of a memtest tree (MEMTEST_FILL=mixed, ~1.5 GiB)
+#   rootfs/  copy of parts of /usr/share and /usr/lib (~1 GiB, ~50k small files)
+# For each fs: loop image (sparse, ~5x dataset) -> mkfs -> mount -> cp -a dataset -> sync,
+# then REPS runs of each timed step (caches dropped before each step if possible,
+# else a warm-up read of everything). Every step's timing also includes a `sync`
+# afterwards ("wall+sync"); "wall" is until the command itself returned.
+# Medians -> markdown table on stdout and in bench/out/pack-bench-<date>.md.
+#
+# Env: REPS (3) CACHE (/var/tmp/ckstream-bench) FSLIST ("xfs btrfs") MEM_MIB (1280,
+#      plus 2 children of MEM_MIB/8) ROOTFS_SRC (list of dirs) IMG_FACTOR (5)
+#      NO_BUILD=1 (skip cargo build) CKSTREAM (binary path)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPS=${REPS:-3}
+CACHE=${CACHE:-/var/tmp/ckstream-bench}
+DATASET=$CACHE/dataset
+FSLIST=${FSLIST:-"xfs btrfs"}
+MEM_MIB=${MEM_MIB:-1280}
+ROOTFS_SRC=${ROOTFS_SRC:-"/usr/share /usr/lib/python3 /usr/lib/python3.11 /usr/lib/gcc /usr/lib/git-core /usr/lib/postgresql /usr/lib/node_modules /usr/lib/systemd"}
+IMG_FACTOR=${IMG_FACTOR:-5}
+CKSTREAM=${CKSTREAM:-$REPO/target/release/ckstream}
+CRIU=${CRIU:-/usr/local/sbin/criu}
+OUTDIR=$REPO/bench/out
+STAMP=$(date +%Y%m%d-%H%M%S)
+REPORT=$OUTDIR/pack-bench-$STAMP.md
+TIME=/usr/bin/time
+
+MOUNTS=() LOOPS=() IMAGES=() MEMTEST_PID="" WORK=""
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM
+	set +e
+	if [[ -n $MEMTEST_PID ]] && kill -0 "$MEMTEST_PID" 2>/dev/null; then
+		kill -TERM "$MEMTEST_PID"; sleep 0.5; kill -KILL "$MEMTEST_PID" 2>/dev/null
+	fi
+	local m l i
+	for m in "${MOUNTS[@]}"; do umount "$m" 2>/dev/null || umount -l "$m"; rmdir "$m" 2>/dev/null; done
+	for l in "${LOOPS[@]}"; do losetup -d "$l"; done
+	for i in "${IMAGES[@]}"; do rm -f "$i"; done
+	rm -rf "$DATASET.tmp" "$WORK"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+now() { date +%s.%N; }
+tree_bytes() { find "$1" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d\n", s}'; }
+used_bytes() { df -B1 --output=used "$1" | tail -1 | tr -d ' '; }
+
+[[ $(id -u) == 0 ]] || die "must run as root (mount, losetup, criu)"
+for t in "$CRIU" mkfs.xfs mkfs.btrfs zstd tar gcc jq "$TIME"; do
+	command -v "$t" >/dev/null || die "missing tool: $t"
+done
+if [[ -z ${NO_BUILD:-} ]]; then
+	log "cargo build --release"
+	(cd "$REPO" && cargo build --release -q)
+fi
+[[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
+mkdir -p "$CACHE" "$OUTDIR"
+WORK=$(mktemp -d "$CACHE/work.XXXXXX")
+
+# ---------------------------------------------------------------- dataset
+build_dataset() {
+	local tmp=$DATASET.tmp hb=$CACHE/memtest-hb
+	rm -rf "$tmp"; mkdir -p "$tmp/criu" "$tmp/rootfs"
+	log "dataset: copying rootfs-like tree from: $ROOTFS_SRC"
+	local rel=() d
+	for d in $ROOTFS_SRC; do rel+=("${d#/}"); done
+	tar -C / -cf - "${rel[@]}" | tar -C "$tmp/rootfs" -xpf -   # (cp -a --parents is buggy in coreutils 9.1)
+	log "dataset: building memtest, starting it with ${MEM_MIB} MiB (+2 children), MEMTEST_FILL=mixed"
+	gcc -O2 -o "$CACHE/memtest" "$REPO/tests/progs/memtest.c"
+	rm -f "$hb" "$hb".*
+	MEMTEST_FILL=mixed setsid "$CACHE/memtest" "$MEM_MIB" "$hb" 2 </dev/null >/dev/null 2>&1 &
+	disown
+	local i
+	for ((i = 0; i < 1200; i++)); do [[ -f $hb ]] && break; sleep 0.1; done
+	[[ -f $hb ]] || die "memtest heartbeat did not appear"
+	MEMTEST_PID=$(cat "$hb.pid")
+	log "dataset: criu dump -t $MEMTEST_PID"
+	"$CRIU" dump -t "$MEMTEST_PID" -D "$tmp/criu" -o dump.log ||
+		die "criu dump failed, see $tmp/criu/dump.log"
+	mv "$tmp/criu/dump.log" "$CACHE/criu-dump.log"
+	MEMTEST_PID=""
+	rm -f "$hb" "$hb".*
+	log "dataset: measuring compressibility (tar | zstd -1)"
+	local part total=0 z
+	{
+		for part in criu rootfs; do
+			z=$(tar -C "$tmp/$part" -cf - . | zstd -1 -T0 -q -c | wc -c)
+			printf '%s bytes=%s files=%s dirs=%s symlinks=%s zstd1_bytes=%s\n' "$part" \
+				"$(tree_bytes "$tmp/$part")" "$(find "$tmp/$part" -type f | wc -l)" \
+				"$(find "$tmp/$part" -type d | wc -l)" "$(find "$tmp/$part" -type l | wc -l)" "$z"
+		done
+	} >"$tmp.info"
+	mv "$tmp.info" "$CACHE/dataset.info"
+	mv "$tmp" "$DATASET"
+}
+if [[ ! -d $DATASET || ! -s $CACHE/dataset.info ]]; then
+	rm -rf "$DATASET"
+	build_dataset
+else
+	log "dataset: reusing $DATASET"
+fi
+DS_BYTES=$(tree_bytes "$DATASET")
+DS_FILES=$(find "$DATASET" -type f | wc -l)
+DS_ALL=$(find "$DATASET" -mindepth 1 | wc -l)
+DS_DU=$(du -sb "$DATASET" | cut -f1)
+
+# ---------------------------------------------------------------- cache policy
+if (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then
+	CACHE_MODE=drop
+	CACHE_NOTE="page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every timed step: cold reads"
+else
+	CACHE_MODE=warm
+	CACHE_NOTE="/proc/sys/vm/drop_caches not writable: full warm-up read of inputs before every timed step: warm reads for every tool"
+fi
+log "$CACHE_NOTE"
+
+RES=$WORK/results.tsv
+: >"$RES"
+
+# prep INPUT...: make caches equal before a timed step.
+prep() {
+	sync
+	if [[ $CACHE_MODE == drop ]]; then
+		echo 3 >/proc/sys/vm/drop_caches
+	else
+		tar -P -cf - "$@" | cat >/dev/null
+	fi
+}
+
+# timed FS OP TOOL REP OUTPATH MNT CMD: run CMD (bash -c), then sync; record a row.
+timed() {
+	local fs=$1 op=$2 tool=$3 rep=$4 out=$5 mnt=$6 cmd=$7
+	local tf=$WORK/time.out jf=$WORK/json.out u0 t0 t1 t2 cpu size cloned
+	u0=$(used_bytes "$mnt")
+	: >"$jf"
+	t0=$(now)
+	JF=$jf $TIME -f '%U %S' -o "$tf" bash -c "$cmd" || die "failed: $cmd"
+	t1=$(now)
+	sync
+	t2=$(now)
+	cpu=$(awk 'END {printf "%.2f", $1 + $2}' "$tf")
+	if [[ -d $out ]]; then size=$(tree_bytes "$out"); else size=$(stat -c %s "$out"); fi
+	cloned=$(jq -r '.cloned_bytes // empty' "$jf" 2>/dev/null || true)
+	printf '%s\t%s\t%s\t%s\t%.3f\t%.3f\t%s\t%s\t%s\t%s\n' "$fs" "$op" "$tool" "$rep" \
+		"$(echo "$t1 - $t0" | bc)" "$(echo "$t2 - $t0" | bc)" "$cpu" "$size" \
+		"$(($(used_bytes "$mnt") - u0))" "${cloned:--}" >>"$RES"
+	log "  $fs $op $tool rep$rep: wall $(echo "$t1 - $t0" | bc | cut -c1-6)s +sync $(echo "$t2 - $t0" | bc | cut -c1-6)s cpu ${cpu}s"
+}
+
+# correctness: ckstream verify + content diff + metadata manifest compare.
+check() {
+	local cka=$1 out=$2 data=$3 a=$WORK/m.data b=$WORK/m.out
+	"$CKSTREAM" -q verify "$cka" || die "ckstream verify failed: $cka"
+	diff -r --no-dereference -q "$data" "$out" >/dev/null || die "diff -r: $out differs from $data"
+	(cd "$data" && find . -mindepth 1 -printf '%p %y %m %U:%G %s %l %T@\n' | sort) >"$a"
+	(cd "$out" && find . -mindepth 1 -printf '%p %y %m %U:%G %s %l %T@\n' | sort) >"$b"
+	local root="root dir mode/mtime $(stat -c '%a %Y' "$data") vs $(stat -c '%a %Y' "$out")"
+	if cmp -s "$a" "$b"; then
+		CHECKS+=("$cka: verify ok, diff -r identical, metadata of all $(wc -l <"$a") entries (type/mode/owner/size/link/mtime ns) identical; $root")
+	else
+		local nd ex
+		nd=$(diff "$a" "$b" | grep -c '^<' || true)
+		ex=$(diff "$a" "$b" | grep -m2 '^[<>]' | tr '\n' ' ' || true)
+		cp "$a" "$OUTDIR/manifest-$STAMP-data.txt"; cp "$b" "$OUTDIR/manifest-$STAMP-$(basename "$cka").txt"
+		CHECKS+=("$cka: verify ok, diff -r identical, METADATA DIFFERS in $nd entries (manifests kept in bench/out), e.g. \`$ex\`")
+	fi
+	log "  check: ${CHECKS[-1]}"
+}
+CHECKS=()
+
+# ---------------------------------------------------------------- per filesystem
+bench_fs() {
+	local fs=$1 img=$CACHE/$fs.img mnt=$CACHE/mnt-$fs loop size
+	size=$(((DS_DU * IMG_FACTOR / 1048576 + 1024) * 1048576))
+	log "[$fs] loop image $img ($((size >> 20)) MiB sparse)"
+	rm -f "$img"; truncate -s "$size" "$img"; IMAGES+=("$img")
+	loop=$(losetup --find --show --direct-io=on "$img" 2>/dev/null || losetup --find --show "$img")
+	LOOPS+=("$loop")
+	case $fs in
+	xfs) mkfs.xfs -q -f -m reflink=1 "$loop" ;;
+	btrfs) mkfs.btrfs -q -f "$loop" >/dev/null ;;
+	esac
+	mkdir -p "$mnt"; mount "$loop" "$mnt"; MOUNTS+=("$mnt")
+	log "[$fs] cp -a dataset"
+	cp -a "$DATASET" "$mnt/data"; sync
+	local D=$mnt/data A=$mnt/arch O=$mnt/out r
+	mkdir -p "$A"
+	for ((r = 1; r <= REPS; r++)); do
+		rm -f "$A/x.tar.zst"; prep "$D"
+		timed "$fs" "pack zstd-1" "tar + zstd -1 -T0" "$r" "$A/x.tar.zst" "$mnt" "tar -C '$D' -cf - . | zstd -1 -T0 -q -o '$A/x.tar.zst'"
+		rm -f "$A/x.cka"; prep "$D"
+		timed "$fs" "pack zstd-1" "ckstream" "$r" "$A/x.cka" "$mnt" "'$CKSTREAM' pack -q --json -c zstd:1 -o '$A/x.cka' .='$D' >\$JF"
+		rm -f "$A/x.tar"; prep "$D"
+		timed "$fs" "pack none" "tar" "$r" "$A/x.tar" "$mnt" "tar -C '$D' -cf '$A/x.tar' ."
+		rm -f "$A/n.cka"; prep "$D"
+		timed "$fs" "pack none" "ckstream" "$r" "$A/n.cka" "$mnt" "'$CKSTREAM' pack -q --json -c none -o '$A/n.cka' .='$D' >\$JF"
+	done
+	for ((r = 1; r <= REPS; r++)); do
+		rm -rf "$O"; mkdir "$O"; prep "$A/x.tar.zst"
+		timed "$fs" "unpack zstd-1" "zstd -dc + tar -x" "$r" "$O" "$mnt" "zstd -dc '$A/x.tar.zst' | tar -C '$O' -xf -"
+		rm -rf "$O"; prep "$A/x.cka"
+		timed "$fs" "unpack zstd-1" "ckstream" "$r" "$O" "$mnt" "'$CKSTREAM' unpack -q --json '$A/x.cka' -C '$O' >\$JF"
+		((r == 1)) && check "$A/x.cka" "$O" "$D"
+		rm -rf "$O"; mkdir "$O"; prep "$A/x.tar"
+		timed "$fs" "unpack none" "tar" "$r" "$O" "$mnt" "tar -C '$O' -xf '$A/x.tar'"
+		rm -rf "$O"; prep "$A/n.cka"
+		timed "$fs" "unpack none" "ckstream" "$r" "$O" "$mnt" "'$CKSTREAM' unpack -q --json '$A/n.cka' -C '$O' >\$JF"
+		((r == 1)) && check "$A/n.cka" "$O" "$D"
+	done
+	rm -rf "$O"
+	umount "$mnt"; rmdir "$mnt"; MOUNTS=()
+	losetup -d "$loop"; LOOPS=()
+	rm -f "$img"; IMAGES=()
+}
+
+T_START=$(now)
+for fs in $FSLIST; do bench_fs "$fs"; done
+T_TOTAL=$(echo "$(now) - $T_START" | bc | cut -d. -f1)
+
+# ---------------------------------------------------------------- report
+table() {
+	awk -F'\t' -v dsb="$DS_BYTES" '
+	function median(key, col,   n, a, i, j, t) {
+		n = split(vals[key, col], a, " ")
+		for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
+		return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+	}
+	{
+		key = $1 SUBSEP $2 SUBSEP $3
+		if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
+		for (c = 5; c <= 9; c++) vals[key, c] = vals[key, c] " " $c
+		cl[key] = $10
+	}
+	END {
+		print "| fs | operation | tool | wall s | wall+sync s | CPU s | output bytes | ratio | fs used Δ bytes | ckstream cloned bytes | speedup (wall+sync) | speedup (wall) |"
+		print "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+		for (k = 1; k <= nk; k++) {
+			key = order[k]; split(key, p, SUBSEP)
+			w[key] = median(key, 5); ws[key] = median(key, 6)
+			peer[p[1] SUBSEP p[2]] = (p[3] == "ckstream") ? peer[p[1] SUBSEP p[2]] : key
+		}
+		for (k = 1; k <= nk; k++) {
+			key = order[k]; split(key, p, SUBSEP)
+			out = median(key, 8); sp = "—"; sp2 = "—"
+			if (p[3] == "ckstream") {
+				pk = peer[p[1] SUBSEP p[2]]
+				sp = sprintf("%.2f×", ws[pk] / ws[key]); sp2 = sprintf("%.2f×", w[pk] / w[key])
+			}
+			printf "| %s | %s | %s | %.2f | %.2f | %.2f | %d | %.2f | %d | %s | %s | %s |\n", p[1], p[2], p[3],
+				w[key], ws[key], median(key, 7), out, dsb / out, median(key, 9), cl[key], sp, sp2
+		}
+	}' "$RES"
+}
+
+{
+	echo "# ckstream pack-bench $STAMP"
+	echo
+	echo "- host: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r); ckstream $("$CKSTREAM" --version | awk '{print $2}') ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?))"
+	echo "- dataset: $DATASET — $DS_BYTES bytes ($(echo "scale=2; $DS_BYTES / 1073741824" | bc) GiB) in $DS_FILES regular files ($DS_ALL entries incl. dirs/symlinks)"
+	awk '{ split($2, b, "="); split($6, z, "="); printf "  - %s: %s, %s, %s, %s; tar|zstd -1 ratio %.2f\n", $1, $2, $3, $4, $5, b[2] / z[2] }' "$CACHE/dataset.info"
+	echo "- caches: $CACHE_NOTE"
+	echo "- REPS=$REPS, medians shown; loop images sparse ${IMG_FACTOR}x dataset on $(df --output=fstype /var/tmp | tail -1), losetup direct-io where supported"
+	echo "- wall = until the command returned; wall+sync = plus a following \`sync\` (all steps, readers and writers); CPU = user+sys of the command tree (/usr/bin/time)"
+	echo "- ratio = dataset bytes / output bytes (unpack: apparent bytes of the extracted tree); fs used Δ = df used after sync minus before"
+	echo "- speedup = peer median wall / ckstream median wall"
+	echo "- total benchmark time (excluding dataset build): ${T_TOTAL}s"
+	echo
+	table
+	echo
+	echo "Correctness:"
+	for c in "${CHECKS[@]}"; do echo "- $c"; done
+	echo
+	echo "<details><summary>raw runs (fs, op, tool, rep, wall, wall+sync, cpu, out bytes, used Δ, cloned)</summary>"
+	echo
+	echo '```'
+	cat "$RES"
+	echo '```'
+	echo "</details>"
+} | tee "$REPORT"
+log "report written to $REPORT"
