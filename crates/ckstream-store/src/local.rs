@@ -20,34 +20,53 @@ pub fn shard_path(base: &Path, i: u32) -> PathBuf {
     }
 }
 
-/// A shard being written to a regular file.
+/// A shard being written to a regular file. Small writes (record headers, small
+/// payloads) are gathered into one buffer and written with one `pwrite`.
 pub struct FileSink {
     file: File,
+    /// Offset where the next byte goes (buffered bytes included).
     pos: u64,
+    buf: Vec<u8>,
     name: String,
     /// Block size for reflinks; 0 disables cloning.
     block: u64,
 }
 
+const SINK_BUFFER: usize = 1 << 20;
+
 impl FileSink {
     /// Wraps an open, empty file.
     pub fn new(file: File, name: impl Into<String>) -> Self {
-        let block = rustix::fs::fstatfs(&file)
-            .map(|s| s.f_bsize as u64)
-            .unwrap_or(4096)
-            .max(512);
+        let block = rustix::fs::fstatfs(&file).map(|s| s.f_bsize as u64).unwrap_or(4096).max(512);
         FileSink {
             file,
             pos: 0,
+            buf: Vec::with_capacity(SINK_BUFFER),
             name: name.into(),
             block,
         }
+    }
+
+    fn flush_buffer(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let start = self.pos - self.buf.len() as u64;
+            self.file.write_all_at(&self.buf, start)?;
+            self.buf.clear();
+        }
+        Ok(())
     }
 }
 
 impl ShardSink for FileSink {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(buf, self.pos)?;
+        if self.buf.len() + buf.len() > SINK_BUFFER {
+            self.flush_buffer()?;
+        }
+        if buf.len() >= SINK_BUFFER {
+            self.file.write_all_at(buf, self.pos)?;
+        } else {
+            self.buf.extend_from_slice(buf);
+        }
         self.pos += buf.len() as u64;
         Ok(())
     }
@@ -56,6 +75,7 @@ impl ShardSink for FileSink {
         if self.block == 0 || src_offset % self.block != 0 || self.pos % self.block != 0 {
             return Ok(false);
         }
+        self.flush_buffer()?;
         // Clone whole blocks; the tail (if any) is written by the caller's bytes
         // only when nothing could be cloned, so copy it here to keep one code path.
         let whole = len - len % self.block;
@@ -81,6 +101,7 @@ impl ShardSink for FileSink {
     }
 
     fn sync(&mut self) -> io::Result<()> {
+        self.flush_buffer()?;
         self.file.sync_data()
     }
 

@@ -20,6 +20,10 @@ fn main() -> ExitCode {
     let cli = cmd::Cli::parse();
     match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => {
+            // The reader of our stdout went away (`ckstream ls | head`): not an error.
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             eprintln!("ckstream: error: {}", output::one_line(&err));
             let bad_archive = err.chain().any(|c| {
@@ -33,4 +37,11 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            || matches!(c.downcast_ref::<ckstream_format::Error>(), Some(ckstream_format::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
