@@ -52,7 +52,7 @@ trap 'exit 143' TERM
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 now() { date +%s.%N; }
-tree_bytes() { find "$1" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%d\n", s}'; }
+tree_bytes() { find "$1" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f\n", s}'; }
 used_bytes() { df -B1 --output=used "$1" | tail -1 | tr -d ' '; }
 
 [[ $(id -u) == 0 ]] || die "must run as root (mount, losetup, criu)"
@@ -162,8 +162,9 @@ check() {
 	local cka=$1 out=$2 data=$3 a=$WORK/m.data b=$WORK/m.out
 	"$CKSTREAM" -q verify "$cka" || die "ckstream verify failed: $cka"
 	diff -r --no-dereference -q "$data" "$out" >/dev/null || die "diff -r: $out differs from $data"
-	(cd "$data" && find . -mindepth 1 -printf '%p %y %m %U:%G %s %l %T@\n' | sort) >"$a"
-	(cd "$out" && find . -mindepth 1 -printf '%p %y %m %U:%G %s %l %T@\n' | sort) >"$b"
+	local fmt='%y %m %U:%G %s %T@ %p -> %l\n'   # (directory sizes are fs-specific: blanked below)
+	(cd "$data" && find . -mindepth 1 -printf "$fmt" | awk '$1 == "d" {$4 = "-"} 1' | sort) >"$a"
+	(cd "$out" && find . -mindepth 1 -printf "$fmt" | awk '$1 == "d" {$4 = "-"} 1' | sort) >"$b"
 	local root="root dir mode/mtime $(stat -c '%a %Y' "$data") vs $(stat -c '%a %Y' "$out")"
 	if cmp -s "$a" "$b"; then
 		CHECKS+=("$cka: verify ok, diff -r identical, metadata of all $(wc -l <"$a") entries (type/mode/owner/size/link/mtime ns) identical; $root")
@@ -224,6 +225,7 @@ bench_fs() {
 }
 
 T_START=$(now)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for fs in $FSLIST; do bench_fs "$fs"; done
 T_TOTAL=$(echo "$(now) - $T_START" | bc | cut -d. -f1)
 
@@ -256,7 +258,7 @@ table() {
 				pk = peer[p[1] SUBSEP p[2]]
 				sp = sprintf("%.2f×", ws[pk] / ws[key]); sp2 = sprintf("%.2f×", w[pk] / w[key])
 			}
-			printf "| %s | %s | %s | %.2f | %.2f | %.2f | %d | %.2f | %d | %s | %s | %s |\n", p[1], p[2], p[3],
+			printf "| %s | %s | %s | %.2f | %.2f | %.2f | %.0f | %.2f | %.0f | %s | %s | %s |\n", p[1], p[2], p[3],
 				w[key], ws[key], median(key, 7), out, dsb / out, median(key, 9), cl[key], sp, sp2
 		}
 	}' "$RES"
@@ -273,7 +275,7 @@ table() {
 	echo "- wall = until the command returned; wall+sync = plus a following \`sync\` (all steps, readers and writers); CPU = user+sys of the command tree (/usr/bin/time)"
 	echo "- ratio = dataset bytes / output bytes (unpack: apparent bytes of the extracted tree); fs used Δ = df used after sync minus before"
 	echo "- speedup = peer median wall / ckstream median wall"
-	echo "- total benchmark time (excluding dataset build): ${T_TOTAL}s"
+	echo "- total benchmark time (excluding dataset build): ${T_TOTAL}s; loadavg at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
 	echo
 	table
 	echo

@@ -178,10 +178,14 @@ struct PreparedRecord {
     align: bool,
 }
 
-struct WriteOp {
-    header: [u8; RECORD_HEADER_LEN],
-    pad: u32,
-    payload: Payload,
+enum WriteOp {
+    Record {
+        header: [u8; RECORD_HEADER_LEN],
+        pad: u32,
+        payload: Payload,
+    },
+    /// Flush the sink to stable storage and report back.
+    Sync(Sender<io::Result<()>>),
 }
 
 struct ShardState {
@@ -234,6 +238,8 @@ pub struct ArchiveWriter {
     workers: Vec<JoinHandle<()>>,
     sequencer: Option<JoinHandle<Option<SequencerOutput>>>,
     shard_threads: Vec<JoinHandle<Option<FinishedShard>>>,
+    /// Direct lines to the shard threads, for sync barriers (dropped before joining).
+    shard_txs: Vec<Sender<WriteOp>>,
     fail: Arc<FailFlag>,
     stats: Arc<WriterStats>,
     next_seq: u64,
@@ -292,6 +298,7 @@ impl ArchiveWriter {
 
         let mut shard_states = Vec::new();
         let mut shard_threads = Vec::new();
+        let mut shard_txs = Vec::new();
         for (i, mut sink) in sinks.into_iter().enumerate() {
             let h = ShardHeader {
                 shard_index: i as u32,
@@ -311,6 +318,7 @@ impl ArchiveWriter {
                     .spawn(move || shard_thread(sink, rx, written, fail, stats, token_rx))
                     .map_err(|e| Error::io("spawning shard thread", e))?
             };
+            shard_txs.push(tx.clone());
             shard_states.push(ShardState {
                 tx,
                 assigned: HEADER_LEN as u64,
@@ -356,6 +364,7 @@ impl ArchiveWriter {
             workers,
             sequencer: Some(sequencer),
             shard_threads,
+            shard_txs,
             fail,
             stats,
             next_seq: 0,
@@ -478,8 +487,43 @@ impl ArchiveWriter {
         self.submit(Job::EntryEnd { seq, id, size })
     }
 
+    /// Waits until everything added so far is written to the shards and flushed to
+    /// stable storage, without committing. Used to make a checkpoint durable before
+    /// CRIU is allowed to kill the checkpointed process.
+    ///
+    /// # Errors
+    /// The first pipeline or sink error.
+    pub fn sync_data(&mut self) -> Result<()> {
+        while !self.token_tx.is_empty() {
+            if self.fail.is_set() {
+                return Err(self.fail.take());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut acks = Vec::new();
+        for tx in &self.shard_txs {
+            let (ack_tx, ack_rx) = bounded(1);
+            if tx.send(WriteOp::Sync(ack_tx)).is_err() {
+                return Err(self.fail.take());
+            }
+            acks.push(ack_rx);
+        }
+        for ack in acks {
+            match ack.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(Error::io("flushing a shard", e)),
+                Err(_) => return Err(self.fail.take()),
+            }
+        }
+        if self.fail.is_set() {
+            return Err(self.fail.take());
+        }
+        Ok(())
+    }
+
     fn join_pipeline(&mut self) -> Result<(SequencerOutput, Vec<FinishedShard>)> {
         self.job_tx = None;
+        self.shard_txs.clear();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -829,7 +873,7 @@ fn sequencer_thread(
             }
             shard.assigned = payload_start + stored_len as u64;
             shard.records += 1;
-            let op = WriteOp {
+            let op = WriteOp::Record {
                 header: header.encode(),
                 pad,
                 payload: rec.payload,
@@ -865,15 +909,26 @@ fn shard_thread(
         if fail.is_set() {
             return None;
         }
+        let (header, pad, payload) = match op {
+            WriteOp::Sync(ack) => {
+                let _ = ack.send(sink.sync());
+                continue;
+            }
+            WriteOp::Record {
+                header,
+                pad,
+                payload,
+            } => (header, pad, payload),
+        };
         let result = (|| -> io::Result<u64> {
-            sink.write_all(&op.header)?;
-            let mut left = op.pad as usize;
+            sink.write_all(&header)?;
+            let mut left = pad as usize;
             while left > 0 {
                 let z = zero_pad(left);
                 sink.write_all(z)?;
                 left -= z.len();
             }
-            let n = match &op.payload {
+            let n = match &payload {
                 Payload::Bytes(b) => {
                     sink.write_all(b)?;
                     b.len()
@@ -893,7 +948,7 @@ fn shard_thread(
                     bytes.len()
                 }
             };
-            Ok((RECORD_HEADER_LEN + op.pad as usize + n) as u64)
+            Ok((RECORD_HEADER_LEN + pad as usize + n) as u64)
         })();
         match result {
             Ok(n) => {

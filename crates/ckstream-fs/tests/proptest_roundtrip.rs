@@ -10,7 +10,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use ckstream_format::{ArchiveReader, ArchiveWriter, Compression, ShardSink, ShardSource, WriterOptions};
+use ckstream_format::{
+    ArchiveReader, ArchiveWriter, Compression, ShardSink, ShardSource, WriterOptions,
+};
 use ckstream_fs::{pack_inputs, plan_inputs, unpack, PackInput, UnpackOptions, UnpackStats};
 use proptest::prelude::*;
 
@@ -29,10 +31,20 @@ impl ShardSink for MemSink {
 
 #[derive(Debug, Clone)]
 enum Node {
-    File { segments: Vec<(u32, u16, u8)>, size_extra: u32, mode: u32 },
-    Dir { mode: u32 },
-    Symlink { target: String },
-    Hardlink { to: usize },
+    File {
+        segments: Vec<(u32, u16, u8)>,
+        size_extra: u32,
+        mode: u32,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
+    Hardlink {
+        to: usize,
+    },
 }
 
 fn node() -> impl Strategy<Value = Node> {
@@ -62,12 +74,20 @@ fn materialize(root: &Path, items: &[(String, Node)]) {
             continue;
         }
         match node {
-            Node::File { segments, size_extra, mode } => {
+            Node::File {
+                segments,
+                size_extra,
+                mode,
+            } => {
                 use std::os::unix::fs::FileExt;
-                let Ok(f) = fs::File::create(&p) else { continue };
+                let Ok(f) = fs::File::create(&p) else {
+                    continue;
+                };
                 let mut end = 0u64;
                 for &(off, len, byte) in segments {
-                    let data: Vec<u8> = (0..len as u32).map(|i| byte.wrapping_add((i % 7) as u8)).collect();
+                    let data: Vec<u8> = (0..len as u32)
+                        .map(|i| byte.wrapping_add((i % 7) as u8))
+                        .collect();
                     f.write_all_at(&data, off as u64).unwrap();
                     end = end.max(off as u64 + len as u64);
                 }
@@ -106,18 +126,44 @@ fn manifest(root: &Path) -> Manifest {
             let p = e.unwrap().path();
             let m = fs::symlink_metadata(&p).unwrap();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let kind = if m.is_dir() { "dir" } else if m.file_type().is_symlink() { "symlink" } else { "file" };
+            let kind = if m.is_dir() {
+                "dir"
+            } else if m.file_type().is_symlink() {
+                "symlink"
+            } else {
+                "file"
+            };
             let content = m.is_file().then(|| fs::read(&p).unwrap());
-            let link = m.file_type().is_symlink().then(|| fs::read_link(&p).unwrap().to_string_lossy().into_owned());
+            let link = m
+                .file_type()
+                .is_symlink()
+                .then(|| fs::read_link(&p).unwrap().to_string_lossy().into_owned());
             // Hard links: record the smallest name sharing the inode (as a hash of the name).
             let group = if m.is_file() && m.nlink() > 1 {
-                let first = inode_names.entry(m.ino()).or_insert_with(|| rel.clone()).clone();
+                let first = inode_names
+                    .entry(m.ino())
+                    .or_insert_with(|| rel.clone())
+                    .clone();
                 first.len() as u64 + 1
             } else {
                 0
             };
-            let mode = if kind == "symlink" { 0 } else { m.mode() & 0o7777 };
-            out.insert(rel, (kind.to_string(), mode, m.mtime() as u64, content, link, group.min(1)));
+            let mode = if kind == "symlink" {
+                0
+            } else {
+                m.mode() & 0o7777
+            };
+            out.insert(
+                rel,
+                (
+                    kind.to_string(),
+                    mode,
+                    m.mtime() as u64,
+                    content,
+                    link,
+                    group.min(1),
+                ),
+            );
             if m.is_dir() {
                 stack.push(p);
             }

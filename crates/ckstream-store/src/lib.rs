@@ -10,6 +10,6 @@ pub mod local;
 
 pub use clone::{clone_or_copy_range, CopyMethod};
 pub use local::{
-    create_archive, new_archive_id, open_archive, shard_path, ArchiveTarget, FileSink, FileSource,
-    NewArchive, PendingArchive,
+    create_archive, new_archive_id, open_archive, shard_path, ArchiveTarget, FdSink, FileSink,
+    FileSource, NewArchive, PendingArchive,
 };

@@ -37,7 +37,10 @@ const SINK_BUFFER: usize = 1 << 20;
 impl FileSink {
     /// Wraps an open, empty file.
     pub fn new(file: File, name: impl Into<String>) -> Self {
-        let block = rustix::fs::fstatfs(&file).map(|s| s.f_bsize as u64).unwrap_or(4096).max(512);
+        let block = rustix::fs::fstatfs(&file)
+            .map(|s| s.f_bsize as u64)
+            .unwrap_or(4096)
+            .max(512);
         FileSink {
             file,
             pos: 0,
@@ -127,6 +130,33 @@ impl ShardSink for StdoutSink {
     }
 }
 
+/// A shard written to an inherited file descriptor (a pipe to `lz4`, `aws s3 cp`, ...).
+pub struct FdSink {
+    out: io::BufWriter<File>,
+    name: String,
+}
+
+impl FdSink {
+    pub fn new(file: File, name: impl Into<String>) -> Self {
+        FdSink {
+            out: io::BufWriter::with_capacity(1 << 20, file),
+            name: name.into(),
+        }
+    }
+}
+
+impl ShardSink for FdSink {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.out.write_all(buf)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
 /// A shard read from a local file with positional reads.
 pub struct FileSource {
     file: File,
@@ -145,6 +175,16 @@ impl FileSource {
             file,
             name: path.display().to_string(),
         })
+    }
+}
+
+impl FileSource {
+    /// Wraps an open file.
+    pub fn from_file(file: File, name: impl Into<String>) -> Self {
+        FileSource {
+            file,
+            name: name.into(),
+        }
     }
 }
 

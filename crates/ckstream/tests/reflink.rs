@@ -21,7 +21,10 @@ struct LoopFs {
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 impl LoopFs {
@@ -31,11 +34,17 @@ impl LoopFs {
             return None;
         }
         if !have(&mkfs) {
-            assert!(!privileged_required(), "{mkfs} missing; scripts/install-deps.sh installs it");
+            assert!(
+                !privileged_required(),
+                "{mkfs} missing; scripts/install-deps.sh installs it"
+            );
             eprintln!("skipping: {mkfs} missing");
             return None;
         }
-        let dir = tempfile::Builder::new().prefix("ckstream-loop-").tempdir_in("/var/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("ckstream-loop-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         let image = dir.path().join(format!("{kind}.img"));
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
@@ -47,10 +56,27 @@ impl LoopFs {
             mk.arg("-q");
         }
         let out = mk.arg(&image).output().unwrap();
-        assert!(out.status.success(), "{mkfs}: {}", String::from_utf8_lossy(&out.stderr));
-        let out = Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount).output().unwrap();
-        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
-        Some(LoopFs { image, mount, _dir: dir })
+        assert!(
+            out.status.success(),
+            "{mkfs}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mount)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(LoopFs {
+            image,
+            mount,
+            _dir: dir,
+        })
     }
 }
 
@@ -129,7 +155,13 @@ fn hash_file(p: &Path) -> [u8; 32] {
 /// Builds a 2 GiB file quickly: 64 MiB of pseudo-random data cloned 32 times.
 fn make_big_file(path: &Path) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().create(true).read(true).write(true).truncate(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
     let block = prng_bytes(11, 64 << 20);
     f.write_all_at(&block, 0).unwrap();
     f.sync_all().unwrap();
@@ -138,7 +170,8 @@ fn make_big_file(path: &Path) {
     }
     // Make the copies distinct so chunk digests differ.
     for i in 0..32u64 {
-        f.write_all_at(&i.to_le_bytes(), i * (64 << 20) + 12345).unwrap();
+        f.write_all_at(&i.to_le_bytes(), i * (64 << 20) + 12345)
+            .unwrap();
     }
 }
 
@@ -156,27 +189,60 @@ fn reflink_round_trip(kind: &str) {
     let archive = fs.mount.join("a.cka");
 
     let t = Instant::now();
-    let pack = ck_ok(&["pack".as_ref(), "--json".as_ref(), "-c".as_ref(), "none".as_ref(), "-o".as_ref(), archive.as_os_str(), src.as_os_str()] as &[&OsStr]);
+    let pack = ck_ok(&[
+        "pack".as_ref(),
+        "--json".as_ref(),
+        "-c".as_ref(),
+        "none".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        src.as_os_str(),
+    ] as &[&OsStr]);
     let pack_secs = t.elapsed().as_secs_f64();
     let pj = json(&pack);
     let cloned = pj["cloned_bytes"].as_u64().unwrap();
-    assert!(cloned >= 2 << 30, "{kind}: pack cloned only {cloned} bytes: {pj}");
+    assert!(
+        cloned >= 2 << 30,
+        "{kind}: pack cloned only {cloned} bytes: {pj}"
+    );
     let (arch_shared, _) = shared_bytes(&archive);
-    assert!(arch_shared >= 2 << 30, "{kind}: archive shares only {arch_shared} bytes with the source");
+    assert!(
+        arch_shared >= 2 << 30,
+        "{kind}: archive shares only {arch_shared} bytes with the source"
+    );
 
     let out = fs.mount.join("out");
     let t = Instant::now();
-    let unpack = ck_ok(&["unpack".as_ref(), "--json".as_ref(), archive.as_os_str(), "-C".as_ref(), out.as_os_str()] as &[&OsStr]);
+    let unpack = ck_ok(&[
+        "unpack".as_ref(),
+        "--json".as_ref(),
+        archive.as_os_str(),
+        "-C".as_ref(),
+        out.as_os_str(),
+    ] as &[&OsStr]);
     let unpack_secs = t.elapsed().as_secs_f64();
     let uj = json(&unpack);
-    assert!(uj["cloned_bytes"].as_u64().unwrap() >= 2 << 30, "{kind}: {uj}");
+    assert!(
+        uj["cloned_bytes"].as_u64().unwrap() >= 2 << 30,
+        "{kind}: {uj}"
+    );
     let (shared, total) = shared_bytes(&out.join("src/big"));
     assert_eq!(total, 2 << 30);
-    assert_eq!(shared, total, "{kind}: unpacked file does not share all its extents with the archive");
+    assert_eq!(
+        shared, total,
+        "{kind}: unpacked file does not share all its extents with the archive"
+    );
     let (tail_shared, _) = shared_bytes(&out.join("src/odd-tail"));
-    assert!(tail_shared >= 10 << 20, "{kind}: aligned part of odd-tail not shared");
+    assert!(
+        tail_shared >= 10 << 20,
+        "{kind}: aligned part of odd-tail not shared"
+    );
     for f in ["big", "odd-tail", "small"] {
-        assert_eq!(hash_file(&src.join(f)), hash_file(&out.join("src").join(f)), "{kind}: {f} differs");
+        assert_eq!(
+            hash_file(&src.join(f)),
+            hash_file(&out.join("src").join(f)),
+            "{kind}: {f} differs"
+        );
     }
     ck_ok(&["verify".as_ref(), archive.as_os_str()] as &[&OsStr]);
     // Reported, not asserted: tests never judge speed.
@@ -184,10 +250,27 @@ fn reflink_round_trip(kind: &str) {
 
     // A compressed archive on the same filesystem cannot share extents, and says so.
     let z = fs.mount.join("z.cka");
-    ck_ok(&["pack".as_ref(), "-q".as_ref(), "-c".as_ref(), "lz4".as_ref(), "-o".as_ref(), z.as_os_str(), src.join("odd-tail").as_os_str()] as &[&OsStr]);
-    let zu = ck_ok(&["unpack".as_ref(), "--json".as_ref(), z.as_os_str(), "-C".as_ref(), fs.mount.join("zout").as_os_str()] as &[&OsStr]);
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-c".as_ref(),
+        "lz4".as_ref(),
+        "-o".as_ref(),
+        z.as_os_str(),
+        src.join("odd-tail").as_os_str(),
+    ] as &[&OsStr]);
+    let zu = ck_ok(&[
+        "unpack".as_ref(),
+        "--json".as_ref(),
+        z.as_os_str(),
+        "-C".as_ref(),
+        fs.mount.join("zout").as_os_str(),
+    ] as &[&OsStr]);
     assert_eq!(json(&zu)["cloned_bytes"], 0);
-    assert_eq!(hash_file(&src.join("odd-tail")), hash_file(&fs.mount.join("zout/odd-tail")));
+    assert_eq!(
+        hash_file(&src.join("odd-tail")),
+        hash_file(&fs.mount.join("zout/odd-tail"))
+    );
 }
 
 #[test]

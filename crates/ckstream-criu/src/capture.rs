@@ -1,0 +1,322 @@
+//! Capture: CRIU's image files → archive entries under `criu/`, plus external files.
+//!
+//! One thread polls CRIU's socket, the pipes CRIU hands over (several can be open at
+//! once: pagemap and pages interleave) and external-file pipes, and feeds full chunks
+//! to the archive writer, whose backpressure slows CRIU down rather than buffering.
+//! An optional control socket lets CRIU's `post-dump` action script ask whether the
+//! archive data is durable before CRIU kills the checkpointed process.
+
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ckstream_format::index::entry_flags;
+use ckstream_format::{ArchiveWriter, Entry, EntryKind};
+use rustix::event::{poll, PollFd, PollFlags};
+
+use crate::error::{CriuError, Result};
+use crate::proto::{read_message, RequestEntry};
+use crate::socket::{self, check_interrupted};
+
+/// Settings of one capture.
+pub struct CaptureOptions {
+    /// How long to wait for CRIU to connect.
+    pub accept_timeout: Duration,
+    /// Longest time without any data or request before giving up.
+    pub idle_timeout: Duration,
+    /// Pipe size to ask for (F_SETPIPE_SZ).
+    pub pipe_size: usize,
+    /// External files to embed: archive name and the read end of a pipe.
+    pub ext_files: Vec<(String, OwnedFd)>,
+    /// Called every ~100 ms; an error aborts the capture (e.g. CRIU exited early).
+    pub watch: Option<Box<dyn FnMut() -> Result<()>>>,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        CaptureOptions {
+            accept_timeout: Duration::from_secs(120),
+            idle_timeout: Duration::from_secs(600),
+            pipe_size: 4 << 20,
+            ext_files: Vec::new(),
+            watch: None,
+        }
+    }
+}
+
+/// Milestones reported while capturing (for criu-image-streamer style progress).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureEvent {
+    /// CRIU connected.
+    Connected,
+    /// CRIU asked for its first image other than `cpuinfo.img`: the tree is frozen.
+    CheckpointStart,
+    /// The post-dump hook was answered: the data is durable.
+    DataDurable,
+}
+
+/// What a capture did.
+#[derive(Debug, Default, Clone)]
+pub struct CaptureReport {
+    pub images: u64,
+    pub ext_files: u64,
+    pub bytes: u64,
+    /// Smallest pipe size obtained for CRIU's pipes.
+    pub pipe_size: usize,
+    pub duration: Duration,
+    /// Names of the image files, in the order CRIU wrote them.
+    pub image_names: Vec<String>,
+}
+
+struct Stream {
+    fd: OwnedFd,
+    id: u64,
+    name: String,
+    buf: Vec<u8>,
+    filled: usize,
+    offset: u64,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn streamed_entry(path: Vec<u8>) -> Entry {
+    Entry {
+        path,
+        kind: EntryKind::File as i32,
+        mode: 0o600,
+        mtime_ns: now_ns(),
+        flags: entry_flags::STREAMED,
+        ..Default::default()
+    }
+}
+
+impl Stream {
+    fn new(fd: OwnedFd, id: u64, name: String, chunk: usize) -> Result<Self> {
+        rustix::io::ioctl_fionbio(&fd, true)
+            .map_err(|e| CriuError::io(format!("setting {name} non-blocking"), e))?;
+        Ok(Stream {
+            fd,
+            id,
+            name,
+            buf: vec![0u8; chunk],
+            filled: 0,
+            offset: 0,
+        })
+    }
+
+    /// Reads what the pipe has. Returns true at EOF (after flushing the last chunk).
+    fn pump(&mut self, writer: &mut ArchiveWriter, chunk: usize, bytes: &mut u64) -> Result<bool> {
+        loop {
+            match rustix::io::read(&self.fd, &mut self.buf[self.filled..]) {
+                Ok(0) => {
+                    self.flush(writer, chunk)?;
+                    writer.end_entry(self.id, self.offset)?;
+                    return Ok(true);
+                }
+                Ok(n) => {
+                    self.filled += n;
+                    *bytes += n as u64;
+                    if self.filled == self.buf.len() {
+                        self.flush(writer, chunk)?;
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => return Ok(false),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(CriuError::io(format!("reading image {}", self.name), e)),
+            }
+        }
+    }
+
+    fn flush(&mut self, writer: &mut ArchiveWriter, chunk: usize) -> Result<()> {
+        if self.filled == 0 {
+            return Ok(());
+        }
+        let mut data = std::mem::replace(&mut self.buf, vec![0u8; chunk]);
+        data.truncate(self.filled);
+        let n = self.filled as u64;
+        self.filled = 0;
+        writer.add_data(self.id, self.offset, data, None)?;
+        self.offset += n;
+        Ok(())
+    }
+}
+
+/// Runs one capture on an already bound `listener` until CRIU closes the socket and
+/// every pipe reached EOF. `prefix` is the archive directory for CRIU's images
+/// (an entry for it is added). With `control`, answers the post-dump hook (see
+/// [`crate::run::hook_client`]) once all data is durable.
+///
+/// # Errors
+/// Protocol, I/O, archive, timeout and interrupt errors; on any error the writer is
+/// left for the caller to abort, and an open hook connection is told to fail, so
+/// CRIU resumes the process instead of killing it.
+pub fn capture(
+    listener: &UnixListener,
+    writer: &mut ArchiveWriter,
+    mut opts: CaptureOptions,
+    control: Option<&UnixListener>,
+    on_event: &mut dyn FnMut(CaptureEvent),
+) -> Result<CaptureReport> {
+    let started = Instant::now();
+    let chunk = writer.options().chunk_size as usize;
+    let mut report = CaptureReport {
+        pipe_size: usize::MAX,
+        ..Default::default()
+    };
+    let mut hook: Option<UnixStream> = None;
+    let result = capture_loop(
+        listener,
+        writer,
+        &mut opts,
+        control,
+        on_event,
+        chunk,
+        &mut report,
+        &mut hook,
+    );
+    if let Some(mut h) = hook {
+        let _ = h.write_all(if result.is_ok() { b"ok\n" } else { b"fail\n" });
+    }
+    if report.pipe_size == usize::MAX {
+        report.pipe_size = 0;
+    }
+    report.duration = started.elapsed();
+    result.map(|()| report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn capture_loop(
+    listener: &UnixListener,
+    writer: &mut ArchiveWriter,
+    opts: &mut CaptureOptions,
+    control: Option<&UnixListener>,
+    on_event: &mut dyn FnMut(CaptureEvent),
+    chunk: usize,
+    report: &mut CaptureReport,
+    hook: &mut Option<UnixStream>,
+) -> Result<()> {
+    let mut dir = streamed_entry(crate::IMAGES_PREFIX.as_bytes().to_vec());
+    dir.kind = EntryKind::Dir as i32;
+    dir.mode = 0o700;
+    dir.flags = 0;
+    writer.add_entry(dir)?;
+    let mut sock = socket::accept_watched(listener, opts.accept_timeout, &mut opts.watch)?;
+    on_event(CaptureEvent::Connected);
+    let mut sock_open = true;
+    let mut streams: Vec<Stream> = Vec::new();
+    for (name, fd) in std::mem::take(&mut opts.ext_files) {
+        let id = writer.add_entry(streamed_entry(name.clone().into_bytes()))?;
+        streams.push(Stream::new(fd, id, name, chunk)?);
+        report.ext_files += 1;
+    }
+    let mut started = false;
+    let mut hook_pending = false;
+    let mut last_activity = Instant::now();
+    let tick = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
+    loop {
+        check_interrupted()?;
+        if let Some(w) = opts.watch.as_mut() {
+            w()?;
+        }
+        if hook_pending && streams.is_empty() {
+            writer.sync_data()?;
+            if let Some(mut h) = hook.take() {
+                h.write_all(b"ok\n")
+                    .map_err(|e| CriuError::io("answering CRIU's post-dump hook", e))?;
+            }
+            hook_pending = false;
+            on_event(CaptureEvent::DataDurable);
+        }
+        if !sock_open && streams.is_empty() {
+            return Ok(());
+        }
+        let mut fds: Vec<PollFd> = Vec::with_capacity(streams.len() + 2);
+        if sock_open {
+            fds.push(PollFd::new(&sock, PollFlags::IN));
+        }
+        let control_slot = fds.len();
+        let watch_control = control.is_some() && hook.is_none();
+        if let (true, Some(c)) = (watch_control, control) {
+            fds.push(PollFd::new(c, PollFlags::IN));
+        }
+        let first_stream = fds.len();
+        for s in &streams {
+            fds.push(PollFd::from_borrowed_fd(s.fd.as_fd(), PollFlags::IN));
+        }
+        match poll(&mut fds, Some(&tick)) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(CriuError::io("polling CRIU's pipes", e)),
+        }
+        let sock_ready = sock_open && !fds[0].revents().is_empty();
+        let control_ready = watch_control && !fds[control_slot].revents().is_empty();
+        let ready: Vec<usize> = (0..streams.len())
+            .filter(|&i| !fds[first_stream + i].revents().is_empty())
+            .collect();
+        drop(fds);
+        if sock_ready || control_ready || !ready.is_empty() {
+            last_activity = Instant::now();
+        } else if last_activity.elapsed() > opts.idle_timeout {
+            return Err(CriuError::Timeout(format!(
+                "no data from CRIU for {}s",
+                opts.idle_timeout.as_secs()
+            )));
+        }
+        // Pipes first: the data of files already announced.
+        let mut finished = Vec::new();
+        for &i in &ready {
+            if streams[i].pump(writer, chunk, &mut report.bytes)? {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            streams.swap_remove(i);
+        }
+        if control_ready {
+            if let Some(c) = control {
+                let (h, _) = c
+                    .accept()
+                    .map_err(|e| CriuError::io("accepting the post-dump hook", e))?;
+                *hook = Some(h);
+                hook_pending = true;
+            }
+        }
+        if sock_ready {
+            match read_message::<RequestEntry>(&mut sock)? {
+                None => sock_open = false,
+                Some(req) => {
+                    let name = req.filename;
+                    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                        return Err(CriuError::Protocol(format!("bad image name {name:?}")));
+                    }
+                    let fd = socket::recv_fd(&sock)?;
+                    report.pipe_size = report
+                        .pipe_size
+                        .min(socket::enlarge_pipe(&fd, opts.pipe_size));
+                    if !started && name != "cpuinfo.img" {
+                        started = true;
+                        on_event(CaptureEvent::CheckpointStart);
+                    }
+                    if report.image_names.contains(&name) {
+                        return Err(CriuError::Protocol(format!(
+                            "CRIU wrote image {name} twice"
+                        )));
+                    }
+                    let id = writer.add_entry(streamed_entry(crate::image_path(&name)))?;
+                    report.images += 1;
+                    report.image_names.push(name.clone());
+                    streams.push(Stream::new(fd, id, name, chunk)?);
+                }
+            }
+        }
+    }
+}

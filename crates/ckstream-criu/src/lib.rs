@@ -1,0 +1,32 @@
+//! The CRIU side of ckstream: CRIU's image-streamer protocol and running CRIU.
+//!
+//! With `criu dump --stream` CRIU connects to `DIR/streamer-capture.sock` and, for each
+//! image file, sends a request (u32 little-endian length + protobuf
+//! `img_streamer_request_entry{filename}`) followed by the read end of a pipe
+//! (SCM_RIGHTS). [`capture`] reads those pipes into an archive writer. With
+//! `criu restore --stream` CRIU connects to `DIR/streamer-serve.sock`, asks for files
+//! in any order, and gets `img_streamer_reply_entry{exists}` plus, when the file
+//! exists, sends the write end of a pipe that [`serve`] fills from the archive —
+//! concurrently, in any order, as many times as CRIU asks, never buffering the image.
+
+pub mod capture;
+pub mod error;
+pub mod proto;
+pub mod run;
+pub mod serve;
+pub mod socket;
+
+pub use error::{CriuError, Result};
+
+/// Archive directory under which CRIU image files are stored.
+pub const IMAGES_PREFIX: &str = "criu";
+
+/// Archive path of CRIU image file `name`.
+pub fn image_path(name: &str) -> Vec<u8> {
+    format!("{IMAGES_PREFIX}/{name}").into_bytes()
+}
+
+/// CRIU image files that are not memory pages: small, needed first on restore.
+pub fn is_metadata_image(name: &str) -> bool {
+    !(name.starts_with("pages-") && name.ends_with(".img"))
+}

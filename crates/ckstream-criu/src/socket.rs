@@ -1,0 +1,232 @@
+//! The UNIX socket CRIU connects to, receiving pipe fds, pipe sizing, timeouts and
+//! SIGINT/SIGTERM handling.
+
+use std::fs;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+use crate::error::{CriuError, Result};
+
+/// Socket name CRIU uses for `dump --stream`.
+pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
+/// Socket name CRIU uses for `restore --stream`.
+pub const SERVE_SOCKET: &str = "streamer-serve.sock";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set a flag instead of killing the process, so a capture
+/// or serve can stop cleanly (archive left uncommitted, children reaped).
+pub fn install_interrupt_handler() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
+    }
+}
+
+/// True once SIGINT or SIGTERM has arrived.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fails with [`CriuError::Interrupted`] once a signal has arrived.
+///
+/// # Errors
+/// [`CriuError::Interrupted`].
+pub fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        Err(CriuError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// Binds `dir/name`, replacing a stale socket file.
+///
+/// # Errors
+/// I/O errors naming the path.
+pub fn bind(dir: &Path, name: &str) -> Result<UnixListener> {
+    fs::create_dir_all(dir).map_err(|e| CriuError::io(format!("creating {}", dir.display()), e))?;
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(CriuError::io(
+                format!("removing stale {}", path.display()),
+                e,
+            ))
+        }
+    }
+    UnixListener::bind(&path).map_err(|e| CriuError::io(format!("binding {}", path.display()), e))
+}
+
+/// Waits until `fd` is readable, up to `timeout`, checking for signals.
+///
+/// # Errors
+/// [`CriuError::Timeout`] naming `what`, [`CriuError::Interrupted`], poll errors.
+pub fn wait_readable(fd: impl AsFd, timeout: Duration, what: &str) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_interrupted()?;
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let slice = rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 100_000_000,
+        };
+        match poll(&mut fds, Some(&slice)) {
+            Ok(0) => {}
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(CriuError::io(format!("waiting for {what}"), e)),
+        }
+        if Instant::now() >= deadline {
+            return Err(CriuError::Timeout(format!(
+                "{what} (after {}s)",
+                timeout.as_secs()
+            )));
+        }
+    }
+}
+
+/// Accepts one connection within `timeout`.
+///
+/// # Errors
+/// [`CriuError::Timeout`] when CRIU never connects; I/O errors.
+pub fn accept(listener: &UnixListener, timeout: Duration) -> Result<UnixStream> {
+    wait_readable(listener, timeout, "CRIU to connect to the streamer socket")?;
+    let (s, _) = listener
+        .accept()
+        .map_err(|e| CriuError::io("accepting CRIU's connection", e))?;
+    Ok(s)
+}
+
+/// Accepts one connection within `timeout`, calling `watch` every 200 ms so a CRIU
+/// that exits before connecting is noticed at once.
+///
+/// # Errors
+/// [`CriuError::Timeout`], the error of `watch`, I/O errors.
+pub fn accept_watched<W: FnMut() -> Result<()> + ?Sized>(
+    listener: &UnixListener,
+    timeout: Duration,
+    watch: &mut Option<Box<W>>,
+) -> Result<UnixStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match wait_readable(listener, Duration::from_millis(200), "CRIU to connect") {
+            Ok(()) => break,
+            Err(CriuError::Timeout(_)) => {
+                if let Some(w) = watch.as_mut() {
+                    w()?;
+                }
+                if Instant::now() >= deadline {
+                    return Err(CriuError::Timeout(format!(
+                        "CRIU did not connect to the streamer socket within {}s",
+                        timeout.as_secs()
+                    )));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let (s, _) = listener
+        .accept()
+        .map_err(|e| CriuError::io("accepting CRIU's connection", e))?;
+    Ok(s)
+}
+
+/// Receives the one fd CRIU attaches to a 1-byte message.
+///
+/// # Errors
+/// [`CriuError::Protocol`] when no fd arrives.
+pub fn recv_fd(stream: &UnixStream) -> Result<OwnedFd> {
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let msg = loop {
+        match recvmsg(
+            stream,
+            &mut [io::IoSliceMut::new(&mut byte)],
+            &mut cmsg,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => break r.map_err(|e| CriuError::io("receiving a pipe from CRIU", e))?,
+        }
+    };
+    if msg.bytes == 0 {
+        return Err(CriuError::Protocol(
+            "CRIU closed the socket instead of sending a pipe".into(),
+        ));
+    }
+    for m in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = m {
+            if let Some(fd) = fds.next() {
+                let st = rustix::fs::fstat(&fd)
+                    .map_err(|e| CriuError::io("inspecting CRIU's pipe", e))?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Fifo {
+                    return Err(CriuError::Protocol(
+                        "CRIU sent an fd that is not a pipe".into(),
+                    ));
+                }
+                return Ok(fd);
+            }
+        }
+    }
+    Err(CriuError::Protocol(
+        "no pipe attached to CRIU's message".into(),
+    ))
+}
+
+static PIPE_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Largest pipe size an unprivileged process may set (`/proc/sys/fs/pipe-max-size`).
+fn pipe_max_size() -> usize {
+    fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20)
+}
+
+/// Enlarges a pipe towards `want` bytes (F_SETPIPE_SZ). Without CAP_SYS_RESOURCE the
+/// kernel caps it at `pipe-max-size`; says so once, on stderr. Returns the size achieved.
+pub fn enlarge_pipe(fd: impl AsFd, want: usize) -> usize {
+    let fd = fd.as_fd();
+    let current = rustix::pipe::fcntl_getpipe_size(fd).unwrap_or(65536);
+    if current >= want {
+        return current;
+    }
+    if let Ok(n) = rustix::pipe::fcntl_setpipe_size(fd, want) {
+        return n;
+    }
+    let cap = pipe_max_size();
+    let got = if cap > current {
+        rustix::pipe::fcntl_setpipe_size(fd, cap).unwrap_or(current)
+    } else {
+        current
+    };
+    if !PIPE_WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "ckstream: warning: pipes limited to {} KiB (wanted {} KiB): no CAP_SYS_RESOURCE and fs.pipe-max-size is {} KiB; raise it for faster streaming",
+            got >> 10,
+            want >> 10,
+            cap >> 10
+        );
+    }
+    got
+}
