@@ -71,7 +71,7 @@ pub fn spawn_dump(cmd: &DumpCommand) -> Result<Child> {
     c.args(cmd.extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(stderr_file(cmd.work_dir, "dump")?);
     c.spawn()
         .map_err(|e| CriuError::io(format!("starting {}", criu_binary().display()), e))
 }
@@ -93,9 +93,17 @@ pub fn spawn_restore(work_dir: &Path, extra_args: &[String]) -> Result<Child> {
         .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(stderr_file(work_dir, "restore")?);
     c.spawn()
         .map_err(|e| CriuError::io(format!("starting {}", criu_binary().display()), e))
+}
+
+/// CRIU prints early errors (before its log is open) on stderr: keep them next to the log.
+fn stderr_file(work_dir: &Path, what: &str) -> Result<Stdio> {
+    let p = work_dir.join(format!("criu-{what}.stderr"));
+    let f = std::fs::File::create(&p)
+        .map_err(|e| CriuError::io(format!("creating {}", p.display()), e))?;
+    Ok(Stdio::from(f))
 }
 
 /// The last `n` error lines of a CRIU log (or its last lines when none is marked Error).
@@ -117,7 +125,12 @@ pub fn log_summary(log: &Path, n: usize) -> String {
 
 /// Describes a CRIU failure with its exit status and the tail of its log.
 pub fn criu_failure(what: &str, status: ExitStatus, log: &Path) -> CriuError {
-    let summary = log_summary(log, 3);
+    let mut summary = log_summary(log, 3);
+    if summary.is_empty() {
+        if let Some(dir) = log.parent() {
+            summary = log_summary(&dir.join(format!("criu-{what}.stderr")), 3);
+        }
+    }
     CriuError::Criu(format!(
         "criu {what} failed ({status}); log {}{}",
         log.display(),

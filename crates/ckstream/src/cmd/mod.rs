@@ -1,9 +1,11 @@
 //! Command-line definition and one module per subcommand.
 
 mod cat;
+mod dump;
 mod info;
 mod ls;
 mod pack;
+mod restore;
 mod unpack;
 mod verify;
 
@@ -38,6 +40,13 @@ pub enum Command {
     Verify(verify::Args),
     /// Show sizes, counts, codecs and shards of an archive.
     Info(info::Args),
+    /// Checkpoint a live process tree with CRIU straight into an archive.
+    Dump(dump::Args),
+    /// Restore a process tree from an archive, streaming images to CRIU.
+    Restore(restore::Args),
+    /// Action script CRIU runs during `ckstream dump` (internal).
+    #[command(name = "__criu-hook", hide = true)]
+    CriuHook,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -48,6 +57,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cat(a) => cat::run(a),
         Command::Verify(a) => verify::run(a, cli.quiet),
         Command::Info(a) => info::run(a),
+        Command::Dump(a) => dump::run(a, cli.quiet),
+        Command::Restore(a) => restore::run(a, cli.quiet),
+        Command::CriuHook => std::process::exit(ckstream_criu::run::hook_client()),
     }
 }
 

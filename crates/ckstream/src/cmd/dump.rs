@@ -1,0 +1,257 @@
+//! `ckstream dump`: checkpoint a live process tree straight into an archive.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use ckstream_criu::capture::{capture, CaptureEvent, CaptureOptions};
+use ckstream_criu::run::{self, DumpCommand, HOOK_SOCKET};
+use ckstream_criu::{socket, CriuError};
+use ckstream_format::{ArchiveWriter, Compression, WriterOptions};
+use ckstream_store::{create_archive, ArchiveTarget};
+
+use crate::output::human_bytes;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Root of the process tree to checkpoint.
+    #[arg(long, short = 't', visible_alias = "tree")]
+    pid: u32,
+    /// Archive to write (`-` for stdout).
+    #[arg(short, long)]
+    output: String,
+    /// Keep the process running after the checkpoint.
+    #[arg(long)]
+    leave_running: bool,
+    /// none, lz4, zstd or zstd:LEVEL.
+    #[arg(short, long, default_value = "zstd:1")]
+    compress: String,
+    /// Number of shard files.
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
+    /// Also store NAME=PATH (or PATH) in the archive.
+    #[arg(long = "include")]
+    include: Vec<OsString>,
+    /// Directory for CRIU's socket and log (default: a new temporary directory, removed on success).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Extra arguments for `criu dump` (after `--`), e.g. `-- --shell-job --tcp-established`.
+    #[arg(last = true)]
+    criu_args: Vec<String>,
+}
+
+/// A work directory that is removed when everything went well and kept (for its logs) otherwise.
+pub struct WorkDir {
+    pub path: PathBuf,
+    remove: bool,
+}
+
+impl WorkDir {
+    pub fn new(given: Option<PathBuf>, prefix: &str) -> Result<Self> {
+        match given {
+            Some(p) => {
+                std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+                Ok(WorkDir {
+                    path: p,
+                    remove: false,
+                })
+            }
+            None => {
+                let base = std::env::temp_dir();
+                for i in 0..1000u32 {
+                    let p = base.join(format!("{prefix}-{}-{i}", std::process::id()));
+                    if std::fs::create_dir(&p).is_ok() {
+                        return Ok(WorkDir {
+                            path: p,
+                            remove: true,
+                        });
+                    }
+                }
+                bail!("cannot create a work directory in {}", base.display())
+            }
+        }
+    }
+
+    /// Keeps the directory (its CRIU log explains a failure).
+    pub fn keep(&mut self) {
+        self.remove = false;
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Writes the action script CRIU runs (CRIU execs it directly, without a shell) into
+/// the work directory: it calls back into this binary's post-dump hook.
+fn write_hook_script(dir: &std::path::Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe =
+        std::env::current_exe().context("locating the ckstream binary for CRIU's action script")?;
+    let exe = exe.to_string_lossy();
+    if exe.contains('\'') {
+        bail!("the path of the ckstream binary contains a quote: {exe}");
+    }
+    let path = dir.join("ckstream-action-script");
+    std::fs::write(&path, format!("#!/bin/sh\nexec '{exe}' __criu-hook\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// Watches the CRIU child: an early non-zero exit aborts the capture.
+fn watch_child(
+    child: Arc<Mutex<Child>>,
+    log: PathBuf,
+) -> Box<dyn FnMut() -> ckstream_criu::Result<()> + Send> {
+    Box::new(move || {
+        let mut c = child.lock().unwrap();
+        match c.try_wait() {
+            Ok(Some(status)) if !status.success() => Err(run::criu_failure("dump", status, &log)),
+            _ => Ok(()),
+        }
+    })
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    let compression: Compression = args.compress.parse()?;
+    let target = ArchiveTarget::parse(&args.output);
+    if args.json && matches!(target, ArchiveTarget::Stdout) {
+        bail!("--json cannot be used when the archive goes to stdout");
+    }
+    socket::install_interrupt_handler();
+    let started = Instant::now();
+    let mut work = WorkDir::new(args.work_dir.clone(), "ckstream-dump")?;
+    let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
+    let control = socket::bind(&work.path, HOOK_SOCKET)?;
+    let inputs = args
+        .include
+        .iter()
+        .map(|a| ckstream_fs::parse_input(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let plan = ckstream_fs::plan_inputs(&inputs)?;
+    let ckstream_store::NewArchive { sinks, pending } = create_archive(&target, args.shards)?;
+    let opts = WriterOptions {
+        compression,
+        threads: super::default_threads(),
+        ..Default::default()
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut writer = ArchiveWriter::new(sinks, opts, ckstream_store::new_archive_id(), now)?;
+    writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
+    writer.add_meta("ckstream.command", "dump");
+    writer.add_meta("criu.pid", args.pid.to_string());
+    if let Some(v) = run::criu_version() {
+        writer.add_meta("criu.version", v);
+    }
+    let log = work.path.join("dump.log");
+    let result = (|| -> Result<(ckstream_criu::capture::CaptureReport, Instant)> {
+        ckstream_fs::pack_inputs(&mut writer, plan)?;
+        let child = run::spawn_dump(&DumpCommand {
+            pid: args.pid,
+            work_dir: &work.path,
+            leave_running: args.leave_running,
+            hook: Some(write_hook_script(&work.path)?),
+            extra_args: &args.criu_args,
+        })?;
+        let child = Arc::new(Mutex::new(child));
+        let mut frozen_at = Instant::now();
+        let opts = CaptureOptions {
+            watch: Some(watch_child(child.clone(), log.clone())),
+            ..Default::default()
+        };
+        let captured = capture(&listener, &mut writer, opts, Some(&control), &mut |e| {
+            if e == CaptureEvent::CheckpointStart {
+                frozen_at = Instant::now();
+            }
+        });
+        // Whatever happened, let CRIU finish on its own: on our failure it sees broken
+        // pipes or a failing hook and resumes the process rather than killing it.
+        drop(listener);
+        let status = {
+            let mut c = child.lock().unwrap();
+            run::wait_with_timeout(&mut c, std::time::Duration::from_secs(600))
+                .context("waiting for criu")?
+        };
+        let report = captured?;
+        if !status.success() {
+            return Err(run::criu_failure("dump", status, &log).into());
+        }
+        Ok((report, frozen_at))
+    })();
+    let (report, frozen_at) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            writer.abort();
+            if let Some(p) = pending {
+                p.discard();
+            }
+            work.keep();
+            let hint = if e
+                .downcast_ref::<CriuError>()
+                .is_some_and(|c| matches!(c, CriuError::Interrupted))
+            {
+                "interrupted"
+            } else {
+                "checkpoint failed"
+            };
+            return Err(e.context(format!(
+                "{hint}; no archive was written (CRIU work dir kept: {})",
+                work.path.display()
+            )));
+        }
+    };
+    let downtime = frozen_at.elapsed();
+    let summary = writer.finish().context("committing the archive")?;
+    if let Some(p) = pending {
+        p.publish()?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let archive_bytes: u64 = summary.shard_sizes.iter().sum();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "archive": args.output,
+                "pid": args.pid,
+                "images": report.images,
+                "image_bytes": report.bytes,
+                "archive_bytes": archive_bytes,
+                "compression": compression.to_string(),
+                "pipe_size": report.pipe_size,
+                "seconds": secs,
+                "seconds_since_freeze": downtime.as_secs_f64(),
+            })
+        );
+    } else if !quiet {
+        eprintln!(
+            "checkpointed pid {} ({} images, {}) into {} ({}, {}) in {:.2}s{}",
+            args.pid,
+            report.images,
+            human_bytes(report.bytes),
+            args.output,
+            human_bytes(archive_bytes),
+            compression,
+            secs,
+            if args.leave_running {
+                ", process left running"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}

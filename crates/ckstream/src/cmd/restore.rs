@@ -1,0 +1,141 @@
+//! `ckstream restore`: restore a process tree by serving an archive to `criu restore --stream`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ckstream_criu::serve::{serve, ServeOptions};
+use ckstream_criu::{is_metadata_image, run, socket, IMAGES_PREFIX};
+use ckstream_format::{ArchiveReader, EntryKind};
+
+use super::dump::WorkDir;
+use crate::output::human_bytes;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Archive written by `ckstream dump` (or `capture`).
+    archive: PathBuf,
+    /// Check every chunk of the archive before CRIU starts (reads it twice).
+    #[arg(long)]
+    verify_first: bool,
+    /// Directory for CRIU's socket and log (default: a temporary directory).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Decoder threads per image file (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Extra arguments for `criu restore` (after `--`), e.g. `-- --shell-job`.
+    #[arg(last = true)]
+    criu_args: Vec<String>,
+}
+
+/// Reads and verifies every CRIU metadata image (everything but pages), so a damaged
+/// archive is refused before CRIU starts. Returns (files, bytes) checked.
+pub fn verify_metadata(reader: &ArchiveReader) -> Result<(u64, u64)> {
+    let prefix = format!("{IMAGES_PREFIX}/");
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut has_inventory = false;
+    for (i, e) in reader.entries().iter().enumerate() {
+        let Some(name) = e.path.strip_prefix(prefix.as_bytes()) else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(name);
+        has_inventory |= name == "inventory.img";
+        if e.entry_kind() == EntryKind::File && is_metadata_image(&name) {
+            for c in reader.chunks_of(i) {
+                bytes += reader.read_chunk(e, c)?.len() as u64;
+            }
+            files += 1;
+        }
+    }
+    if !has_inventory {
+        bail!("the archive holds no CRIU checkpoint ({IMAGES_PREFIX}/inventory.img is missing)");
+    }
+    Ok((files, bytes))
+}
+
+pub fn run(args: Args, quiet: bool) -> Result<()> {
+    socket::install_interrupt_handler();
+    let started = Instant::now();
+    let reader = Arc::new(super::open(&args.archive)?);
+    verify_metadata(&reader)
+        .with_context(|| format!("refusing to restore from {}", args.archive.display()))?;
+    if args.verify_first {
+        reader
+            .verify(super::default_threads(), &|_| {})
+            .with_context(|| format!("refusing to restore from {}", args.archive.display()))?;
+    }
+    let mut work = WorkDir::new(args.work_dir.clone(), "ckstream-restore")?;
+    let listener = socket::bind(&work.path, socket::SERVE_SOCKET)?;
+    let log = work.path.join("restore.log");
+    let child = Arc::new(Mutex::new(run::spawn_restore(&work.path, &args.criu_args)?));
+    let watch = {
+        let child = child.clone();
+        let log = log.clone();
+        Box::new(move || -> ckstream_criu::Result<()> {
+            match child.lock().unwrap().try_wait() {
+                Ok(Some(status)) if !status.success() => {
+                    Err(run::criu_failure("restore", status, &log))
+                }
+                _ => Ok(()),
+            }
+        })
+    };
+    let opts = ServeOptions {
+        decoders: args.threads.unwrap_or_else(super::default_threads),
+        watch: Some(watch),
+        ..Default::default()
+    };
+    let served = serve(&listener, reader.clone(), opts);
+    drop(listener);
+    let status = {
+        let mut c = child.lock().unwrap();
+        if served.is_err() {
+            // CRIU may be blocked reading a pipe we could not fill; it must not go on.
+            let _ = c.kill();
+        }
+        run::wait_with_timeout(&mut c, std::time::Duration::from_secs(600))
+            .context("waiting for criu")?
+    };
+    let report = match served {
+        Ok(r) => r,
+        Err(e) => {
+            work.keep();
+            return Err(anyhow::Error::new(e).context(format!(
+                "restore failed (CRIU work dir kept: {})",
+                work.path.display()
+            )));
+        }
+    };
+    if !status.success() {
+        work.keep();
+        return Err(run::criu_failure("restore", status, &log).into());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "archive": args.archive,
+                "files_served": report.served,
+                "files_missing": report.missing,
+                "bytes": report.bytes,
+                "seconds": secs,
+            })
+        );
+    } else if !quiet {
+        eprintln!(
+            "restored from {} ({} image files, {} streamed to CRIU) in {:.2}s",
+            args.archive.display(),
+            report.served,
+            human_bytes(report.bytes),
+            secs
+        );
+    }
+    Ok(())
+}
