@@ -64,6 +64,7 @@ if [[ -z ${NO_BUILD:-} ]]; then
 	(cd "$REPO" && cargo build --release -q)
 fi
 [[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
+CK_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$REPO" diff --quiet HEAD -- crates 2>/dev/null || echo +dirty)"
 mkdir -p "$CACHE" "$OUTDIR"
 WORK=$(mktemp -d "$CACHE/work.XXXXXX")
 
@@ -267,7 +268,7 @@ table() {
 {
 	echo "# ckstream pack-bench $STAMP"
 	echo
-	echo "- host: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r); ckstream $("$CKSTREAM" --version | awk '{print $2}') ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?))"
+	echo "- host: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r); ckstream $("$CKSTREAM" --version | awk '{print $2}') (built at $CK_REV)"
 	echo "- dataset: $DATASET — $DS_BYTES bytes ($(echo "scale=2; $DS_BYTES / 1073741824" | bc) GiB) in $DS_FILES regular files ($DS_ALL entries incl. dirs/symlinks)"
 	awk '{ split($2, b, "="); split($6, z, "="); printf "  - %s: %s, %s, %s, %s; tar|zstd -1 ratio %.2f\n", $1, $2, $3, $4, $5, b[2] / z[2] }' "$CACHE/dataset.info"
 	echo "- caches: $CACHE_NOTE"

@@ -1,0 +1,435 @@
+//! Real CRIU, real processes: a test program fills memory with pseudo-random data and
+//! keeps a checksum; it is checkpointed with `ckstream dump`, must be gone, is restored
+//! with `ckstream restore`, and must then still beat and re-verify its memory (parent
+//! and children, which talk over pipes and keep a log file open). Also faults: CRIU
+//! failing or killed mid-dump, truncated and corrupted archives. Root and CRIU ≥ 4 are
+//! required (CI installs CRIU with scripts/install-criu.sh).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn criu_available(test: &str) -> bool {
+    if !need_root(test) {
+        return false;
+    }
+    let criu = ckstream_criu_binary();
+    let ok = Command::new(&criu)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !privileged_required(),
+            "{test}: criu not found ({}); scripts/install-criu.sh installs it",
+            criu.display()
+        );
+        eprintln!("skipping {test}: no criu");
+    }
+    ok
+}
+
+fn ckstream_criu_binary() -> PathBuf {
+    let local = Path::new("/usr/local/sbin/criu");
+    if local.exists() {
+        local.to_path_buf()
+    } else {
+        PathBuf::from("criu")
+    }
+}
+
+/// Compiles tests/progs/memtest.c once per test binary.
+fn memtest_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/progs/memtest.c");
+        let out = std::env::temp_dir().join(format!("ckstream-memtest-{}", std::process::id()));
+        let st = Command::new("gcc")
+            .args(["-O2", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("gcc");
+        assert!(st.success(), "compiling memtest failed");
+        out
+    })
+}
+
+/// A running memtest process tree, killed on drop.
+struct Memtest {
+    dir: tempfile::TempDir,
+    pid: u32,
+}
+
+fn read_trim(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// PIDs of every process in session `sid` (the memtest tree).
+fn session_members(sid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split(' ').collect();
+        if fields.get(3).and_then(|s| s.parse::<u32>().ok()) == Some(sid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+impl Memtest {
+    fn start(mib: u32, children: u32) -> Memtest {
+        let dir = tempfile::Builder::new()
+            .prefix("ckstream-memtest-")
+            .tempdir()
+            .unwrap();
+        let hb = dir.path().join("hb");
+        // -f: always fork, so the tree runs in its own session and we do not wait for it.
+        Command::new("setsid")
+            .arg("-f")
+            .arg(memtest_binary())
+            .arg(mib.to_string())
+            .arg(&hb)
+            .arg(children.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+            .wait()
+            .unwrap();
+        wait_for("memtest to start", Duration::from_secs(60), || {
+            read_trim(&hb).is_some_and(|s| !s.is_empty())
+        });
+        let pid = read_trim(&dir.path().join("hb.pid"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        Memtest { dir, pid }
+    }
+
+    fn heartbeat(&self) -> u64 {
+        read_trim(&self.dir.path().join("hb"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn assert_beating(&self) {
+        let before = self.heartbeat();
+        wait_for("the heartbeat to advance", Duration::from_secs(10), || {
+            self.heartbeat() > before + 2
+        });
+    }
+
+    /// Asks the tree to re-checksum all its memory and checks the answer.
+    fn assert_memory_intact(&self, children: u32) {
+        let verify = self.dir.path().join("hb.verify");
+        let _ = std::fs::remove_file(&verify);
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.pid as i32).unwrap(),
+            rustix::process::Signal::USR1,
+        )
+        .unwrap();
+        wait_for("memory verification", Duration::from_secs(30), || {
+            verify.exists()
+        });
+        let text = std::fs::read_to_string(&verify).unwrap();
+        assert_eq!(
+            text.lines().next(),
+            Some("verify=ok"),
+            "memory check failed: {text}"
+        );
+        assert!(
+            text.contains(&format!("children_ok={children}/{children}")),
+            "children check failed: {text}"
+        );
+    }
+
+    fn wait_gone(&self) {
+        wait_for(
+            "the checkpointed tree to exit",
+            Duration::from_secs(20),
+            || session_members(self.pid).is_empty(),
+        );
+    }
+
+    fn alive(&self) -> bool {
+        !session_members(self.pid).is_empty()
+    }
+}
+
+impl Drop for Memtest {
+    fn drop(&mut self) {
+        for pid in session_members(self.pid) {
+            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+fn dump_args(
+    pid: u32,
+    archive: &Path,
+    codec: &str,
+    shards: u32,
+    extra: &[&str],
+) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec![
+        "dump".into(),
+        "-q".into(),
+        "--pid".into(),
+        pid.to_string().into(),
+        "-o".into(),
+        archive.into(),
+        "-c".into(),
+        codec.into(),
+        "--shards".into(),
+        shards.to_string().into(),
+    ];
+    v.extend(extra.iter().map(|s| s.into()));
+    v
+}
+
+fn dump_restore_cycle(codec: &str, shards: u32) {
+    if !criu_available("dump_restore_cycle") {
+        return;
+    }
+    let children = 2;
+    let m = Memtest::start(48, children);
+    m.assert_beating();
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("ckpt.cka");
+    ck_ok(&dump_args(m.pid, &archive, codec, shards, &[]));
+    m.wait_gone();
+    ck_ok(&["verify".as_ref(), archive.as_os_str()] as &[&OsStr]);
+    let listing =
+        String::from_utf8(ck_ok(&["ls".as_ref(), archive.as_os_str()] as &[&OsStr]).stdout)
+            .unwrap();
+    assert!(
+        listing.lines().any(|l| l == "criu/inventory.img"),
+        "{listing}"
+    );
+    assert!(
+        listing.lines().any(|l| l.starts_with("criu/pages-")),
+        "{listing}"
+    );
+    ck_ok(&["restore".as_ref(), "-q".as_ref(), archive.as_os_str()] as &[&OsStr]);
+    m.assert_beating();
+    m.assert_memory_intact(children);
+}
+
+#[test]
+fn dump_restore_raw_1_shard() {
+    dump_restore_cycle("none", 1);
+}
+
+#[test]
+fn dump_restore_raw_3_shards() {
+    dump_restore_cycle("none", 3);
+}
+
+#[test]
+fn dump_restore_lz4_1_shard() {
+    dump_restore_cycle("lz4", 1);
+}
+
+#[test]
+fn dump_restore_lz4_3_shards() {
+    dump_restore_cycle("lz4", 3);
+}
+
+#[test]
+fn dump_restore_zstd_1_shard() {
+    dump_restore_cycle("zstd", 1);
+}
+
+#[test]
+fn dump_restore_zstd_3_shards() {
+    dump_restore_cycle("zstd", 3);
+}
+
+#[test]
+fn leave_running_keeps_the_process_and_the_archive_restores_later() {
+    if !criu_available("leave_running") {
+        return;
+    }
+    let m = Memtest::start(32, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("ckpt.cka");
+    let extra = tmp.path().join("note.txt");
+    std::fs::write(&extra, b"included next to the images").unwrap();
+    let include = format!("notes/note.txt={}", extra.display());
+    ck_ok(&dump_args(
+        m.pid,
+        &archive,
+        "zstd",
+        1,
+        &["--leave-running", "--include", &include],
+    ));
+    m.assert_beating();
+    m.assert_memory_intact(1);
+    let cat = ck_ok(&[
+        "cat".as_ref(),
+        archive.as_os_str(),
+        "notes/note.txt".as_ref(),
+    ] as &[&OsStr]);
+    assert_eq!(cat.stdout, b"included next to the images");
+    // Now replace the running tree with the checkpointed one.
+    for pid in session_members(m.pid) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+    }
+    m.wait_gone();
+    ck_ok(&["restore".as_ref(), "-q".as_ref(), archive.as_os_str()] as &[&OsStr]);
+    m.assert_beating();
+    m.assert_memory_intact(1);
+}
+
+#[test]
+fn failed_or_killed_criu_leaves_no_archive_and_the_process_running() {
+    if !criu_available("criu_faults") {
+        return;
+    }
+    let m = Memtest::start(32, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    // CRIU_FAULT=3 fails the page dump; CRIU_FAULT=1 makes CRIU SIGKILL itself.
+    for fault in ["3", "1"] {
+        let archive = tmp.path().join(format!("fault-{fault}.cka"));
+        let out = Command::new(bin())
+            .args(dump_args(m.pid, &archive, "zstd", 2, &[]))
+            .env("CRIU_FAULT", fault)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "fault {fault}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("criu dump failed"),
+            "fault {fault}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !archive.exists() && !ckstream_store::shard_path(&archive, 1).exists(),
+            "fault {fault}: an archive was left behind"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
+        assert!(
+            leftovers.is_empty(),
+            "fault {fault}: files left: {leftovers:?}"
+        );
+        assert!(m.alive(), "fault {fault}: the process died");
+        m.assert_beating();
+        m.assert_memory_intact(1);
+    }
+}
+
+#[test]
+fn damaged_archives_are_refused_before_criu_runs() {
+    if !criu_available("damaged_archives") {
+        return;
+    }
+    let m = Memtest::start(32, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("ckpt.cka");
+    ck_ok(&dump_args(m.pid, &archive, "none", 1, &["--leave-running"]));
+    let bytes = std::fs::read(&archive).unwrap();
+    let reader = ckstream_store::open_archive(&archive).unwrap();
+    let inventory = reader.find(b"criu/inventory.img").unwrap();
+    let inv_chunk = reader.chunks_of(inventory)[0].clone();
+    let pages = reader
+        .entries()
+        .iter()
+        .position(|e| e.path.starts_with(b"criu/pages-"))
+        .unwrap();
+    let page_chunk = reader.chunks_of(pages)[3].clone();
+    drop(reader);
+
+    let work = tmp.path().join("work");
+    let restore = |a: &Path, extra: &[&str]| {
+        let _ = std::fs::remove_dir_all(&work);
+        let mut args: Vec<&OsStr> = vec![
+            "restore".as_ref(),
+            a.as_os_str(),
+            "--work-dir".as_ref(),
+            work.as_os_str(),
+        ];
+        args.extend(extra.iter().map(|s| OsStr::new(*s)));
+        ck(&args)
+    };
+    let criu_ran =
+        || work.join("restore.log").exists() || work.join("criu-restore.stderr").exists();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("no footer", bytes[..bytes.len() - 128].to_vec()),
+        ("flipped metadata image", {
+            let mut b = bytes.clone();
+            b[inv_chunk.offset as usize + 5] ^= 1;
+            b
+        }),
+    ];
+    for (what, data) in cases {
+        let a = tmp.path().join("bad.cka");
+        std::fs::write(&a, data).unwrap();
+        let out = restore(&a, &[]);
+        assert_eq!(out.status.code(), Some(3), "{what}: {}", stderr(&out));
+        assert!(!criu_ran(), "{what}: CRIU was started");
+    }
+    // Damage inside memory pages: --verify-first refuses before CRIU; a plain restore
+    // stops at the bad chunk (CRIU gets no corrupt byte) and fails.
+    let mut b = bytes.clone();
+    b[page_chunk.offset as usize + 100] ^= 1;
+    let a = tmp.path().join("bad-pages.cka");
+    std::fs::write(&a, b).unwrap();
+    let out = restore(&a, &["--verify-first"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(!criu_ran());
+    // The original process (left running) is untouched by all of this.
+    m.assert_beating();
+    m.assert_memory_intact(0);
+    for pid in session_members(m.pid) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+    }
+    m.wait_gone();
+    let out = restore(&a, &[]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("digest mismatch"), "{}", stderr(&out));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !m.alive(),
+        "a restore from a corrupt archive left a running process"
+    );
+}
