@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CKSTREAM_BIN := $(CURDIR)/target/release/ckstream
 
-.PHONY: demo test deps build unit-and-integration fuzz-smoke lint bench clean
+.PHONY: demo test deps build unit-and-integration fuzz-smoke lint bench install clean
 
 ## Install what is needed, build, pack and unpack a sample, print what happened.
 demo: deps build
@@ -31,6 +31,13 @@ fuzz-smoke:
 
 bench:
 	bench/pack-bench.sh
+	bench/criu-bench.sh
+
+## Install to $(PREFIX)/bin, with criu-image-streamer as a drop-in alias.
+PREFIX ?= /usr/local
+install: build
+	install -D -m 0755 target/release/ckstream $(PREFIX)/bin/ckstream
+	ln -sf ckstream $(PREFIX)/bin/criu-image-streamer
 
 clean:
 	$(CARGO) clean

@@ -116,3 +116,23 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
     }
 }
+
+/// CPU seconds (user + system) and peak RSS in KiB of this process (`self`) and of its
+/// waited-for children, for `--json` reports.
+pub fn rusage_json() -> serde_json::Value {
+    fn get(who: libc::c_int) -> (f64, i64) {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut u) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        (secs(u.ru_utime) + secs(u.ru_stime), u.ru_maxrss)
+    }
+    let (self_cpu, self_rss) = get(libc::RUSAGE_SELF);
+    let (child_cpu, child_rss) = get(libc::RUSAGE_CHILDREN);
+    serde_json::json!({
+        "self_cpu_seconds": self_cpu,
+        "self_max_rss_kib": self_rss,
+        "children_cpu_seconds": child_cpu,
+        "children_max_rss_kib": child_rss,
+    })
+}

@@ -433,3 +433,26 @@ fn damaged_archives_are_refused_before_criu_runs() {
         "a restore from a corrupt archive left a running process"
     );
 }
+
+#[test]
+fn criu_image_streamer_readme_pipelines_work_with_ckstream() {
+    if !criu_available("streamer_readme_pipelines") {
+        return;
+    }
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/compat/streamer-readme.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("CKSTREAM", bin())
+        .env("MEMTEST", memtest_binary())
+        .env("CRIU", ckstream_criu_binary())
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("all passed"), "{all}");
+}

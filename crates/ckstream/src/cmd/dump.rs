@@ -234,6 +234,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 "pipe_size": report.pipe_size,
                 "seconds": secs,
                 "seconds_since_freeze": downtime.as_secs_f64(),
+                "rusage": crate::output::rusage_json(),
             })
         );
     } else if !quiet {

@@ -6,6 +6,7 @@ mod info;
 mod ls;
 mod pack;
 mod restore;
+mod streamer;
 mod unpack;
 mod verify;
 
@@ -21,6 +22,9 @@ pub struct Cli {
     /// No progress bars or summaries on stderr.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+
+    #[command(flatten)]
+    pub streamer: streamer::StreamerOpts,
 
     #[command(subcommand)]
     pub command: Command,
@@ -44,6 +48,12 @@ pub enum Command {
     Dump(dump::Args),
     /// Restore a process tree from an archive, streaming images to CRIU.
     Restore(restore::Args),
+    /// criu-image-streamer compatible: capture CRIU's image stream into an archive on the shard fds.
+    Capture(streamer::CaptureArgs),
+    /// criu-image-streamer compatible: serve an archive from the shard fds to `criu restore --stream`.
+    Serve,
+    /// criu-image-streamer compatible: extract an archive from the shard fds into --images-dir.
+    Extract,
     /// Action script CRIU runs during `ckstream dump` (internal).
     #[command(name = "__criu-hook", hide = true)]
     CriuHook,
@@ -59,6 +69,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Dump(a) => dump::run(a, cli.quiet),
         Command::Restore(a) => restore::run(a, cli.quiet),
+        Command::Capture(a) => streamer::capture_cmd(&cli.streamer, a),
+        Command::Serve => streamer::serve_cmd(&cli.streamer),
+        Command::Extract => streamer::extract_cmd(&cli.streamer),
         Command::CriuHook => std::process::exit(ckstream_criu::run::hook_client()),
     }
 }

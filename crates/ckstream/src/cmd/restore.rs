@@ -126,6 +126,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 "files_missing": report.missing,
                 "bytes": report.bytes,
                 "seconds": secs,
+                "rusage": crate::output::rusage_json(),
             })
         );
     } else if !quiet {

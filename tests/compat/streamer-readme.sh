@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# criu-image-streamer's README pipelines, run with ckstream installed under the name
+# criu-image-streamer. Needs root, criu, a memtest binary ($MEMTEST) and ckstream ($CKSTREAM).
+# Exits non-zero with a message on the first failure.
+set -euo pipefail
+: "${CKSTREAM:?}" "${MEMTEST:?}"
+work=$(mktemp -d /tmp/ckstream-compat.XXXXXX)
+pid=
+cleanup() {
+  if [[ -n $pid ]]; then pkill -KILL -s "$pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+mkdir -p "$work/bin" "$work/images" "$work/scratch/app"
+ln -s "$CKSTREAM" "$work/bin/criu-image-streamer"
+export PATH="$work/bin:$PATH"
+criu=${CRIU:-criu}
+
+criu-image-streamer --version >/dev/null || fail "--version"
+
+start_app() {
+  setsid -f "$MEMTEST" 32 "$work/hb" 1 </dev/null >/dev/null 2>&1
+  for _ in $(seq 200); do [[ -s $work/hb ]] && break; sleep 0.05; done
+  pid=$(cat "$work/hb.pid")
+}
+wait_gone() { for _ in $(seq 200); do pgrep -s "$pid" >/dev/null || return 0; sleep 0.05; done; fail "tree did not exit"; }
+wait_line() { # file line
+  for _ in $(seq 400); do grep -qx "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
+  fail "no '$2' in $1: $(cat "$1" 2>/dev/null)"
+}
+check_alive_and_intact() {
+  local c; c=$(cat "$work/hb"); sleep 0.5
+  (( $(cat "$work/hb") > c )) || fail "heartbeat stopped"
+  rm -f "$work/hb.verify"; kill -USR1 "$pid"
+  for _ in $(seq 200); do [[ -s $work/hb.verify ]] && break; sleep 0.05; done
+  [[ $(head -n1 "$work/hb.verify") == verify=ok ]] || fail "memory check: $(cat "$work/hb.verify")"
+}
+
+# Example 1 (without lz4): capture into a pipe, restore from a pipe; plus an external
+# file (example 4) woven in from tar and extracted by tar on restore.
+start_app
+echo "app data to preserve" > "$work/scratch/app/data"
+exec 20< <(tar -C "$work/scratch" -cf - app)
+criu-image-streamer --images-dir "$work/images" --ext-file-fds fs.tar:20 --progress-fd 3 capture 3>"$work/capture.progress" | cat > "$work/img.cka" &
+capture_pid=$!
+exec 20<&-
+wait_line "$work/capture.progress" socket-init
+"$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log || fail "criu dump"
+wait "$capture_pid" || fail "capture exited non-zero"
+mapfile -t lines <"$work/capture.progress"
+[[ ${lines[0]} == socket-init && ${lines[1]} == checkpoint-start && ${lines[2]} == '{"shards":'* ]] || fail "capture progress: ${lines[*]}"
+wait_gone
+"$CKSTREAM" verify "$work/img.cka" >/dev/null || fail "captured archive does not verify"
+
+rm -rf "$work/scratch/app"
+exec 20> >(tar -C "$work/scratch" -xf -)
+cat "$work/img.cka" | criu-image-streamer --images-dir "$work/images" --ext-file-fds fs.tar:20 --progress-fd 3 serve 3>"$work/serve.progress" &
+serve_pid=$!
+exec 20>&-
+wait_line "$work/serve.progress" socket-init
+mapfile -t lines <"$work/serve.progress"
+[[ ${lines[0]} == '{"shards":'* && ${lines[1]} == socket-init ]] || fail "serve progress order: ${lines[*]}"
+"$criu" restore --images-dir "$work/images" --stream -d -o restore.log || fail "criu restore"
+wait "$serve_pid" || fail "serve exited non-zero"
+check_alive_and_intact
+for _ in $(seq 100); do [[ -f $work/scratch/app/data ]] && break; sleep 0.05; done
+[[ $(cat "$work/scratch/app/data") == "app data to preserve" ]] || fail "external file not restored"
+
+# Example 3: several shard fds.
+pkill -KILL -s "$pid"; wait_gone
+start_app
+# One exec per fd: several redirections in one exec lose fds in bash.
+exec 10>"$work/s0"
+exec 11>"$work/s1"
+exec 12>"$work/s2"
+criu-image-streamer --images-dir "$work/images" --shard-fds 10,11,12 --progress-fd 3 capture 3>"$work/c3.progress" &
+capture_pid=$!
+exec 10>&-
+exec 11>&-
+exec 12>&-
+wait_line "$work/c3.progress" socket-init
+"$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log || fail "criu dump (3 shards)"
+wait "$capture_pid" || fail "3-shard capture exited non-zero"
+wait_gone
+exec 10< <(cat "$work/s0")
+exec 11< <(cat "$work/s1")
+exec 12< <(cat "$work/s2")
+criu-image-streamer --shard-fds 10,11,12 --images-dir "$work/images" --progress-fd 3 serve 3>"$work/s3.progress" &
+serve_pid=$!
+exec 10<&-
+exec 11<&-
+exec 12<&-
+wait_line "$work/s3.progress" socket-init
+"$criu" restore --images-dir "$work/images" --stream -d -o restore.log || fail "criu restore (3 shards)"
+wait "$serve_pid" || fail "3-shard serve exited non-zero"
+check_alive_and_intact
+
+# Example 2: extract to a directory; the result is a plain CRIU image directory.
+mkdir -p "$work/extracted"
+cat "$work/img.cka" | criu-image-streamer --images-dir "$work/extracted" extract 2>/dev/null || fail "extract"
+[[ -s $work/extracted/inventory.img && -n $(ls "$work/extracted"/pages-*.img) ]] || fail "extract wrote no images"
+cmp <("$CKSTREAM" cat "$work/img.cka" criu/inventory.img) "$work/extracted/inventory.img" || fail "extracted inventory differs"
+
+# A dump CRIU does not finish is never committed: capture fails, the stream has no footer.
+criu-image-streamer --images-dir "$work/images" capture 2>/dev/null >"$work/failed.cka" &
+capture_pid=$!
+sleep 0.3
+CRIU_FAULT=3 "$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log 2>/dev/null && fail "CRIU_FAULT dump succeeded"
+if wait "$capture_pid"; then fail "capture exited 0 after a failed dump"; fi
+if "$CKSTREAM" verify "$work/failed.cka" 2>/dev/null; then fail "failed capture verifies"; fi
+check_alive_and_intact
+echo "criu-image-streamer README pipelines: all passed"
