@@ -102,21 +102,6 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats() {
-        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
-        assert_eq!(utc_time(1_700_000_000_123_000_000), "2023-11-14 22:13:20");
-        assert_eq!(mode_string('d', 0o755), "drwxr-xr-x");
-        assert_eq!(mode_string('-', 0o4755), "-rwsr-xr-x");
-        assert_eq!(mode_string('d', 0o1777), "drwxrwxrwt");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-    }
-}
-
 /// CPU seconds (user + system) and peak RSS in KiB of this process (`self`) and of its
 /// waited-for children, for `--json` reports.
 pub fn rusage_json() -> serde_json::Value {
@@ -135,4 +120,19 @@ pub fn rusage_json() -> serde_json::Value {
         "children_cpu_seconds": child_cpu,
         "children_max_rss_kib": child_rss,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(1_700_000_000_123_000_000), "2023-11-14 22:13:20");
+        assert_eq!(mode_string('d', 0o755), "drwxr-xr-x");
+        assert_eq!(mode_string('-', 0o4755), "-rwsr-xr-x");
+        assert_eq!(mode_string('d', 0o1777), "drwxrwxrwt");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+    }
 }
