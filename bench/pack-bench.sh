@@ -116,12 +116,14 @@ DS_ALL=$(find "$DATASET" -mindepth 1 | wc -l)
 DS_DU=$(du -sb "$DATASET" | cut -f1)
 
 # ---------------------------------------------------------------- cache policy
-if (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then
+# CACHE_MODE=warm forces warm reads even where caches could be dropped (the usual case
+# right after CRIU wrote its images or a container wrote its files).
+if [[ ${CACHE_MODE:-auto} != warm ]] && (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then
 	CACHE_MODE=drop
 	CACHE_NOTE="page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every timed step: cold reads"
 else
 	CACHE_MODE=warm
-	CACHE_NOTE="/proc/sys/vm/drop_caches not writable: full warm-up read of inputs before every timed step: warm reads for every tool"
+	CACHE_NOTE="warm caches: full warm-up read of inputs before every timed step, for every tool"
 fi
 log "$CACHE_NOTE"
 
