@@ -134,6 +134,24 @@ pub fn stream_entry(
     })
 }
 
+/// Streams entry `i` into `fd` on a new thread; its error, if any, goes to `first_error`.
+fn spawn_transfer(
+    reader: &Arc<ArchiveReader>,
+    i: usize,
+    fd: OwnedFd,
+    decoders: usize,
+    bytes: &Arc<AtomicU64>,
+    first_error: &Arc<Mutex<Option<CriuError>>>,
+) -> std::thread::JoinHandle<()> {
+    let (reader, bytes, first_error) = (reader.clone(), bytes.clone(), first_error.clone());
+    std::thread::spawn(move || {
+        let mut out = File::from(fd);
+        if let Err(e) = stream_entry(&reader, i, &mut out, decoders, &bytes) {
+            first_error.lock().unwrap().get_or_insert(e);
+        }
+    })
+}
+
 /// Serves `reader` on an already bound `listener` until CRIU closes the connection.
 /// `on_ready` runs once the socket is listening (for `socket-init`).
 ///
@@ -157,18 +175,14 @@ pub fn serve(
                 "external file {name} is not in the archive"
             )));
         };
-        let (reader, bytes, first_error, decoders) = (
-            reader.clone(),
-            bytes.clone(),
-            first_error.clone(),
+        workers.push(spawn_transfer(
+            &reader,
+            i,
+            fd,
             opts.decoders,
-        );
-        workers.push(std::thread::spawn(move || {
-            let mut out = File::from(fd);
-            if let Err(e) = stream_entry(&reader, i, &mut out, decoders, &bytes) {
-                first_error.lock().unwrap().get_or_insert(e);
-            }
-        }));
+            &bytes,
+            &first_error,
+        ));
     }
     loop {
         check_interrupted()?;
@@ -196,18 +210,14 @@ pub fn serve(
         let fd = socket::recv_fd(&sock)?;
         socket::enlarge_pipe(&fd, opts.pipe_size);
         report.served += 1;
-        let (reader, bytes, first_error, decoders) = (
-            reader.clone(),
-            bytes.clone(),
-            first_error.clone(),
+        workers.push(spawn_transfer(
+            &reader,
+            i,
+            fd,
             opts.decoders,
-        );
-        workers.push(std::thread::spawn(move || {
-            let mut out = File::from(fd);
-            if let Err(e) = stream_entry(&reader, i, &mut out, decoders, &bytes) {
-                first_error.lock().unwrap().get_or_insert(e);
-            }
-        }));
+            &bytes,
+            &first_error,
+        ));
         workers.retain(|w| !w.is_finished());
     }
     for w in workers {

@@ -77,37 +77,7 @@ fn craft(entries: Vec<(Entry, Option<Vec<u8>>)>) -> Vec<u8> {
         }
         index.entries.push(e);
     }
-    let raw = index.encode_to_vec();
-    let stored = zstd::bulk::compress(&raw, 1).unwrap();
-    let h = RecordHeader {
-        kind: RecordKind::Index,
-        codec: CodecId::Zstd,
-        flags: 0,
-        seq: 999,
-        entry_id: 0,
-        file_offset: 0,
-        raw_len: raw.len() as u32,
-        stored_len: stored.len() as u32,
-        pad: 0,
-        digest: *blake3::hash(&raw).as_bytes(),
-    };
-    out.extend_from_slice(&h.encode());
-    let offset = out.len() as u64;
-    out.extend_from_slice(&stored);
-    let footer = Footer {
-        archive_id: [9; 16],
-        shard_index: 0,
-        shard_count: 1,
-        index: Some(IndexLocation {
-            offset,
-            stored_len: stored.len() as u64,
-            raw_len: raw.len() as u64,
-        }),
-        index_digest: *blake3::hash(&raw).as_bytes(),
-        data_end: out.len() as u64,
-        record_count: seq + 1,
-    };
-    out.extend_from_slice(&footer.encode());
+    append_index(&mut out, &index, seq + 1);
     out
 }
 
@@ -351,6 +321,11 @@ fn f_loc(bytes: &[u8]) -> (u64, u64) {
 fn rewrite_index(bytes: &mut Vec<u8>, index: &Index) {
     let (off, _) = f_loc(bytes);
     bytes.truncate(off as usize - RECORD_HEADER_LEN);
+    append_index(bytes, index, 1000);
+}
+
+/// Appends the index record and the footer that commits a crafted one-shard archive.
+fn append_index(bytes: &mut Vec<u8>, index: &Index, record_count: u64) {
     let raw = index.encode_to_vec();
     let stored = zstd::bulk::compress(&raw, 1).unwrap();
     let h = RecordHeader {
@@ -379,7 +354,7 @@ fn rewrite_index(bytes: &mut Vec<u8>, index: &Index) {
         }),
         index_digest: *blake3::hash(&raw).as_bytes(),
         data_end: bytes.len() as u64,
-        record_count: 1000,
+        record_count,
     };
     bytes.extend_from_slice(&footer.encode());
 }

@@ -183,13 +183,20 @@ impl Memtest {
     }
 }
 
-impl Drop for Memtest {
-    fn drop(&mut self) {
+impl Memtest {
+    /// SIGKILLs every process of the tree.
+    fn kill(&self) {
         for pid in session_members(self.pid) {
             if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
                 let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
         }
+    }
+}
+
+impl Drop for Memtest {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -301,12 +308,7 @@ fn leave_running_keeps_the_process_and_the_archive_restores_later() {
     ] as &[&OsStr]);
     assert_eq!(cat.stdout, b"included next to the images");
     // Now replace the running tree with the checkpointed one.
-    for pid in session_members(m.pid) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid as i32).unwrap(),
-            rustix::process::Signal::KILL,
-        );
-    }
+    m.kill();
     m.wait_gone();
     ck_ok(&["restore".as_ref(), "-q".as_ref(), archive.as_os_str()] as &[&OsStr]);
     m.assert_beating();
@@ -417,12 +419,7 @@ fn damaged_archives_are_refused_before_criu_runs() {
     // The original process (left running) is untouched by all of this.
     m.assert_beating();
     m.assert_memory_intact(0);
-    for pid in session_members(m.pid) {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(pid as i32).unwrap(),
-            rustix::process::Signal::KILL,
-        );
-    }
+    m.kill();
     m.wait_gone();
     let out = restore(&a, &[]);
     assert_ne!(out.status.code(), Some(0));
