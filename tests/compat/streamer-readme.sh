@@ -74,14 +74,14 @@ start_app
 exec 10>"$work/s0"
 exec 11>"$work/s1"
 exec 12>"$work/s2"
-criu-image-streamer --images-dir "$work/images" --shard-fds 10,11,12 --progress-fd 3 capture 3>"$work/c3.progress" &
+criu-image-streamer --images-dir "$work/images" --shard-fds 10,11,12 --progress-fd 3 capture 3>"$work/c3.progress" 2>"$work/c3.stderr" &
 capture_pid=$!
 exec 10>&-
 exec 11>&-
 exec 12>&-
 wait_line "$work/c3.progress" socket-init
 "$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log || fail "criu dump (3 shards)"
-wait "$capture_pid" || fail "3-shard capture exited non-zero"
+wait "$capture_pid" || fail "3-shard capture exited non-zero: $(cat "$work/c3.stderr")"
 wait_gone
 exec 10< <(cat "$work/s0")
 exec 11< <(cat "$work/s1")

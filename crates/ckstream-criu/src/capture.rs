@@ -73,8 +73,8 @@ struct Stream {
     fd: OwnedFd,
     id: u64,
     name: String,
+    /// Bytes read so far of the current chunk (capacity = chunk size, never zero-filled).
     buf: Vec<u8>,
-    filled: usize,
     offset: u64,
 }
 
@@ -104,8 +104,7 @@ impl Stream {
             fd,
             id,
             name,
-            buf: vec![0u8; chunk],
-            filled: 0,
+            buf: Vec::with_capacity(chunk),
             offset: 0,
         })
     }
@@ -113,34 +112,32 @@ impl Stream {
     /// Reads what the pipe has. Returns true at EOF (after flushing the last chunk).
     fn pump(&mut self, writer: &mut ArchiveWriter, chunk: usize, bytes: &mut u64) -> Result<bool> {
         loop {
-            match rustix::io::read(&self.fd, &mut self.buf[self.filled..]) {
-                Ok(0) => {
-                    self.flush(writer, chunk)?;
-                    writer.end_entry(self.id, self.offset)?;
-                    return Ok(true);
-                }
-                Ok(n) => {
-                    self.filled += n;
-                    *bytes += n as u64;
-                    if self.filled == self.buf.len() {
-                        self.flush(writer, chunk)?;
-                    }
-                }
+            let got = match rustix::io::read(&self.fd, self.buf.spare_capacity_mut()) {
+                Ok((read, _)) => read.len(),
                 Err(rustix::io::Errno::AGAIN) => return Ok(false),
-                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(CriuError::io(format!("reading image {}", self.name), e)),
+            };
+            if got == 0 {
+                self.flush(writer, chunk)?;
+                writer.end_entry(self.id, self.offset)?;
+                return Ok(true);
+            }
+            // SAFETY: read() initialised `got` bytes of the spare capacity.
+            unsafe { self.buf.set_len(self.buf.len() + got) };
+            *bytes += got as u64;
+            if self.buf.len() == chunk {
+                self.flush(writer, chunk)?;
             }
         }
     }
 
     fn flush(&mut self, writer: &mut ArchiveWriter, chunk: usize) -> Result<()> {
-        if self.filled == 0 {
+        if self.buf.is_empty() {
             return Ok(());
         }
-        let mut data = std::mem::replace(&mut self.buf, vec![0u8; chunk]);
-        data.truncate(self.filled);
-        let n = self.filled as u64;
-        self.filled = 0;
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(chunk));
+        let n = data.len() as u64;
         writer.add_data(self.id, self.offset, data, None)?;
         self.offset += n;
         Ok(())

@@ -60,42 +60,98 @@ pub struct ServeReport {
     pub duration: Duration,
 }
 
-/// Writes entry `index` of `reader` to `out`: chunks decoded by `decoders` threads,
-/// in order, holes as zeros. Returns bytes written. A reader that goes away (EPIPE)
-/// ends the copy early without error.
+/// One chunk ready to go out: decoded bytes, or an uncompressed range of a local shard
+/// file (already verified) to splice into the pipe without copying it through us.
+enum Piece {
+    Bytes(Vec<u8>),
+    Splice { shard: u32, offset: u64, len: usize },
+}
+
+/// Reads and verifies chunk `c`; uncompressed chunks of a local shard are handed back as
+/// a range to splice when `out` is a pipe.
+fn prepare(
+    reader: &ArchiveReader,
+    entry: &ckstream_format::Entry,
+    c: &ckstream_format::Chunk,
+    splice_ok: bool,
+) -> ckstream_format::Result<Piece> {
+    let raw = c.codec_id() == Some(ckstream_format::CodecId::None);
+    if splice_ok && raw && reader.shard(c.shard).as_file().is_some() {
+        let stored = reader.read_stored(c)?;
+        ckstream_format::reader::verify_digest(&stored, &c.digest, || {
+            format!("{:?} at offset {}", entry.path_lossy(), c.file_offset)
+        })?;
+        return Ok(Piece::Splice {
+            shard: c.shard,
+            offset: c.offset,
+            len: c.raw_len as usize,
+        });
+    }
+    reader.read_chunk(entry, c).map(Piece::Bytes)
+}
+
+/// Moves `len` bytes of `src` at `offset` into the pipe `out`. Returns false on EPIPE.
+fn splice_all(src: &File, mut offset: u64, mut len: usize, out: &File) -> io::Result<bool> {
+    while len > 0 {
+        match rustix::pipe::splice(
+            src,
+            Some(&mut offset),
+            out,
+            None,
+            len,
+            rustix::pipe::SpliceFlags::MORE,
+        ) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => len -= n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::PIPE) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Writes entry `index` of `reader` to `out` (a pipe or a file): chunks are read,
+/// verified and decoded by `decoders` threads ahead of the writer, and go out in order,
+/// holes as zeros; verified uncompressed chunks of a local shard are spliced into a pipe.
+/// Returns bytes written. A reader that goes away (EPIPE) ends the copy early without error.
 ///
 /// # Errors
 /// Digest, corruption and I/O errors of the archive; write errors other than EPIPE.
 pub fn stream_entry(
     reader: &ArchiveReader,
     index: usize,
-    out: &mut dyn Write,
+    out: &File,
     decoders: usize,
     counter: &AtomicU64,
 ) -> Result<u64> {
     let entry = &reader.entries()[index];
     let chunks = reader.chunks_of(index);
     let k = decoders.clamp(1, chunks.len().max(1));
+    let splice_ok = out
+        .metadata()
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
     static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
     let mut written = 0u64;
-    let write = |out: &mut dyn Write, data: &[u8], written: &mut u64| -> Result<bool> {
-        match out.write_all(data) {
+    let sent = |n: usize, written: &mut u64| {
+        *written += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    };
+    let err = |e: io::Error| CriuError::io(format!("sending {} to CRIU", entry.path_lossy()), e);
+    let write = |data: &[u8], written: &mut u64| -> Result<bool> {
+        match (&mut &*out).write_all(data) {
             Ok(()) => {
-                *written += data.len() as u64;
-                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+                sent(data.len(), written);
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
-            Err(e) => Err(CriuError::io(
-                format!("sending {} to CRIU", entry.path_lossy()),
-                e,
-            )),
+            Err(e) => Err(err(e)),
         }
     };
-    let write_zeros = |out: &mut dyn Write, mut n: u64, written: &mut u64| -> Result<bool> {
+    let write_zeros = |mut n: u64, written: &mut u64| -> Result<bool> {
         while n > 0 {
             let m = n.min(ZEROS.len() as u64) as usize;
-            if !write(out, &ZEROS[..m], written)? {
+            if !write(&ZEROS[..m], written)? {
                 return Ok(false);
             }
             n -= m as u64;
@@ -105,11 +161,11 @@ pub fn stream_entry(
     std::thread::scope(|s| -> Result<u64> {
         let mut rxs = Vec::new();
         for t in 0..k {
-            let (tx, rx) = bounded::<ckstream_format::Result<Vec<u8>>>(2);
+            let (tx, rx) = bounded::<ckstream_format::Result<Piece>>(2);
             rxs.push(rx);
             s.spawn(move || {
                 for c in chunks.iter().skip(t).step_by(k) {
-                    let r = reader.read_chunk(entry, c);
+                    let r = prepare(reader, entry, c, splice_ok);
                     let stop = r.is_err();
                     if tx.send(r).is_err() || stop {
                         return;
@@ -119,17 +175,29 @@ pub fn stream_entry(
         }
         let mut pos = 0u64;
         for (i, c) in chunks.iter().enumerate() {
-            let data = rxs[i % k]
+            let piece = rxs[i % k]
                 .recv()
                 .map_err(|_| CriuError::Protocol("decoder thread stopped".into()))??;
-            if !write_zeros(out, c.file_offset - pos, &mut written)?
-                || !write(out, &data, &mut written)?
-            {
+            if !write_zeros(c.file_offset - pos, &mut written)? {
+                return Ok(written);
+            }
+            let more = match piece {
+                Piece::Bytes(data) => write(&data, &mut written)?,
+                Piece::Splice { shard, offset, len } => {
+                    let src = reader.shard(shard).as_file().expect("checked in prepare");
+                    let ok = splice_all(src, offset, len, out).map_err(err)?;
+                    if ok {
+                        sent(len, &mut written);
+                    }
+                    ok
+                }
+            };
+            if !more {
                 return Ok(written);
             }
             pos = c.file_end();
         }
-        write_zeros(out, entry.size - pos, &mut written)?;
+        write_zeros(entry.size - pos, &mut written)?;
         Ok(written)
     })
 }
@@ -145,8 +213,8 @@ fn spawn_transfer(
 ) -> std::thread::JoinHandle<()> {
     let (reader, bytes, first_error) = (reader.clone(), bytes.clone(), first_error.clone());
     std::thread::spawn(move || {
-        let mut out = File::from(fd);
-        if let Err(e) = stream_entry(&reader, i, &mut out, decoders, &bytes) {
+        let out = File::from(fd);
+        if let Err(e) = stream_entry(&reader, i, &out, decoders, &bytes) {
             first_error.lock().unwrap().get_or_insert(e);
         }
     })

@@ -152,6 +152,16 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     let started = SystemTime::now();
     let clock = Instant::now();
     let listener = socket::bind(dir, socket::CAPTURE_SOCKET)?;
+    // A stale stats file from an earlier dump must not vouch for this one.
+    match std::fs::remove_file(dir.join("stats-dump")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("removing the stale {}", dir.join("stats-dump").display())
+            })
+        }
+    }
     let now = started
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -180,15 +190,18 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
         return Err(anyhow::Error::new(e).context("capture failed; the archive was not committed"));
     }
     // Without running CRIU ourselves, a successful dump is recognised by the stats file
-    // CRIU writes to the images dir only when it completes.
-    let completed = std::fs::metadata(dir.join("stats-dump"))
-        .and_then(|m| m.modified())
-        .is_ok_and(|t| t >= started);
-    if !completed {
+    // CRIU writes to the images dir only when it completes — just after it closes the
+    // socket, so give it a moment to appear.
+    let stats_file = dir.join("stats-dump");
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !stats_file.exists() && Instant::now() < deadline && !socket::interrupted() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if !stats_file.exists() {
         writer.abort();
         bail!(
             "CRIU did not complete the dump ({} was not written); the archive was not committed",
-            dir.join("stats-dump").display()
+            stats_file.display()
         );
     }
     let summary = writer.finish()?;
@@ -300,18 +313,15 @@ pub fn extract_cmd(o: &StreamerOpts) -> Result<()> {
         let path = dir.join(std::ffi::OsStr::new(
             std::str::from_utf8(name).context("non-UTF-8 image name")?,
         ));
-        let mut out = io::BufWriter::new(
-            File::create(&path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        stream_entry(&reader, i, &mut out, super::default_threads(), &counter)?;
-        out.flush()?;
+        let out = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        stream_entry(&reader, i, &out, super::default_threads(), &counter)?;
     }
     for (name, fd) in ext {
         let i = reader
             .find(name.as_bytes())
             .with_context(|| format!("external file {name} is not in the archive"))?;
-        let mut out = File::from(fd);
-        stream_entry(&reader, i, &mut out, super::default_threads(), &counter)?;
+        let out = File::from(fd);
+        stream_entry(&reader, i, &out, super::default_threads(), &counter)?;
     }
     Ok(())
 }
