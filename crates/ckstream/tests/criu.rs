@@ -424,11 +424,8 @@ fn damaged_archives_are_refused_before_criu_runs() {
     let out = restore(&a, &[]);
     assert_ne!(out.status.code(), Some(0));
     assert!(stderr(&out).contains("digest mismatch"), "{}", stderr(&out));
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        !m.alive(),
-        "a restore from a corrupt archive left a running process"
-    );
+    // Whatever CRIU forked must die (zombies included, once init reaps them).
+    m.wait_gone();
 }
 
 #[test]
