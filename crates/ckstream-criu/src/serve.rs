@@ -76,7 +76,7 @@ fn prepare(
     splice_ok: bool,
 ) -> ckstream_format::Result<Piece> {
     let raw = c.codec_id() == Some(ckstream_format::CodecId::None);
-    if splice_ok && raw && reader.shard(c.shard).as_file().is_some() {
+    if splice_ok && raw && !c.in_shared_frame() && reader.shard(c.shard).as_file().is_some() {
         let stored = reader.read_stored(c)?;
         ckstream_format::reader::verify_digest(&stored, &c.digest, || {
             format!("{:?} at offset {}", entry.path_lossy(), c.file_offset)

@@ -149,6 +149,13 @@ pub struct Chunk {
     /// 0 = this archive; n > 0 = `Index::parents[n - 1]` (incremental checkpoints, reserved).
     #[prost(uint32, tag = "8")]
     pub archive: u32,
+    /// Non-zero for a chunk that shares one compressed frame with other small files: the
+    /// stored payload decodes to this many bytes, of which this chunk is
+    /// `[frame_offset, frame_offset + raw_len)`.
+    #[prost(uint32, tag = "9")]
+    pub frame_raw_len: u32,
+    #[prost(uint32, tag = "10")]
+    pub frame_offset: u32,
 }
 
 impl Chunk {
@@ -158,6 +165,31 @@ impl Chunk {
 
     pub fn file_end(&self) -> u64 {
         self.file_offset + self.raw_len as u64
+    }
+
+    /// True when the chunk is part of a frame shared with other entries.
+    pub fn in_shared_frame(&self) -> bool {
+        self.frame_raw_len != 0
+    }
+
+    /// This chunk's share of the stored bytes: all of them, or for a chunk in a shared
+    /// frame, the frame's stored size in proportion to the chunk's part of it (so sums
+    /// over chunks count every stored byte once).
+    pub fn stored_share(&self) -> u64 {
+        if self.in_shared_frame() {
+            self.stored_len as u64 * self.raw_len as u64 / self.frame_raw_len.max(1) as u64
+        } else {
+            self.stored_len as u64
+        }
+    }
+
+    /// Length of the stored payload once decoded (the whole frame for shared frames).
+    pub fn decoded_len(&self) -> u32 {
+        if self.in_shared_frame() {
+            self.frame_raw_len
+        } else {
+            self.raw_len
+        }
     }
 }
 
@@ -395,13 +427,22 @@ impl Index {
                         c.codec
                     )));
                 };
-                if codec == CodecId::None && c.stored_len != c.raw_len {
+                if c.in_shared_frame()
+                    && (c.frame_raw_len > MAX_CHUNK_RAW
+                        || c.frame_offset as u64 + c.raw_len as u64 > c.frame_raw_len as u64)
+                {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: chunk outside its shared frame"
+                    )));
+                }
+                let decoded = c.decoded_len() as u64;
+                if codec == CodecId::None && c.stored_len as u64 != decoded {
                     return Err(Error::Corrupt(format!(
                         "{name:?}: raw chunk with stored length {}",
                         c.stored_len
                     )));
                 }
-                if c.stored_len as u64 > c.raw_len as u64 + c.raw_len as u64 / 8 + 4096 {
+                if c.stored_len as u64 > decoded + decoded / 8 + 4096 {
                     return Err(Error::Corrupt(format!(
                         "{name:?}: stored chunk length out of range"
                     )));

@@ -336,7 +336,11 @@ pub fn decode_chunk(entry: &Entry, c: &Chunk, stored: &[u8]) -> Result<Vec<u8>> 
     let codec = c
         .codec_id()
         .ok_or_else(|| Error::Unsupported(format!("{}: codec {}", what(), c.codec)))?;
-    let raw = codec::decode(codec, stored, c.raw_len as usize, &what())?;
+    let mut raw = codec::decode(codec, stored, c.decoded_len() as usize, &what())?;
+    if c.in_shared_frame() {
+        let start = c.frame_offset as usize;
+        raw = raw[start..start + c.raw_len as usize].to_vec();
+    }
     verify_digest(&raw, &c.digest, what)?;
     Ok(raw)
 }
@@ -577,29 +581,61 @@ impl ArchiveReader {
     /// # Errors
     /// The first problem found.
     pub fn verify(&self, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyReport> {
-        let mut expected: HashMap<(u32, u64), &Chunk> =
+        // Every data record must match the index: one chunk, or for a shared frame, the
+        // chunks of all the small files it holds.
+        let mut expected: HashMap<(u32, u64), Vec<(usize, &Chunk)>> =
             HashMap::with_capacity(self.index.chunks.len());
-        let mut owner: HashMap<(u32, u64), usize> = HashMap::new();
         for (ei, _) in self.index.entries.iter().enumerate() {
             for c in self.chunks_of(ei) {
-                if expected.insert((c.shard, c.offset), c).is_some() {
+                let group = expected.entry((c.shard, c.offset)).or_default();
+                let shared = c.in_shared_frame() && group.iter().all(|(_, o)| o.in_shared_frame());
+                if !group.is_empty() && !shared {
                     return Err(Error::Corrupt(format!(
                         "two chunks share shard {} offset {}",
                         c.shard, c.offset
                     )));
                 }
-                owner.insert((c.shard, c.offset), ei);
+                group.push((ei, c));
             }
         }
         let mut report = VerifyReport::default();
-        let (tx, rx) = crossbeam_channel::bounded::<(usize, Chunk, Vec<u8>)>(threads.max(1) * 2);
+        let (tx, rx) = crossbeam_channel::bounded::<(Vec<(usize, Chunk)>, Vec<u8>, [u8; 32])>(
+            threads.max(1) * 2,
+        );
         std::thread::scope(|scope| -> Result<()> {
             let mut handles = Vec::new();
             for _ in 0..threads.max(1) {
                 let rx = rx.clone();
                 handles.push(scope.spawn(move || -> Result<()> {
-                    for (ei, c, stored) in rx {
-                        decode_chunk(&self.index.entries[ei], &c, &stored)?;
+                    for (group, stored, frame_digest) in rx {
+                        if group.len() == 1 && !group[0].1.in_shared_frame() {
+                            let (ei, c) = &group[0];
+                            decode_chunk(&self.index.entries[*ei], c, &stored)?;
+                        } else {
+                            let first = &group[0].1;
+                            let what = || {
+                                format!(
+                                    "shared frame at shard {} offset {}",
+                                    first.shard, first.offset
+                                )
+                            };
+                            let codec =
+                                first.codec_id().ok_or_else(|| Error::Unsupported(what()))?;
+                            let frame = codec::decode(
+                                codec,
+                                &stored,
+                                first.frame_raw_len as usize,
+                                &what(),
+                            )?;
+                            verify_digest(&frame, &frame_digest, what)?;
+                            for (ei, c) in &group {
+                                let part = &frame[c.frame_offset as usize
+                                    ..(c.frame_offset + c.raw_len) as usize];
+                                verify_digest(part, &c.digest, || {
+                                    self.index.entries[*ei].path_lossy()
+                                })?;
+                            }
+                        }
                         progress(stored.len() as u64);
                     }
                     Ok(())
@@ -627,29 +663,43 @@ impl ArchiveReader {
                         match h.kind {
                             RecordKind::Data => {
                                 let key = (si as u32, rec.payload_offset);
-                                let c = expected.remove(&key).ok_or_else(|| {
+                                let group = expected.remove(&key).ok_or_else(|| {
                                     Error::Corrupt(format!(
                                         "{}: data record not in the index",
                                         at()
                                     ))
                                 })?;
-                                let ei = owner[&key];
-                                if c.raw_len != h.raw_len
-                                    || c.stored_len != h.stored_len
-                                    || c.codec != h.codec as u32
-                                    || c.digest[..] != h.digest
-                                    || c.file_offset != h.file_offset
-                                    || ei as u64 != h.entry_id
-                                {
+                                let shared = h.flags & crate::writer::RECORD_FLAG_SHARED_FRAME != 0;
+                                let agrees = if shared {
+                                    group.iter().all(|(_, c)| {
+                                        c.in_shared_frame()
+                                            && c.frame_raw_len == h.raw_len
+                                            && c.stored_len == h.stored_len
+                                            && c.codec == h.codec as u32
+                                    })
+                                } else {
+                                    let (ei, c) = group[0];
+                                    group.len() == 1
+                                        && !c.in_shared_frame()
+                                        && c.raw_len == h.raw_len
+                                        && c.stored_len == h.stored_len
+                                        && c.codec == h.codec as u32
+                                        && c.digest[..] == h.digest
+                                        && c.file_offset == h.file_offset
+                                        && ei as u64 == h.entry_id
+                                };
+                                if !agrees {
                                     return Err(Error::Corrupt(format!(
                                         "{}: record disagrees with the index",
                                         at()
                                     )));
                                 }
-                                report.chunks += 1;
+                                report.chunks += group.len() as u64;
                                 report.raw_bytes += h.raw_len as u64;
                                 report.stored_bytes += h.stored_len as u64;
-                                if tx.send((ei, c.clone(), rec.stored)).is_err() {
+                                let group: Vec<(usize, Chunk)> =
+                                    group.into_iter().map(|(ei, c)| (ei, c.clone())).collect();
+                                if tx.send((group, rec.stored, h.digest)).is_err() {
                                     return Ok(());
                                 }
                             }

@@ -123,6 +123,11 @@ pub type CloneFrom = Option<(Arc<File>, u64)>;
 pub type EntryId = u64;
 
 enum Job {
+    /// Several small files' contents compressed as one frame.
+    Bundle {
+        seq: u64,
+        parts: Vec<(EntryId, Vec<u8>)>,
+    },
     Entry {
         seq: u64,
         id: EntryId,
@@ -176,7 +181,20 @@ struct PreparedRecord {
     digest: [u8; 32],
     payload: Payload,
     align: bool,
+    /// For a shared frame: the entries whose content it holds.
+    parts: Vec<FramePart>,
 }
+
+/// One small file's place inside a shared frame.
+struct FramePart {
+    entry_id: EntryId,
+    offset: u32,
+    len: u32,
+    digest: [u8; 32],
+}
+
+/// Record flag: the Data record is a frame shared by several small files.
+pub const RECORD_FLAG_SHARED_FRAME: u16 = 1;
 
 enum WriteOp {
     Record {
@@ -478,6 +496,33 @@ impl ArchiveWriter {
         })
     }
 
+    /// Stores the whole contents of several small files as one compressed frame (better
+    /// ratio than one frame per file; each file keeps its own digest). The parts must
+    /// add up to at most the chunk size; empty parts are ignored.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for an oversized bundle or unknown entry; pipeline errors.
+    pub fn add_bundle(&mut self, parts: Vec<(EntryId, Vec<u8>)>) -> Result<()> {
+        let parts: Vec<_> = parts.into_iter().filter(|(_, d)| !d.is_empty()).collect();
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let total: usize = parts.iter().map(|(_, d)| d.len()).sum();
+        if total > self.opts.chunk_size as usize {
+            return Err(Error::Usage(format!(
+                "bundle of {total} bytes exceeds the chunk size"
+            )));
+        }
+        if let Some((id, _)) = parts.iter().find(|(id, _)| *id >= self.next_entry) {
+            return Err(Error::Usage(format!("unknown entry id {id}")));
+        }
+        self.stats
+            .raw_bytes
+            .fetch_add(total as u64, Ordering::Relaxed);
+        let seq = self.seq();
+        self.submit(Job::Bundle { seq, parts })
+    }
+
     /// Records the final size of a streamed entry (one added with `entry_flags::STREAMED`).
     ///
     /// # Errors
@@ -700,8 +745,45 @@ fn encode_worker(
                         digest: *blake3::hash(&bytes).as_bytes(),
                         payload: Payload::Bytes(bytes),
                         align: false,
+                        parts: Vec::new(),
                     }),
                     entry: Some(entry),
+                }
+            }
+            Job::Bundle { seq, parts } => {
+                let total: usize = parts.iter().map(|(_, d)| d.len()).sum();
+                let mut frame = Vec::with_capacity(total);
+                let mut frame_parts = Vec::with_capacity(parts.len());
+                for (entry_id, data) in &parts {
+                    frame_parts.push(FramePart {
+                        entry_id: *entry_id,
+                        offset: frame.len() as u32,
+                        len: data.len() as u32,
+                        digest: *blake3::hash(data).as_bytes(),
+                    });
+                    frame.extend_from_slice(data);
+                }
+                let digest = *blake3::hash(&frame).as_bytes();
+                let raw_len = frame.len() as u32;
+                let (codec, payload) = match encoder.encode(&frame) {
+                    Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
+                    Ok(None) => (CodecId::None, Payload::Bytes(frame)),
+                    Err(e) => return fail.set(e),
+                };
+                Prepared {
+                    seq,
+                    record: Some(PreparedRecord {
+                        kind: RecordKind::Data,
+                        codec,
+                        entry_id: frame_parts.first().map_or(0, |p| p.entry_id),
+                        file_offset: 0,
+                        raw_len,
+                        digest,
+                        payload,
+                        align: false,
+                        parts: frame_parts,
+                    }),
+                    entry: None,
                 }
             }
             Job::EntryEnd { seq, id, size } => Prepared {
@@ -715,6 +797,7 @@ fn encode_worker(
                     digest: *blake3::hash(&[]).as_bytes(),
                     payload: Payload::Bytes(Vec::new()),
                     align: false,
+                    parts: Vec::new(),
                 }),
                 entry: None,
             },
@@ -761,6 +844,7 @@ fn encode_worker(
                             digest,
                             payload,
                             align,
+                            parts: Vec::new(),
                         }),
                         entry: None,
                     }
@@ -832,7 +916,11 @@ fn sequencer_thread(
             let header = RecordHeader {
                 kind: rec.kind,
                 codec: rec.codec,
-                flags: 0,
+                flags: if rec.parts.is_empty() {
+                    0
+                } else {
+                    RECORD_FLAG_SHARED_FRAME
+                },
                 seq: p.seq,
                 entry_id: rec.entry_id,
                 file_offset: rec.file_offset,
@@ -842,6 +930,29 @@ fn sequencer_thread(
                 digest: rec.digest,
             };
             match rec.kind {
+                RecordKind::Data if !rec.parts.is_empty() => {
+                    for part in &rec.parts {
+                        let Some(list) = chunks.get_mut(part.entry_id as usize) else {
+                            fail.set(Error::Usage(format!(
+                                "data for unknown entry {}",
+                                part.entry_id
+                            )));
+                            return None;
+                        };
+                        list.push(Chunk {
+                            file_offset: 0,
+                            raw_len: part.len,
+                            stored_len,
+                            shard: target as u32,
+                            offset: payload_start,
+                            codec: rec.codec as u32,
+                            digest: part.digest.to_vec(),
+                            archive: 0,
+                            frame_raw_len: rec.raw_len,
+                            frame_offset: part.offset,
+                        });
+                    }
+                }
                 RecordKind::Data => {
                     let list = match chunks.get_mut(rec.entry_id as usize) {
                         Some(l) => l,
@@ -862,6 +973,8 @@ fn sequencer_thread(
                         codec: rec.codec as u32,
                         digest: rec.digest.to_vec(),
                         archive: 0,
+                        frame_raw_len: 0,
+                        frame_offset: 0,
                     });
                 }
                 RecordKind::EntryEnd => {

@@ -280,6 +280,15 @@ pub struct PackStats {
 pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan) -> Result<PackStats> {
     let chunk = writer.options().chunk_size as u64;
     let cloneable = writer.options().compression.codec == CodecId::None;
+    // Compressed archives pack small files together into shared frames: one frame per
+    // file would lose most of the compression context (and cost a record per file).
+    let small_limit = if cloneable {
+        0
+    } else {
+        (chunk / 8).min(SMALL_FILE)
+    };
+    let mut bundle: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut bundle_bytes = 0u64;
     let mut stats = PackStats::default();
     for planned in plan.entries {
         let is_file = planned.entry.entry_kind() == EntryKind::File;
@@ -296,34 +305,56 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan) -> Result<PackSta
         let id = writer.add_entry(planned.entry)?;
         let Some(file) = file else { continue };
         stats.files += 1;
+        let read = |buf: &mut [u8], off: u64| {
+            file.read_exact_at(buf, off).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    Error::io(
+                        format!("{} shrank while being read", planned.source.display()),
+                        e,
+                    )
+                } else {
+                    io_err(&planned.source, "cannot read", e)
+                }
+            })
+        };
+        if size > 0 && size <= small_limit {
+            if bundle_bytes + size > chunk {
+                writer.add_bundle(std::mem::take(&mut bundle))?;
+                bundle_bytes = 0;
+            }
+            let mut buf = vec![0u8; size as usize];
+            read(&mut buf, 0)?;
+            stats.bytes_read += size;
+            bundle.push((id, buf));
+            bundle_bytes += size;
+            continue;
+        }
         let meta = file
             .metadata()
             .map_err(|e| io_err(&planned.source, "cannot stat", e))?;
         let ranges = data_ranges(&file, size, meta.blocks())
             .map_err(|e| io_err(&planned.source, "cannot map holes of", e))?;
-        let file = Arc::new(file);
+        let shared = Arc::new(
+            file.try_clone()
+                .map_err(|e| io_err(&planned.source, "cannot open", e))?,
+        );
         for r in ranges {
             let mut off = r.start;
             while off < r.end {
                 let next = ((off / chunk) + 1) * chunk;
                 let len = (next.min(r.end) - off) as usize;
                 let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, off).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        Error::io(
-                            format!("{} shrank while being read", planned.source.display()),
-                            e,
-                        )
-                    } else {
-                        io_err(&planned.source, "cannot read", e)
-                    }
-                })?;
+                read(&mut buf, off)?;
                 stats.bytes_read += len as u64;
-                let clone = cloneable.then(|| (file.clone(), off));
+                let clone = cloneable.then(|| (shared.clone(), off));
                 writer.add_data(id, off, buf, clone)?;
                 off += len as u64;
             }
         }
     }
+    writer.add_bundle(bundle)?;
     Ok(stats)
 }
+
+/// Files up to this size share compressed frames with their neighbours.
+const SMALL_FILE: u64 = 64 << 10;

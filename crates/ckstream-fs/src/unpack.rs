@@ -279,7 +279,9 @@ fn restore_chunk(
     let src = reader.shard(c.shard).as_file();
     let block = 4096u64;
     let mut done = 0u64;
-    if let (true, Some(src), Some(CodecId::None)) = (opts.reflink, src, c.codec_id()) {
+    if let (true, Some(src), Some(CodecId::None), false) =
+        (opts.reflink, src, c.codec_id(), c.in_shared_frame())
+    {
         if c.offset % block == c.file_offset % block && c.file_offset % block == 0 {
             let whole = c.raw_len as u64 - c.raw_len as u64 % block;
             if whole > 0 {
@@ -309,6 +311,42 @@ fn restore_chunk(
     Ok(())
 }
 
+/// Restores several small files from one shared frame: one read, one decode, a digest
+/// check per file, then one write per file.
+fn restore_shared_frame(
+    reader: &ArchiveReader,
+    batch: &[OpenFile],
+    jobs: &[ChunkJob],
+    group: &[usize],
+    stats: &UnpackStats,
+) -> Result<()> {
+    let first = jobs[group[0]].chunk;
+    let what = || {
+        format!(
+            "shared frame at shard {} offset {}",
+            first.shard, first.offset
+        )
+    };
+    let stored = reader.read_stored(first)?;
+    let codec = first.codec_id().ok_or_else(|| Error::Unsupported(what()))?;
+    let frame =
+        ckstream_format::codec::decode(codec, &stored, first.frame_raw_len as usize, &what())?;
+    for &j in group {
+        let job = &jobs[j];
+        let c = job.chunk;
+        let part = &frame[c.frame_offset as usize..(c.frame_offset + c.raw_len) as usize];
+        ckstream_format::reader::verify_digest(part, &c.digest, || {
+            format!("{:?}", job.entry.path_lossy())
+        })?;
+        batch[job.slot]
+            .file
+            .write_all_at(part, c.file_offset)
+            .map_err(|e| ferr(&job.entry.path, "cannot write", e))?;
+        stats.bytes.fetch_add(c.raw_len as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 struct OpenFile<'a> {
     file: File,
     entry: &'a Entry,
@@ -325,16 +363,37 @@ fn flush_batch(
     opts: &UnpackOptions,
     stats: &UnpackStats,
 ) -> Result<()> {
+    // Small files that share one compressed frame are restored together, so the frame
+    // is read and decoded once.
+    let mut groups: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
+    let mut frame_group: HashMap<(u32, u64), usize> = HashMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let c = job.chunk;
+        if c.in_shared_frame() {
+            if let Some(&g) = frame_group.get(&(c.shard, c.offset)) {
+                groups[g].push(i);
+                continue;
+            }
+            frame_group.insert((c.shard, c.offset), groups.len());
+        }
+        groups.push(vec![i]);
+    }
     let next = AtomicU64::new(0);
-    let threads = opts.threads.max(1).min(jobs.len().max(1));
+    let threads = opts.threads.max(1).min(groups.len().max(1));
     let result = std::thread::scope(|s| -> Result<()> {
         let work = || -> Result<()> {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(job) = jobs.get(i) else {
+                let Some(group) = groups.get(i) else {
                     return Ok(());
                 };
-                if let Err(e) = restore_chunk(reader, &batch[job.slot].file, job, opts, stats) {
+                let r = if group.len() == 1 {
+                    let job = &jobs[group[0]];
+                    restore_chunk(reader, &batch[job.slot].file, job, opts, stats)
+                } else {
+                    restore_shared_frame(reader, batch, jobs, group, stats)
+                };
+                if let Err(e) = r {
                     next.store(u64::MAX / 2, Ordering::Relaxed);
                     return Err(e);
                 }

@@ -72,7 +72,7 @@ fn craft(entries: Vec<(Entry, Option<Vec<u8>>)>) -> Vec<u8> {
                 offset: at,
                 codec: 0,
                 digest: blake3::hash(&d).as_bytes().to_vec(),
-                archive: 0,
+                ..Default::default()
             });
         }
         index.entries.push(e);
@@ -366,6 +366,14 @@ fn packed_archive(tmp: &Path, codec: &str) -> (std::path::PathBuf, std::path::Pa
     let text: String = (0..20_000).map(|i| format!("{i} text\n")).collect();
     std::fs::write(src.join("text"), text).unwrap();
     std::fs::write(src.join("small"), b"small file").unwrap();
+    // Several small files that share one compressed frame.
+    for i in 0..4 {
+        std::fs::write(
+            src.join(format!("d/small-{i}")),
+            format!("small file {i} ").repeat(50 * (i + 1)),
+        )
+        .unwrap();
+    }
     let a = tmp.join(format!("good-{codec}.cka"));
     ck_ok(&[
         "pack".as_ref(),
@@ -455,7 +463,7 @@ fn flipped_bytes_anywhere_fail_verify_and_never_yield_wrong_data() {
             if u.status.success() {
                 // The flip hit bytes unpack does not use (padding, inline metadata): the
                 // result must still be exactly the original.
-                for f in ["d/random", "text", "small"] {
+                for f in ["d/random", "text", "small", "d/small-0", "d/small-3"] {
                     assert_eq!(
                         std::fs::read(out.join(f)).unwrap(),
                         std::fs::read(src.join(f)).unwrap(),
@@ -469,7 +477,7 @@ fn flipped_bytes_anywhere_fail_verify_and_never_yield_wrong_data() {
                     "{codec}: flip at {pos}: {}",
                     stderr(&u)
                 );
-                for f in ["d/random", "text", "small"] {
+                for f in ["d/random", "text", "small", "d/small-0", "d/small-3"] {
                     if let Ok(data) = std::fs::read(out.join(f)) {
                         assert_eq!(
                             data,

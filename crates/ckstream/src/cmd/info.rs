@@ -34,10 +34,10 @@ pub fn run(args: Args) -> Result<()> {
         let v = codecs.entry(name).or_default();
         v.0 += 1;
         v.1 += c.raw_len as u64;
-        v.2 += c.stored_len as u64;
+        v.2 += c.stored_share();
     }
     let raw: u64 = index.chunks.iter().map(|c| c.raw_len as u64).sum();
-    let stored: u64 = index.chunks.iter().map(|c| c.stored_len as u64).sum();
+    let stored: u64 = index.chunks.iter().map(|c| c.stored_share()).sum();
     let shard_sizes = reader.shard_sizes()?;
     let archive_bytes: u64 = shard_sizes.iter().sum();
     let ratio = if archive_bytes > 0 {

@@ -42,7 +42,7 @@ pub fn run(args: Args) -> Result<()> {
                     "rdev": matches!(e.entry_kind(), EntryKind::CharDevice | EntryKind::BlockDevice).then(|| format!("{},{}", e.rdev_major, e.rdev_minor)),
                     "xattrs": e.xattrs.iter().map(|x| String::from_utf8_lossy(&x.name).into_owned()).collect::<Vec<_>>(),
                     "chunks": chunks.len(),
-                    "stored_bytes": chunks.iter().map(|c| c.stored_len as u64).sum::<u64>(),
+                    "stored_bytes": chunks.iter().map(|c| c.stored_share()).sum::<u64>(),
                 })
             })
             .collect();

@@ -24,12 +24,7 @@ pub struct Args {
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let reader = super::open(&args.archive)?;
-    let total: u64 = reader
-        .index()
-        .chunks
-        .iter()
-        .map(|c| c.stored_len as u64)
-        .sum();
+    let total: u64 = reader.index().chunks.iter().map(|c| c.stored_share()).sum();
     let done = Arc::new(AtomicU64::new(0));
     let progress = {
         let done = done.clone();
