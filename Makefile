@@ -11,6 +11,7 @@ demo: deps build
 
 ## Install what is needed and run every test (CI runs this as root).
 test: deps build lint unit-and-integration fuzz-smoke
+	@scripts/test-summary.sh target/test-output.log
 
 deps:
 	scripts/install-deps.sh --with-criu
@@ -24,7 +25,7 @@ lint:
 
 # Privileged tests (loopback btrfs/XFS, real CRIU) fail instead of skipping here.
 unit-and-integration:
-	CKSTREAM_REQUIRE_PRIVILEGED=1 $(CARGO) test --release --locked --workspace
+	set -o pipefail; CKSTREAM_REQUIRE_PRIVILEGED=1 $(CARGO) test --release --locked --workspace 2>&1 | tee target/test-output.log
 
 fuzz-smoke:
 	scripts/fuzz-smoke.sh
