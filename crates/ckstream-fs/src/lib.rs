@@ -10,5 +10,8 @@ pub mod pack;
 pub mod unpack;
 mod xattr;
 
-pub use pack::{pack_inputs, parse_input, plan_inputs, PackInput, PackPlan, PackStats};
+pub use pack::{
+    pack_inputs, parse_input, plan_inputs, rootfs_diff_input, PackInput, PackPlan, PackStats,
+    ROOTFS_PREFIX,
+};
 pub use unpack::{unpack, UnpackOptions, UnpackStats};

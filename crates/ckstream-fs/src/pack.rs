@@ -62,6 +62,26 @@ pub fn parse_input(arg: &OsStr) -> Result<PackInput> {
     Ok(PackInput { name, path })
 }
 
+/// Archive directory holding a container's rootfs changes (an overlayfs upper dir).
+pub const ROOTFS_PREFIX: &[u8] = b"rootfs";
+
+/// The input that stores overlayfs upper directory `upper` under [`ROOTFS_PREFIX`].
+///
+/// # Errors
+/// [`Error::Usage`] when `upper` is not a directory.
+pub fn rootfs_diff_input(upper: &Path) -> Result<PackInput> {
+    if !upper.is_dir() {
+        return Err(Error::Usage(format!(
+            "{} is not a directory (an overlayfs upper dir)",
+            upper.display()
+        )));
+    }
+    Ok(PackInput {
+        name: ROOTFS_PREFIX.to_vec(),
+        path: upper.to_path_buf(),
+    })
+}
+
 /// One planned entry: its metadata and, for files, where the data comes from.
 #[derive(Debug)]
 pub struct Planned {

@@ -32,6 +32,11 @@ pub struct UnpackOptions {
     pub threads: usize,
     /// Try FICLONERANGE / copy_file_range for uncompressed chunks.
     pub reflink: bool,
+    /// Extract only entries below this archive directory, relative to it.
+    pub strip_prefix: Option<Vec<u8>>,
+    /// Apply an overlayfs upper directory onto a plain tree: whiteouts (0/0 character
+    /// devices) delete, opaque directories are emptied first, overlay xattrs are dropped.
+    pub overlay_apply: bool,
 }
 
 impl Default for UnpackOptions {
@@ -42,6 +47,8 @@ impl Default for UnpackOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             reflink: true,
+            strip_prefix: None,
+            overlay_apply: false,
         }
     }
 }
@@ -126,6 +133,39 @@ impl DirCache {
             self.dirs.insert(path.to_vec(), fd);
         }
         Ok(&self.dirs[path])
+    }
+
+    /// Handle on an existing directory `path` (never created), or `None` when a component
+    /// is missing. Refuses to traverse a symlink like [`dir`](Self::dir).
+    fn existing_parent_of<'p>(&mut self, path: &'p [u8]) -> Result<Option<(OwnedFd, &'p [u8])>> {
+        let parent = parent_path(path).unwrap_or(b"");
+        let name = last_component(path);
+        if let Some(fd) = self.dirs.get(parent) {
+            return Ok(Some((
+                fd.try_clone().map_err(|e| ferr(path, "cannot open", e))?,
+                name,
+            )));
+        }
+        let mut fd = self.dirs[&Vec::new()]
+            .try_clone()
+            .map_err(|e| ferr(path, "cannot open", e))?;
+        if parent.is_empty() {
+            return Ok(Some((fd, name)));
+        }
+        for comp in parent.split(|&b| b == b'/') {
+            fd = match rustix::fs::openat(&fd, os(comp), OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                Ok(next) => next,
+                Err(Errno::NOENT) => return Ok(None),
+                Err(Errno::LOOP | Errno::NOTDIR) => {
+                    return Err(Error::UnsafeEntry(format!(
+                        "{:?} in the target is not a directory (a symlink?); refusing to delete through it",
+                        String::from_utf8_lossy(parent)
+                    )))
+                }
+                Err(e) => return Err(ferr(path, "cannot open directory", e)),
+            };
+        }
+        Ok(Some((fd, name)))
     }
 
     /// Parent handle and final name of `path`.
@@ -464,7 +504,11 @@ pub fn unpack(
     )
     .map_err(|e| Error::io(format!("cannot open {}", dest.display()), e.into()))?;
     let mut cache = DirCache::new(root);
-    let entries = reader.entries();
+    let view = target_view(reader.entries(), opts)?;
+    let entries = &view[..];
+    if opts.overlay_apply {
+        apply_deletions(reader.entries(), entries, selection, &mut cache)?;
+    }
     let mut dirs: Vec<usize> = Vec::new();
     let mut batch: Vec<OpenFile> = Vec::new();
     let mut jobs: Vec<ChunkJob> = Vec::new();
@@ -473,14 +517,16 @@ pub fn unpack(
     const MAX_BATCH_CHUNKS: usize = 512;
 
     for (i, e) in entries.iter().enumerate() {
-        if !selected(&e.path, selection) {
+        let Some(e) = e.as_ref() else { continue };
+        if !selected(&e.path, selection) || (opts.overlay_apply && is_whiteout(e)) {
             continue;
         }
         let mut kind = e.entry_kind();
         let mut data_entry = i;
         if kind == EntryKind::Hardlink && !extracted_files.contains_key(&e.link_target[..]) {
             // The link's target was not extracted (not selected): materialize a copy.
-            data_entry = reader.find(&e.link_target).expect("validated hardlink");
+            let original = &reader.entries()[i].link_target;
+            data_entry = reader.find(original).expect("validated hardlink");
             kind = EntryKind::File;
         }
         stats.entries.fetch_add(1, Ordering::Relaxed);
@@ -519,7 +565,7 @@ pub fn unpack(
                 )
                 .map_err(|er| ferr(&e.path, "cannot create", er))?;
                 let file = File::from(fd);
-                let src = &entries[data_entry];
+                let src = &reader.entries()[data_entry];
                 file.set_len(src.size)
                     .map_err(|er| ferr(&e.path, "cannot size", er))?;
                 stats.files.fetch_add(1, Ordering::Relaxed);
@@ -593,11 +639,12 @@ pub fn unpack(
     }
     flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
     // Deepest first, so setting a directory read-only or its mtime does not disturb its children.
+    let dir_entry = |i: usize| entries[i].as_ref().expect("extracted");
     dirs.sort_by_key(|&i| {
-        std::cmp::Reverse(entries[i].path.iter().filter(|&&b| b == b'/').count())
+        std::cmp::Reverse(dir_entry(i).path.iter().filter(|&&b| b == b'/').count())
     });
     for i in dirs {
-        let e = &entries[i];
+        let e = dir_entry(i);
         let fd = {
             let (pfd, name) = cache.parent_of(&e.path)?;
             rustix::fs::openat(
@@ -609,6 +656,146 @@ pub fn unpack(
             .map_err(|er| ferr(&e.path, "cannot open directory", er))?
         };
         apply_meta_fd(&fd, e, opts)?;
+    }
+    Ok(())
+}
+
+/// The entries as they will land in the target: paths relative to `strip_prefix`
+/// (entries outside it, and the prefix directory itself, are `None`), and in overlay
+/// mode without overlayfs-internal xattrs.
+fn target_view<'a>(
+    entries: &'a [Entry],
+    opts: &UnpackOptions,
+) -> Result<Vec<Option<std::borrow::Cow<'a, Entry>>>> {
+    use std::borrow::Cow;
+    let strip = |p: &[u8]| -> Option<Vec<u8>> {
+        match &opts.strip_prefix {
+            None => Some(p.to_vec()),
+            Some(pre) => p
+                .strip_prefix(&pre[..])
+                .and_then(|rest| rest.strip_prefix(b"/"))
+                .map(|r| r.to_vec()),
+        }
+    };
+    entries
+        .iter()
+        .map(|e| {
+            if opts.strip_prefix.is_none() && !opts.overlay_apply {
+                return Ok(Some(Cow::Borrowed(e)));
+            }
+            let Some(path) = strip(&e.path) else { return Ok(None) };
+            let mut mapped = e.clone();
+            mapped.path = path;
+            if mapped.entry_kind() == EntryKind::Hardlink {
+                mapped.link_target = strip(&e.link_target).unwrap_or_default();
+            }
+            if opts.overlay_apply {
+                if let Some(x) = mapped.xattrs.iter().find(|x| {
+                    x.name.ends_with(b"overlay.redirect") || x.name.ends_with(b"overlay.metacopy")
+                }) {
+                    return Err(Error::Unsupported(format!(
+                        "{:?} uses overlayfs {} (renamed directory or metadata-only copy-up), which a diff cannot carry",
+                        e.path_lossy(),
+                        String::from_utf8_lossy(&x.name)
+                    )));
+                }
+                mapped.xattrs.retain(|x| !x.name.starts_with(b"trusted.overlay.") && !x.name.starts_with(b"user.overlay."));
+            }
+            Ok(Some(Cow::Owned(mapped)))
+        })
+        .collect()
+}
+
+/// An overlayfs whiteout: a character device 0/0.
+fn is_whiteout(e: &Entry) -> bool {
+    e.entry_kind() == EntryKind::CharDevice && e.rdev_major == 0 && e.rdev_minor == 0
+}
+
+/// True when the original entry marked its directory opaque (it replaces, not merges).
+fn is_opaque(e: &Entry) -> bool {
+    e.entry_kind() == EntryKind::Dir
+        && e.xattrs.iter().any(|x| {
+            (x.name == b"trusted.overlay.opaque" || x.name == b"user.overlay.opaque")
+                && x.value == b"y"
+        })
+}
+
+/// Removes `name` under `dir` and everything below it, never following symlinks.
+fn remove_tree_at(dir: &OwnedFd, name: &[u8], path: &[u8]) -> Result<()> {
+    let st = match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(ferr(path, "cannot inspect", e)),
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+        let fd = rustix::fs::openat(
+            dir,
+            os(name),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ferr(path, "cannot open directory", e))?;
+        empty_dir(&fd, path)?;
+        rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR)
+            .map_err(|e| ferr(path, "cannot remove", e))
+    } else {
+        rustix::fs::unlinkat(dir, os(name), AtFlags::empty())
+            .map_err(|e| ferr(path, "cannot remove", e))
+    }
+}
+
+/// Removes everything inside the open directory `fd`.
+fn empty_dir(fd: &OwnedFd, path: &[u8]) -> Result<()> {
+    let mut names = Vec::new();
+    let mut d = rustix::fs::Dir::read_from(fd).map_err(|e| ferr(path, "cannot list", e))?;
+    while let Some(ent) = d.read() {
+        let ent = ent.map_err(|e| ferr(path, "cannot list", e))?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    for n in names {
+        remove_tree_at(fd, &n, path)?;
+    }
+    Ok(())
+}
+
+/// First step of applying an overlay diff: whiteouts delete their path, opaque
+/// directories lose their old contents (they replace what the lower layers had).
+fn apply_deletions(
+    originals: &[Entry],
+    view: &[Option<std::borrow::Cow<Entry>>],
+    selection: &[Vec<u8>],
+    cache: &mut DirCache,
+) -> Result<()> {
+    for (original, e) in originals.iter().zip(view) {
+        let Some(e) = e else { continue };
+        if !selected(&e.path, selection) {
+            continue;
+        }
+        if !is_whiteout(e) && !is_opaque(original) {
+            continue;
+        }
+        // Nothing to delete where the target lacks the parent directory.
+        let Some((pfd, name)) = cache.existing_parent_of(&e.path)? else {
+            continue;
+        };
+        let pfd = &pfd;
+        if is_whiteout(e) {
+            remove_tree_at(pfd, name, &e.path)?;
+        } else {
+            match rustix::fs::openat(
+                pfd,
+                os(name),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => empty_dir(&fd, &e.path)?,
+                Err(Errno::NOENT) => {}
+                Err(_) => remove_tree_at(pfd, name, &e.path)?,
+            }
+        }
     }
     Ok(())
 }

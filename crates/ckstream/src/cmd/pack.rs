@@ -31,8 +31,12 @@ pub struct Args {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
+    /// An overlayfs upper directory (a container's rootfs changes), stored under `rootfs/`
+    /// exactly as it is: whiteouts, opaque directories, metadata, holes.
+    #[arg(long, value_name = "UPPER")]
+    rootfs_diff: Option<std::path::PathBuf>,
     /// PATH (stored under its name) or NAME=PATH (stored under NAME; `.=DIR` stores DIR's contents at the root).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "rootfs_diff")]
     inputs: Vec<OsString>,
 }
 
@@ -48,11 +52,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.json && matches!(target, ArchiveTarget::Stdout) {
         anyhow::bail!("--json cannot be used when the archive goes to stdout");
     }
-    let inputs = args
+    let mut inputs = args
         .inputs
         .iter()
         .map(|a| ckstream_fs::parse_input(a))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(upper) = &args.rootfs_diff {
+        inputs.push(ckstream_fs::rootfs_diff_input(upper)?);
+    }
     let started = Instant::now();
     let plan = ckstream_fs::plan_inputs(&inputs)?;
     let total = plan.total_bytes;

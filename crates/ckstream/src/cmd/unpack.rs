@@ -18,8 +18,17 @@ pub struct Args {
     /// Archive to read.
     archive: PathBuf,
     /// Directory to extract into (created if missing).
-    #[arg(short = 'C', long = "directory", default_value = ".")]
+    #[arg(
+        short = 'C',
+        long = "directory",
+        default_value = ".",
+        conflicts_with = "rootfs_diff"
+    )]
     directory: PathBuf,
+    /// Apply the archive's rootfs diff (`rootfs/`, an overlayfs upper dir) onto TARGET:
+    /// deletions first, then additions, then directory metadata.
+    #[arg(long, value_name = "TARGET")]
+    rootfs_diff: Option<PathBuf>,
     /// Do not restore file owners (the default when not root).
     #[arg(long)]
     no_same_owner: bool,
@@ -45,6 +54,17 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if let Some(t) = args.threads {
         opts.threads = t.max(1);
     }
+    let directory = match &args.rootfs_diff {
+        Some(target) => {
+            if reader.find(ckstream_fs::ROOTFS_PREFIX).is_none() {
+                anyhow::bail!("{} holds no rootfs diff", args.archive.display());
+            }
+            opts.strip_prefix = Some(ckstream_fs::ROOTFS_PREFIX.to_vec());
+            opts.overlay_apply = true;
+            target.clone()
+        }
+        None => args.directory.clone(),
+    };
     let selection: Vec<Vec<u8>> = args
         .paths
         .iter()
@@ -64,13 +84,13 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             stats.bytes.load(Ordering::Relaxed)
         })
     };
-    let result = ckstream_fs::unpack(&reader, &args.directory, &selection, &opts, &stats);
+    let result = ckstream_fs::unpack(&reader, &directory, &selection, &opts, &stats);
     progress.finish();
     result.with_context(|| {
         format!(
             "unpacking {} into {}",
             args.archive.display(),
-            args.directory.display()
+            directory.display()
         )
     })?;
     let secs = started.elapsed().as_secs_f64();
@@ -96,7 +116,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             human_bytes(bytes),
             human_bytes(cloned),
             human_bytes(kcopied),
-            args.directory.display(),
+            directory.display(),
             secs
         );
     }
