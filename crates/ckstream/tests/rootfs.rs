@@ -52,7 +52,7 @@ fn change_through_merged(m: &Path) {
     fs::write(m.join("opt/recreate/newfile"), b"new").unwrap();
     fs::set_permissions(m.join("data"), fs::Permissions::from_mode(0o700)).unwrap();
     rustix::fs::chown(
-        &m.join("data"),
+        m.join("data"),
         Some(rustix::fs::Uid::from_raw(1000)),
         Some(rustix::fs::Gid::from_raw(1000)),
     )
@@ -109,7 +109,7 @@ fn rootfs_round_trip(codec: &str) {
         &st.file_type()
     ));
     assert!(rustix::fs::lgetxattr(
-        &upper.join("opt/recreate"),
+        upper.join("opt/recreate"),
         "trusted.overlay.opaque",
         &mut [0u8; 8][..]
     )
@@ -177,7 +177,7 @@ fn rootfs_diff_refuses_to_delete_through_a_symlink_in_the_target() {
     fs::create_dir_all(upper.join("etc")).unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &upper.join("etc/shadow"),
+        upper.join("etc/shadow"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::empty(),
         rustix::fs::makedev(0, 0),
