@@ -31,7 +31,14 @@ pub struct CaptureOptions {
     pub ext_files: Vec<(String, OwnedFd)>,
     /// Called every ~100 ms; an error aborts the capture (e.g. CRIU exited early).
     pub watch: Option<Box<dyn FnMut() -> Result<()>>>,
+    /// Called once at CRIU's post-dump hook, while the process tree is still frozen and
+    /// before the data is made durable: the place to add what must be consistent with
+    /// the memory image (a container's rootfs changes).
+    pub on_frozen: Option<FrozenHook>,
 }
+
+/// See [`CaptureOptions::on_frozen`].
+pub type FrozenHook = Box<dyn FnOnce(&mut ArchiveWriter) -> Result<()>>;
 
 impl Default for CaptureOptions {
     fn default() -> Self {
@@ -41,6 +48,7 @@ impl Default for CaptureOptions {
             pipe_size: 4 << 20,
             ext_files: Vec::new(),
             watch: None,
+            on_frozen: None,
         }
     }
 }
@@ -225,6 +233,9 @@ fn capture_loop(
             w()?;
         }
         if hook_pending && streams.is_empty() {
+            if let Some(f) = opts.on_frozen.take() {
+                f(writer)?;
+            }
             writer.sync_data()?;
             if let Some(mut h) = hook.take() {
                 h.write_all(b"ok\n")

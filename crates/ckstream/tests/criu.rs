@@ -450,3 +450,57 @@ fn criu_image_streamer_readme_pipelines_work_with_ckstream() {
     assert!(out.status.success(), "{all}");
     assert!(all.contains("all passed"), "{all}");
 }
+
+#[test]
+fn dump_carries_a_rootfs_diff_taken_while_frozen_and_restore_applies_it() {
+    if !criu_available("rootfs_with_dump") {
+        return;
+    }
+    let m = Memtest::start(32, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let upper = tmp.path().join("upper");
+    std::fs::create_dir_all(upper.join("app")).unwrap();
+    std::fs::write(upper.join("app/state"), b"written by the container").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        upper.join("obsolete"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        rustix::fs::makedev(0, 0),
+    )
+    .unwrap();
+    let archive = tmp.path().join("ckpt.cka");
+    let upper_arg = upper.to_string_lossy().into_owned();
+    ck_ok(&dump_args(
+        m.pid,
+        &archive,
+        "zstd",
+        1,
+        &["--rootfs-diff", &upper_arg],
+    ));
+    m.wait_gone();
+    let listing =
+        String::from_utf8(ck_ok(&["ls".as_ref(), archive.as_os_str()] as &[&OsStr]).stdout)
+            .unwrap();
+    assert!(
+        listing.lines().any(|l| l == "rootfs/app/state"),
+        "{listing}"
+    );
+    let target = tmp.path().join("rootfs");
+    std::fs::create_dir_all(target.join("app")).unwrap();
+    std::fs::write(target.join("obsolete"), b"deleted in the container").unwrap();
+    ck_ok(&[
+        "restore".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "--rootfs".as_ref(),
+        target.as_os_str(),
+    ] as &[&OsStr]);
+    assert_eq!(
+        std::fs::read(target.join("app/state")).unwrap(),
+        b"written by the container"
+    );
+    assert!(!target.join("obsolete").exists());
+    m.assert_beating();
+    m.assert_memory_intact(1);
+}

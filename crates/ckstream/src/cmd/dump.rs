@@ -32,6 +32,10 @@ pub struct Args {
     /// Number of shard files.
     #[arg(long, default_value_t = 1)]
     shards: u32,
+    /// A container's overlayfs upper dir, stored under `rootfs/` while the process tree
+    /// is frozen (after CRIU wrote the images, before the process is killed or resumed).
+    #[arg(long, value_name = "UPPER")]
+    rootfs_diff: Option<PathBuf>,
     /// Also store NAME=PATH (or PATH) in the archive.
     #[arg(long = "include")]
     include: Vec<OsString>,
@@ -169,8 +173,20 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         })?;
         let child = Arc::new(Mutex::new(child));
         let mut frozen_at = Instant::now();
+        let rootfs = match &args.rootfs_diff {
+            Some(upper) => Some(ckstream_fs::rootfs_diff_input(upper)?),
+            None => None,
+        };
+        let on_frozen: Option<ckstream_criu::capture::FrozenHook> = rootfs.map(|input| {
+            Box::new(move |w: &mut ArchiveWriter| -> ckstream_criu::Result<()> {
+                let plan = ckstream_fs::plan_inputs(&[input])?;
+                ckstream_fs::pack_inputs(w, plan)?;
+                Ok(())
+            }) as ckstream_criu::capture::FrozenHook
+        });
         let opts = CaptureOptions {
             watch: Some(watch_child(child.clone(), log.clone())),
+            on_frozen,
             ..Default::default()
         };
         let captured = capture(&listener, &mut writer, opts, Some(&control), &mut |e| {

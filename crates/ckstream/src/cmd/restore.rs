@@ -16,6 +16,10 @@ use crate::output::human_bytes;
 pub struct Args {
     /// Archive written by `ckstream dump` (or `capture`).
     archive: PathBuf,
+    /// Apply the archive's rootfs diff onto TARGET (deletions, additions, directory
+    /// metadata) before CRIU starts.
+    #[arg(long, value_name = "TARGET")]
+    rootfs: Option<PathBuf>,
     /// Check every chunk of the archive before CRIU starts (reads it twice).
     #[arg(long)]
     verify_first: bool,
@@ -69,6 +73,24 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         reader
             .verify(super::default_threads(), &|_| {})
             .with_context(|| format!("refusing to restore from {}", args.archive.display()))?;
+    }
+    if let Some(target) = &args.rootfs {
+        if reader.find(ckstream_fs::ROOTFS_PREFIX).is_none() {
+            bail!("{} holds no rootfs diff", args.archive.display());
+        }
+        let opts = ckstream_fs::UnpackOptions {
+            strip_prefix: Some(ckstream_fs::ROOTFS_PREFIX.to_vec()),
+            overlay_apply: true,
+            ..Default::default()
+        };
+        ckstream_fs::unpack(
+            &reader,
+            target,
+            &[],
+            &opts,
+            &ckstream_fs::UnpackStats::default(),
+        )
+        .with_context(|| format!("applying the rootfs diff onto {}", target.display()))?;
     }
     let mut work = WorkDir::new(args.work_dir.clone(), "ckstream-restore")?;
     let listener = socket::bind(&work.path, socket::SERVE_SOCKET)?;
