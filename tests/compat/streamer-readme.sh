@@ -29,12 +29,13 @@ wait_line() { # file line
   for _ in $(seq 400); do grep -qx "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
   fail "no '$2' in $1: $(cat "$1" 2>/dev/null)"
 }
-check_alive_and_intact() {
-  local c; c=$(cat "$work/hb"); sleep 0.5
-  (( $(cat "$work/hb") > c )) || fail "heartbeat stopped"
+check_alive_and_intact() { # what
+  local c; c=$(cat "$work/hb")
+  for _ in $(seq 200); do (( $(cat "$work/hb") > c + 1 )) && break; sleep 0.05; done
+  (( $(cat "$work/hb") > c + 1 )) || fail "$1: heartbeat stopped"
   rm -f "$work/hb.verify"; kill -USR1 "$pid"
   for _ in $(seq 200); do [[ -s $work/hb.verify ]] && break; sleep 0.05; done
-  [[ $(head -n1 "$work/hb.verify") == verify=ok ]] || fail "memory check: $(cat "$work/hb.verify")"
+  [[ $(head -n1 "$work/hb.verify") == verify=ok ]] || fail "$1: memory check: $(cat "$work/hb.verify")"
 }
 
 # Example 1 (without lz4): capture into a pipe, restore from a pipe; plus an external
@@ -63,7 +64,7 @@ mapfile -t lines <"$work/serve.progress"
 [[ ${lines[0]} == '{"shards":'* && ${lines[1]} == socket-init ]] || fail "serve progress order: ${lines[*]}"
 "$criu" restore --images-dir "$work/images" --stream -d -o restore.log || fail "criu restore"
 wait "$serve_pid" || fail "serve exited non-zero"
-check_alive_and_intact
+check_alive_and_intact "after serve from a pipe"
 for _ in $(seq 100); do [[ -f $work/scratch/app/data ]] && break; sleep 0.05; done
 [[ $(cat "$work/scratch/app/data") == "app data to preserve" ]] || fail "external file not restored"
 
@@ -94,7 +95,7 @@ exec 12<&-
 wait_line "$work/s3.progress" socket-init
 "$criu" restore --images-dir "$work/images" --stream -d -o restore.log || fail "criu restore (3 shards)"
 wait "$serve_pid" || fail "3-shard serve exited non-zero"
-check_alive_and_intact
+check_alive_and_intact "after the 3-shard restore"
 
 # Example 2: extract to a directory; the result is a plain CRIU image directory.
 mkdir -p "$work/extracted"
@@ -109,5 +110,5 @@ sleep 0.3
 CRIU_FAULT=3 "$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log 2>/dev/null && fail "CRIU_FAULT dump succeeded"
 if wait "$capture_pid"; then fail "capture exited 0 after a failed dump"; fi
 if "$CKSTREAM" verify "$work/failed.cka" 2>/dev/null; then fail "failed capture verifies"; fi
-check_alive_and_intact
+check_alive_and_intact "after a failed dump"
 echo "criu-image-streamer README pipelines: all passed"

@@ -296,7 +296,7 @@ impl ArchiveReader {
     /// [`Error::Corrupt`] when they do not decode; I/O errors.
     pub fn read_chunk(&self, entry: &Entry, c: &Chunk) -> Result<Vec<u8>> {
         let stored = self.read_stored(c)?;
-        decode_chunk(entry, c, &stored)
+        decode_chunk(entry, c, stored)
     }
 
     /// Writes the whole content of entry `i` (holes as zeros) to `out`.
@@ -331,16 +331,29 @@ impl ArchiveReader {
 ///
 /// # Errors
 /// [`Error::Corrupt`] or [`Error::DigestMismatch`], naming the entry and offset.
-pub fn decode_chunk(entry: &Entry, c: &Chunk, stored: &[u8]) -> Result<Vec<u8>> {
+pub fn decode_chunk(entry: &Entry, c: &Chunk, stored: Vec<u8>) -> Result<Vec<u8>> {
     let what = || format!("{:?} at offset {}", entry.path_lossy(), c.file_offset);
     let codec = c
         .codec_id()
         .ok_or_else(|| Error::Unsupported(format!("{}: codec {}", what(), c.codec)))?;
-    let mut raw = codec::decode(codec, stored, c.decoded_len() as usize, &what())?;
-    if c.in_shared_frame() {
-        let start = c.frame_offset as usize;
-        raw = raw[start..start + c.raw_len as usize].to_vec();
-    }
+    let raw = if codec == CodecId::None && !c.in_shared_frame() {
+        // Stored bytes are the raw bytes: no copy.
+        if stored.len() != c.raw_len as usize {
+            return Err(Error::Corrupt(format!(
+                "{}: stored length differs from raw length",
+                what()
+            )));
+        }
+        stored
+    } else {
+        let frame = codec::decode(codec, &stored, c.decoded_len() as usize, &what())?;
+        if c.in_shared_frame() {
+            let start = c.frame_offset as usize;
+            frame[start..start + c.raw_len as usize].to_vec()
+        } else {
+            frame
+        }
+    };
     verify_digest(&raw, &c.digest, what)?;
     Ok(raw)
 }
@@ -608,9 +621,10 @@ impl ArchiveReader {
                 let rx = rx.clone();
                 handles.push(scope.spawn(move || -> Result<()> {
                     for (group, stored, frame_digest) in rx {
+                        let stored_len = stored.len() as u64;
                         if group.len() == 1 && !group[0].1.in_shared_frame() {
                             let (ei, c) = &group[0];
-                            decode_chunk(&self.index.entries[*ei], c, &stored)?;
+                            decode_chunk(&self.index.entries[*ei], c, stored)?;
                         } else {
                             let first = &group[0].1;
                             let what = || {
@@ -636,7 +650,7 @@ impl ArchiveReader {
                                 })?;
                             }
                         }
-                        progress(stored.len() as u64);
+                        progress(stored_len);
                     }
                     Ok(())
                 }));

@@ -313,8 +313,7 @@ fn restore_chunk(
 ) -> Result<()> {
     let c = job.chunk;
     let stored = reader.read_stored(c)?;
-    let data = decode_chunk(job.entry, c, &stored)?;
-    drop(stored);
+    let data = decode_chunk(job.entry, c, stored)?;
     let werr = |e: io::Error| ferr(&job.entry.path, "cannot write", e);
     let src = reader.shard(c.shard).as_file();
     let block = 4096u64;
