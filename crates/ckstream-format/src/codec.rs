@@ -136,8 +136,19 @@ impl Encoder {
     /// Compresses `raw`. Returns `None` when compression is off or does not make the
     /// chunk smaller, in which case the caller stores it raw.
     pub fn encode(&mut self, raw: &[u8]) -> Result<Option<(CodecId, Vec<u8>)>> {
-        let out = match self.compression.codec {
-            CodecId::None => return Ok(None),
+        if self.compression.codec == CodecId::None || self.looks_incompressible(raw)? {
+            return Ok(None);
+        }
+        let out = self.compress(raw)?;
+        if out.len() >= raw.len() {
+            return Ok(None);
+        }
+        Ok(Some((self.compression.codec, out)))
+    }
+
+    fn compress(&mut self, raw: &[u8]) -> Result<Vec<u8>> {
+        Ok(match self.compression.codec {
+            CodecId::None => raw.to_vec(),
             CodecId::Lz4 => lz4_flex::block::compress(raw),
             CodecId::Zstd => self
                 .zstd
@@ -145,11 +156,27 @@ impl Encoder {
                 .expect("zstd encoder")
                 .compress(raw)
                 .map_err(|e| Error::io("zstd compression", e))?,
-        };
-        if out.len() >= raw.len() {
-            return Ok(None);
+        })
+    }
+
+    /// Compresses eight 4 KiB samples spread over a large chunk; when together they do not shrink by 3 %,
+    /// the chunk is stored raw without compressing it whole. Random memory pages (keys,
+    /// encrypted or already compressed data) then cost almost nothing to store.
+    fn looks_incompressible(&mut self, raw: &[u8]) -> Result<bool> {
+        const SAMPLE: usize = 4 << 10;
+        const SAMPLES: usize = 8;
+        if raw.len() < 64 * SAMPLE {
+            return Ok(false);
         }
-        Ok(Some((self.compression.codec, out)))
+        let mut sampled = 0usize;
+        let mut packed = 0usize;
+        for i in 0..SAMPLES {
+            let start = i * (raw.len() - SAMPLE) / (SAMPLES - 1);
+            let sample = &raw[start..start + SAMPLE];
+            sampled += SAMPLE;
+            packed += self.compress(sample)?.len();
+        }
+        Ok(packed * 100 >= sampled * 97)
     }
 }
 
@@ -206,6 +233,39 @@ mod tests {
             let (id, stored) = e.encode(&raw).unwrap().unwrap();
             assert_eq!(decode(id, &stored, raw.len(), "t").unwrap(), raw);
             assert!(decode(id, &stored, raw.len() + 1, "t").is_err());
+        }
+    }
+
+    #[test]
+    fn mostly_compressible_chunks_are_not_mistaken_for_random() {
+        // Random bytes at the sample points only would fool a one-sample probe; text in
+        // between must still get the chunk compressed.
+        let mut raw: Vec<u8> = (0..(1 << 20)).map(|i| b"text log line "[i % 14]).collect();
+        let mut x = 1u64;
+        for b in raw[..8192].iter_mut() {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *b = (x >> 33) as u8;
+        }
+        for c in [Compression::LZ4, Compression::zstd(1)] {
+            assert!(Encoder::new(c).unwrap().encode(&raw).unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn large_random_chunks_skip_compression() {
+        let mut x = 7u64;
+        let raw: Vec<u8> = (0..(1 << 20))
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 33) as u8
+            })
+            .collect();
+        for c in [Compression::LZ4, Compression::zstd(1)] {
+            assert!(Encoder::new(c).unwrap().encode(&raw).unwrap().is_none());
         }
     }
 
