@@ -62,7 +62,7 @@ step "Peer for comparison: tar | zstd -1 -T0"
 start=$(date +%s.%N)
 tar -C "$work" -cf - sample | zstd -1 -T0 -q -o "$work/sample.tar.zst"
 end=$(date +%s.%N)
-printf 'tar|zstd: %s in %.2fs; ckstream: %s\n' "$(du -h "$work/sample.tar.zst" | cut -f1)" "$(echo "$end - $start" | bc)" "$(du -h "$work/sample.cka" | cut -f1)"
+printf 'tar|zstd: %s in %ss; ckstream: %s\n' "$(du -h "$work/sample.tar.zst" | cut -f1)" "$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')" "$(du -h "$work/sample.cka" | cut -f1)"
 step "A damaged archive is refused"
 cp "$work/sample.cka" "$work/damaged.cka"
 printf '\xff' | dd of="$work/damaged.cka" bs=1 seek=$(( $(stat -c %s "$work/damaged.cka") / 2 )) conv=notrunc 2>/dev/null
