@@ -310,3 +310,47 @@ fn manifest_comparison_detects_a_one_nanosecond_change() {
     );
     assert_ne!(manifest(&out), manifest(&src));
 }
+
+#[test]
+fn archives_can_be_read_from_stdin() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src);
+    let packed = ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        "-".as_ref(),
+        format!(".={}", src.display()).as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    let feed = |args: &[&str]| {
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let data = packed.stdout.clone();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    };
+    let v = feed(&["verify", "-"]);
+    assert!(v.status.success(), "{}", stderr(&v));
+    let c = feed(&["cat", "-", "dir/nested/deeper/text.txt"]);
+    assert_eq!(
+        c.stdout,
+        std::fs::read(src.join("dir/nested/deeper/text.txt")).unwrap()
+    );
+    let out = tmp.path().join("out");
+    let u = feed(&["unpack", "-q", "-", "-C", out.to_str().unwrap()]);
+    assert!(u.status.success(), "{}", stderr(&u));
+    assert_same_tree(&src, &out);
+}

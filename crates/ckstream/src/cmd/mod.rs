@@ -79,7 +79,21 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Opens an archive given on the command line.
 pub fn open(path: &std::path::Path) -> Result<ckstream_format::ArchiveReader> {
     if path.as_os_str() == "-" {
-        anyhow::bail!("random access needs a file: save the stream to a file first");
+        // A stream on stdin: its commit footer comes last, so read it whole into an
+        // unlinked temporary file first (a one-shard archive, as `pack -o -` writes).
+        let stdin =
+            rustix::io::fcntl_dupfd_cloexec(std::io::stdin(), 3).map_err(std::io::Error::from)?;
+        let file = streamer::seekable(std::fs::File::from(stdin), &std::env::temp_dir(), "stdin")?;
+        let mut source = Some(
+            Box::new(ckstream_store::FileSource::from_file(file, "stdin"))
+                as Box<dyn ckstream_format::ShardSource>,
+        );
+        return ckstream_format::ArchiveReader::open(|i| {
+            source.take().ok_or_else(|| {
+                ckstream_format::Error::Usage(format!("the archive on stdin has more than one shard (needs shard {i}); read it from files"))
+            })
+        })
+        .map_err(|e| anyhow::Error::new(e).context("cannot read the archive on stdin"));
     }
     let p = path.to_string_lossy();
     let p = PathBuf::from(p.strip_prefix("file://").unwrap_or(&p).to_string());

@@ -216,6 +216,23 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     Ok(())
 }
 
+/// Returns `f` itself when it is a regular file; otherwise (a pipe) copies it into an
+/// unlinked temporary file in `dir` and returns that, so it can be read at random.
+pub fn seekable(mut f: File, dir: &Path, what: &str) -> Result<File> {
+    if f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Ok(f);
+    }
+    let tmp = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .with_context(|| format!("creating a spool file in {}", dir.display()))?;
+    let mut tmp = File::from(tmp);
+    io::copy(&mut f, &mut tmp).with_context(|| format!("reading {what}"))?;
+    Ok(tmp)
+}
+
 /// Opens the archive from the shard fds: regular files directly, pipes by spooling them
 /// into unlinked temporary files in `dir` (the stream must be complete before anything
 /// can be trusted: its commit footer comes last).
@@ -230,23 +247,7 @@ fn open_from_fds(o: &StreamerOpts, dir: &Path) -> Result<(ArchiveReader, Vec<(u6
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for fd in fds {
         let t = Instant::now();
-        let mut f = take_fd(fd, "shard")?;
-        let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
-        let file = if regular {
-            f
-        } else {
-            let tmp = rustix::fs::open(
-                dir,
-                rustix::fs::OFlags::TMPFILE
-                    | rustix::fs::OFlags::RDWR
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::from_raw_mode(0o600),
-            )
-            .with_context(|| format!("creating a spool file in {}", dir.display()))?;
-            let mut tmp = File::from(tmp);
-            io::copy(&mut f, &mut tmp).with_context(|| format!("reading shard fd {fd}"))?;
-            tmp
-        };
+        let file = seekable(take_fd(fd, "shard")?, dir, &format!("shard fd {fd}"))?;
         let size = file.metadata()?.len();
         stats.push((size, t.elapsed().as_millis()));
         sources.push(Some(Box::new(FileSource::from_file(
