@@ -120,6 +120,8 @@ impl Stream {
     /// Reads what the pipe has. Returns true at EOF (after flushing the last chunk).
     fn pump(&mut self, writer: &mut ArchiveWriter, chunk: usize, bytes: &mut u64) -> Result<bool> {
         loop {
+            // A busy pipe never runs dry: notice signals here, not only between polls.
+            check_interrupted()?;
             let got = match rustix::io::read(&self.fd, self.buf.spare_capacity_mut()) {
                 Ok((read, _)) => read.len(),
                 Err(rustix::io::Errno::AGAIN) => return Ok(false),

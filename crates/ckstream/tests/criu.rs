@@ -104,6 +104,11 @@ fn session_members(sid: u32) -> Vec<u32> {
 
 impl Memtest {
     fn start(mib: u32, children: u32) -> Memtest {
+        Memtest::start_with_fill(mib, children, "random")
+    }
+
+    /// `fill`: memtest's MEMTEST_FILL (random, or mixed for compressible memory).
+    fn start_with_fill(mib: u32, children: u32, fill: &str) -> Memtest {
         let dir = tempfile::Builder::new()
             .prefix("ckstream-memtest-")
             .tempdir()
@@ -111,6 +116,7 @@ impl Memtest {
         let hb = dir.path().join("hb");
         // -f: always fork, so the tree runs in its own session and we do not wait for it.
         Command::new("setsid")
+            .env("MEMTEST_FILL", fill)
             .arg("-f")
             .arg(memtest_binary())
             .arg(mib.to_string())
@@ -501,6 +507,60 @@ fn dump_carries_a_rootfs_diff_taken_while_frozen_and_restore_applies_it() {
         b"written by the container"
     );
     assert!(!target.join("obsolete").exists());
+    m.assert_beating();
+    m.assert_memory_intact(1);
+}
+
+#[test]
+fn sigterm_during_dump_leaves_no_archive_and_the_process_running() {
+    if !criu_available("sigterm_during_dump") {
+        return;
+    }
+    let m = Memtest::start_with_fill(128, 1, "mixed");
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("ckpt.cka");
+    let work = tmp.path().join("work");
+    let work_arg = work.to_string_lossy().into_owned();
+    // zstd level 19 on compressible memory makes the dump slow enough to interrupt.
+    let mut child = Command::new(bin())
+        .args(dump_args(
+            m.pid,
+            &archive,
+            "zstd:19",
+            1,
+            &["--work-dir", &work_arg],
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("CRIU to start dumping", Duration::from_secs(30), || {
+        work.join("dump.log").exists()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!archive.exists(), "an interrupted dump left an archive");
+    let partial: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(partial.is_empty(), "temporary shards left: {partial:?}");
+    // No CRIU left behind, and the process resumed with its memory intact.
+    wait_for("criu to exit", Duration::from_secs(30), || {
+        std::fs::read_dir("/proc").unwrap().flatten().all(|e| {
+            std::fs::read(e.path().join("cmdline")).map_or(true, |c| {
+                !String::from_utf8_lossy(&c).contains(work_arg.as_str())
+            })
+        })
+    });
     m.assert_beating();
     m.assert_memory_intact(1);
 }
