@@ -522,7 +522,7 @@ fn sigterm_during_dump_leaves_no_archive_and_the_process_running() {
     let work = tmp.path().join("work");
     let work_arg = work.to_string_lossy().into_owned();
     // zstd level 19 on compressible memory makes the dump slow enough to interrupt.
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(dump_args(
             m.pid,
             &archive,
