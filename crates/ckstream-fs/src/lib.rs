@@ -11,7 +11,7 @@ pub mod unpack;
 mod xattr;
 
 pub use pack::{
-    pack_inputs, parse_input, plan_inputs, rootfs_diff_input, PackInput, PackPlan, PackStats,
-    ROOTFS_PREFIX,
+    pack_inputs, pack_inputs_until, parse_input, plan_inputs, rootfs_diff_input, PackInput,
+    PackPlan, PackStats, ROOTFS_PREFIX,
 };
 pub use unpack::{unpack, UnpackOptions, UnpackStats};

@@ -298,6 +298,25 @@ pub struct PackStats {
 /// I/O errors naming the file (including a file that shrank while being read) and
 /// any writer error.
 pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan) -> Result<PackStats> {
+    pack_inputs_until(writer, plan, &|| false)
+}
+
+/// As [`pack_inputs`], checking `stop` before every file and chunk; when it turns true
+/// the packing ends with an `Interrupted` I/O error (the caller aborts the archive).
+///
+/// # Errors
+/// As [`pack_inputs`], plus the interruption.
+pub fn pack_inputs_until(
+    writer: &mut ArchiveWriter,
+    plan: PackPlan,
+    stop: &dyn Fn() -> bool,
+) -> Result<PackStats> {
+    let interrupted = || {
+        Error::io(
+            "packing",
+            io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
+        )
+    };
     let chunk = writer.options().chunk_size as u64;
     let cloneable = writer.options().compression.codec == CodecId::None;
     // Compressed archives pack small files together into shared frames: one frame per
@@ -311,6 +330,9 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan) -> Result<PackSta
     let mut bundle_bytes = 0u64;
     let mut stats = PackStats::default();
     for planned in plan.entries {
+        if stop() {
+            return Err(interrupted());
+        }
         let is_file = planned.entry.entry_kind() == EntryKind::File;
         let size = planned.entry.size;
         stats.entries += 1;
@@ -361,6 +383,9 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan) -> Result<PackSta
         for r in ranges {
             let mut off = r.start;
             while off < r.end {
+                if stop() {
+                    return Err(interrupted());
+                }
                 let next = ((off / chunk) + 1) * chunk;
                 let len = (next.min(r.end) - off) as usize;
                 let mut buf = vec![0u8; len];

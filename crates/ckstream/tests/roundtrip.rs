@@ -354,3 +354,53 @@ fn archives_can_be_read_from_stdin() {
     assert!(u.status.success(), "{}", stderr(&u));
     assert_same_tree(&src, &out);
 }
+
+#[test]
+fn sigterm_during_pack_removes_its_temporary_files() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("big.txt");
+    // Compressible, so zstd level 19 takes seconds: time to interrupt it.
+    let words = [
+        "alpha ", "beta ", "gamma ", "delta ", "log ", "line ", "error ", "ok\n",
+    ];
+    let noise = prng_bytes(3, 16 << 20);
+    let data: Vec<u8> = noise
+        .iter()
+        .flat_map(|b| words[(*b & 7) as usize].bytes())
+        .collect();
+    std::fs::write(&src, data).unwrap();
+    let out_dir = tmp.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let archive = out_dir.join("a.cka");
+    let child = Command::new(bin())
+        .args(["pack", "-c", "zstd:19", "-o"])
+        .arg(&archive)
+        .arg(&src)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = || {
+        std::fs::read_dir(&out_dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !partial() {
+        assert!(std::time::Instant::now() < deadline, "pack never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!archive.exists());
+    assert!(!partial(), "temporary shard left behind");
+}

@@ -42,6 +42,8 @@ pub struct Args {
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let compression: Compression = args.compress.parse()?;
+    // SIGINT/SIGTERM stop the pack cleanly: temporary shards are removed, nothing is published.
+    ckstream_criu::socket::install_interrupt_handler();
     if !(64..=16384).contains(&args.chunk_kib) {
         anyhow::bail!("--chunk-kib must be between 64 and 16384");
     }
@@ -83,7 +85,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         let progress = Progress::bytes("pack", total, quiet, move || {
             stats.raw_bytes.load(Ordering::Relaxed)
         });
-        let packed = ckstream_fs::pack_inputs(&mut writer, plan);
+        let packed =
+            ckstream_fs::pack_inputs_until(&mut writer, plan, &ckstream_criu::socket::interrupted);
         let summary = match packed {
             Ok(_) => writer.finish(),
             Err(e) => {
