@@ -347,6 +347,8 @@ pub fn pack_inputs_until(
         let id = writer.add_entry(planned.entry)?;
         let Some(file) = file else { continue };
         stats.files += 1;
+        // Shared with the writer's workers as the reflink source of uncompressed chunks.
+        let file = Arc::new(file);
         let read = |buf: &mut [u8], off: u64| {
             file.read_exact_at(buf, off).map_err(|e| {
                 if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -376,10 +378,6 @@ pub fn pack_inputs_until(
             .map_err(|e| io_err(&planned.source, "cannot stat", e))?;
         let ranges = data_ranges(&file, size, meta.blocks())
             .map_err(|e| io_err(&planned.source, "cannot map holes of", e))?;
-        let shared = Arc::new(
-            file.try_clone()
-                .map_err(|e| io_err(&planned.source, "cannot open", e))?,
-        );
         for r in ranges {
             let mut off = r.start;
             while off < r.end {
@@ -391,7 +389,7 @@ pub fn pack_inputs_until(
                 let mut buf = vec![0u8; len];
                 read(&mut buf, off)?;
                 stats.bytes_read += len as u64;
-                let clone = cloneable.then(|| (shared.clone(), off));
+                let clone = cloneable.then(|| (file.clone(), off));
                 writer.add_data(id, off, buf, clone)?;
                 off += len as u64;
             }

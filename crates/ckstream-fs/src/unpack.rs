@@ -388,7 +388,9 @@ fn restore_shared_frame(
 
 struct OpenFile<'a> {
     file: File,
-    entry: &'a Entry,
+    /// Metadata to apply: the entry itself, or for a hard link whose target was not
+    /// extracted, the target's metadata under the link's path.
+    entry: std::borrow::Cow<'a, Entry>,
     dir: Vec<u8>,
 }
 
@@ -449,7 +451,7 @@ fn flush_batch(
     });
     let result = result.and_then(|()| {
         for f in batch.iter() {
-            apply_meta_fd(&f.file, f.entry, opts)?;
+            apply_meta_fd(&f.file, &f.entry, opts)?;
         }
         Ok(())
     });
@@ -571,9 +573,11 @@ pub fn unpack(
                 extracted_files.insert(&e.path, ());
                 let slot = batch.len();
                 let entry_for_meta = if data_entry == i {
-                    e
+                    std::borrow::Cow::Borrowed(&**e)
                 } else {
-                    src_with_path(src, e)
+                    let mut copy: Entry = Entry::clone(src);
+                    copy.path = e.path.clone();
+                    std::borrow::Cow::Owned(copy)
                 };
                 batch.push(OpenFile {
                     file,
@@ -797,13 +801,4 @@ fn apply_deletions(
         }
     }
     Ok(())
-}
-
-/// A hardlink whose target was not selected is restored as a copy of the target's
-/// data with the target's metadata; only the path differs. Leaks one small `Entry`
-/// per such link, which lives as long as the unpack anyway.
-fn src_with_path<'a>(src: &'a Entry, link: &Entry) -> &'a Entry {
-    let mut copy = src.clone();
-    copy.path = link.path.clone();
-    Box::leak(Box::new(copy))
 }

@@ -156,11 +156,7 @@ impl Memtest {
     fn assert_memory_intact(&self, children: u32) {
         let verify = self.dir.path().join("hb.verify");
         let _ = std::fs::remove_file(&verify);
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(self.pid as i32).unwrap(),
-            rustix::process::Signal::USR1,
-        )
-        .unwrap();
+        signal(self.pid, rustix::process::Signal::USR1);
         wait_for("memory verification", Duration::from_secs(30), || {
             verify.exists()
         });
@@ -537,11 +533,7 @@ fn sigterm_during_dump_leaves_no_archive_and_the_process_running() {
         work.join("dump.log").exists()
     });
     std::thread::sleep(Duration::from_millis(300));
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
+    signal(child.id(), rustix::process::Signal::TERM);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{err}");

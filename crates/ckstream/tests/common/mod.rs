@@ -36,6 +36,12 @@ pub fn need_root(test: &str) -> bool {
     false
 }
 
+/// Sends `sig` to process `pid`, which must exist.
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig)
+        .unwrap();
+}
+
 pub fn run(args: &[&OsStr]) -> Output {
     Command::new(bin())
         .args(args)
