@@ -2,3 +2,6 @@
 //! storage (bundle, CRIU images, overlay upper dir, libpod database), writing and
 //! reading podman's checkpoint archive layout as a block-aligned tar, converting
 //! between it and `.cka`, and driving `podman` for checkpoint and restore.
+
+pub mod boltdb;
+pub mod config_dump;
