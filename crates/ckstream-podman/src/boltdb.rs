@@ -775,5 +775,6 @@ fn display_path(path: &[&[u8]]) -> String {
         .join("/")
 }
 
+/// Also used by other modules' tests to build bolt files.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

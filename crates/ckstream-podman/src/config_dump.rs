@@ -83,6 +83,9 @@ pub enum ConfigDumpError {
         /// Which part (port mappings, networks).
         what: &'static str,
     },
+    /// Podman keeps its state in a database other than BoltDB.
+    #[error("podman uses the {0} state database; only BoltDB (podman 4) is supported")]
+    UnsupportedDatabase(String),
     /// `podman info` failed or did not report a graph root.
     #[error("asking podman for its storage location: {0}")]
     PodmanInfo(String),
@@ -297,21 +300,30 @@ pub fn db_path_for_graph_root(graph_root: &Path) -> PathBuf {
     graph_root.join("libpod").join(BOLT_STATE_FILE)
 }
 
-/// The storage graph root reported by `podman info --format json` (`store.graphRoot`).
+/// The BoltDB state location implied by `podman info --format json` output:
+/// `<store.graphRoot>/libpod/bolt_state.db`.
 ///
 /// # Errors
-/// [`ConfigDumpError::BadJson`] or [`ConfigDumpError::PodmanInfo`] if the
-/// output is not JSON or lacks the field.
-pub fn graph_root_from_podman_info(info_json: &[u8]) -> Result<PathBuf> {
+/// [`ConfigDumpError::BadJson`] if the output is not JSON,
+/// [`ConfigDumpError::UnsupportedDatabase`] if podman reports a database
+/// backend other than BoltDB (podman 5 defaults to SQLite), and
+/// [`ConfigDumpError::PodmanInfo`] if `store.graphRoot` is missing.
+pub fn db_path_from_podman_info(info_json: &[u8]) -> Result<PathBuf> {
     let info: Json =
         serde_json::from_slice(info_json).map_err(|source| ConfigDumpError::BadJson {
             what: "podman info output".to_string(),
             source,
         })?;
+    // Podman 4.3 does not report the backend at all; it only has BoltDB.
+    if let Some(backend) = info.pointer("/host/databaseBackend").and_then(Json::as_str) {
+        if !backend.is_empty() && backend != "boltdb" {
+            return Err(ConfigDumpError::UnsupportedDatabase(backend.to_string()));
+        }
+    }
     info.pointer("/store/graphRoot")
         .and_then(Json::as_str)
         .filter(|root| !root.is_empty())
-        .map(PathBuf::from)
+        .map(|root| db_path_for_graph_root(Path::new(root)))
         .ok_or_else(|| ConfigDumpError::PodmanInfo("no store.graphRoot in podman info".to_string()))
 }
 
@@ -320,7 +332,9 @@ pub fn graph_root_from_podman_info(info_json: &[u8]) -> Result<PathBuf> {
 ///
 /// # Errors
 /// [`ConfigDumpError::PodmanInfo`] if podman cannot be run, fails, or reports
-/// no graph root.
+/// no graph root, or if there is no state file where it should be (a
+/// `static_dir` set in containers.conf moves it); the errors of
+/// [`db_path_from_podman_info`].
 pub fn find_db_path(podman_args: &[&str]) -> Result<PathBuf> {
     let output = Command::new("podman")
         .args(podman_args)
@@ -334,9 +348,14 @@ pub fn find_db_path(podman_args: &[&str]) -> Result<PathBuf> {
             String::from_utf8_lossy(&output.stderr).trim()
         )));
     }
-    Ok(db_path_for_graph_root(&graph_root_from_podman_info(
-        &output.stdout,
-    )?))
+    let path = db_path_from_podman_info(&output.stdout)?;
+    if !path.is_file() {
+        return Err(ConfigDumpError::PodmanInfo(format!(
+            "no podman state at {} (is static_dir set in containers.conf?)",
+            path.display()
+        )));
+    }
+    Ok(path)
 }
 
 fn container_bucket<'db>(
@@ -367,5 +386,165 @@ fn parse_object(bytes: &[u8], what: impl Fn() -> String) -> Result<Map<String, J
             what: what(),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boltdb::tests::{FileBuilder, Item};
+    use serde_json::json;
+
+    const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const SHORT_ID: &str = "0123456789ab";
+
+    /// A state with one container `web` (ID [`ID`]) holding `config` and, if
+    /// given, a `networks` bucket with these (name, options) entries.
+    fn state(config: Json, networks: Option<Vec<(&str, Vec<u8>)>>) -> BoltDb {
+        let mut builder = FileBuilder::new(4096);
+        builder.leaf(
+            2,
+            vec![
+                (b"ctr", Item::BucketAt(3)),
+                (
+                    b"name-registry",
+                    Item::InlineBucket(vec![(b"web".to_vec(), ID.as_bytes().to_vec())]),
+                ),
+            ],
+        );
+        builder.leaf(3, vec![(ID.as_bytes(), Item::BucketAt(4))]);
+        let mut container = vec![(&b"config"[..], Item::Data(config.to_string().into_bytes()))];
+        if let Some(networks) = networks {
+            let entries = networks
+                .into_iter()
+                .map(|(name, options)| (name.as_bytes().to_vec(), options))
+                .collect();
+            container.push((b"networks", Item::InlineBucket(entries)));
+        }
+        builder.leaf(4, container);
+        BoltDb::from_bytes(builder.build(2)).unwrap()
+    }
+
+    fn dump(db: &BoltDb) -> Result<Json> {
+        let bytes = config_dump_from_db(db, ID)?;
+        Ok(serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[test]
+    fn bridge_networks_come_from_the_db_without_the_short_id_alias() {
+        let db = state(
+            json!({"id": ID, "networkMode": "bridge", "newNetworks": {"stale": {}}}),
+            Some(vec![
+                (
+                    "front",
+                    json!({"aliases": ["web", SHORT_ID, "db"], "interface_name": "eth0"})
+                        .to_string()
+                        .into_bytes(),
+                ),
+                (
+                    "back",
+                    json!({"aliases": [SHORT_ID], "interface_name": "eth1",
+                           "static_ips": ["10.1.2.3"], "static_mac": "92:d0:c6:0a:29:33"})
+                    .to_string()
+                    .into_bytes(),
+                ),
+            ]),
+        );
+        assert_eq!(
+            dump(&db).unwrap(),
+            json!({
+                "id": ID,
+                "networkMode": "bridge",
+                "newNetworks": {
+                    "front": {"aliases": ["web", "db"], "interface_name": "eth0"},
+                    "back": {"interface_name": "eth1", "static_ips": ["10.1.2.3"],
+                             "static_mac": "92:d0:c6:0a:29:33"}
+                }
+            })
+        );
+        assert_eq!(resolve_container_id(&db, "web").unwrap(), ID);
+    }
+
+    #[test]
+    fn other_network_modes_have_no_networks() {
+        for mode in ["none", "host", "slirp4netns", "ns:/run/netns/x"] {
+            let db = state(
+                json!({"id": ID, "networkMode": mode, "newNetworks": {"x": {}}}),
+                Some(vec![("podman", b"{}".to_vec())]),
+            );
+            assert_eq!(
+                dump(&db).unwrap(),
+                json!({"id": ID, "networkMode": mode}),
+                "{mode}"
+            );
+        }
+    }
+
+    #[test]
+    fn unmigrated_podman_3_layouts_are_refused() {
+        let bridge = json!({"id": ID, "networkMode": "bridge"});
+        let cases = [
+            state(bridge.clone(), None),
+            state(
+                bridge.clone(),
+                Some(vec![("podman", ID.as_bytes().to_vec())]),
+            ),
+            state(
+                json!({"id": ID, "networkMode": "none",
+                       "portMappings": [{"hostPort": 80, "containerPort": 80}]}),
+                None,
+            ),
+        ];
+        for db in cases {
+            assert!(matches!(
+                dump(&db),
+                Err(ConfigDumpError::NotMigrated { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn damaged_entries_are_reported() {
+        let bridge = json!({"id": ID, "networkMode": "bridge"});
+        let db = state(
+            bridge.clone(),
+            Some(vec![("podman", b"{not json".to_vec())]),
+        );
+        assert!(matches!(dump(&db), Err(ConfigDumpError::BadJson { .. })));
+        let db = state(
+            bridge,
+            Some(vec![("podman", br#"{"aliases": "web"}"#.to_vec())]),
+        );
+        assert!(matches!(dump(&db), Err(ConfigDumpError::UnexpectedJson(_))));
+        let db = state(json!(["not", "an", "object"]), None);
+        assert!(matches!(dump(&db), Err(ConfigDumpError::UnexpectedJson(_))));
+        assert!(matches!(
+            container_bundle_dir(&state(json!({"id": ID}), None), ID),
+            Err(ConfigDumpError::UnexpectedJson(_))
+        ));
+    }
+
+    #[test]
+    fn db_path_comes_from_podman_info() {
+        let podman4 = br#"{"host": {}, "store": {"graphRoot": "/srv/storage"}}"#;
+        assert_eq!(
+            db_path_from_podman_info(podman4).unwrap(),
+            Path::new("/srv/storage/libpod/bolt_state.db")
+        );
+        let podman5 = br#"{"host": {"databaseBackend": "sqlite"}, "store": {"graphRoot": "/x"}}"#;
+        assert!(matches!(
+            db_path_from_podman_info(podman5),
+            Err(ConfigDumpError::UnsupportedDatabase(backend)) if backend == "sqlite"
+        ));
+        let bolt5 = br#"{"host": {"databaseBackend": "boltdb"}, "store": {"graphRoot": "/x"}}"#;
+        assert!(db_path_from_podman_info(bolt5).is_ok());
+        assert!(matches!(
+            db_path_from_podman_info(br#"{"store": {}}"#),
+            Err(ConfigDumpError::PodmanInfo(_))
+        ));
+        assert!(matches!(
+            db_path_from_podman_info(b"nope"),
+            Err(ConfigDumpError::BadJson { .. })
+        ));
     }
 }

@@ -1,6 +1,7 @@
 //! Compares `config_dump`/`spec_dump` with what real podman writes into a
-//! checkpoint export, for a container on the default (CNI `podman`) network and
-//! one with `--network none`.
+//! checkpoint export, for containers on the default (CNI `podman`) network
+//! (plain, and with network aliases and a static MAC address) and with
+//! `--network none`.
 //!
 //! Needs root, podman and runc. Without podman (or root) the tests are skipped,
 //! unless `CKSTREAM_REQUIRE_PRIVILEGED=1`, which turns a skip into a failure.
@@ -146,8 +147,13 @@ fn assert_same_json(what: &str, ours: &Json, podmans: &Json) {
 }
 
 /// Runs a container with `network_args`, computes config.dump/spec.dump from
-/// the DB and bundle, lets podman export a checkpoint, and compares.
-fn compare_with_podman_export(label: &str, network_args: &[&str], expected_networks: &[&str]) {
+/// the DB and bundle, lets podman export a checkpoint, and compares. Returns
+/// podman's config.dump.
+fn compare_with_podman_export(
+    label: &str,
+    network_args: &[&str],
+    expected_networks: &[&str],
+) -> Json {
     ensure_image();
     let name = format!("ckstream-bolt-{label}-{}", std::process::id());
     let _guard = ContainerGuard(name.clone());
@@ -217,6 +223,7 @@ fn compare_with_podman_export(label: &str, network_args: &[&str], expected_netwo
 
     assert_same_json("config.dump", &our_config, &podman_config);
     assert_same_json("spec.dump", &our_spec, &podman_spec);
+    podman_config
 }
 
 #[test]
@@ -233,4 +240,35 @@ fn config_and_spec_dump_match_podman_without_network() {
         return;
     }
     compare_with_podman_export("none", &["--network", "none"], &[]);
+}
+
+#[test]
+fn config_and_spec_dump_match_podman_with_aliases_and_a_static_mac() {
+    if !podman_available() {
+        return;
+    }
+    // A locally administered address, different per test process.
+    let pid = std::process::id();
+    let mac = format!(
+        "92:d0:c6:{:02x}:{:02x}:{:02x}",
+        (pid >> 16) & 0xff,
+        (pid >> 8) & 0xff,
+        pid & 0xff
+    );
+    let podman_config = compare_with_podman_export(
+        "alias",
+        &[
+            "--network-alias",
+            "web",
+            "--network-alias",
+            "db",
+            "--mac-address",
+            &mac,
+        ],
+        &["podman"],
+    );
+    // The user's aliases survive, the short-ID alias does not.
+    let options = &podman_config["newNetworks"]["podman"];
+    assert_eq!(options["aliases"], serde_json::json!(["web", "db"]));
+    assert_eq!(options["static_mac"], mac.as_str());
 }

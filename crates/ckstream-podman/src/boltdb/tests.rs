@@ -6,7 +6,7 @@ use super::*;
 use std::collections::BTreeMap;
 
 /// What a leaf element holds.
-enum Item {
+pub(crate) enum Item {
     Data(Vec<u8>),
     /// A bucket header pointing at a page.
     BucketAt(u64),
@@ -15,14 +15,14 @@ enum Item {
 }
 
 /// Builds a bolt file from explicitly placed pages.
-struct FileBuilder {
+pub(crate) struct FileBuilder {
     page_size: usize,
     /// First page of each placed page run, with its bytes (a page-size multiple).
     pages: BTreeMap<u64, Vec<u8>>,
 }
 
 impl FileBuilder {
-    fn new(page_size: usize) -> Self {
+    pub(crate) fn new(page_size: usize) -> Self {
         Self {
             page_size,
             pages: BTreeMap::new(),
@@ -89,7 +89,7 @@ impl FileBuilder {
         self
     }
 
-    fn leaf(&mut self, pgid: u64, items: Vec<(&[u8], Item)>) -> &mut Self {
+    pub(crate) fn leaf(&mut self, pgid: u64, items: Vec<(&[u8], Item)>) -> &mut Self {
         let bytes = Self::page_bytes(pgid, PAGE_FLAG_LEAF, &Self::leaf_elements(items), true);
         self.place(pgid, bytes)
     }
@@ -109,7 +109,7 @@ impl FileBuilder {
     }
 
     /// Assembles the file, with both metas at `txid` 1 and 2 unless placed already.
-    fn build(&mut self, root: u64) -> Vec<u8> {
+    pub(crate) fn build(&mut self, root: u64) -> Vec<u8> {
         let high_water = self.high_water();
         if !self.pages.contains_key(&0) {
             self.meta(0, root, high_water, 1);
