@@ -11,11 +11,16 @@
 //!   alias equal to the short container ID, which would be wrong after a restore
 //!   under a new ID. Podman's `c.networks()` returns no networks unless the
 //!   network mode is `bridge`, so other modes have no `newNetworks`.
-//! - `spec.dump` is the OCI runtime spec, the bundle's `config.json` parsed and
-//!   written again.
+//! - `spec.dump` is the OCI runtime spec: podman parses the bundle's
+//!   `config.json` into runtime-spec's Go struct and writes it again. Podman
+//!   wrote that `config.json` from the same struct, so the value is the file's
+//!   (a field unknown to podman's runtime-spec version, added by another tool,
+//!   would be dropped by podman but kept here).
 //!
-//! Both are written here as indented JSON like podman's (key order and escaping
-//! differ; the JSON values are the same).
+//! Nothing in `config.dump` is set at export time (in 4.3.1 the checkpoint
+//! times live in the container *state*, not the config), so the values match
+//! podman's exactly. Both are written here as indented JSON like podman's (key
+//! order and HTML escaping differ; the JSON values are the same).
 //!
 //! Podman 5 keeps its state in SQLite by default; this module reads only the
 //! BoltDB state that podman 4 uses.
@@ -91,7 +96,8 @@ pub enum ConfigDumpError {
     PodmanInfo(String),
 }
 
-type Result<T> = std::result::Result<T, ConfigDumpError>;
+/// Result of this module's functions.
+pub type Result<T> = std::result::Result<T, ConfigDumpError>;
 
 /// The bytes podman 4.3.1 would write to `config.dump` for `container_id`, read
 /// from the BoltDB state at `db_path`.
