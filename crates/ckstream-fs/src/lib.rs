@@ -14,4 +14,4 @@ pub use pack::{
     pack_inputs, pack_inputs_until, parse_input, plan_inputs, rootfs_diff_input, PackInput,
     PackPlan, PackStats, ROOTFS_PREFIX,
 };
-pub use unpack::{unpack, UnpackOptions, UnpackStats};
+pub use unpack::{is_opaque, is_whiteout, unpack, UnpackOptions, UnpackStats};

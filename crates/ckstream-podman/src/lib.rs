@@ -5,3 +5,10 @@
 
 pub mod boltdb;
 pub mod config_dump;
+pub mod deleted;
+pub mod diff;
+pub mod export;
+pub mod import;
+pub mod layout;
+pub mod podman;
+pub mod tar;

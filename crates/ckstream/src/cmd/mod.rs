@@ -5,6 +5,7 @@ mod dump;
 mod info;
 mod ls;
 mod pack;
+mod podman;
 mod restore;
 mod streamer;
 mod unpack;
@@ -48,6 +49,9 @@ pub enum Command {
     Dump(dump::Args),
     /// Restore a process tree from an archive, streaming images to CRIU.
     Restore(restore::Args),
+    /// Podman containers: checkpoint into `.cka` or podman's format, convert, restore.
+    #[command(subcommand)]
+    Podman(podman::Command),
     /// criu-image-streamer compatible: capture CRIU's image stream into an archive on the shard fds.
     Capture(streamer::CaptureArgs),
     /// criu-image-streamer compatible: serve an archive from the shard fds to `criu restore --stream`.
@@ -69,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Dump(a) => dump::run(a, cli.quiet),
         Command::Restore(a) => restore::run(a, cli.quiet),
+        Command::Podman(c) => podman::run(c, cli.quiet),
         Command::Capture(a) => streamer::capture_cmd(&cli.streamer, a),
         Command::Serve => streamer::serve_cmd(&cli.streamer),
         Command::Extract => streamer::extract_cmd(&cli.streamer),
