@@ -37,6 +37,9 @@ fn bad(msg: impl Into<String>) -> Error {
 fn read_err(what: &str, e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         bad(format!("podman archive is truncated ({what})"))
+    } else if e.raw_os_error().is_none() {
+        // Not from the kernel: the tar or zstd decoder found malformed bytes.
+        bad(format!("podman archive is damaged ({what}): {e}"))
     } else {
         Error::io(format!("reading the podman archive ({what})"), e)
     }
@@ -66,9 +69,8 @@ fn scan(path: &Path, writer: Option<&mut ArchiveWriter>) -> Result<ImportStats> 
     let file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let mut magic = [0u8; 4];
-    let n = file
-        .try_clone()
-        .and_then(|mut f| f.read(&mut magic))
+    // Positional: the decoder or tar reader below starts from offset 0.
+    let n = std::os::unix::fs::FileExt::read_at(&file, &mut magic, 0)
         .map_err(|e| read_err("header", e))?;
     let mut stats = ImportStats::default();
     if n >= 4 && magic == ZSTD_MAGIC {
@@ -126,6 +128,7 @@ impl<'w> Importer<'w> {
                 self.import_rootfs(&mut member, base, &mut stats)?;
                 continue;
             }
+            let mut prefetched = None;
             if name_str == DELETED_FILES {
                 let mut buf = Vec::new();
                 member
@@ -134,6 +137,7 @@ impl<'w> Importer<'w> {
                     .read_to_end(&mut buf)
                     .map_err(|e| read_err("deleted.files", e))?;
                 deleted = Some(crate::deleted::parse(&buf)?);
+                prefetched = Some(buf);
             }
             let Some(cka) = cka_name_of(&name_str) else {
                 continue;
@@ -144,7 +148,14 @@ impl<'w> Importer<'w> {
             }
             seen_config |= name_str == crate::layout::CONFIG_DUMP;
             let base = member.raw_file_position();
-            self.add_member(&mut member, cka.into_bytes(), None, base, &mut stats)?;
+            self.add_member(
+                &mut member,
+                cka.into_bytes(),
+                None,
+                base,
+                prefetched,
+                &mut stats,
+            )?;
         }
         if !seen_config {
             return Err(bad(
@@ -203,6 +214,7 @@ impl<'w> Importer<'w> {
                 path,
                 Some(CKA_ROOTFS_DIR.as_bytes()),
                 pos,
+                None,
                 stats,
             )?;
             stats.rootfs_entries += 1;
@@ -254,6 +266,7 @@ impl<'w> Importer<'w> {
         path: Vec<u8>,
         link_prefix: Option<&[u8]>,
         data_pos: u64,
+        prefetched: Option<Vec<u8>>,
         stats: &mut ImportStats,
     ) -> Result<()> {
         let h = member.header();
@@ -346,6 +359,11 @@ impl<'w> Importer<'w> {
             return Ok(()); // checking only: the tar reader skips the data
         };
         if kind != EntryKind::File || size == 0 {
+            return Ok(());
+        }
+        if let Some(data) = prefetched {
+            writer.add_data(id, 0, data, None)?;
+            stats.bytes += size;
             return Ok(());
         }
         let chunk = writer.options().chunk_size as u64;

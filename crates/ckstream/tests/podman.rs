@@ -323,6 +323,9 @@ fn raw_member(out: &mut Vec<u8>, name: &str, data: &[u8]) {
     h.as_mut_bytes()[..name.len()].copy_from_slice(name.as_bytes());
     h.set_size(data.len() as u64);
     h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
     h.set_entry_type(tar::EntryType::Regular);
     h.set_cksum();
     out.extend_from_slice(h.as_bytes());
