@@ -4,7 +4,8 @@
 
 mod common;
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -12,6 +13,31 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const IMAGE: &str = "localhost/ckstream-memtest";
+
+thread_local! {
+    /// A private podman storage.conf for the current test (tests run on their own threads).
+    static STORAGE_CONF: RefCell<Option<PathBuf>> = const { RefCell::new(None) };
+}
+
+/// Applies the current test's podman storage, if it has its own.
+fn in_storage(cmd: &mut Command) -> &mut Command {
+    if let Some(conf) = STORAGE_CONF.with(|s| s.borrow().clone()) {
+        cmd.env("CONTAINERS_STORAGE_CONF", conf);
+    }
+    cmd
+}
+
+fn build_image() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/podman-test-image.sh");
+    let out = in_storage(Command::new("bash").arg(script))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the test image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 fn have_podman(test: &str) -> bool {
     if !need_root(test) {
@@ -29,19 +55,12 @@ fn have_podman(test: &str) -> bool {
         eprintln!("skipping {test}: no podman");
         return false;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/podman-test-image.sh");
-    let out = Command::new("bash").arg(script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "building the test image: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    build_image();
     true
 }
 
 fn podman(args: &[&str]) -> Output {
-    Command::new("podman")
-        .args(args)
+    in_storage(Command::new("podman").args(args))
         .output()
         .expect("run podman")
 }
@@ -386,4 +405,66 @@ fn hostile_podman_archives_are_rejected_before_podman_sees_them() {
             stderr(&o)
         );
     }
+}
+
+/// Container storage on a loopback XFS with the archive beside it: the container's
+/// changed files and CRIU's pages are shared by reflink, not copied, in both formats.
+#[test]
+fn checkpoint_on_xfs_storage_shares_extents() {
+    if !have_podman("xfs-reflink") {
+        return;
+    }
+    let Some(fs) = LoopFs::new("xfs") else { return };
+    let conf = fs.mount.join("storage.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[storage]\ndriver = \"overlay\"\ngraphroot = \"{0}/storage\"\nrunroot = \"{0}/run\"\n",
+            fs.mount.display()
+        ),
+    )
+    .unwrap();
+    STORAGE_CONF.with(|s| *s.borrow_mut() = Some(conf.clone()));
+    build_image();
+    let name = "ck-xfs";
+    for format in ["podman", "cka"] {
+        let ctr = start(name);
+        sh(
+            name,
+            "dd if=/dev/urandom of=/data/big bs=1M count=32 2>/dev/null",
+        );
+        let before = manifest(name);
+        let out = fs.mount.join(format!("ckpt.{format}"));
+        let o = in_storage(
+            Command::new(bin())
+                .args([
+                    "podman",
+                    "checkpoint",
+                    name,
+                    "--json",
+                    "--format",
+                    format,
+                    "-o",
+                ])
+                .arg(&out),
+        )
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        // 32 MiB of the diff plus CRIU's 64+ MiB of pages, all cloned.
+        assert!(
+            v["cloned_bytes"].as_u64().unwrap() >= 96 << 20,
+            "{format}: {v}"
+        );
+        podman_ok(&["rm", "-f", name]);
+        let o = in_storage(Command::new(bin()).args(["podman", "restore"]).arg(&out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_alive_and_intact(name);
+        assert_same_manifest(&before, &manifest(name));
+        drop(ctr);
+    }
+    let _ = podman(&["rmi", "-a", "-f"]);
 }
