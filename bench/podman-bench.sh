@@ -391,7 +391,7 @@ f() { [[ -n ${2:-} ]] && awk -v v="$2" -v p="$1" 'BEGIN{printf "%." p "f", v}' |
 div() { [[ -n ${1:-} && -n ${2:-} ]] && awk -v a="$1" -v b="$2" -v p="${3:-1}" 'BEGIN{ if (b == 0) print "–"; else printf "%." p "f", a/b}' || printf '–'; }
 sub_() { [[ -n ${1:-} && -n ${2:-} ]] && awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", a-b}' || true; }
 gb() { [[ -n ${1:-} ]] && awk -v v="$1" 'BEGIN{printf "%.3f", v/1e9}' || printf '–'; }
-nb() { [[ -n ${1:-} ]] && printf "%'d" "$1" || printf '–'; }
+nb() { [[ -n ${1:-} ]] && printf '%s' "$1" || printf '–'; }
 
 cmd_of() {
 	case $1 in
