@@ -50,6 +50,8 @@ pub struct ExportPlan {
     pub deleted: Vec<String>,
     /// Modification time for the generated members.
     pub mtime_ns: i64,
+    /// Leave out `rootfs-diff.tar` and `deleted.files` (the diff is applied another way).
+    pub skip_rootfs: bool,
 }
 
 impl ExportPlan {
@@ -396,6 +398,11 @@ pub fn write_export(
     for item in &plan.outer {
         write_item(w, item, reader, progress)?;
     }
+    if plan.skip_rootfs {
+        w.finish_archive()
+            .map_err(|x| tar_err(b"end of archive", x))?;
+        return Ok(w.stats());
+    }
     let size = nested_size(&plan.rootfs, align)?;
     let diff = file_entry(ROOTFS_DIFF_TAR, size, 0o644, plan.mtime_ns);
     w.nested_member(&member(&diff), |w| {
@@ -423,4 +430,45 @@ fn file_entry(name: &str, size: u64, mode: u32, mtime_ns: i64) -> Entry {
         mtime_ns,
         ..Default::default()
     }
+}
+
+/// Replaces the content of the outer member `name` (e.g. `spec.dump`) with `bytes`.
+///
+/// # Errors
+/// [`Error::Usage`] when the plan has no such member.
+pub fn replace_member(plan: &mut ExportPlan, name: &str, bytes: Vec<u8>) -> Result<()> {
+    let item = plan
+        .outer
+        .iter_mut()
+        .find(|i| i.entry.path == name.as_bytes())
+        .ok_or_else(|| Error::Usage(format!("no {name} to replace")))?;
+    item.entry.size = bytes.len() as u64;
+    item.content = Content::Bytes(bytes);
+    Ok(())
+}
+
+/// Adds an OCI `prestart` hook to a runtime spec (podman's `spec.dump`). runc runs
+/// prestart hooks during a restore too, after the container's root is mounted and
+/// before CRIU opens any file in it.
+///
+/// # Errors
+/// [`Error::Corrupt`] when the spec is not a JSON object.
+pub fn add_prestart_hook(spec: &[u8], hook: serde_json::Value) -> Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(spec)
+        .map_err(|e| Error::Corrupt(format!("spec.dump is not JSON: {e}")))?;
+    let hooks = v
+        .as_object_mut()
+        .ok_or_else(|| Error::Corrupt("spec.dump is not a JSON object".into()))?
+        .entry("hooks")
+        .or_insert_with(|| serde_json::json!({}));
+    let prestart = hooks
+        .as_object_mut()
+        .ok_or_else(|| Error::Corrupt("spec.dump hooks is not an object".into()))?
+        .entry("prestart")
+        .or_insert_with(|| serde_json::json!([]));
+    prestart
+        .as_array_mut()
+        .ok_or_else(|| Error::Corrupt("spec.dump prestart hooks is not a list".into()))?
+        .push(hook);
+    serde_json::to_vec_pretty(&v).map_err(|e| Error::io("encoding spec.dump", io::Error::other(e)))
 }

@@ -25,6 +25,8 @@ pub struct ImportStats {
     pub deleted_paths: u64,
     pub bytes: u64,
     pub compressed_input: bool,
+    /// The container name recorded in `config.dump`.
+    pub container_name: Option<String>,
 }
 
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
@@ -129,6 +131,16 @@ impl<'w> Importer<'w> {
                 continue;
             }
             let mut prefetched = None;
+            if name_str == crate::layout::CONFIG_DUMP {
+                let mut buf = Vec::new();
+                member
+                    .by_ref()
+                    .take(64 << 20)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| read_err("config.dump", e))?;
+                stats.container_name = container_name(&buf);
+                prefetched = Some(buf);
+            }
             if name_str == DELETED_FILES {
                 let mut buf = Vec::new();
                 member
@@ -409,4 +421,13 @@ fn parse_pax_time(v: &[u8]) -> Option<i64> {
     }
     let nanos: i64 = digits.parse().ok()?;
     Some(secs.saturating_mul(1_000_000_000) + if secs < 0 { -nanos } else { nanos })
+}
+
+/// The `name` field of a podman `config.dump`.
+pub fn container_name(config_dump: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(config_dump)
+        .ok()?
+        .get("name")?
+        .as_str()
+        .map(String::from)
 }

@@ -137,3 +137,8 @@ pub fn restore_import(archive: &std::path::Path, name: Option<&str>) -> Result<S
     }
     podman(&args).map(|s| s.trim().to_string())
 }
+
+/// True when a container with this name or ID exists.
+pub fn container_exists(name: &str) -> bool {
+    podman(&["container", "exists", name]).is_ok()
+}

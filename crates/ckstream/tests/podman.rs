@@ -88,8 +88,15 @@ fn sh(ctr: &str, script: &str) -> String {
     podman_ok(&["exec", ctr, "/bin/sh", "-c", script])
 }
 
-/// Starts memtest (64 MiB + one child) in a new container and waits for its heartbeat.
+/// Starts memtest (64 MiB + one child) in a new container without a network and waits
+/// for its heartbeat. (A restore reclaims the container's old IP; tests running in
+/// parallel on the shared CNI network could take it in between.)
 fn start(name: &str) -> Ctr {
+    start_with_network(name, "none")
+}
+
+/// As [`start`], on podman's default bridge network (`"podman"`) or none.
+fn start_with_network(name: &str, network: &str) -> Ctr {
     let _ = podman(&["rm", "-f", "-t", "0", name]);
     podman_ok(&[
         "run",
@@ -100,6 +107,8 @@ fn start(name: &str) -> Ctr {
         "nofile=1024:1024",
         "--ulimit",
         "nproc=1024:1024",
+        "--network",
+        network,
         IMAGE,
         "/bin/memtest",
         "64",
@@ -198,7 +207,12 @@ fn checkpoint_restore_roundtrip(test: &str, format: &str, via_ckstream_restore: 
         return;
     }
     let name = format!("ck-{test}");
-    let ctr = start(&name);
+    // One test on the default network: the restore must bring back its IP and MAC.
+    let ctr = if format == "podman" {
+        start_with_network(&name, "podman")
+    } else {
+        start(&name)
+    };
     sh(&name, CHANGES);
     let before = manifest(&name);
     assert!(before.contains("/opt/recreate/new.txt"), "{before}");
@@ -467,4 +481,39 @@ fn checkpoint_on_xfs_storage_shares_extents() {
         drop(ctr);
     }
     let _ = podman(&["rmi", "-a", "-f"]);
+}
+
+/// A `.cka` whose rootfs diff is damaged: the restore hook finds the digest mismatch
+/// before writing the file, runc aborts the restore, and no container is left behind.
+#[test]
+fn damaged_rootfs_diff_stops_the_restore() {
+    if !have_podman("damaged-diff") {
+        return;
+    }
+    let name = "ck-damaged";
+    let ctr = start(name);
+    sh(
+        name,
+        "dd if=/dev/urandom of=/data/big bs=1M count=4 2>/dev/null",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("ckpt.cka");
+    let a = archive.to_str().unwrap();
+    ck_ok(&["podman", "checkpoint", name, "-o", a, "--leave-running"]);
+    let reader = ckstream_store::open_archive(&archive).unwrap();
+    let big = reader.find(b"rootfs/data/big").unwrap();
+    let chunk = reader.chunks_of(big)[1].clone();
+    drop(reader);
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes[chunk.offset as usize + 77] ^= 0x40;
+    std::fs::write(&archive, bytes).unwrap();
+    podman_ok(&["rm", "-f", name]);
+    let o = ck(&["podman", "restore", a]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("digest mismatch"), "{}", stderr(&o));
+    assert!(
+        !podman(&["container", "exists", name]).status.success(),
+        "a container was left behind"
+    );
+    drop(ctr);
 }

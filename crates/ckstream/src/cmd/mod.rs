@@ -58,6 +58,9 @@ pub enum Command {
     Serve,
     /// criu-image-streamer compatible: extract an archive from the shard fds into --images-dir.
     Extract,
+    /// OCI prestart hook of `ckstream podman restore` (internal).
+    #[command(name = "__podman-rootfs-hook", hide = true)]
+    PodmanRootfsHook { ticket: PathBuf },
     /// Action script CRIU runs during `ckstream dump` (internal).
     #[command(name = "__criu-hook", hide = true)]
     CriuHook,
@@ -77,6 +80,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Capture(a) => streamer::capture_cmd(&cli.streamer, a),
         Command::Serve => streamer::serve_cmd(&cli.streamer),
         Command::Extract => streamer::extract_cmd(&cli.streamer),
+        Command::PodmanRootfsHook { ticket } => podman::rootfs_hook(&ticket),
         Command::CriuHook => std::process::exit(ckstream_criu::run::hook_client()),
     }
 }

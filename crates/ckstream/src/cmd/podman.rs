@@ -88,6 +88,17 @@ pub struct ExportArgs {
     json: bool,
 }
 
+/// Who applies the rootfs diff of a `.cka` on restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApplyDiff {
+    /// ckstream, from the archive, in a one-shot OCI prestart hook that runc runs after
+    /// mounting the new container's root and before CRIU opens files: one pass, no
+    /// nested tar for podman to read three times and untar.
+    Ckstream,
+    /// podman, from a `rootfs-diff.tar` in the converted archive (its own code path).
+    Podman,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
     /// `.cka` or podman export archive.
@@ -99,6 +110,9 @@ pub struct RestoreArgs {
     /// (default: beside the archive, so its data can be reflinked).
     #[arg(long)]
     temp_dir: Option<PathBuf>,
+    /// Who applies a `.cka`'s rootfs diff.
+    #[arg(long, value_enum, default_value = "ckstream")]
+    apply_diff: ApplyDiff,
     #[arg(long)]
     json: bool,
 }
@@ -498,9 +512,37 @@ fn export(a: ExportArgs, quiet: bool) -> Result<()> {
 fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let mut temp: Option<PathBuf> = None;
+    let mut ticket: Option<RootfsTicket> = None;
+    let mut name = a.name.clone();
     let podman_archive = if is_cka(&a.input)? {
         let reader = super::open(&a.input)?;
-        let plan = plan_from_cka(&reader)?;
+        if name.is_none() {
+            if let Some(i) = reader.find(
+                format!("{CKA_PODMAN_DIR}/{}", ckstream_podman::layout::CONFIG_DUMP).as_bytes(),
+            ) {
+                let mut config = Vec::new();
+                reader.copy_entry(i, &mut config)?;
+                name = ckstream_podman::import::container_name(&config);
+            }
+        }
+        let mut plan = plan_from_cka(&reader)?;
+        let has_diff = !plan.rootfs.is_empty() || !plan.deleted.is_empty();
+        if a.apply_diff == ApplyDiff::Ckstream && has_diff {
+            let t = RootfsTicket::create(&a.input, &reader)?;
+            let spec_i = reader
+                .find(format!("{CKA_PODMAN_DIR}/{}", ckstream_podman::layout::SPEC_DUMP).as_bytes())
+                .context("the archive has no podman/spec.dump")?;
+            let mut spec = Vec::new();
+            reader.copy_entry(spec_i, &mut spec)?;
+            let spec = ckstream_podman::export::add_prestart_hook(&spec, t.hook()?)?;
+            ckstream_podman::export::replace_member(
+                &mut plan,
+                ckstream_podman::layout::SPEC_DUMP,
+                spec,
+            )?;
+            plan.skip_rootfs = true;
+            ticket = Some(t);
+        }
         let dir = match &a.temp_dir {
             Some(d) => d.clone(),
             None => a
@@ -523,16 +565,46 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
         }
         tmp
     } else {
-        ckstream_podman::import::check_podman_archive(&a.input)
+        let stats = ckstream_podman::import::check_podman_archive(&a.input)
             .with_context(|| format!("refusing {}", a.input.display()))?;
+        name = name.or(stats.container_name);
         a.input.clone()
     };
     let converted_secs = started.elapsed().as_secs_f64();
+    // A failed `restore --import` leaves the container it created behind, which would
+    // block a retry; remove it then, but never a container that existed before.
+    let existed_before = name.as_deref().is_some_and(podman::container_exists);
     let restored = podman::restore_import(&podman_archive, a.name.as_deref());
+    if restored.is_err() && !existed_before {
+        if let Some(n) = name.as_deref().filter(|n| podman::container_exists(n)) {
+            let _ = podman::podman(&["rm", "-f", "-t", "0", n]);
+        }
+    }
     if let Some(t) = &temp {
         let _ = std::fs::remove_file(t);
     }
+    let hook_result = ticket.as_ref().map(RootfsTicket::outcome);
+    drop(ticket);
+    let hook_secs = match hook_result {
+        Some(Some(Err(hook_error))) => {
+            return Err(hook_error).context(
+                "applying the rootfs diff in the restore hook failed; podman did not restore the container",
+            )
+        }
+        Some(Some(Ok(secs))) => Some(Some(secs)),
+        Some(None) => Some(None),
+        None => None,
+    };
     let id = restored.context("podman could not restore the container")?;
+    let diff_secs = match hook_secs {
+        Some(Some(secs)) => Some(secs),
+        Some(None) => {
+            // The runtime never ran the hook: the container runs without its rootfs changes.
+            let _ = podman::podman(&["rm", "-f", "-t", "0", &id]);
+            bail!("the OCI runtime did not run the rootfs hook during the restore, so container {id} was removed; retry with --apply-diff podman");
+        }
+        _ => None,
+    };
     let secs = started.elapsed().as_secs_f64();
     report(
         "-",
@@ -541,11 +613,183 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
         serde_json::json!({
             "container": id,
             "convert_seconds": converted_secs,
+            "rootfs_apply_seconds": diff_secs,
             "seconds": secs,
         }),
         &format!("restored container {id} in {secs:.2}s (conversion {converted_secs:.2}s)"),
     );
     Ok(())
+}
+
+/// A one-shot permission for the restore hook to apply one archive's rootfs diff:
+/// a file under /run/ckstream that the hook consumes. The hook stays in the restored
+/// container's spec (podman keeps spec.dump), but without its ticket it does nothing.
+struct RootfsTicket {
+    path: PathBuf,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TicketData {
+    archive: PathBuf,
+    archive_id: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TicketOutcome {
+    ok: bool,
+    error: Option<String>,
+    /// The error was damage in the archive (exit code 3 for the restore too).
+    bad_archive: bool,
+    seconds: f64,
+}
+
+const TICKET_DIR: &str = "/run/ckstream";
+
+impl RootfsTicket {
+    fn create(archive: &Path, reader: &ckstream_format::ArchiveReader) -> Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(TICKET_DIR)
+            .with_context(|| format!("cannot create {TICKET_DIR}"))?;
+        let mut id = [0u8; 8];
+        getrandom_fill(&mut id);
+        let path = PathBuf::from(format!(
+            "{TICKET_DIR}/rootfs-{}-{}.json",
+            std::process::id(),
+            crate::output::hex(&id)
+        ));
+        let data = TicketData {
+            archive: std::fs::canonicalize(archive)?,
+            archive_id: crate::output::hex(&reader.header().archive_id),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        f.write_all(&serde_json::to_vec(&data)?)?;
+        Ok(RootfsTicket { path })
+    }
+
+    fn result_path(ticket: &Path) -> PathBuf {
+        ticket.with_extension("result")
+    }
+
+    /// The prestart hook: `sh` checks for the ticket (so a later start of the restored
+    /// container, or a missing ckstream, is harmless) and hands over to ckstream.
+    fn hook(&self) -> Result<serde_json::Value> {
+        let exe = std::env::current_exe().context("locating the ckstream binary")?;
+        Ok(serde_json::json!({
+            "path": "/bin/sh",
+            "args": [
+                "sh", "-c",
+                "[ -e \"$0\" ] || exit 0; exec \"$1\" __podman-rootfs-hook \"$0\"",
+                self.path, exe,
+            ],
+        }))
+    }
+
+    /// `None` when the hook never ran; else its success (seconds) or error.
+    fn outcome(&self) -> Option<std::result::Result<f64, anyhow::Error>> {
+        let bytes = std::fs::read(Self::result_path(&self.path)).ok()?;
+        let o: TicketOutcome = match serde_json::from_slice(&bytes) {
+            Ok(o) => o,
+            Err(e) => return Some(Err(anyhow::anyhow!("unreadable hook result: {e}"))),
+        };
+        Some(if o.ok {
+            Ok(o.seconds)
+        } else {
+            let msg = o.error.unwrap_or_else(|| "unknown error".into());
+            Err(if o.bad_archive {
+                ckstream_format::Error::Corrupt(msg).into()
+            } else {
+                anyhow::anyhow!(msg)
+            })
+        })
+    }
+}
+
+impl Drop for RootfsTicket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(Self::result_path(&self.path));
+    }
+}
+
+fn getrandom_fill(buf: &mut [u8]) {
+    let id = ckstream_store::new_archive_id();
+    for (b, r) in buf.iter_mut().zip(id) {
+        *b = r;
+    }
+}
+
+/// `ckstream __podman-rootfs-hook TICKET`, run by runc as an OCI prestart hook during
+/// `podman container restore`: applies the ticket's archive rootfs diff onto the new
+/// container's mounted root (given by the OCI state on stdin and the bundle's
+/// config.json). Without a ticket it does nothing.
+pub fn rootfs_hook(ticket: &Path) -> Result<()> {
+    let Ok(bytes) = std::fs::read(ticket) else {
+        return Ok(());
+    };
+    // One shot: a later start of this container must not apply the diff again.
+    let _ = std::fs::remove_file(ticket);
+    let started = Instant::now();
+    let applied = (|| -> Result<()> {
+        let t: TicketData = serde_json::from_slice(&bytes).context("reading the ticket")?;
+        let state: serde_json::Value = serde_json::from_reader(std::io::stdin().lock())
+            .context("reading the OCI state on stdin")?;
+        let bundle = state["bundle"]
+            .as_str()
+            .context("the OCI state has no bundle")?;
+        let config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(Path::new(bundle).join("config.json"))
+                .with_context(|| format!("reading {bundle}/config.json"))?,
+        )?;
+        let root = config["root"]["path"]
+            .as_str()
+            .context("config.json has no root.path")?;
+        let root = Path::new(bundle).join(root);
+        let reader = super::open(&t.archive)?;
+        if crate::output::hex(&reader.header().archive_id) != t.archive_id {
+            bail!(
+                "{} is not the archive the restore started with",
+                t.archive.display()
+            );
+        }
+        let opts = ckstream_fs::UnpackOptions {
+            strip_prefix: Some(CKA_ROOTFS_DIR.as_bytes().to_vec()),
+            overlay_apply: true,
+            ..Default::default()
+        };
+        ckstream_fs::unpack(
+            &reader,
+            &root,
+            &[],
+            &opts,
+            &ckstream_fs::UnpackStats::default(),
+        )
+        .with_context(|| format!("applying the rootfs diff onto {}", root.display()))?;
+        Ok(())
+    })();
+    let outcome = TicketOutcome {
+        ok: applied.is_ok(),
+        error: applied.as_ref().err().map(|e| format!("{e:#}")),
+        bad_archive: applied.as_ref().err().is_some_and(|e| {
+            e.chain().any(|c| {
+                c.downcast_ref::<ckstream_format::Error>()
+                    .is_some_and(|f| f.is_bad_archive())
+            })
+        }),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    std::fs::write(
+        RootfsTicket::result_path(ticket),
+        serde_json::to_vec(&outcome)?,
+    )?;
+    applied
 }
 
 /// True when `path` starts with a `.cka` shard header.
