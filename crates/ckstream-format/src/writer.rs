@@ -37,7 +37,9 @@ pub trait ShardSink: Send {
 
     /// Appends `len` bytes of `src` starting at `src_offset` by sharing extents
     /// (reflink) when the sink can. Returns `Ok(false)` when it cannot, and the
-    /// writer then writes the bytes itself.
+    /// writer then writes the bytes itself. (A sink that finds out on this call that
+    /// it can only copy in the kernel may still place these bytes and return `Ok(true)`
+    /// once, then `Ok(false)` from then on.)
     ///
     /// # Errors
     /// An I/O error other than "not supported here".

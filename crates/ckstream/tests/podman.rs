@@ -43,16 +43,11 @@ fn have_podman(test: &str) -> bool {
     if !need_root(test) {
         return false;
     }
-    let ok = Command::new("podman")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !privileged_required(),
-            "{test} needs podman (scripts/install-deps.sh --with-podman)"
-        );
-        eprintln!("skipping {test}: no podman");
+    if !need_tool(
+        test,
+        "podman",
+        "scripts/install-deps.sh --with-podman installs it",
+    ) {
         return false;
     }
     build_image();
@@ -202,13 +197,19 @@ fn assert_same_manifest(before: &str, after: &str) {
     }
 }
 
-fn checkpoint_restore_roundtrip(test: &str, format: &str, via_ckstream_restore: bool) {
+/// How the test restores: podman itself, or `ckstream podman restore` with extra args.
+enum RestoreVia<'a> {
+    Podman,
+    Ckstream(&'a [&'a str]),
+}
+
+fn checkpoint_restore_roundtrip(test: &str, format: &str, compress: &str, via: RestoreVia) {
     if !have_podman(test) {
         return;
     }
     let name = format!("ck-{test}");
     // One test on the default network: the restore must bring back its IP and MAC.
-    let ctr = if format == "podman" {
+    let ctr = if format == "podman" && compress == "none" {
         start_with_network(&name, "podman")
     } else {
         start(&name)
@@ -230,6 +231,8 @@ fn checkpoint_restore_roundtrip(test: &str, format: &str, via_ckstream_restore: 
         out.to_str().unwrap(),
         "--format",
         format,
+        "-c",
+        compress,
         "--json",
     ]);
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -254,14 +257,21 @@ fn checkpoint_restore_roundtrip(test: &str, format: &str, via_ckstream_restore: 
         ] {
             assert!(listing.contains(m), "{m} missing:\n{listing}");
         }
-        assert_aligned_members(&out);
+        if compress == "none" {
+            assert_aligned_members(&out);
+        }
     } else {
         ck_ok(&["verify", out.to_str().unwrap()]);
     }
-    if via_ckstream_restore {
-        ck_ok(&["podman", "restore", out.to_str().unwrap()]);
-    } else {
-        podman_ok(&["container", "restore", "--import", out.to_str().unwrap()]);
+    match via {
+        RestoreVia::Ckstream(extra) => {
+            let mut args = vec!["podman", "restore", out.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            ck_ok(&args);
+        }
+        RestoreVia::Podman => {
+            podman_ok(&["container", "restore", "--import", out.to_str().unwrap()]);
+        }
     }
     assert_alive_and_intact(&name);
     assert_same_manifest(&before, &manifest(&name));
@@ -297,12 +307,28 @@ fn assert_aligned_members(path: &Path) {
 
 #[test]
 fn podman_format_checkpoint_is_restored_by_podman_itself() {
-    checkpoint_restore_roundtrip("podfmt", "podman", false);
+    checkpoint_restore_roundtrip("podfmt", "podman", "none", RestoreVia::Podman);
 }
 
 #[test]
 fn cka_checkpoint_is_restored_through_ckstream() {
-    checkpoint_restore_roundtrip("ckafmt", "cka", true);
+    checkpoint_restore_roundtrip("ckafmt", "cka", "none", RestoreVia::Ckstream(&[]));
+}
+
+#[test]
+fn podman_format_zstd_is_restored_by_podman_itself() {
+    checkpoint_restore_roundtrip("podzst", "podman", "zstd", RestoreVia::Podman);
+}
+
+/// The fallback path: podman applies the diff from a converted rootfs-diff.tar.
+#[test]
+fn cka_zstd_checkpoint_restores_with_podman_applying_the_diff() {
+    checkpoint_restore_roundtrip(
+        "ckazst",
+        "cka",
+        "zstd",
+        RestoreVia::Ckstream(&["--apply-diff", "podman"]),
+    );
 }
 
 /// podman's own export → `ckstream podman import` → `.cka` → `ckstream podman export`

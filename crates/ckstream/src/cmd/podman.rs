@@ -46,7 +46,7 @@ pub struct CheckpointArgs {
     output: String,
     #[arg(long, value_enum, default_value = "cka")]
     format: Format,
-    /// none (reflinks on btrfs/XFS), lz4 (cka only), zstd or zstd:LEVEL.
+    /// none (reflinks on btrfs/XFS), lz4 (cka only), zstd (level 3, as podman) or zstd:LEVEL.
     #[arg(short, long, default_value = "none")]
     compress: String,
     /// Keep the container running after the checkpoint.
@@ -126,9 +126,16 @@ pub fn run(cmd: Command, quiet: bool) -> Result<()> {
     }
 }
 
+/// Writer options for a podman `.cka`: plain `zstd` means level 3 here, podman's own
+/// default, so that a `.cka` is no larger than podman's export of the same container.
 fn writer_options(compress: &str) -> Result<WriterOptions> {
+    let compression = if compress == "zstd" {
+        Compression::zstd(PODMAN_ZSTD_LEVEL)
+    } else {
+        compress.parse::<Compression>()?
+    };
     Ok(WriterOptions {
-        compression: compress.parse::<Compression>()?,
+        compression,
         threads: super::default_threads(),
         ..Default::default()
     })
@@ -139,10 +146,17 @@ fn podman_compression(compress: &str) -> Result<Option<i32>> {
     let c: Compression = compress.parse()?;
     match c.codec {
         CodecId::None => Ok(None),
-        CodecId::Zstd => Ok(Some(if compress.contains(':') { c.level } else { 3 })),
+        CodecId::Zstd => Ok(Some(if compress.contains(':') {
+            c.level
+        } else {
+            PODMAN_ZSTD_LEVEL
+        })),
         CodecId::Lz4 => bail!("podman archives can be none or zstd, not lz4"),
     }
 }
+
+/// podman's zstd writer (klauspost SpeedDefault) is about zstd level 3.
+const PODMAN_ZSTD_LEVEL: i32 = 3;
 
 fn checkpoint(a: CheckpointArgs, quiet: bool) -> Result<()> {
     let started = Instant::now();

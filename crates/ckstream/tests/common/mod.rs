@@ -36,6 +36,25 @@ pub fn need_root(test: &str) -> bool {
     false
 }
 
+/// True when `program --version` runs; otherwise skips (returns false) on a developer
+/// machine and fails in CI, naming `hint` (how to install it).
+pub fn need_tool(test: &str, program: impl AsRef<OsStr>, hint: &str) -> bool {
+    let program = program.as_ref();
+    let ok = Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !privileged_required(),
+            "{test}: {} not found; {hint}",
+            program.to_string_lossy()
+        );
+        eprintln!("skipping {test}: {} not found", program.to_string_lossy());
+    }
+    ok
+}
+
 /// Sends `sig` to process `pid`, which must exist.
 pub fn signal(pid: u32, sig: rustix::process::Signal) {
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig)
