@@ -25,12 +25,13 @@
 # leftovers (page cache, reflinked extents, kept CRIU images). Caches are dropped
 # (sync; echo 3 > drop_caches) right before every timed checkpoint and every timed restore.
 #
-# Cases (CASES, in this order every rep):
+# Cases (CASES; the order rotates by one each rep):
 #   podman-none     `podman container checkpoint -e X.tar --compress none --print-stats CTR`
 #   podman-zstd     `podman container checkpoint -e X.tar.zst --compress zstd --print-stats CTR`
 #   ck-podman-none  `ckstream podman checkpoint CTR -o X.tar --format podman -c none --json`
 #   ck-cka-none     `ckstream podman checkpoint CTR -o X.cka --format cka -c none --json`
 #   ck-cka-zstd     `ckstream podman checkpoint CTR -o X.cka --format cka -c $CK_ZSTD --json`
+#   ck-cka-zstd3    the same with -c zstd:3 (about podman's zstd level); ck-FMT-zstdN = -c zstd:N
 #   ck-podman-zstd  `ckstream podman checkpoint CTR -o X.tar.zst --format podman -c $CK_ZSTD --json`
 # Restores (container removed with `podman rm -f` first, caches dropped):
 #   podman archives (podman-*, ck-podman-*):  `podman container restore --import X --print-stats`
@@ -57,6 +58,8 @@
 #      CASES (all six above) CK_ZSTD (zstd = ckstream's default level: cka zstd:1, podman-format 3)
 #      NETWORK (bridge; "none" avoids CNI) LOOP_GIB (24) LOOP_DIR (/var/tmp) DROP_CACHES (1)
 #      FULL_VERIFY (0) VERIFY_FILE (7) TIMEOUT (1200 s per command)
+#      SUMMARY_FROM=bench/out/podman-bench-X.tsv: only rewrite the report of an earlier or
+#      interrupted run from its TSV (an interim report is also written after each filesystem)
 #      CKSTREAM ($REPO/target/release/ckstream — copy it elsewhere if the tree may be rebuilt)
 # Must run as root. Everything (containers, mounts, loop files) is removed on exit/Ctrl-C.
 set -euo pipefail
@@ -71,7 +74,7 @@ DIFF_GIB=${DIFF_GIB:-3}
 FILE_MIB=${FILE_MIB:-128}
 NFILES=${NFILES:-$((DIFF_GIB * 1024 / FILE_MIB))}
 SMALL_FILES=${SMALL_FILES:-200}
-CASES=${CASES:-"podman-none podman-zstd ck-podman-none ck-cka-none ck-cka-zstd ck-podman-zstd"}
+CASES=${CASES:-"podman-none podman-zstd ck-podman-none ck-cka-none ck-cka-zstd ck-cka-zstd3 ck-podman-zstd"}
 CK_ZSTD=${CK_ZSTD:-zstd}
 NETWORK=${NETWORK:-bridge}
 LOOP_GIB=${LOOP_GIB:-24}
@@ -145,6 +148,18 @@ log "load average at start: $LOAD_START; ckstream $CKSTREAM (sha256 $CK_SUM, bui
 COLS="fs rep case op tool wall ck_podman_s ck_archive_s ck_convert_s ck_seconds pm_total_s pm_runtime_s archive_bytes cloned_bytes data_bytes space_bytes sem load1"
 echo "$COLS" | tr ' ' '\t' >"$TSV"
 row() { printf '%s\n' "$@" | paste -sd'\t' >>"$TSV"; }
+{
+	echo "# podman-bench $STAMP"
+	echo
+	echo "podman $(podman --version | awk '{print $3}'), $(runc --version | head -1), criu $(criu --version 2>/dev/null | head -1 | awk '{print $2}'); kernel $(uname -r); $(nproc) CPUs."
+	echo "ckstream $CKSTREAM (sha256 ${CK_SUM}…, built $CK_DATE; tree at $CK_REV)."
+	echo "Workload per case (fresh container each time, normal stopping checkpoint): memtest $MIB MiB + $CHILDREN children,"
+	echo "MEMTEST_FILL=$MEMTEST_FILL; rootfs diff $NFILES × $FILE_MIB MiB urandom + $SMALL_FILES small files + deletions/chmod/symlink/sparse;"
+	echo "network $NETWORK. Storage (graphroot, runroot, libpod tmp_dir, TMPDIR) and archives on a ${LOOP_GIB} GiB loop FS in $LOOP_DIR."
+	echo "Caches dropped before every checkpoint and restore: $([[ $DROP_CACHES == 1 ]] && echo yes || echo no). REPS=$REPS (medians; case order rotates each rep)."
+	echo "Every restore verified: running, heartbeat advancing, memtest verify=ok, sha256 of a big file and of all small files, sizes of all big files$([[ $FULL_VERIFY == 1 ]] && echo ', sha256 of every big file')."
+	echo "Load average start: $LOAD_START. GB = 1e9 bytes."
+} >"$TSV.header"
 
 # ------------------------------------------------------------------ per-FS setup
 setup_fs() {
@@ -156,7 +171,7 @@ setup_fs() {
 	truncate -s "${LOOP_GIB}G" "$LOOPIMG"
 	case $fs in
 	xfs) mkfs.xfs -q -m reflink=1 "$LOOPIMG" ;;
-	btrfs) mkfs.btrfs -q "$LOOPIMG" ;;
+	btrfs) mkfs.btrfs -q "$LOOPIMG" >&2 ;;
 	*) die "unknown filesystem $fs" ;;
 	esac
 	mount -o loop "$LOOPIMG" "$MNT"
@@ -265,7 +280,7 @@ run_case() {
 	mkdir -p "$d"
 	case $cs in
 	podman-none | ck-podman-none) arch=$MNT/archives/$cs.tar ;;
-	podman-zstd | ck-podman-zstd) arch=$MNT/archives/$cs.tar.zst ;;
+	podman-zstd | ck-podman-zstd*) arch=$MNT/archives/$cs.tar.zst ;;
 	ck-cka-*) arch=$MNT/archives/$cs.cka ;;
 	*) die "unknown case $cs" ;;
 	esac
@@ -286,6 +301,7 @@ run_case() {
 		fmt=${fmt%-*}
 		local c=none
 		[[ $cs == *-zstd ]] && c=$CK_ZSTD
+		[[ $cs =~ -zstd([0-9]+)$ ]] && c=zstd:${BASH_REMATCH[1]}
 		timeout "$TIMEOUT" "$CKSTREAM" podman checkpoint "$CTR" -o "$arch" --format "$fmt" -c "$c" -q --json \
 			>"$d/ckpt.out" 2>"$d/ckpt.err" || rc=$?
 		;;
@@ -315,7 +331,7 @@ run_case() {
 	# Restores.
 	local tools=()
 	case $cs in
-	podman-* | ck-podman-zstd) tools=(podman) ;;
+	podman-* | ck-podman-zstd*) tools=(podman) ;;
 	ck-podman-none) tools=(podman ckstream) ;;
 	ck-cka-*) tools=(ckstream) ;;
 	esac
@@ -359,20 +375,6 @@ run_case() {
 }
 
 # ------------------------------------------------------------------ main
-read -ra CASE_LIST <<<"$CASES"
-read -ra FS_LIST <<<"$FSES"
-T_START=$(now)
-for fs in "${FS_LIST[@]}"; do
-	setup_fs "$fs"
-	for ((rep = 1; rep <= REPS; rep++)); do
-		for cs in "${CASE_LIST[@]}"; do
-			run_case "$fs" "$rep" "$cs"
-		done
-	done
-	teardown_fs
-done
-LOAD_END=$(loadavg)
-log "load average at end: $LOAD_END; total $(fsub "$(now)" "$T_START") s"
 
 # ------------------------------------------------------------------ summary
 # med FS CASE OP COLUMN: median over reps (empty if none)
@@ -401,6 +403,7 @@ cmd_of() {
 	ck-cka-none) echo '`ckstream podman checkpoint --format cka -c none`' ;;
 	ck-cka-zstd) echo "\`ckstream podman checkpoint --format cka -c $CK_ZSTD\`" ;;
 	ck-podman-zstd) echo "\`ckstream podman checkpoint --format podman -c $CK_ZSTD\`" ;;
+	ck-*-zstd[0-9]*) local f=${1#ck-}; echo "\`ckstream podman checkpoint --format ${f%-*} -c zstd:${1##*-zstd}\`" ;;
 	esac
 }
 rcmd_of() {
@@ -423,18 +426,11 @@ inplace_part() {
 	if [[ $cs == podman-* ]]; then med "$fs" "$cs" checkpoint pm_runtime_s; else med "$fs" "$cs" checkpoint ck_podman_s; fi
 }
 
+write_summary() {
 {
-	echo "# podman-bench $STAMP"
-	echo
-	echo "podman $(podman --version | awk '{print $3}'), $(runc --version | head -1), criu $(criu --version 2>/dev/null | head -1 | awk '{print $2}'); kernel $(uname -r); $(nproc) CPUs."
-	echo "ckstream $CKSTREAM (sha256 ${CK_SUM}…, built $CK_DATE; tree at $CK_REV)."
-	echo "Workload per case (fresh container each time, normal stopping checkpoint): memtest $MIB MiB + $CHILDREN children,"
-	echo "MEMTEST_FILL=$MEMTEST_FILL; rootfs diff $NFILES × $FILE_MIB MiB urandom + $SMALL_FILES small files + deletions/chmod/symlink/sparse;"
-	echo "network $NETWORK. Storage (graphroot, runroot, libpod tmp_dir, TMPDIR) and archives on a ${LOOP_GIB} GiB loop FS in $LOOP_DIR."
-	echo "Caches dropped before every checkpoint and restore: $([[ $DROP_CACHES == 1 ]] && echo yes || echo no). REPS=$REPS (medians)."
-	echo "Load average start: $LOAD_START, end: $LOAD_END. GB = 1e9 bytes."
-	echo "Every restore verified: running, heartbeat advancing, memtest verify=ok, sha256 of a big file and of all small files, sizes of all big files$([[ $FULL_VERIFY == 1 ]] && echo ', sha256 of every big file')."
-	for fs in "${FS_LIST[@]}"; do
+	cat "$TSV.header"
+	echo "Load average end: $LOAD_END. Filesystems done: ${FS_DONE[*]:-none}."
+	for fs in "${FS_DONE[@]}"; do
 		P_CW=$(med "$fs" podman-none checkpoint wall)
 		P_DP=$(diff_part "$fs" podman-none)
 		P_RW=$(med "$fs" podman-none restore-podman wall)
@@ -462,7 +458,7 @@ inplace_part() {
 		echo
 		echo "### Restore"
 		echo
-		echo "| archive from | restore command | wall s | × vs podman none | ckstream convert s | podman internal s | runtime (CRIU) restore s | wall − runtime s | (wall − runtime) × vs podman none | rootfs semantics |"
+		echo "| archive from | restore command | wall s | × vs podman none | ckstream pre-pass s | podman internal s | runtime (CRIU) restore s | wall − runtime s | (wall − runtime) × vs podman none | rootfs semantics |"
 		echo "|---|---|---|---|---|---|---|---|---|---|"
 		for cs in "${CASE_LIST[@]}"; do
 			for op in restore-podman restore-ckstream; do
@@ -477,14 +473,56 @@ inplace_part() {
 		done
 		echo
 		echo "podman internal / runtime restore: from \`--print-stats\` (only for plain podman restores; \`ckstream podman restore\` runs podman without it)."
+		echo "ckstream pre-pass: convert_seconds — for a .cka its conversion into an aligned podman tar beside it (reflinks), for a podman"
+		echo "archive ckstream's safety check of it (paths, deleted.files) — then \`podman container restore --import\` runs."
 		echo
 		PZ=$(med "$fs" podman-zstd checkpoint archive_bytes)
-		echo "Sizes: podman none $(nb "$P_AB") B; podman zstd $(nb "$PZ") B;" \
-			"ck-cka-zstd $(nb "$(med "$fs" ck-cka-zstd checkpoint archive_bytes)") B ($(div "$(med "$fs" ck-cka-zstd checkpoint archive_bytes)" "$PZ" 3) × podman zstd);" \
-			"ck-podman-zstd $(nb "$(med "$fs" ck-podman-zstd checkpoint archive_bytes)") B ($(div "$(med "$fs" ck-podman-zstd checkpoint archive_bytes)" "$PZ" 3) × podman zstd)."
+		line="Sizes: podman none $(nb "$P_AB") B; podman zstd $(nb "$PZ") B"
+		for cs in "${CASE_LIST[@]}"; do
+			[[ $cs == ck-*zstd* ]] || continue
+			ab=$(med "$fs" "$cs" checkpoint archive_bytes)
+			[[ -n $ab ]] && line+="; $cs $(nb "$ab") B ($(div "$ab" "$PZ" 3) × podman zstd)"
+		done
+		echo "$line."
 	done
 	echo
 	echo "Targets (issue 4): checkpoint ≥ 25× faster than podman uncompressed (≤ 1.5 s for the diff part), restore of the diff ≥ 15× faster,"
 	echo "zstd archives no larger than podman's. Per-run data: $(basename "$TSV"); command logs: $(basename "$LOGD")/."
 } | tee "$REPORT"
+}
+
+# ------------------------------------------------------------------ main
+read -ra CASE_LIST <<<"$CASES"
+read -ra FS_LIST <<<"$FSES"
+if [[ -n ${SUMMARY_FROM:-} ]]; then
+	# Regenerate the report of an earlier (possibly interrupted) run from its TSV.
+	cp "$SUMMARY_FROM.header" "$TSV.header" 2>/dev/null || echo "(header of the original run not found)" >"$TSV.header"
+	cp "$SUMMARY_FROM" "$TSV"
+	FS_DONE=()
+	for fs in "${FS_LIST[@]}"; do grep -q "^$fs	" "$TSV" && FS_DONE+=("$fs"); done
+	LOAD_END="(summary regenerated from $(basename "$SUMMARY_FROM"))"
+	rmdir "$LOGD" 2>/dev/null || true
+	write_summary
+	log "report: $REPORT"
+	exit 0
+fi
+N=${#CASE_LIST[@]}
+T_START=$(now)
+FS_DONE=()
+for fs in "${FS_LIST[@]}"; do
+	setup_fs "$fs"
+	for ((rep = 1; rep <= REPS; rep++)); do
+		for ((k = 0; k < N; k++)); do
+			run_case "$fs" "$rep" "${CASE_LIST[$(((k + rep - 1) % N))]}" # order rotates each rep
+		done
+	done
+	teardown_fs
+	FS_DONE+=("$fs")
+	LOAD_END="$(loadavg) (after $fs)"
+	write_summary >/dev/null
+	log "interim report after $fs: $REPORT"
+done
+LOAD_END=$(loadavg)
+log "load average at end: $LOAD_END; total $(fsub "$(now)" "$T_START") s"
+write_summary
 log "report: $REPORT"

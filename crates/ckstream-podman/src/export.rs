@@ -298,6 +298,16 @@ fn member(e: &Entry) -> Member<'_> {
     }
 }
 
+/// Bytes of a disk file copied between progress reports (a multiple of any block size).
+const DISK_PIECE: u64 = 16 << 20;
+
+fn interrupted() -> Error {
+    Error::io(
+        "writing the podman archive",
+        io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
+    )
+}
+
 fn tar_err(what: &[u8], e: io::Error) -> Error {
     Error::io(
         format!("writing {} to the tar", String::from_utf8_lossy(what)),
@@ -309,11 +319,14 @@ fn write_item(
     w: &mut TarWriter,
     item: &Item,
     reader: Option<&ArchiveReader>,
-    progress: &dyn Fn(u64),
+    progress: &dyn Fn(u64) -> bool,
 ) -> Result<()> {
     let e = &item.entry;
     if e.entry_kind() == EntryKind::Socket {
         return Ok(()); // tar has no sockets; podman skips them as well
+    }
+    if !progress(0) {
+        return Err(interrupted());
     }
     w.header(&member(e)).map_err(|x| tar_err(&e.path, x))?;
     match &item.content {
@@ -322,9 +335,17 @@ fn write_item(
         Content::Disk(path) => {
             let f = File::open(path)
                 .map_err(|x| Error::io(format!("cannot open {}", path.display()), x))?;
-            w.data_from_file(&f, 0, e.size)
-                .map_err(|x| tar_err(&e.path, x))?;
-            progress(e.size);
+            // In pieces, so that a stop request is noticed within one piece.
+            let mut off = 0;
+            while off < e.size {
+                let n = (e.size - off).min(DISK_PIECE);
+                w.data_from_file(&f, off, n)
+                    .map_err(|x| tar_err(&e.path, x))?;
+                off += n;
+                if !progress(n) {
+                    return Err(interrupted());
+                }
+            }
         }
         Content::Archive(i) => {
             let reader = reader.ok_or_else(|| Error::Usage("no archive to read from".into()))?;
@@ -342,7 +363,9 @@ fn write_item(
                 }
                 .map_err(|x| tar_err(&e.path, x))?;
                 pos = c.file_end();
-                progress(c.raw_len as u64);
+                if !progress(c.raw_len as u64) {
+                    return Err(interrupted());
+                }
             }
             w.data_zeros(e.size - pos)
                 .map_err(|x| tar_err(&e.path, x))?;
@@ -355,7 +378,7 @@ fn write_rootfs(
     w: &mut TarWriter,
     items: &[Item],
     reader: Option<&ArchiveReader>,
-    progress: &dyn Fn(u64),
+    progress: &dyn Fn(u64) -> bool,
 ) -> Result<()> {
     for item in items {
         write_item(w, item, reader, progress)?;
@@ -383,7 +406,8 @@ fn nested_size(items: &[Item], align: bool) -> Result<u64> {
     Ok(c.position())
 }
 
-/// Writes the whole export archive described by `plan` to `w`.
+/// Writes the whole export archive described by `plan` to `w`. `progress` is told
+/// the data bytes moved; when it returns false the export stops.
 ///
 /// # Errors
 /// Read errors of the sources (digest mismatches of a `.cka` among them) and write
@@ -393,7 +417,7 @@ pub fn write_export(
     plan: &ExportPlan,
     reader: Option<&ArchiveReader>,
     align: bool,
-    progress: &dyn Fn(u64),
+    progress: &dyn Fn(u64) -> bool,
 ) -> Result<TarStats> {
     for item in &plan.outer {
         write_item(w, item, reader, progress)?;

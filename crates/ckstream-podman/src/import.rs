@@ -53,8 +53,12 @@ fn read_err(what: &str, e: io::Error) -> Error {
 /// [`Error::Corrupt`] for a damaged or truncated tar; [`Error::UnsafeEntry`] for
 /// member paths or deletions that could leave the target; [`Error::Unsupported`]
 /// for gzip input; I/O errors.
-pub fn import_podman_archive(path: &Path, writer: &mut ArchiveWriter) -> Result<ImportStats> {
-    scan(path, Some(writer))
+pub fn import_podman_archive(
+    path: &Path,
+    writer: &mut ArchiveWriter,
+    stop: &dyn Fn() -> bool,
+) -> Result<ImportStats> {
+    scan(path, Some(writer), stop)
 }
 
 /// Reads the whole podman export at `path` and checks everything
@@ -64,10 +68,14 @@ pub fn import_podman_archive(path: &Path, writer: &mut ArchiveWriter) -> Result<
 /// # Errors
 /// As [`import_podman_archive`].
 pub fn check_podman_archive(path: &Path) -> Result<ImportStats> {
-    scan(path, None)
+    scan(path, None, &|| false)
 }
 
-fn scan(path: &Path, writer: Option<&mut ArchiveWriter>) -> Result<ImportStats> {
+fn scan(
+    path: &Path,
+    writer: Option<&mut ArchiveWriter>,
+    stop: &dyn Fn() -> bool,
+) -> Result<ImportStats> {
     let file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let mut magic = [0u8; 4];
@@ -78,7 +86,7 @@ fn scan(path: &Path, writer: Option<&mut ArchiveWriter>) -> Result<ImportStats> 
     if n >= 4 && magic == ZSTD_MAGIC {
         stats.compressed_input = true;
         let dec = zstd::Decoder::new(file).map_err(|e| read_err("zstd", e))?;
-        Importer::new(writer, None).run(dec, stats)
+        Importer::new(writer, None, stop).run(dec, stats)
     } else if n >= 2 && magic[..2] == GZIP_MAGIC {
         Err(Error::Unsupported(
             "gzip-compressed podman archives are not supported; decompress it first (gunzip) or export with --compress zstd|none".into(),
@@ -91,7 +99,7 @@ fn scan(path: &Path, writer: Option<&mut ArchiveWriter>) -> Result<ImportStats> 
             .then(|| file.try_clone().ok())
             .flatten()
             .map(Arc::new);
-        Importer::new(writer, clone).run(BufReader::with_capacity(1 << 20, file), stats)
+        Importer::new(writer, clone, stop).run(BufReader::with_capacity(1 << 20, file), stats)
     }
 }
 
@@ -102,15 +110,21 @@ struct Importer<'w> {
     clone: Option<Arc<File>>,
     rootfs_paths: HashSet<Vec<u8>>,
     seen_rootfs_dir: bool,
+    stop: &'w dyn Fn() -> bool,
 }
 
 impl<'w> Importer<'w> {
-    fn new(writer: Option<&'w mut ArchiveWriter>, clone: Option<Arc<File>>) -> Self {
+    fn new(
+        writer: Option<&'w mut ArchiveWriter>,
+        clone: Option<Arc<File>>,
+        stop: &'w dyn Fn() -> bool,
+    ) -> Self {
         Importer {
             writer,
             clone,
             rootfs_paths: HashSet::new(),
             seen_rootfs_dir: false,
+            stop,
         }
     }
 
@@ -281,6 +295,12 @@ impl<'w> Importer<'w> {
         prefetched: Option<Vec<u8>>,
         stats: &mut ImportStats,
     ) -> Result<()> {
+        if (self.stop)() {
+            return Err(Error::io(
+                "importing",
+                io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
+            ));
+        }
         let h = member.header();
         let kind = match h.entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
@@ -381,6 +401,12 @@ impl<'w> Importer<'w> {
         let chunk = writer.options().chunk_size as u64;
         let mut off = 0u64;
         while off < size {
+            if (self.stop)() {
+                return Err(Error::io(
+                    "importing",
+                    io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
+                ));
+            }
             let len = chunk.min(size - off) as usize;
             let mut buf = vec![0u8; len];
             member

@@ -543,3 +543,62 @@ fn damaged_rootfs_diff_stops_the_restore() {
     );
     drop(ctr);
 }
+
+/// SIGTERM while the archive is being written: nothing is published, no temporary file
+/// stays behind, and the container podman had stopped is restored in place, intact.
+#[test]
+fn interrupted_checkpoint_restores_the_container_in_place() {
+    if !have_podman("interrupted") {
+        return;
+    }
+    let name = "ck-interrupted";
+    let ctr = start(name);
+    // Enough data that writing it takes a while (zstd level 19 on 2 cores).
+    sh(
+        name,
+        "dd if=/dev/urandom of=/data/big bs=1M count=128 2>/dev/null",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ckpt.tar");
+    let mut child = Command::new(bin())
+        .args([
+            "podman",
+            "checkpoint",
+            name,
+            "--format",
+            "podman",
+            "-c",
+            "zstd:19",
+            "-o",
+        ])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let partial = || {
+        std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".partial")
+        })
+    };
+    while !partial() {
+        assert!(Instant::now() < deadline, "the archive was never started");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "checkpoint ended early"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    signal(child.id(), rustix::process::Signal::TERM);
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("restored in place"), "{err}");
+    assert!(!out.exists());
+    assert!(!partial(), "a temporary file was left behind");
+    assert_alive_and_intact(name);
+    drop(ctr);
+}

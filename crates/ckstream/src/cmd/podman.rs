@@ -160,6 +160,9 @@ const PODMAN_ZSTD_LEVEL: i32 = 3;
 
 fn checkpoint(a: CheckpointArgs, quiet: bool) -> Result<()> {
     let started = Instant::now();
+    // SIGINT/SIGTERM stop the archive cleanly (nothing published) and the container is
+    // then restored in place.
+    ckstream_criu::socket::install_interrupt_handler();
     let ctr = podman::inspect(&a.container)?;
     if !ctr.running {
         bail!("container {} is not running", ctr.name);
@@ -376,6 +379,7 @@ fn write_podman_archive(
     });
     let on_data = |n: u64| {
         moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        !ckstream_criu::socket::interrupted()
     };
     if output == "-" {
         let stdout: Box<dyn Write + Send> = Box::new(std::io::BufWriter::with_capacity(
@@ -444,6 +448,7 @@ fn zstd_writer<W: Write + Send + 'static>(
 }
 
 fn import(a: ImportArgs, quiet: bool) -> Result<()> {
+    ckstream_criu::socket::install_interrupt_handler();
     let started = Instant::now();
     let opts = writer_options(&a.compress)?;
     let total = std::fs::metadata(&a.input)
@@ -459,7 +464,11 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
     };
     let mut stats = None;
     let summary = write_archive(&spec, |w| {
-        stats = Some(ckstream_podman::import::import_podman_archive(&a.input, w)?);
+        stats = Some(ckstream_podman::import::import_podman_archive(
+            &a.input,
+            w,
+            &ckstream_criu::socket::interrupted,
+        )?);
         Ok(())
     })?;
     let stats = stats.expect("set on success");
@@ -495,6 +504,7 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
 }
 
 fn export(a: ExportArgs, quiet: bool) -> Result<()> {
+    ckstream_criu::socket::install_interrupt_handler();
     let started = Instant::now();
     let reader = super::open(&a.input)?;
     let plan = plan_from_cka(&reader)?;
