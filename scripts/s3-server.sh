@@ -13,7 +13,8 @@
 #                       ports are PORT+10000..PORT+10004 (default 18333)
 #   CKSTREAM_S3_BUCKET  bucket created at start (default ckstream)
 #   CKSTREAM_S3_VENV    where SeaweedFS is installed (default /var/cache/ckstream/seaweedfs-venv)
-#   CKSTREAM_S3_WATCH_PID  stop the server when this process exits (test helpers use it)
+#   CKSTREAM_S3_WATCH_PID  stop the server when this process exits (test helpers use it);
+#                       with CKSTREAM_S3_REMOVE_DIR=1 also remove CKSTREAM_S3_DIR then
 # Every listener is bound to 127.0.0.1; WebDAV, admin UI, Iceberg, Lance and telemetry are off.
 set -euo pipefail
 
@@ -110,7 +111,11 @@ EOF
     # A watchdog, so a test process that dies without cleaning up takes its server along.
     ( trap '' HUP INT TERM
       while kill -0 "$CKSTREAM_S3_WATCH_PID" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
-      kill "$pid" 2>/dev/null || true ) </dev/null >/dev/null 2>&1 &
+      kill "$pid" 2>/dev/null || true
+      if [[ ${CKSTREAM_S3_REMOVE_DIR:-0} == 1 ]]; then
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+        rm -rf "$dir"
+      fi ) </dev/null >/dev/null 2>&1 &
   fi
   local i
   for ((i = 0; i < 600; i++)); do
@@ -149,5 +154,5 @@ case ${1:-} in
   start) start ;;
   stop) stop ;;
   env) running || die "not running"; print_env ;;
-  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
 esac
