@@ -63,6 +63,10 @@ pub trait ShardSource: Send + Sync {
         true
     }
 
+    /// A hint that most reads from now on go front to back (a restore, a verify):
+    /// sources with per-request latency may then fetch large spans ahead of the reads.
+    fn expect_sequential(&self) {}
+
     /// The local file behind this shard, when there is one (lets callers reflink out of it).
     fn as_file(&self) -> Option<&File> {
         None
@@ -240,6 +244,11 @@ impl ShardSource for DeferredShard {
     }
     fn is_local(&self) -> bool {
         self.opened().map_or(true, |s| s.is_local())
+    }
+    fn expect_sequential(&self) {
+        if let Ok(s) = self.opened() {
+            s.expect_sequential();
+        }
     }
     fn as_file(&self) -> Option<&File> {
         self.source().ok()?.as_file()
@@ -907,6 +916,7 @@ impl ArchiveReader {
             drop(rx);
             let scan = (|| -> Result<()> {
                 for (si, shard) in self.shards.iter().enumerate() {
+                    shard.source.expect_sequential();
                     let reader = SourceReader::new(shard.source.as_ref())
                         .map_err(|e| Error::io("shard size", e))?;
                     let mut scanner = RecordScanner::new(

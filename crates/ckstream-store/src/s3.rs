@@ -16,7 +16,9 @@
 //! Reading: the first use of a shard fetches its tail with one suffix-range GET, which
 //! also tells the object's size, and keeps it; the format reader finds the footer and
 //! (usually) the whole index there. Other reads are ranged GETs; batched reads
-//! ([`ShardSource::read_ranges`]) merge adjacent ranges and run in parallel.
+//! ([`ShardSource::read_ranges`]) merge adjacent ranges and run in parallel; after
+//! [`ShardSource::expect_sequential`] (restore, verify) reads are served from aligned
+//! 2 MiB spans fetched one ahead in the background, a few kept per shard.
 //!
 //! Settings come from the standard AWS environment variables (`AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`, ...)
@@ -27,8 +29,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,6 +59,13 @@ pub const MERGE_GAP: u64 = 8 << 10;
 pub const MAX_SPAN: u64 = 16 << 20;
 /// Parallel GETs of one batched read.
 pub const PARALLEL_GETS: usize = 8;
+/// Sequential reads ([`ShardSource::expect_sequential`]) fetch aligned spans of this size...
+pub const READ_AHEAD_SPAN: u64 = 2 << 20;
+/// ...this many spans ahead of the one being read...
+pub const READ_AHEAD_SPANS: u64 = 1;
+/// ...and keep at most this many per shard (16 MiB; spans read whole are dropped first,
+/// so several images streamed at once from one shard do not evict each other's spans).
+pub const READ_AHEAD_KEPT: usize = 8;
 /// Default for how long a request is retried (`CKSTREAM_S3_RETRY_SECS` overrides it).
 pub const DEFAULT_RETRY_SECS: u64 = 120;
 
@@ -637,6 +646,35 @@ struct Tail {
     bytes: Bytes,
 }
 
+/// One [`READ_AHEAD_SPAN`]-aligned span of an object, fetched in the background.
+struct Span {
+    index: u64,
+    len: u64,
+    /// Bytes copied out so far; a span read (almost) whole is dropped first.
+    consumed: AtomicU64,
+    bytes: Mutex<Option<std::result::Result<Bytes, (io::ErrorKind, String)>>>,
+    ready: Condvar,
+}
+
+impl Span {
+    /// Read (almost) whole: record headers and alignment padding between the chunks
+    /// are never asked for, so "whole" allows for an eighth of the span.
+    fn used_up(&self) -> bool {
+        self.consumed.load(Ordering::Relaxed) >= self.len - self.len / 8
+    }
+
+    fn wait(&self) -> io::Result<Bytes> {
+        let mut slot = self.bytes.lock().unwrap();
+        while slot.is_none() {
+            slot = self.ready.wait(slot).unwrap();
+        }
+        match slot.as_ref().expect("filled") {
+            Ok(b) => Ok(b.clone()),
+            Err((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+        }
+    }
+}
+
 /// A shard read from an object with ranged GETs (see the module documentation).
 pub struct S3Source {
     store: Arc<AmazonS3>,
@@ -644,6 +682,10 @@ pub struct S3Source {
     path: ObjectPath,
     tail_len: u64,
     tail: Mutex<Option<Arc<Tail>>>,
+    /// Set by [`ShardSource::expect_sequential`]: reads go through `spans`.
+    sequential: AtomicBool,
+    /// The spans fetched or being fetched, oldest first (at most [`READ_AHEAD_KEPT`]).
+    spans: Mutex<VecDeque<Arc<Span>>>,
 }
 
 impl S3Source {
@@ -655,7 +697,88 @@ impl S3Source {
             url,
             tail_len,
             tail: Mutex::new(None),
+            sequential: AtomicBool::new(false),
+            spans: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The span with this index, started in the background if it is not cached; the
+    /// span ends early where the cached tail begins.
+    fn span(&self, index: u64, tail: &Tail) -> Option<Arc<Span>> {
+        let start = index * READ_AHEAD_SPAN;
+        if start >= tail.start {
+            return None;
+        }
+        let mut spans = self.spans.lock().unwrap();
+        if let Some(s) = spans.iter().find(|s| s.index == index) {
+            return Some(s.clone());
+        }
+        let end = (start + READ_AHEAD_SPAN).min(tail.start);
+        let span = Arc::new(Span {
+            index,
+            len: end - start,
+            consumed: AtomicU64::new(0),
+            bytes: Mutex::new(None),
+            ready: Condvar::new(),
+        });
+        spans.retain(|s| !s.used_up());
+        while spans.len() >= READ_AHEAD_KEPT {
+            spans.pop_front();
+        }
+        spans.push_back(span.clone());
+        drop(spans);
+        let (store, path, url, slot) = (
+            self.store.clone(),
+            self.path.clone(),
+            self.url.clone(),
+            span.clone(),
+        );
+        if std::env::var_os("CKSTREAM_S3_DEBUG").is_some() {
+            eprintln!("s3: span {url} {start}..{end}");
+        }
+        runtime().spawn(async move {
+            let got = store.get_range(&path, start..end).await;
+            let result = match got {
+                Ok(b) if b.len() as u64 == end - start => {
+                    count_get(b.len());
+                    Ok(b)
+                }
+                Ok(_) => Err((io::ErrorKind::UnexpectedEof, format!("{url}: short read"))),
+                Err(e) => {
+                    let e = to_io(e, &url);
+                    Err((e.kind(), e.to_string()))
+                }
+            };
+            *slot.bytes.lock().unwrap() = Some(result);
+            slot.ready.notify_all();
+        });
+        Some(span)
+    }
+
+    /// Sequential mode: copies `[offset, offset + buf.len())` (below the tail) out of
+    /// spans, and starts fetching the spans after it.
+    fn read_spans(&self, offset: u64, buf: &mut [u8], tail: &Tail) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let first = offset / READ_AHEAD_SPAN;
+        let last = (end - 1) / READ_AHEAD_SPAN;
+        // The spans needed now first, so starting the ones ahead cannot evict them.
+        let needed: Vec<Arc<Span>> = (first..=last)
+            .map(|index| self.span(index, tail).expect("below the tail"))
+            .collect();
+        for ahead in last + 1..=last + READ_AHEAD_SPANS {
+            self.span(ahead, tail);
+        }
+        for span in needed {
+            let index = span.index;
+            let bytes = span.wait()?;
+            let span_start = index * READ_AHEAD_SPAN;
+            let from = offset.max(span_start);
+            let to = end.min(span_start + bytes.len() as u64);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&bytes[(from - span_start) as usize..(to - span_start) as usize]);
+            span.consumed.fetch_add(to - from, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn tail(&self) -> io::Result<Arc<Tail>> {
@@ -720,8 +843,22 @@ impl ShardSource for S3Source {
             buf.copy_from_slice(&tail.bytes[s..s + buf.len()]);
             return Ok(());
         }
+        if end > tail.start {
+            // Straddles the cached tail: fetch the part before it only.
+            let head = (tail.start - offset) as usize;
+            let (before, cached) = buf.split_at_mut(head);
+            cached.copy_from_slice(&tail.bytes[..cached.len()]);
+            return self.read_exact_at(offset, before);
+        }
+        if self.sequential.load(Ordering::Relaxed) {
+            return self.read_spans(offset, buf, &tail);
+        }
         buf.copy_from_slice(&self.get_range(offset, end)?);
         Ok(())
+    }
+
+    fn expect_sequential(&self) {
+        self.sequential.store(true, Ordering::Relaxed);
     }
 
     fn read_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {

@@ -115,6 +115,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     // read further ahead, so download, decompression and CRIU overlap (memory stays
     // bounded at about three chunks per decoder and open image).
     let remote = (0..reader.shard_count()).any(|i| !reader.shard(i).is_local());
+    if remote {
+        // CRIU reads the page images front to back: fetch large spans ahead.
+        for i in 0..reader.shard_count() {
+            reader.shard(i).expect_sequential();
+        }
+    }
     let default_decoders = if remote {
         super::default_threads().max(REMOTE_DECODERS)
     } else {
