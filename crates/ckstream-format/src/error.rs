@@ -42,10 +42,47 @@ pub enum Error {
 
 impl Error {
     /// Wraps an I/O error with a description of what was being done.
+    ///
+    /// A source that had to report an archive error through an `io::Error` (see
+    /// [`Error::into_io`]) gets that error back unchanged, so it keeps its kind
+    /// (and exit code) instead of turning into an I/O failure.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        if source.get_ref().is_some_and(|e| e.is::<Error>()) {
+            if let Some(Ok(inner)) = source.into_inner().map(|e| e.downcast::<Error>()) {
+                return *inner;
+            }
+            unreachable!("checked above that the io::Error wraps an archive error");
+        }
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// Carries this error through an `io::Error` (for [`crate::ShardSource`] methods);
+    /// [`Error::io`] unwraps it again.
+    pub fn into_io(self) -> io::Error {
+        let kind = match &self {
+            Error::Io { source, .. } => source.kind(),
+            _ => io::ErrorKind::InvalidData,
+        };
+        io::Error::new(kind, self)
+    }
+
+    /// A copy of this error (`io::Error` is not `Clone`; its kind and message are kept).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::NotAnArchive(m) => Error::NotAnArchive(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::Incomplete(m) => Error::Incomplete(m.clone()),
+            Error::Corrupt(m) => Error::Corrupt(m.clone()),
+            Error::DigestMismatch { what } => Error::DigestMismatch { what: what.clone() },
+            Error::UnsafeEntry(m) => Error::UnsafeEntry(m.clone()),
+            Error::Usage(m) => Error::Usage(m.clone()),
         }
     }
 

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
+use std::sync::{Arc, OnceLock};
 
 use prost::Message;
 
@@ -42,6 +43,30 @@ pub trait ShardSource: Send + Sync {
         Ok(buf)
     }
 
+    /// Reads several `(offset, len)` ranges, returning their bytes in the same order.
+    /// Sources where every request costs a round trip (object stores) override this to
+    /// merge adjacent ranges into one request and to send independent requests in
+    /// parallel; the default reads the ranges one after the other.
+    ///
+    /// # Errors
+    /// As [`read_exact_at`](Self::read_exact_at), for the first range that fails.
+    fn read_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
+        ranges
+            .iter()
+            .map(|&(offset, len)| self.read_partial(offset, len))
+            .collect()
+    }
+
+    /// True when reads are cheap and local (a file, memory); false for sources with
+    /// per-request latency, whose readers should batch and read ahead.
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    /// A hint that most reads from now on go front to back (a restore, a verify):
+    /// sources with per-request latency may then fetch large spans ahead of the reads.
+    fn expect_sequential(&self) {}
+
     /// The local file behind this shard, when there is one (lets callers reflink out of it).
     fn as_file(&self) -> Option<&File> {
         None
@@ -72,11 +97,168 @@ impl ShardSource for Vec<u8> {
 }
 
 /// How much of the tail `open` fetches in one read, hoping the index fits in it.
-const TAIL_READ: u64 = 256 << 10;
+pub const TAIL_READ: u64 = 256 << 10;
+
+/// Stored bytes [`ArchiveReader::copy_entry`] reads per batch.
+pub const COPY_BATCH_BYTES: u64 = 16 << 20;
 
 struct OpenShard {
     source: Box<dyn ShardSource>,
-    data_end: u64,
+}
+
+/// Opens shard `i` of an archive (for [`ArchiveReader::open_deferred`]).
+pub type ShardOpener = dyn Fn(u32) -> Result<Box<dyn ShardSource>> + Send + Sync;
+
+enum OtherShards<'a> {
+    Now(&'a mut dyn FnMut(u32) -> Result<Box<dyn ShardSource>>),
+    OnFirstUse(Arc<ShardOpener>),
+}
+
+/// What shard 0 says every other shard must match.
+#[derive(Clone)]
+struct ShardExpectation {
+    header: ShardHeader,
+    index_digest: [u8; 32],
+}
+
+impl ShardExpectation {
+    /// Checks shard `i`'s header and footer; returns where its data region ends.
+    fn check(&self, src: &dyn ShardSource, i: u32) -> Result<u64> {
+        let name = src.describe();
+        let len = src
+            .len()
+            .map_err(|e| Error::io(format!("size of {name}"), e))?;
+        let h = read_header(src, len)?;
+        if h.archive_id != self.header.archive_id
+            || h.shard_index != i
+            || h.shard_count != self.header.shard_count
+        {
+            return Err(Error::Corrupt(format!(
+                "{name} is not shard {i} of this archive (it is shard {} of {} of another archive)",
+                h.shard_index, h.shard_count
+            )));
+        }
+        if len < (HEADER_LEN + FOOTER_LEN) as u64 {
+            return Err(Error::Incomplete(format!("{name} ends after {len} bytes")));
+        }
+        let mut fb = vec![0u8; FOOTER_LEN];
+        read_at(src, len - FOOTER_LEN as u64, &mut fb, "footer")?;
+        let f = Footer::decode(&fb, len, &name)?;
+        check_footer_matches(&f, &self.header, i, &name)?;
+        if f.index_digest != self.index_digest {
+            return Err(Error::Corrupt(format!(
+                "{name} belongs to a different write of this archive"
+            )));
+        }
+        Ok(f.data_end)
+    }
+}
+
+/// Lowest start and highest end of the chunks the index places in one shard.
+#[derive(Clone, Copy)]
+struct ChunkExtent {
+    start: u64,
+    end: Option<u64>,
+}
+
+fn chunk_extents(index: &Index, shard_count: u32) -> Vec<ChunkExtent> {
+    let mut extents = vec![
+        ChunkExtent {
+            start: u64::MAX,
+            end: Some(0),
+        };
+        shard_count as usize
+    ];
+    for c in &index.chunks {
+        // `Index::validate` has checked that every chunk names an existing shard.
+        let x = &mut extents[c.shard as usize];
+        x.start = x.start.min(c.offset);
+        x.end = match (x.end, c.offset.checked_add(c.stored_len as u64)) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+    extents
+}
+
+fn check_chunk_extents(x: &ChunkExtent, shard: u32, data_end: u64) -> Result<()> {
+    if x.start == u64::MAX {
+        return Ok(());
+    }
+    if x.start < (HEADER_LEN + RECORD_HEADER_LEN) as u64 || x.end.is_none_or(|e| e > data_end) {
+        return Err(Error::Corrupt(format!(
+            "a chunk in shard {shard} lies outside its data region (ends at {:?}, region ends at {data_end})",
+            x.end
+        )));
+    }
+    Ok(())
+}
+
+/// A shard that is opened and checked on first use (see [`ArchiveReader::open_deferred`]).
+/// Its check's error, if any, is returned by every later call, carried in an `io::Error`
+/// that [`Error::io`] turns back into the archive error.
+struct DeferredShard {
+    index: u32,
+    open_shard: Arc<ShardOpener>,
+    expected: ShardExpectation,
+    extent: ChunkExtent,
+    opened: OnceLock<Result<Box<dyn ShardSource>>>,
+    checked: OnceLock<Result<()>>,
+}
+
+impl DeferredShard {
+    /// The shard, opened but not necessarily checked (enough for its size).
+    fn opened(&self) -> io::Result<&dyn ShardSource> {
+        match self.opened.get_or_init(|| (self.open_shard)(self.index)) {
+            Ok(src) => Ok(src.as_ref()),
+            Err(e) => Err(e.duplicate().into_io()),
+        }
+    }
+
+    /// The shard, opened and checked: only then are its bytes handed out.
+    fn source(&self) -> io::Result<&dyn ShardSource> {
+        let src = self.opened()?;
+        let checked = self.checked.get_or_init(|| {
+            let data_end = self.expected.check(src, self.index)?;
+            check_chunk_extents(&self.extent, self.index, data_end)
+        });
+        match checked {
+            Ok(()) => Ok(src),
+            Err(e) => Err(e.duplicate().into_io()),
+        }
+    }
+}
+
+impl ShardSource for DeferredShard {
+    fn len(&self) -> io::Result<u64> {
+        self.opened()?.len()
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.source()?.read_exact_at(offset, buf)
+    }
+    fn read_partial(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.source()?.read_partial(offset, len)
+    }
+    fn read_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
+        self.source()?.read_ranges(ranges)
+    }
+    fn is_local(&self) -> bool {
+        self.opened().map_or(true, |s| s.is_local())
+    }
+    fn expect_sequential(&self) {
+        if let Ok(s) = self.opened() {
+            s.expect_sequential();
+        }
+    }
+    fn as_file(&self) -> Option<&File> {
+        self.source().ok()?.as_file()
+    }
+    fn describe(&self) -> String {
+        match self.opened.get() {
+            Some(Ok(src)) => src.describe(),
+            _ => format!("shard {}", self.index),
+        }
+    }
 }
 
 /// An opened, validated, committed archive.
@@ -126,6 +308,22 @@ impl ArchiveReader {
     /// of `open_shard` (for example a missing shard file, named in the message).
     pub fn open(mut open_shard: impl FnMut(u32) -> Result<Box<dyn ShardSource>>) -> Result<Self> {
         let s0 = open_shard(0)?;
+        Self::open_with(s0, OtherShards::Now(&mut open_shard))
+    }
+
+    /// Like [`open`](Self::open), but shards 1.. are opened and checked (header, footer,
+    /// chunk extents) only when first read. For object stores: `ls` and `info` then
+    /// touch shard 0 only. A problem found later surfaces as the same error `open`
+    /// would have returned, from the read that found it.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open), for shard 0.
+    pub fn open_deferred(open_shard: Arc<ShardOpener>) -> Result<Self> {
+        let s0 = open_shard(0)?;
+        Self::open_with(s0, OtherShards::OnFirstUse(open_shard))
+    }
+
+    fn open_with(s0: Box<dyn ShardSource>, open_other_shards: OtherShards<'_>) -> Result<Self> {
         let name0 = s0.describe();
         let len0 = s0
             .len()
@@ -174,53 +372,35 @@ impl ArchiveReader {
             .map_err(|e| Error::Corrupt(format!("{name0}: index does not decode: {e}")))?;
         let by_path = index.validate(header.shard_count)?;
 
-        let mut shards = vec![OpenShard {
-            source: s0,
-            data_end: footer.data_end,
-        }];
-        for i in 1..header.shard_count {
-            let src = open_shard(i)?;
-            let name = src.describe();
-            let len = src
-                .len()
-                .map_err(|e| Error::io(format!("size of {name}"), e))?;
-            let h = read_header(src.as_ref(), len)?;
-            if h.archive_id != header.archive_id
-                || h.shard_index != i
-                || h.shard_count != header.shard_count
-            {
-                return Err(Error::Corrupt(format!(
-                    "{name} is not shard {i} of this archive (it is shard {} of {} of another archive)",
-                    h.shard_index, h.shard_count
-                )));
+        let mut shards = vec![OpenShard { source: s0 }];
+        let extents = chunk_extents(&index, header.shard_count);
+        let expected = ShardExpectation {
+            header: header.clone(),
+            index_digest: footer.index_digest,
+        };
+        check_chunk_extents(&extents[0], 0, footer.data_end)?;
+        match open_other_shards {
+            OtherShards::Now(open_shard) => {
+                for i in 1..header.shard_count {
+                    let src = open_shard(i)?;
+                    let data_end = expected.check(src.as_ref(), i)?;
+                    check_chunk_extents(&extents[i as usize], i, data_end)?;
+                    shards.push(OpenShard { source: src });
+                }
             }
-            if len < (HEADER_LEN + FOOTER_LEN) as u64 {
-                return Err(Error::Incomplete(format!("{name} ends after {len} bytes")));
-            }
-            let mut fb = vec![0u8; FOOTER_LEN];
-            read_at(src.as_ref(), len - FOOTER_LEN as u64, &mut fb, "footer")?;
-            let f = Footer::decode(&fb, len, &name)?;
-            check_footer_matches(&f, &header, i, &name)?;
-            if f.index_digest != footer.index_digest {
-                return Err(Error::Corrupt(format!(
-                    "{name} belongs to a different write of this archive"
-                )));
-            }
-            shards.push(OpenShard {
-                source: src,
-                data_end: f.data_end,
-            });
-        }
-        for c in &index.chunks {
-            let s = &shards[c.shard as usize];
-            let end = c.offset.checked_add(c.stored_len as u64);
-            if c.offset < (HEADER_LEN + RECORD_HEADER_LEN) as u64
-                || end.is_none_or(|e| e > s.data_end)
-            {
-                return Err(Error::Corrupt(format!(
-                    "chunk at {} in shard {} lies outside its data region",
-                    c.offset, c.shard
-                )));
+            OtherShards::OnFirstUse(open_shard) => {
+                for i in 1..header.shard_count {
+                    shards.push(OpenShard {
+                        source: Box::new(DeferredShard {
+                            index: i,
+                            open_shard: open_shard.clone(),
+                            expected: expected.clone(),
+                            extent: extents[i as usize],
+                            opened: OnceLock::new(),
+                            checked: OnceLock::new(),
+                        }),
+                    });
+                }
             }
         }
         Ok(ArchiveReader {
@@ -299,7 +479,70 @@ impl ArchiveReader {
         decode_chunk(entry, c, stored)
     }
 
-    /// Writes the whole content of entry `i` (holes as zeros) to `out`.
+    /// Reads the stored bytes of several chunks with one [`ShardSource::read_ranges`] call
+    /// per shard (shards in parallel), so object stores can merge adjacent chunks into one
+    /// request. Bytes are not decoded or verified here.
+    ///
+    /// # Errors
+    /// I/O errors and truncation.
+    pub fn read_stored_many(&self, chunks: &[Chunk]) -> Result<Vec<Vec<u8>>> {
+        let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
+        for (k, c) in chunks.iter().enumerate() {
+            by_shard[c.shard as usize].push(k);
+        }
+        let read_shard = |shard: usize, members: &[usize]| -> Result<Vec<Vec<u8>>> {
+            let src = self.shards[shard].source.as_ref();
+            let ranges: Vec<(u64, usize)> = members
+                .iter()
+                .map(|&k| (chunks[k].offset, chunks[k].stored_len as usize))
+                .collect();
+            src.read_ranges(&ranges).map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    Error::Corrupt(format!(
+                        "{}: chunk lies past the end of the shard (truncated?)",
+                        src.describe()
+                    ))
+                } else {
+                    Error::io(format!("reading chunks from {}", src.describe()), e)
+                }
+            })
+        };
+        let busy: Vec<usize> = (0..by_shard.len())
+            .filter(|&s| !by_shard[s].is_empty())
+            .collect();
+        let results: Vec<Result<Vec<Vec<u8>>>> = if busy.len() <= 1 {
+            busy.iter().map(|&s| read_shard(s, &by_shard[s])).collect()
+        } else {
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = busy
+                    .iter()
+                    .map(|&s| {
+                        let members = &by_shard[s];
+                        scope.spawn(move || read_shard(s, members))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::Usage("read thread panicked".into())))
+                    })
+                    .collect()
+            })
+        };
+        let mut out = vec![Vec::new(); chunks.len()];
+        for (&s, bufs) in busy.iter().zip(results) {
+            for (&k, buf) in by_shard[s].iter().zip(bufs?) {
+                out[k] = buf;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the whole content of entry `i` (holes as zeros) to `out`. Chunks are read
+    /// in batches of up to [`COPY_BATCH_BYTES`] stored bytes (one
+    /// [`read_stored_many`](Self::read_stored_many) call each), and every chunk is
+    /// verified before any of its bytes are written.
     ///
     /// # Errors
     /// As [`read_chunk`](Self::read_chunk), plus write errors on `out`.
@@ -316,12 +559,27 @@ impl ArchiveReader {
             }
             Ok(())
         };
-        for c in self.chunks_of(i) {
-            write_zeros(out, c.file_offset - pos)?;
-            let data = self.read_chunk(e, c)?;
-            out.write_all(&data)
-                .map_err(|e| Error::io("writing output", e))?;
-            pos = c.file_end();
+        let chunks = self.chunks_of(i);
+        let mut next = 0;
+        while next < chunks.len() {
+            let mut end = next + 1;
+            let mut batch_bytes = chunks[next].stored_len as u64;
+            while end < chunks.len()
+                && batch_bytes + chunks[end].stored_len as u64 <= COPY_BATCH_BYTES
+            {
+                batch_bytes += chunks[end].stored_len as u64;
+                end += 1;
+            }
+            let batch = &chunks[next..end];
+            let stored = self.read_stored_many(batch)?;
+            for (c, stored) in batch.iter().zip(stored) {
+                let data = decode_chunk(e, c, stored)?;
+                write_zeros(out, c.file_offset - pos)?;
+                out.write_all(&data)
+                    .map_err(|e| Error::io("writing output", e))?;
+                pos = c.file_end();
+            }
+            next = end;
         }
         write_zeros(out, e.size - pos)
     }
@@ -658,6 +916,7 @@ impl ArchiveReader {
             drop(rx);
             let scan = (|| -> Result<()> {
                 for (si, shard) in self.shards.iter().enumerate() {
+                    shard.source.expect_sequential();
                     let reader = SourceReader::new(shard.source.as_ref())
                         .map_err(|e| Error::io("shard size", e))?;
                     let mut scanner = RecordScanner::new(

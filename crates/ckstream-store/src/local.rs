@@ -213,32 +213,43 @@ pub enum ArchiveTarget {
     Stdout,
     /// A local path; shards go to `path`, `path.1`, ...
     Path(PathBuf),
+    /// An object store URL `s3://BUCKET/KEY`; shards go to `KEY`, `KEY.1`, ...
+    S3(String),
 }
 
 impl ArchiveTarget {
-    /// Parses a command-line destination (`-` is standard output).
+    /// Parses a command-line destination (`-` is standard output, `s3://...` an object
+    /// store, `file://PATH` or anything else a local path).
     pub fn parse(s: &str) -> Self {
         if s == "-" {
             ArchiveTarget::Stdout
+        } else if crate::s3::is_s3_url(s) {
+            ArchiveTarget::S3(s.to_string())
         } else {
             ArchiveTarget::Path(PathBuf::from(s.strip_prefix("file://").unwrap_or(s)))
         }
     }
 }
 
-/// Shards being written under temporary names; [`PendingArchive::publish`] renames them
-/// into place after the writer committed them, [`PendingArchive::discard`] removes them.
-/// A failed write therefore never replaces an earlier archive at the same path.
+/// Shards being written under temporary names (files) or as unfinished multipart
+/// uploads (object stores); [`PendingArchive::publish`] puts them in place after the
+/// writer committed them, [`PendingArchive::discard`] removes them. A failed write
+/// therefore never replaces an earlier archive at the same name.
 pub struct PendingArchive {
     renames: Vec<(PathBuf, PathBuf)>,
+    uploads: Option<crate::s3::S3PendingArchive>,
 }
 
 impl PendingArchive {
-    /// Moves committed shards to their final names (shard 0 last).
+    /// Moves committed shards to their final names (shard 0 last), or completes their
+    /// uploads (shard 0 last).
     ///
     /// # Errors
     /// [`Error::Io`] naming the shard.
     pub fn publish(self) -> Result<()> {
+        if let Some(uploads) = self.uploads {
+            return uploads.publish();
+        }
         for (tmp, dst) in self.renames.iter().rev() {
             std::fs::rename(tmp, dst).map_err(|e| {
                 Error::io(
@@ -250,8 +261,11 @@ impl PendingArchive {
         Ok(())
     }
 
-    /// Removes the temporary shards.
+    /// Removes the temporary shards, or aborts the uploads.
     pub fn discard(self) {
+        if let Some(uploads) = self.uploads {
+            uploads.discard();
+        }
         for (tmp, _) in &self.renames {
             let _ = std::fs::remove_file(tmp);
         }
@@ -289,9 +303,20 @@ pub struct NewArchive {
 /// Opens `shards` sinks for a new archive at `target`.
 ///
 /// # Errors
-/// [`Error::Usage`] for several shards on stdout; [`Error::Io`] when a file cannot be created.
+/// [`Error::Usage`] for several shards on stdout or a bad `s3://` URL or configuration;
+/// [`Error::Io`] when a file cannot be created or an upload cannot be started.
 pub fn create_archive(target: &ArchiveTarget, shards: u32) -> Result<NewArchive> {
     match target {
+        ArchiveTarget::S3(url) => {
+            let (sinks, uploads) = crate::s3::create_archive(url, shards)?;
+            Ok(NewArchive {
+                sinks,
+                pending: Some(PendingArchive {
+                    renames: Vec::new(),
+                    uploads: Some(uploads),
+                }),
+            })
+        }
         ArchiveTarget::Stdout => {
             if shards != 1 {
                 return Err(Error::Usage(
@@ -323,7 +348,11 @@ pub fn create_archive(target: &ArchiveTarget, shards: u32) -> Result<NewArchive>
                 let file = match file {
                     Ok(f) => f,
                     Err(e) => {
-                        PendingArchive { renames }.discard();
+                        PendingArchive {
+                            renames,
+                            uploads: None,
+                        }
+                        .discard();
                         return Err(e);
                     }
                 };
@@ -332,18 +361,25 @@ pub fn create_archive(target: &ArchiveTarget, shards: u32) -> Result<NewArchive>
             }
             Ok(NewArchive {
                 sinks,
-                pending: Some(PendingArchive { renames }),
+                pending: Some(PendingArchive {
+                    renames,
+                    uploads: None,
+                }),
             })
         }
     }
 }
 
 /// Opens the archive whose first shard is at `path` (its other shards are found by
-/// [`shard_path`]).
+/// [`shard_path`]); `s3://BUCKET/KEY` opens an archive in an object store
+/// ([`crate::s3::open_archive`]).
 ///
 /// # Errors
 /// Everything [`ArchiveReader::open`] reports; a missing shard is named in the message.
 pub fn open_archive(path: &Path) -> Result<ArchiveReader> {
+    if let Some(url) = path.to_str().filter(|p| crate::s3::is_s3_url(p)) {
+        return crate::s3::open_archive(url);
+    }
     ArchiveReader::open(|i| {
         let p = shard_path(path, i);
         let src = FileSource::open(&p).map_err(|e| match e {

@@ -18,7 +18,17 @@ const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = cmd::Cli::parse();
-    match cmd::run(cli) {
+    let result = cmd::run(cli);
+    if std::env::var_os("CKSTREAM_S3_STATS").is_some_and(|v| v != "0") {
+        // Request and byte counts of object-store access, for tests and benchmarks.
+        let stats: serde_json::Map<String, serde_json::Value> = ckstream_store::s3::stats()
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        eprintln!("ckstream-s3-stats: {}", serde_json::Value::Object(stats));
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if is_broken_pipe(&err) => {
             // The reader of our stdout went away (`ckstream ls | head`): not an error.

@@ -12,6 +12,9 @@ use ckstream_format::{ArchiveReader, EntryKind};
 use super::dump::WorkDir;
 use crate::output::human_bytes;
 
+/// Decoder threads per image file when the archive is in an object store.
+const REMOTE_DECODERS: usize = 8;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Archive written by `ckstream dump` (or `capture`).
@@ -108,8 +111,23 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             }
         })
     };
+    // From an object store, each decoder thread has one ranged GET in flight: more of them
+    // read further ahead, so download, decompression and CRIU overlap (memory stays
+    // bounded at about three chunks per decoder and open image).
+    let remote = (0..reader.shard_count()).any(|i| !reader.shard(i).is_local());
+    if remote {
+        // CRIU reads the page images front to back: fetch large spans ahead.
+        for i in 0..reader.shard_count() {
+            reader.shard(i).expect_sequential();
+        }
+    }
+    let default_decoders = if remote {
+        super::default_threads().max(REMOTE_DECODERS)
+    } else {
+        super::default_threads()
+    };
     let opts = ServeOptions {
-        decoders: args.threads.unwrap_or_else(super::default_threads),
+        decoders: args.threads.unwrap_or(default_decoders),
         watch: Some(watch),
         ..Default::default()
     };

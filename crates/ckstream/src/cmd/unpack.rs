@@ -13,6 +13,9 @@ use ckstream_fs::{UnpackOptions, UnpackStats};
 use crate::output::human_bytes;
 use crate::progress::Progress;
 
+/// Worker threads when the archive is in an object store.
+const REMOTE_THREADS: usize = 8;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Archive to read.
@@ -35,7 +38,7 @@ pub struct Args {
     /// Always copy data, never share extents with the archive.
     #[arg(long)]
     no_reflink: bool,
-    /// Worker threads (default: all cores).
+    /// Worker threads (default: all cores; at least 8 for an archive in an object store).
     #[arg(long)]
     threads: Option<usize>,
     /// Print a JSON summary on stdout.
@@ -53,6 +56,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     opts.reflink = !args.no_reflink;
     if let Some(t) = args.threads {
         opts.threads = t.max(1);
+    } else if (0..reader.shard_count()).any(|i| !reader.shard(i).is_local()) {
+        // Each worker has one ranged GET in flight: more workers hide the latency.
+        opts.threads = opts.threads.max(REMOTE_THREADS);
     }
     let directory = match &args.rootfs_diff {
         Some(target) => {
