@@ -109,8 +109,17 @@ fn hot_files(reader: &ArchiveReader) -> Vec<usize> {
                 let mut prefix = e.path.clone();
                 prefix.push(b'/');
                 for (i, below) in entries.iter().enumerate() {
-                    if below.path.starts_with(&prefix) && below.entry_kind() == EntryKind::File {
-                        add(i, &mut files);
+                    if !below.path.starts_with(&prefix) {
+                        continue;
+                    }
+                    match below.entry_kind() {
+                        EntryKind::File => add(i, &mut files),
+                        EntryKind::Hardlink => {
+                            if let Some(t) = reader.find(&below.link_target) {
+                                add(t, &mut files);
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -119,10 +119,13 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     }
     let mp = args.mountpoint.display().to_string();
     if !quiet {
-        eprintln!(
-            "mounted {} at {mp} (read-only); `umount {mp}` or Ctrl-C to unmount",
-            args.archive.display()
-        );
+        if args.ready_fd.is_none() {
+            // (In the background, the parent says where and how.)
+            eprintln!(
+                "mounted {} at {mp} (read-only); `umount {mp}` or Ctrl-C to unmount",
+                args.archive.display()
+            );
+        }
         let hot = mounted.hot_prefetch();
         if hot.files > 0 {
             eprintln!(
