@@ -42,10 +42,36 @@ pub struct MountStats {
     pub read_errors: u64,
     /// Chunks queued for read-ahead behind sequential readers.
     pub readahead_queued: u64,
-    /// Chunks of hot-list files fetched before anyone asked.
+    /// Chunks of hot-list files queued for prefetch when the mount came up.
+    pub hot_planned: u64,
+    /// Chunks of hot-list files prefetched so far.
     pub hot_prefetched: u64,
     /// Decoded-chunk cache counters.
     pub cache: CacheCounters,
+}
+
+impl MountStats {
+    /// The counters as one JSON object (what `user.ckstream.stats` on the mount's root
+    /// and `ckstream mount --json` show).
+    pub fn to_json(&self) -> String {
+        format!(
+            concat!(
+                "{{\"fetches\":{},\"fetched_bytes\":{},\"read_errors\":{},",
+                "\"readahead_queued\":{},\"hot_planned_chunks\":{},\"hot_prefetched_chunks\":{},",
+                "\"cache_hits\":{},\"cache_misses\":{},\"cache_evictions\":{},\"cache_bytes\":{}}}"
+            ),
+            self.fetches,
+            self.fetched_bytes,
+            self.read_errors,
+            self.readahead_queued,
+            self.hot_planned,
+            self.hot_prefetched,
+            self.cache.hits,
+            self.cache.misses,
+            self.cache.evictions,
+            self.cache.bytes
+        )
+    }
 }
 
 /// Tuning of the data plane.
@@ -66,6 +92,7 @@ struct Shared {
     fetched_bytes: AtomicU64,
     read_errors: AtomicU64,
     readahead_queued: AtomicU64,
+    hot_planned: AtomicU64,
     hot_prefetched: AtomicU64,
     /// Chunks whose failure was already reported, so a file read again and again does
     /// not flood the log with the same message.
@@ -186,6 +213,7 @@ impl DataPlane {
             fetched_bytes: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),
             readahead_queued: AtomicU64::new(0),
+            hot_planned: AtomicU64::new(0),
             hot_prefetched: AtomicU64::new(0),
             reported: Mutex::new(HashSet::new()),
             stop: AtomicBool::new(false),
@@ -334,6 +362,7 @@ impl DataPlane {
             }
         }
         let count = jobs.len() as u64;
+        self.shared.hot_planned.fetch_add(count, Ordering::Relaxed);
         let Some(tx) = self
             .hot_tx
             .lock()
@@ -377,6 +406,7 @@ impl DataPlane {
             fetched_bytes: s.fetched_bytes.load(Ordering::Relaxed),
             read_errors: s.read_errors.load(Ordering::Relaxed),
             readahead_queued: s.readahead_queued.load(Ordering::Relaxed),
+            hot_planned: s.hot_planned.load(Ordering::Relaxed),
             hot_prefetched: s.hot_prefetched.load(Ordering::Relaxed),
             cache: s.cache.counters(),
         }

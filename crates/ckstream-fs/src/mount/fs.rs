@@ -19,7 +19,12 @@ use fuser::{
 use ckstream_format::{Entry, EntryKind};
 
 use super::data::DataPlane;
-use super::tree::{NodeSource, Tree};
+use super::tree::{NodeSource, Tree, ROOT_INO};
+
+/// A virtual xattr of the mount's root (not listed by listxattr, so copies and
+/// manifests of the tree never see it): the mount's counters as JSON, for monitoring
+/// and benchmarks without unmounting.
+pub const STATS_XATTR: &str = "user.ckstream.stats";
 
 /// How long the kernel may trust what we tell it: the archive is immutable.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -352,6 +357,9 @@ impl Filesystem for ArchiveFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 == ROOT_INO && name == STATS_XATTR {
+            return reply_sized(reply, size, self.data.stats().to_json().as_bytes());
+        }
         let Some(xattrs) = self.xattrs(ino.0) else {
             return reply.error(Errno::ENOENT);
         };

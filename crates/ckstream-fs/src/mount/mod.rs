@@ -25,6 +25,7 @@ use ckstream_format::{ArchiveReader, EntryKind, Error, Result};
 
 pub use cache::CacheCounters;
 pub use data::MountStats;
+pub use fs::STATS_XATTR;
 
 use data::{DataOptions, DataPlane};
 use fs::ArchiveFs;

@@ -42,9 +42,17 @@ pub struct Args {
     /// Print the mount's counters as JSON on stdout when it ends.
     #[arg(long)]
     json: bool,
+    /// With --background: append messages (read errors, the final summary) to this
+    /// file; without it they are discarded once the mount is up, as the caller's
+    /// terminal or pipe is released.
+    #[arg(long, value_name = "FILE", requires = "background")]
+    log: Option<PathBuf>,
     /// Internal (--background): file descriptor to write one byte to once mounted.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
+    /// Internal (--background): where --log pointed.
+    #[arg(long, hide = true)]
+    log_to: Option<PathBuf>,
 }
 
 /// Parses `256M`, `2G`, `512KiB`, `65536` into bytes (binary units).
@@ -112,6 +120,10 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     let mounted = ckstream_fs::mount::mount(reader, &args.mountpoint, &opts)?;
     if let Some(fd) = args.ready_fd {
+        // Let go of the caller's stdout and stderr before saying we are ready, so a
+        // caller that reads them to the end (a shell's $(...), a test) is not kept
+        // waiting for as long as the mount lives.
+        release_stdio(args.log_to.as_deref())?;
         // SAFETY: the parent passed us this descriptor for exactly this purpose and
         // nothing else in this process uses it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -158,20 +170,11 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 
 fn report(args: &Args, stats: &MountStats, quiet: bool) {
     if args.json {
-        let v = serde_json::json!({
-            "archive": args.archive.display().to_string(),
-            "mountpoint": args.mountpoint.display().to_string(),
-            "fetches": stats.fetches,
-            "fetched_bytes": stats.fetched_bytes,
-            "read_errors": stats.read_errors,
-            "readahead_queued": stats.readahead_queued,
-            "hot_prefetched_chunks": stats.hot_prefetched,
-            "cache_hits": stats.cache.hits,
-            "cache_misses": stats.cache.misses,
-            "cache_evictions": stats.cache.evictions,
-            "cache_bytes": stats.cache.bytes,
-            "rusage": crate::output::rusage_json(),
-        });
+        let mut v: serde_json::Value =
+            serde_json::from_str(&stats.to_json()).expect("counters are JSON");
+        v["archive"] = args.archive.display().to_string().into();
+        v["mountpoint"] = args.mountpoint.display().to_string().into();
+        v["rusage"] = crate::output::rusage_json();
         println!("{v}");
     } else if !quiet {
         eprintln!(
@@ -184,6 +187,28 @@ fn report(args: &Args, stats: &MountStats, quiet: bool) {
             stats.read_errors
         );
     }
+}
+
+/// Points stdout and stderr at `log` (appending) or at /dev/null.
+fn release_stdio(log: Option<&std::path::Path>) -> Result<()> {
+    let target = match log {
+        Some(path) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening the log {}", path.display()))?,
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .context("opening /dev/null")?,
+    };
+    for fd in [1, 2] {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        if unsafe { libc::dup2(target.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("redirecting output");
+        }
+    }
+    Ok(())
 }
 
 /// Starts `ckstream mount` again without `--background`, detached in its own session,
@@ -212,10 +237,12 @@ fn run_in_background(args: &Args, quiet: bool) -> Result<()> {
     if args.json {
         cmd.arg("--json");
     }
-    cmd.stdin(std::process::Stdio::null());
-    if !args.json {
-        cmd.stdout(std::process::Stdio::null());
+    if let Some(log) = &args.log {
+        // Absolute, since the server may outlive the caller's working directory.
+        let log = std::path::absolute(log).context("the --log path")?;
+        cmd.arg("--log-to").arg(log);
     }
+    cmd.stdin(std::process::Stdio::null());
     let ready_fd = ready_tx.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls: setsid and fcntl.
     unsafe {
