@@ -74,6 +74,31 @@ impl MountStats {
     }
 }
 
+/// The answer to one read: a range of a shared buffer (a cached chunk, or a buffer
+/// assembled for a read that spans chunks or holes).
+pub struct ReadData {
+    bytes: Bytes,
+    range: std::ops::Range<usize>,
+    /// Positions (within the entry's chunk list) of the first and last chunk the read
+    /// touched, for read-ahead decisions.
+    pub chunks: Option<(usize, usize)>,
+}
+
+impl ReadData {
+    fn empty() -> Self {
+        ReadData {
+            bytes: Arc::new(Vec::new()),
+            range: 0..0,
+            chunks: None,
+        }
+    }
+
+    /// The bytes read.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[self.range.clone()]
+    }
+}
+
 /// Tuning of the data plane.
 #[derive(Clone, Debug)]
 pub struct DataOptions {
@@ -249,47 +274,54 @@ impl DataPlane {
         &self.shared.reader
     }
 
-    /// Reads `[offset, offset + len)` of file entry `ei` (clamped to its size) into
-    /// `out`, fetching the chunks it needs; holes read as zeros without any fetch.
-    /// Returns the positions (within the entry's chunk list) of the first and last chunk
-    /// touched, if any, for read-ahead decisions.
+    /// Reads `[offset, offset + len)` of file entry `ei` (clamped to its size), fetching
+    /// the chunks it needs; holes read as zeros without any fetch.
     ///
     /// # Errors
     /// The first chunk that fails to fetch, decode or verify (already logged once).
-    pub fn read(
-        &self,
-        ei: usize,
-        offset: u64,
-        len: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<Option<(usize, usize)>> {
+    pub fn read(&self, ei: usize, offset: u64, len: usize) -> Result<ReadData> {
         let reader = &self.shared.reader;
         let entry = &reader.entries()[ei];
         debug_assert_eq!(entry.entry_kind(), EntryKind::File);
-        out.clear();
         if offset >= entry.size || len == 0 {
-            return Ok(None);
+            return Ok(ReadData::empty());
         }
         let end = entry.size.min(offset.saturating_add(len as u64));
-        out.resize((end - offset) as usize, 0);
         let chunks = reader.chunks_of(ei);
         let first_global = entry.first_chunk as usize;
-        let mut pos = chunks.partition_point(|c| c.file_end() <= offset);
-        let mut touched = None::<(usize, usize)>;
-        while pos < chunks.len() && chunks[pos].file_offset < end {
-            let c = &chunks[pos];
-            let data = self.shared.chunk(ei, first_global + pos).inspect_err(|e| {
+        let fetch = |pos: usize| {
+            self.shared.chunk(ei, first_global + pos).inspect_err(|e| {
                 self.shared.read_errors.fetch_add(1, Ordering::Relaxed);
                 self.shared.report(
                     first_global + pos,
                     &format!(
                         "mount: reading {} at offset {}",
                         entry.path_lossy(),
-                        c.file_offset
+                        chunks[pos].file_offset
                     ),
                     e,
                 );
-            })?;
+            })
+        };
+        let mut pos = chunks.partition_point(|c| c.file_end() <= offset);
+        if let Some(c) = chunks.get(pos) {
+            if c.file_offset <= offset && end <= c.file_end() {
+                // The usual case (the kernel asks for pieces of a chunk): hand out a
+                // slice of the cached chunk, no copy.
+                let data = fetch(pos)?;
+                let start = (offset - c.file_offset) as usize;
+                return Ok(ReadData {
+                    bytes: Bytes::clone(&data),
+                    range: start..start + (end - offset) as usize,
+                    chunks: Some((pos, pos)),
+                });
+            }
+        }
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut touched = None::<(usize, usize)>;
+        while pos < chunks.len() && chunks[pos].file_offset < end {
+            let c = &chunks[pos];
+            let data = fetch(pos)?;
             let from = offset.max(c.file_offset);
             let to = end.min(c.file_end());
             out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
@@ -298,7 +330,12 @@ impl DataPlane {
             touched = Some((touched.map_or(pos, |t| t.0), pos));
             pos += 1;
         }
-        Ok(touched)
+        let n = out.len();
+        Ok(ReadData {
+            bytes: Arc::new(out),
+            range: 0..n,
+            chunks: touched,
+        })
     }
 
     /// Queues the chunks after position `last` of entry `ei` for read-ahead (those not

@@ -257,11 +257,10 @@ impl Filesystem for ArchiveFs {
                 _ => return reply.error(Errno::EBADF),
             },
         };
-        let mut buf = Vec::new();
-        match self.data.read(entry, offset, size as usize, &mut buf) {
-            Ok(touched) => {
-                reply.data(&buf);
-                if let (Some(open), Some((first, last))) = (open, touched) {
+        match self.data.read(entry, offset, size as usize) {
+            Ok(data) => {
+                reply.data(data.as_slice());
+                if let (Some(open), Some((first, last))) = (open, data.chunks) {
                     // Sequential when this read starts in the chunk the last one ended
                     // in or the one after (the kernel's own read-ahead splits reads into
                     // pieces smaller than a chunk), or at the start of the file.

@@ -184,6 +184,7 @@ pub fn mount(
     config.clone_fd = true;
     let session = fuser::spawn_mount(filesystem, mountpoint, &config)
         .map_err(|e| Error::io(format!("cannot mount at {}", mountpoint.display()), e))?;
+    widen_kernel_readahead(mountpoint, reader.index().chunk_size);
     let mut hot = HotPrefetch::default();
     if opts.prefetch_hot && !reader.index().hot_list.is_empty() {
         let files = hot_files(&reader);
@@ -196,6 +197,31 @@ pub fn mount(
         mountpoint: mountpoint.to_path_buf(),
         hot,
     })
+}
+
+/// Lets the kernel read ahead up to one chunk (at most 1 MiB, FUSE's largest request)
+/// instead of its 128 KiB default: fewer, larger read requests for sequential readers.
+/// The INIT handshake can only lower the window, but root may raise it through the
+/// mount's backing-device entry in sysfs. Best effort: without root it stays as it is.
+fn widen_kernel_readahead(mountpoint: &Path, chunk_size: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let want_kb = (chunk_size / 1024).clamp(128, 1024);
+    let current: u32 = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX);
+    if current < want_kb {
+        let _ = std::fs::write(&path, want_kb.to_string());
+    }
 }
 
 /// How a mount ended.
