@@ -6,6 +6,7 @@
 //! `O_NOFOLLOW` on each component, so neither links inside the archive nor links
 //! already present in the target can redirect a write.
 
+pub mod mount;
 pub mod pack;
 pub mod unpack;
 mod xattr;

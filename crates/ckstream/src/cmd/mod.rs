@@ -4,6 +4,7 @@ mod cat;
 mod dump;
 mod info;
 mod ls;
+mod mount;
 mod pack;
 mod podman;
 mod restore;
@@ -45,6 +46,8 @@ pub enum Command {
     Verify(verify::Args),
     /// Show sizes, counts, codecs and shards of an archive.
     Info(info::Args),
+    /// Mount an archive read-only (FUSE), fetching file data only when it is read.
+    Mount(mount::Args),
     /// Checkpoint a live process tree with CRIU straight into an archive.
     Dump(dump::Args),
     /// Restore a process tree from an archive, streaming images to CRIU.
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cat(a) => cat::run(a),
         Command::Verify(a) => verify::run(a, cli.quiet),
         Command::Info(a) => info::run(a),
+        Command::Mount(a) => mount::run(a, cli.quiet),
         Command::Dump(a) => dump::run(a, cli.quiet),
         Command::Restore(a) => restore::run(a, cli.quiet),
         Command::Podman(c) => podman::run(c, cli.quiet),

@@ -1,6 +1,7 @@
 //! `ckstream pack`.
 
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,11 @@ pub struct Args {
     /// exactly as it is: whiteouts, opaque directories, metadata, holes.
     #[arg(long, value_name = "UPPER")]
     rootfs_diff: Option<std::path::PathBuf>,
+    /// An archive path (as `ls` shows it) that `ckstream mount` prefetches as soon as it
+    /// mounts the archive; repeat for more, in priority order. A directory stands for every
+    /// file below it.
+    #[arg(long = "hot", value_name = "ARCHIVE_PATH")]
+    hot: Vec<OsString>,
     /// PATH (stored under its name) or NAME=PATH (stored under NAME; `.=DIR` stores DIR's contents at the root).
     #[arg(required_unless_present = "rootfs_diff")]
     inputs: Vec<OsString>,
@@ -79,7 +85,16 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         total_bytes: total,
         quiet,
     };
+    let hot: Vec<Vec<u8>> = args
+        .hot
+        .iter()
+        .map(|p| {
+            let p = p.as_bytes();
+            p.strip_prefix(b"/").unwrap_or(p).to_vec()
+        })
+        .collect();
     let summary = write_archive(&target, |writer| {
+        writer.set_hot_paths(hot);
         ckstream_fs::pack_inputs_until(writer, plan, &ckstream_criu::socket::interrupted)
             .map(|_| ())
     })?;
