@@ -110,9 +110,10 @@ pub struct RestoreArgs {
     /// (default: beside the archive, so its data can be reflinked).
     #[arg(long)]
     temp_dir: Option<PathBuf>,
-    /// Who applies a `.cka`'s rootfs diff.
-    #[arg(long, value_enum, default_value = "ckstream")]
-    apply_diff: ApplyDiff,
+    /// Who applies a `.cka`'s rootfs diff (default: ckstream for local archives,
+    /// podman for object-store ones, whose credentials the hook would not have).
+    #[arg(long, value_enum)]
+    apply_diff: Option<ApplyDiff>,
     #[arg(long)]
     json: bool,
 }
@@ -179,6 +180,7 @@ fn checkpoint(a: CheckpointArgs, quiet: bool) -> Result<()> {
         Format::Cka => Some(writer_options(&a.compress)?),
         Format::Podman => {
             podman_compression(&a.compress)?;
+            local_only(&a.output, "a podman-format archive")?;
             None
         }
     };
@@ -372,6 +374,7 @@ fn write_podman_archive(
     quiet: bool,
 ) -> Result<(TarStats, u64)> {
     let level = podman_compression(compress)?;
+    local_only(output, "a podman-format archive")?;
     let moved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let progress = crate::progress::Progress::bytes("podman archive", plan.data_bytes(), quiet, {
         let moved = moved.clone();
@@ -451,6 +454,7 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
     ckstream_criu::socket::install_interrupt_handler();
     let started = Instant::now();
     let opts = writer_options(&a.compress)?;
+    local_only(&a.input.to_string_lossy(), "the podman export to import")?;
     let total = std::fs::metadata(&a.input)
         .with_context(|| format!("cannot read {}", a.input.display()))?
         .len();
@@ -538,7 +542,16 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
     let mut temp: Option<PathBuf> = None;
     let mut ticket: Option<RootfsTicket> = None;
     let mut name = a.name.clone();
-    let podman_archive = if is_cka(&a.input)? {
+    let remote = is_remote(&a.input);
+    let apply_diff = match (a.apply_diff, remote) {
+        (Some(ApplyDiff::Ckstream), true) => bail!(
+            "--apply-diff ckstream needs a local archive (the OCI hook runs without your object-store credentials)"
+        ),
+        (Some(x), _) => x,
+        (None, true) => ApplyDiff::Podman,
+        (None, false) => ApplyDiff::Ckstream,
+    };
+    let podman_archive = if remote || is_cka(&a.input)? {
         let reader = super::open(&a.input)?;
         if name.is_none() {
             if let Some(i) = reader.find(
@@ -551,7 +564,7 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
         }
         let mut plan = plan_from_cka(&reader)?;
         let has_diff = !plan.rootfs.is_empty() || !plan.deleted.is_empty();
-        if a.apply_diff == ApplyDiff::Ckstream && has_diff {
+        if apply_diff == ApplyDiff::Ckstream && has_diff {
             let t = RootfsTicket::create(&a.input, &reader)?;
             let spec_i = reader
                 .find(format!("{CKA_PODMAN_DIR}/{}", ckstream_podman::layout::SPEC_DUMP).as_bytes())
@@ -569,6 +582,7 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
         }
         let dir = match &a.temp_dir {
             Some(d) => d.clone(),
+            None if remote => std::env::temp_dir(),
             None => a
                 .input
                 .parent()
@@ -814,6 +828,24 @@ pub fn rootfs_hook(ticket: &Path) -> Result<()> {
         serde_json::to_vec(&outcome)?,
     )?;
     applied
+}
+
+/// True for an object-store URL (`s3://...`).
+fn is_remote(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| {
+        matches!(
+            ckstream_store::ArchiveTarget::parse(p),
+            ckstream_store::ArchiveTarget::S3(_)
+        )
+    })
+}
+
+/// Refuses an object-store URL where only a local file will do.
+fn local_only(path: &str, what: &str) -> Result<()> {
+    if is_remote(Path::new(path)) {
+        bail!("{what} cannot be an object-store URL ({path}); write a .cka there instead (--format cka)");
+    }
+    Ok(())
 }
 
 /// True when `path` starts with a `.cka` shard header.
