@@ -82,6 +82,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         shards: args.shards,
         opts,
         command: "pack",
+        doing: "packing",
         total_bytes: total,
         quiet,
     };
@@ -145,8 +146,10 @@ pub(crate) struct NewArchiveSpec<'a> {
     pub output: &'a str,
     pub shards: u32,
     pub opts: WriterOptions,
-    /// Recorded as `ckstream.command` and used in messages.
+    /// Recorded as `ckstream.command`; names the progress bar.
     pub command: &'a str,
+    /// What failed, for the error message ("packing" → "packing OUT failed; ...").
+    pub doing: &'a str,
     /// Data bytes expected, for the progress bar.
     pub total_bytes: u64,
     pub quiet: bool,
@@ -196,8 +199,8 @@ pub(crate) fn write_archive(
                 p.discard();
             }
             Err(e).context(format!(
-                "{} to {} failed; no archive was written",
-                spec.command, spec.output
+                "{} {} failed; no archive was written",
+                spec.doing, spec.output
             ))
         }
     }

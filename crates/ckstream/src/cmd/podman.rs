@@ -314,6 +314,7 @@ fn write_checkpoint(
                 shards: a.shards,
                 opts,
                 command: "podman checkpoint",
+                doing: "writing the checkpoint to",
                 total_bytes: plan.total_bytes,
                 quiet,
             };
@@ -463,6 +464,7 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
         shards: a.shards,
         opts,
         command: "podman import",
+        doing: "importing into",
         total_bytes: total,
         quiet,
     };
