@@ -33,6 +33,7 @@ fuzz-smoke:
 bench:
 	bench/pack-bench.sh
 	bench/criu-bench.sh
+	bench/mount-bench.sh
 
 ## Install to $(PREFIX)/bin, with criu-image-streamer as a drop-in alias.
 PREFIX ?= /usr/local

@@ -49,6 +49,8 @@ now() { date +%s.%N; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.6f", a - b}'; }
 cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 rchar() { awk '/^rchar:/ {print $2}' "/proc/$1/io"; }
+HZ=$(getconf CLK_TCK)
+cputicks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of a live process
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 [[ $(id -u) == 0 ]] || die "must run as root (FUSE mount, drop_caches)"
@@ -116,11 +118,15 @@ measure() {
 	cold
 	local out
 	out=$(bash -c 'a=$(awk "/^rchar:/ {print \$2}" /proc/$$/io); t0=$(date +%s.%N)
+		c0=$(awk "{print \$16 + \$17}" /proc/$$/stat)
 		"$@" >/dev/null
 		t1=$(date +%s.%N); b=$(awk "/^rchar:/ {print \$2}" /proc/$$/io)
-		echo "$(awk -v a="$t1" -v b="$t0" "BEGIN {printf \"%.6f\", a - b}") $((b - a))"' measure "$@")
-	record "$step" secs "${out% *}"
-	record "$step" bytes "${out#* }"
+		c1=$(awk "{print \$16 + \$17}" /proc/$$/stat)
+		echo "$(awk -v a="$t1" -v b="$t0" "BEGIN {printf \"%.6f\", a - b}") $((b - a)) $((c1 - c0))"' measure "$@")
+	read -r secs bytes ticks <<<"$out"
+	record "$step" secs "$secs"
+	record "$step" bytes "$bytes"
+	record "$step" cpu "$(awk -v t="$ticks" -v hz="$HZ" 'BEGIN {printf "%.2f", t / hz}')"
 }
 
 # mount_and MODE STEP FILE [mount args...]: cold cache, mount in the background, then
@@ -134,9 +140,12 @@ mount_and_read() {
 	t1=$(now)
 	[[ -n $pid ]] || die "mount did not start"
 	r1=$(rchar "$pid")
-	cat "$MP/$file" >/dev/null
+	c1=$(cputicks "$pid")
+	# The reader's own CPU (copying out of the page cache) counts too.
+	ct=$(bash -c 'cat "$1" >/dev/null; awk "{print \$16 + \$17}" /proc/$$/stat' c "$MP/$file")
 	t2=$(now)
 	r2=$(rchar "$pid")
+	c2=$(cputicks "$pid")
 	local fetched
 	fetched=$(getfattr --absolute-names --only-values -n user.ckstream.stats "$MP" | jq .fetched_bytes)
 	umount "$MP"
@@ -148,6 +157,7 @@ mount_and_read() {
 	record "$step" read_bytes "$((r2 - r1))"
 	record "$step" bytes "$r2"
 	record "$step" fetched "$fetched"
+	record "$step" cpu "$(awk -v t="$((c2 - c1 + ct))" -v hz="$HZ" 'BEGIN {printf "%.2f", t / hz}')"
 }
 
 # zstd alone reads the archive; tar reads zstd's output through a pipe.
@@ -193,6 +203,8 @@ OC=$(med one_cat secs) OCB=$(med one_cat bytes)
 OU=$(med one_unpack secs) OUB=$(med one_unpack bytes)
 OT=$(med one_tar secs) OTB=$(med one_tar bytes)
 BM=$(med big_mount read_secs) BN=$(med big_mount_nora read_secs) BC=$(med big_cat secs)
+BMC=$(med big_mount cpu) BNC=$(med big_mount_nora cpu) BCC=$(med big_cat cpu)
+OMC=$(med one_mount cpu) OCC=$(med one_cat cpu) OUC=$(med one_unpack cpu)
 
 {
 	echo "# mount-bench $STAMP (ckstream $CK_REV)"
@@ -207,16 +219,16 @@ BM=$(med big_mount read_secs) BN=$(med big_mount_nora read_secs) BC=$(med big_ca
 	echo "|---|---|---|---|---|"
 	echo "| \`ckstream mount\` (start $(fmt_s "$OMM") s + read $(fmt_s "$OMR") s) | $(fmt_s "$OM") | $OMB ($(mib "$OMB"): open $OMMB + read $OMRB; chunk payloads $OMF) | 1 | 1 |"
 	echo "| \`ckstream cat\` | $(fmt_s "$OC") | $OCB ($(mib "$OCB")) | $(ratio "$OCB" "$OMB") | $(ratio "$OC" "$OM") |"
-	echo "| \`ckstream unpack\` (whole archive) | $(fmt_s "$OU") | $OUB ($(mib "$OUB")) | $(ratio "$OUB" "$OMB") | $(ratio "$OU" "$OM") |"
+	echo "| \`ckstream unpack\` (whole archive; CPU $OUC s) | $(fmt_s "$OU") | $OUB ($(mib "$OUB")) | $(ratio "$OUB" "$OMB") | $(ratio "$OU" "$OM") |"
 	echo "| \`zstd -dc \| tar -x\` one member | $(fmt_s "$OT") | $OTB ($(mib "$OTB")) | $(ratio "$OTB" "$OMB") | $(ratio "$OT" "$OM") |"
 	echo
 	echo "## B. Sequential read: \`$BIG_REL\` ($BIG_SIZE B)"
 	echo
-	echo "| way | wall s | MB/s | vs ckstream cat |"
-	echo "|---|---|---|---|"
-	echo "| \`cat\` through the mount (read-ahead 4 chunks) | $(fmt_s "$BM") | $(mbps "$BIG_SIZE" "$BM") | $(ratio "$BC" "$BM") |"
-	echo "| \`cat\` through the mount, \`--readahead 0\` | $(fmt_s "$BN") | $(mbps "$BIG_SIZE" "$BN") | $(ratio "$BC" "$BN") |"
-	echo "| \`ckstream cat\` | $(fmt_s "$BC") | $(mbps "$BIG_SIZE" "$BC") | 1 |"
+	echo "| way | wall s | MB/s | vs ckstream cat | CPU s (server + reader) |"
+	echo "|---|---|---|---|---|"
+	echo "| \`cat\` through the mount (read-ahead 4 chunks) | $(fmt_s "$BM") | $(mbps "$BIG_SIZE" "$BM") | $(ratio "$BC" "$BM") | $BMC |"
+	echo "| \`cat\` through the mount, \`--readahead 0\` | $(fmt_s "$BN") | $(mbps "$BIG_SIZE" "$BN") | $(ratio "$BC" "$BN") | $BNC |"
+	echo "| \`ckstream cat\` | $(fmt_s "$BC") | $(mbps "$BIG_SIZE" "$BC") | 1 | $BCC |"
 	echo
 	echo "(\"vs\" columns: how many times more bytes / time the other way takes than the mount; for B, throughput relative to \`ckstream cat\`, >1 is faster.) Mount wall time for B excludes the mount start."
 } | tee "$REPORT"

@@ -563,6 +563,25 @@ fn hot_list_is_prefetched_and_small_cache_stays_correct() {
     );
     let reader = ckstream_store::open_archive(&archive).unwrap();
     assert_eq!(reader.index().hot_list.len(), 2);
+    let info = ck_ok(&["info".as_ref(), "--json".as_ref(), archive.as_os_str()]);
+    assert_eq!(
+        parse_json(&String::from_utf8_lossy(&info.stdout))["hot_list"],
+        serde_json::json!(["dir/nested/random-3.5m", "small"])
+    );
+    // A hot path that names nothing fails the pack, and nothing is written.
+    let missing = tmp.path().join("missing.cka");
+    let out = ck(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        missing.as_os_str(),
+        "--hot".as_ref(),
+        "no/such/path".as_ref(),
+        format!(".={}", src.display()).as_ref(),
+    ] as &[&OsStr]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no/such/path"), "{}", stderr(&out));
+    assert!(!missing.exists());
     let hot_entry = reader.find(b"dir/nested/random-3.5m").unwrap();
     let hot_chunks = reader.chunks_of(hot_entry).len() as u64;
     let m = Mounted::start(&archive, &tmp.path().join("mnt"), &["--json"]);

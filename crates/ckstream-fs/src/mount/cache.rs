@@ -47,6 +47,7 @@ pub struct ChunkCache<K> {
 }
 
 impl<K: Copy + Eq + Hash> ChunkCache<K> {
+    /// An empty cache that keeps at most `capacity` bytes.
     pub fn new(capacity: u64) -> Self {
         ChunkCache {
             inner: Mutex::new(Inner {

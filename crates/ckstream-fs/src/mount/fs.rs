@@ -74,6 +74,7 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 }
 
 impl ArchiveFs {
+    /// The filesystem of `tree`, reading data through `data`.
     pub fn new(data: Arc<DataPlane>, tree: Tree) -> Self {
         let created_ns = data.reader().header().created_unix_ns;
         ArchiveFs {
