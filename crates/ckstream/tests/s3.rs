@@ -190,6 +190,17 @@ fn ls_info_and_cat_fetch_only_what_they_need() {
     }
 }
 
+/// Random data first (its parts go out quickly), then text that zstd -19 compresses
+/// slowly, so a fault injected once the uploads have started surely lands mid-upload.
+fn slow_tree(src: &Path) {
+    std::fs::create_dir_all(src).unwrap();
+    for i in 0..2u64 {
+        std::fs::write(src.join(format!("a{i}")), prng_bytes(i, 48 << 20)).unwrap();
+    }
+    let text: String = (0..4_000_000u32).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(src.join("z-text"), text).unwrap();
+}
+
 #[test]
 fn killed_server_mid_upload_leaves_no_archive() {
     let Some(s3) = S3Server::start("killed_server_mid_upload_leaves_no_archive") else {
@@ -197,16 +208,14 @@ fn killed_server_mid_upload_leaves_no_archive() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    for i in 0..6u64 {
-        std::fs::write(src.join(format!("f{i}")), prng_bytes(i, 64 << 20)).unwrap();
-    }
+    slow_tree(&src);
     let url = s3.url("killed/a.cka");
     let child = s3
         .command(bin())
         .env("CKSTREAM_S3_RETRY_SECS", "2")
+        .env("CKSTREAM_S3_STATS", "1")
         .args(osv(&[
-            "pack", "-q", "-c", "none", "--shards", "2", "-o", &url,
+            "pack", "-q", "-c", "zstd:19", "--shards", "2", "-o", &url,
         ]))
         .arg(format!(".={}", src.display()))
         .stdout(Stdio::piped())
@@ -228,6 +237,8 @@ fn killed_server_mid_upload_leaves_no_archive() {
         "{err}"
     );
     assert!(err.contains("killed/a.cka"), "{err}");
+    let st = s3_stats(&out);
+    assert!(stat(&st, "put_requests") > 0, "no part was uploaded: {st}");
 
     s3.restart();
     let keys = s3.objects("killed/");
@@ -258,14 +269,7 @@ fn interrupted_upload_is_aborted_completely() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    // Random data first (parts go out quickly), then text that zstd -19 compresses
-    // slowly, so the signal surely arrives mid-upload.
-    for i in 0..2u64 {
-        std::fs::write(src.join(format!("a{i}")), prng_bytes(i, 48 << 20)).unwrap();
-    }
-    let text: String = (0..4_000_000u32).map(|i| format!("line {i}\n")).collect();
-    std::fs::write(src.join("z-text"), text).unwrap();
+    slow_tree(&src);
     let url = s3.url("interrupted/a.cka");
     let child = s3
         .command(bin())
