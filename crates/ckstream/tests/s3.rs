@@ -422,3 +422,62 @@ fn wrong_credentials_are_reported_without_the_secret() {
     }
     assert_eq!(s3.objects("creds/new.cka"), Vec::<String>::new());
 }
+
+#[test]
+fn credentials_and_endpoint_from_aws_config_files() {
+    let Some(s3) = s3server::shared("credentials_and_endpoint_from_aws_config_files") else {
+        return;
+    };
+    let (_tmp, url) = pack_counted(s3, "profile/a.cka", "zstd", 1);
+    let get = |k: &str| s3.env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials");
+    let config = dir.path().join("config");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n\
+             [bench]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            get("AWS_ACCESS_KEY_ID"),
+            get("AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[profile bench]\nregion = us-east-1\nendpoint_url = {}\n",
+            get("AWS_ENDPOINT_URL")
+        ),
+    )
+    .unwrap();
+    // Nothing in the environment but the profile and where its files are.
+    let run = |profile: Option<&str>| {
+        let mut c = s3.command(bin());
+        for (k, _) in &s3.env {
+            if k.starts_with("AWS_") {
+                c.env_remove(k);
+            }
+        }
+        c.env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+            .env("AWS_CONFIG_FILE", &config)
+            .env("HOME", dir.path());
+        if let Some(p) = profile {
+            c.env("AWS_PROFILE", p);
+        }
+        c.args(["ls", &url]).output().unwrap()
+    };
+    let out = run(Some("bench"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("one-mib"));
+
+    // No credentials anywhere: a clear refusal, without asking a metadata service.
+    std::fs::write(&credentials, "").unwrap();
+    let out = run(Some("bench"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no S3 credentials"),
+        "{}",
+        stderr(&out)
+    );
+}
