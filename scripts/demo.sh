@@ -76,8 +76,8 @@ if s3env=$(CKSTREAM_S3_DIR=$work/s3 CKSTREAM_S3_PORT=${CKSTREAM_S3_PORT:-18533} 
   "$bin" pack -o "$url" --shards 4 "$work/sample"
   echo "ls of $url: $(CKSTREAM_S3_STATS=1 "$bin" ls "$url" 2>"$work/s3.err" | wc -l) entries, $(sed -n 's/^ckstream-s3-stats: //p' "$work/s3.err")"
   if [[ -n $one ]]; then
-    CKSTREAM_S3_STATS=1 "$bin" cat "$url" "$one" 2>"$work/s3.err" | sha256sum | cut -c1-16
-    echo "cat of $one: $(sed -n 's/^ckstream-s3-stats: //p' "$work/s3.err")"
+    same=$([[ $(CKSTREAM_S3_STATS=1 "$bin" cat "$url" "$one" 2>"$work/s3.err" | sha256sum) == $(sha256sum <"$work/${one}") ]] && echo yes || echo NO)
+    echo "cat of $one: sha256 matches the original: $same; $(sed -n 's/^ckstream-s3-stats: //p' "$work/s3.err")"
   fi
   "$bin" verify "$url"
   CKSTREAM_S3_DIR=$work/s3 scripts/s3-server.sh stop
