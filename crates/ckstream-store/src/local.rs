@@ -87,9 +87,12 @@ impl ShardSink for FileSink {
         }
         match clone_or_copy_range(src, src_offset, &self.file, self.pos, whole, self.block)? {
             CopyMethod::Cloned => {}
-            CopyMethod::KernelCopy | CopyMethod::NotDone => {
-                // Not a reflink: let the caller write from memory (it already has the bytes),
-                // and stop trying for this shard.
+            CopyMethod::KernelCopy => {
+                // The bytes are in place, but not shared: later chunks are written from
+                // memory (the caller has them anyway) instead of trying again.
+                self.block = 0;
+            }
+            CopyMethod::NotDone => {
                 self.block = 0;
                 return Ok(false);
             }

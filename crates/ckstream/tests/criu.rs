@@ -22,19 +22,7 @@ fn criu_available(test: &str) -> bool {
         return false;
     }
     let criu = ckstream_criu_binary();
-    let ok = Command::new(&criu)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !privileged_required(),
-            "{test}: criu not found ({}); scripts/install-criu.sh installs it",
-            criu.display()
-        );
-        eprintln!("skipping {test}: no criu");
-    }
-    ok
+    need_tool(test, &criu, "scripts/install-criu.sh installs it")
 }
 
 fn ckstream_criu_binary() -> PathBuf {

@@ -7,85 +7,10 @@ mod common;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Instant;
 
 use common::*;
-
-/// A loop-mounted filesystem image, unmounted and deleted on drop.
-struct LoopFs {
-    image: PathBuf,
-    mount: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-impl LoopFs {
-    fn new(kind: &str) -> Option<LoopFs> {
-        let mkfs = format!("mkfs.{kind}");
-        if !need_root(&format!("reflink on {kind}")) {
-            return None;
-        }
-        if !have(&mkfs) {
-            assert!(
-                !privileged_required(),
-                "{mkfs} missing; scripts/install-deps.sh installs it"
-            );
-            eprintln!("skipping: {mkfs} missing");
-            return None;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("ckstream-loop-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let image = dir.path().join(format!("{kind}.img"));
-        let mount = dir.path().join("mnt");
-        std::fs::create_dir(&mount).unwrap();
-        File::create(&image).unwrap().set_len(8 << 30).unwrap();
-        let mut mk = Command::new(&mkfs);
-        if kind == "xfs" {
-            mk.args(["-q", "-m", "reflink=1"]);
-        } else {
-            mk.arg("-q");
-        }
-        let out = mk.arg(&image).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{mkfs}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(&mount)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(LoopFs {
-            image,
-            mount,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for LoopFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mount).status();
-        let _ = std::fs::remove_file(&self.image);
-    }
-}
 
 #[repr(C)]
 struct FiemapExtent {

@@ -46,6 +46,12 @@ pub fn run(args: Args) -> Result<()> {
         0.0
     };
     let index_bytes = reader.footer().index.map(|l| l.stored_len).unwrap_or(0);
+    // Validated: every id names an entry.
+    let hot_paths: Vec<String> = index
+        .hot_list
+        .iter()
+        .map(|&id| index.entries[id as usize].path_lossy())
+        .collect();
     if args.json {
         let v = serde_json::json!({
             "archive_id": hex(&header.archive_id),
@@ -66,6 +72,7 @@ pub fn run(args: Args) -> Result<()> {
             "ratio": ratio,
             "codecs": codecs.iter().map(|(k, (n, r, s))| (k.to_string(), serde_json::json!({"chunks": n, "raw_bytes": r, "stored_bytes": s}))).collect::<BTreeMap<_, _>>(),
             "meta": index.meta.iter().map(|m| (m.key.clone(), m.value.clone())).collect::<BTreeMap<_, _>>(),
+            "hot_list": hot_paths,
         });
         println!("{v}");
         return Ok(());
@@ -120,6 +127,9 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     println!("index:        {}", human_bytes(index_bytes));
+    for p in &hot_paths {
+        println!("hot:          {p}");
+    }
     for m in &index.meta {
         println!("meta:         {} = {}", m.key, m.value);
     }

@@ -4,7 +4,9 @@ mod cat;
 mod dump;
 mod info;
 mod ls;
+mod mount;
 mod pack;
+mod podman;
 mod restore;
 mod streamer;
 mod unpack;
@@ -44,16 +46,24 @@ pub enum Command {
     Verify(verify::Args),
     /// Show sizes, counts, codecs and shards of an archive.
     Info(info::Args),
+    /// Mount an archive read-only (FUSE), fetching file data only when it is read.
+    Mount(mount::Args),
     /// Checkpoint a live process tree with CRIU straight into an archive.
     Dump(dump::Args),
     /// Restore a process tree from an archive, streaming images to CRIU.
     Restore(restore::Args),
+    /// Podman containers: checkpoint into `.cka` or podman's format, convert, restore.
+    #[command(subcommand)]
+    Podman(podman::Command),
     /// criu-image-streamer compatible: capture CRIU's image stream into an archive on the shard fds.
     Capture(streamer::CaptureArgs),
     /// criu-image-streamer compatible: serve an archive from the shard fds to `criu restore --stream`.
     Serve,
     /// criu-image-streamer compatible: extract an archive from the shard fds into --images-dir.
     Extract,
+    /// OCI prestart hook of `ckstream podman restore` (internal).
+    #[command(name = "__podman-rootfs-hook", hide = true)]
+    PodmanRootfsHook { ticket: PathBuf },
     /// Action script CRIU runs during `ckstream dump` (internal).
     #[command(name = "__criu-hook", hide = true)]
     CriuHook,
@@ -67,11 +77,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cat(a) => cat::run(a),
         Command::Verify(a) => verify::run(a, cli.quiet),
         Command::Info(a) => info::run(a),
+        Command::Mount(a) => mount::run(a, cli.quiet),
         Command::Dump(a) => dump::run(a, cli.quiet),
         Command::Restore(a) => restore::run(a, cli.quiet),
+        Command::Podman(c) => podman::run(c, cli.quiet),
         Command::Capture(a) => streamer::capture_cmd(&cli.streamer, a),
         Command::Serve => streamer::serve_cmd(&cli.streamer),
         Command::Extract => streamer::extract_cmd(&cli.streamer),
+        Command::PodmanRootfsHook { ticket } => podman::rootfs_hook(&ticket),
         Command::CriuHook => std::process::exit(ckstream_criu::run::hook_client()),
     }
 }

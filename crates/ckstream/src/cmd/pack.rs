@@ -1,6 +1,7 @@
 //! `ckstream pack`.
 
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,11 @@ pub struct Args {
     /// exactly as it is: whiteouts, opaque directories, metadata, holes.
     #[arg(long, value_name = "UPPER")]
     rootfs_diff: Option<std::path::PathBuf>,
+    /// An archive path (as `ls` shows it) that `ckstream mount` prefetches as soon as it
+    /// mounts the archive; repeat for more, in priority order. A directory stands for every
+    /// file below it.
+    #[arg(long = "hot", value_name = "ARCHIVE_PATH")]
+    hot: Vec<OsString>,
     /// PATH (stored under its name) or NAME=PATH (stored under NAME; `.=DIR` stores DIR's contents at the root).
     #[arg(required_unless_present = "rootfs_diff")]
     inputs: Vec<OsString>,
@@ -65,55 +71,33 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let plan = ckstream_fs::plan_inputs(&inputs)?;
     let total = plan.total_bytes;
-    let ckstream_store::NewArchive { sinks, pending } = create_archive(&target, args.shards)?;
     let opts = WriterOptions {
         compression,
         chunk_size: args.chunk_kib * 1024,
         threads: args.threads.unwrap_or_else(super::default_threads),
         ..Default::default()
     };
-    let archive_id = ckstream_store::new_archive_id();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let result = (|| -> Result<ckstream_format::WriteSummary> {
-        let mut writer = ArchiveWriter::new(sinks, opts, archive_id, now)?;
-        writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
-        writer.add_meta("ckstream.command", "pack");
-        let stats = writer.stats();
-        let progress = Progress::bytes("pack", total, quiet, move || {
-            stats.raw_bytes.load(Ordering::Relaxed)
-        });
-        let packed =
-            ckstream_fs::pack_inputs_until(&mut writer, plan, &ckstream_criu::socket::interrupted);
-        let summary = match packed {
-            Ok(_) => writer.finish(),
-            Err(e) => {
-                writer.abort();
-                Err(e)
-            }
-        };
-        progress.finish();
-        Ok(summary?)
-    })();
-    let summary = match result {
-        Ok(s) => {
-            if let Some(p) = pending {
-                p.publish()?;
-            }
-            s
-        }
-        Err(e) => {
-            if let Some(p) = pending {
-                p.discard();
-            }
-            return Err(e).context(format!(
-                "packing {} failed; no archive was written",
-                args.output
-            ));
-        }
+    let target = NewArchiveSpec {
+        output: &args.output,
+        shards: args.shards,
+        opts,
+        command: "pack",
+        total_bytes: total,
+        quiet,
     };
+    let hot: Vec<Vec<u8>> = args
+        .hot
+        .iter()
+        .map(|p| {
+            let p = p.as_bytes();
+            p.strip_prefix(b"/").unwrap_or(p).to_vec()
+        })
+        .collect();
+    let summary = write_archive(&target, |writer| {
+        writer.set_hot_paths(hot);
+        ckstream_fs::pack_inputs_until(writer, plan, &ckstream_criu::socket::interrupted)
+            .map(|_| ())
+    })?;
     let secs = started.elapsed().as_secs_f64();
     let archive_bytes: u64 = summary.shard_sizes.iter().sum();
     let ratio = if archive_bytes > 0 {
@@ -154,4 +138,67 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where and how a command writes a new archive.
+pub(crate) struct NewArchiveSpec<'a> {
+    pub output: &'a str,
+    pub shards: u32,
+    pub opts: WriterOptions,
+    /// Recorded as `ckstream.command` and used in messages.
+    pub command: &'a str,
+    /// Data bytes expected, for the progress bar.
+    pub total_bytes: u64,
+    pub quiet: bool,
+}
+
+/// Creates the archive, lets `fill` add its entries, and commits it: the footers are
+/// written and the temporary shards renamed into place only when `fill` succeeded.
+/// On failure (or SIGINT/SIGTERM noticed by `fill`) nothing is published.
+pub(crate) fn write_archive(
+    spec: &NewArchiveSpec,
+    fill: impl FnOnce(&mut ArchiveWriter) -> ckstream_format::Result<()>,
+) -> Result<ckstream_format::WriteSummary> {
+    let target = ArchiveTarget::parse(spec.output);
+    let ckstream_store::NewArchive { sinks, pending } = create_archive(&target, spec.shards)?;
+    let archive_id = ckstream_store::new_archive_id();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let result = (|| -> Result<ckstream_format::WriteSummary> {
+        let mut writer = ArchiveWriter::new(sinks, spec.opts.clone(), archive_id, now)?;
+        writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
+        writer.add_meta("ckstream.command", spec.command);
+        let stats = writer.stats();
+        let progress = Progress::bytes(spec.command, spec.total_bytes, spec.quiet, move || {
+            stats.raw_bytes.load(Ordering::Relaxed)
+        });
+        let summary = match fill(&mut writer) {
+            Ok(()) => writer.finish(),
+            Err(e) => {
+                writer.abort();
+                Err(e)
+            }
+        };
+        progress.finish();
+        Ok(summary?)
+    })();
+    match result {
+        Ok(s) => {
+            if let Some(p) = pending {
+                p.publish()?;
+            }
+            Ok(s)
+        }
+        Err(e) => {
+            if let Some(p) = pending {
+                p.discard();
+            }
+            Err(e).context(format!(
+                "{} to {} failed; no archive was written",
+                spec.command, spec.output
+            ))
+        }
+    }
 }

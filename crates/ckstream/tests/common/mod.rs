@@ -36,6 +36,25 @@ pub fn need_root(test: &str) -> bool {
     false
 }
 
+/// True when `program --version` runs; otherwise skips (returns false) on a developer
+/// machine and fails in CI, naming `hint` (how to install it).
+pub fn need_tool(test: &str, program: impl AsRef<OsStr>, hint: &str) -> bool {
+    let program = program.as_ref();
+    let ok = Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !privileged_required(),
+            "{test}: {} not found; {hint}",
+            program.to_string_lossy()
+        );
+        eprintln!("skipping {test}: {} not found", program.to_string_lossy());
+    }
+    ok
+}
+
 /// Sends `sig` to process `pid`, which must exist.
 pub fn signal(pid: u32, sig: rustix::process::Signal) {
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig)
@@ -393,4 +412,86 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
 /// Allocated bytes of a file.
 pub fn allocated(p: &Path) -> u64 {
     fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// A loop-mounted filesystem image, unmounted and deleted on drop.
+pub struct LoopFs {
+    pub image: PathBuf,
+    pub mount: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl LoopFs {
+    pub fn new(kind: &str) -> Option<LoopFs> {
+        let mkfs = format!("mkfs.{kind}");
+        if !need_root(&format!("reflink on {kind}")) {
+            return None;
+        }
+        if !have(&mkfs) {
+            assert!(
+                !privileged_required(),
+                "{mkfs} missing; scripts/install-deps.sh installs it"
+            );
+            eprintln!("skipping: {mkfs} missing");
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("ckstream-loop-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let image = dir.path().join(format!("{kind}.img"));
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        fs::File::create(&image).unwrap().set_len(8 << 30).unwrap();
+        let mut mk = Command::new(&mkfs);
+        if kind == "xfs" {
+            mk.args(["-q", "-m", "reflink=1"]);
+        } else {
+            mk.arg("-q");
+        }
+        let out = mk.arg(&image).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{mkfs}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mount)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(LoopFs {
+            image,
+            mount,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // -R: podman's overlay driver leaves a private bind mount of its storage inside.
+        if !Command::new("umount")
+            .arg("-R")
+            .arg(&self.mount)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
 }

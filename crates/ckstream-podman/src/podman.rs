@@ -1,0 +1,144 @@
+//! Driving the `podman` command: inspecting a container's storage, checkpointing it
+//! in place, and restoring from an export archive.
+//!
+//! Podman honours its usual configuration (`CONTAINERS_STORAGE_CONF`,
+//! `CONTAINERS_CONF`); `CKSTREAM_PODMAN` names another podman binary.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use ckstream_format::{Error, Result};
+use serde_json::Value;
+
+/// What ckstream needs to know about a container.
+#[derive(Debug, Clone)]
+pub struct Container {
+    pub id: String,
+    pub name: String,
+    pub running: bool,
+    /// Podman's per-container bundle directory (`userdata`): CRIU images, dumps, logs.
+    pub bundle: PathBuf,
+    /// The overlay upper directory: the container's rootfs changes.
+    pub upper: PathBuf,
+    /// Lower layers, top first.
+    pub lowers: Vec<PathBuf>,
+    pub image_name: String,
+    pub runtime: String,
+    /// Named volumes (podman exports them as `volumes/NAME.tar`; not supported yet).
+    pub named_volumes: Vec<String>,
+}
+
+fn podman_bin() -> String {
+    std::env::var("CKSTREAM_PODMAN").unwrap_or_else(|_| "podman".into())
+}
+
+fn podman_error(what: &str, detail: impl std::fmt::Display) -> Error {
+    Error::io(what.to_string(), std::io::Error::other(detail.to_string()))
+}
+
+/// Runs podman with `args`, returning its stdout; its stderr is passed through on
+/// failure in the error.
+///
+/// # Errors
+/// [`Error::Io`] when podman cannot start or exits non-zero (with its message).
+pub fn podman(args: &[&str]) -> Result<String> {
+    let out = Command::new(podman_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(format!("cannot run {}", podman_bin()), e))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(podman_error(
+            &format!("podman {}", args.join(" ")),
+            format!("{} ({})", stderr.trim(), out.status),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Looks a container up by name or ID.
+///
+/// # Errors
+/// [`Error::Io`] when podman fails or the container does not exist;
+/// [`Error::Unsupported`] for storage drivers other than overlay.
+pub fn inspect(container: &str) -> Result<Container> {
+    let out = podman(&["container", "inspect", container])?;
+    let v: Value =
+        serde_json::from_str(&out).map_err(|e| podman_error("parsing podman inspect output", e))?;
+    let c = v
+        .get(0)
+        .ok_or_else(|| podman_error("podman inspect", format!("no container {container}")))?;
+    let s = |p: &str| {
+        c.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let driver = s("/GraphDriver/Name");
+    if driver != "overlay" {
+        return Err(Error::Unsupported(format!(
+            "container {container} uses the {driver:?} storage driver; ckstream reads overlay upper directories only"
+        )));
+    }
+    let lowers = s("/GraphDriver/Data/LowerDir")
+        .split(':')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let named_volumes = c
+        .pointer("/Mounts")
+        .and_then(Value::as_array)
+        .map(|mounts| {
+            mounts
+                .iter()
+                .filter(|m| m.get("Type").and_then(Value::as_str) == Some("volume"))
+                .filter_map(|m| m.get("Name").and_then(Value::as_str).map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Container {
+        id: s("/Id"),
+        name: s("/Name"),
+        running: c.pointer("/State/Running").and_then(Value::as_bool) == Some(true),
+        bundle: PathBuf::from(s("/StaticDir")),
+        upper: PathBuf::from(s("/GraphDriver/Data/UpperDir")),
+        lowers,
+        image_name: s("/ImageName"),
+        runtime: s("/OCIRuntime"),
+        named_volumes,
+    })
+}
+
+/// Checkpoints a running container in place: CRIU images land in the bundle's
+/// `checkpoint/` directory, the container stops unless `leave_running`.
+///
+/// # Errors
+/// [`Error::Io`] with podman's message when the checkpoint fails (podman and CRIU
+/// leave the container running in that case).
+pub fn checkpoint_in_place(id: &str, leave_running: bool) -> Result<()> {
+    let mut args = vec!["container", "checkpoint", "--keep"];
+    if leave_running {
+        args.push("--leave-running");
+    }
+    args.push(id);
+    podman(&args).map(|_| ())
+}
+
+/// Restores a container from a podman export archive (`podman container restore --import`).
+///
+/// # Errors
+/// [`Error::Io`] with podman's message.
+pub fn restore_import(archive: &std::path::Path, name: Option<&str>) -> Result<String> {
+    let path = archive.to_string_lossy();
+    let mut args = vec!["container", "restore", "--import", &path];
+    if let Some(n) = name {
+        args.extend(["--name", n]);
+    }
+    podman(&args).map(|s| s.trim().to_string())
+}
+
+/// True when a container with this name or ID exists.
+pub fn container_exists(name: &str) -> bool {
+    podman(&["container", "exists", name]).is_ok()
+}

@@ -1,0 +1,647 @@
+//! Real podman containers (root; podman 4.3.1 + runc + CRIU 4.1 from the project's
+//! install scripts): checkpoint with ckstream in both formats, restore with podman,
+//! and compare the container's filesystem and memory with what they were.
+
+mod common;
+#[path = "common/s3server.rs"]
+mod s3server;
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const IMAGE: &str = "localhost/ckstream-memtest";
+
+thread_local! {
+    /// A private podman storage.conf for the current test (tests run on their own threads).
+    static STORAGE_CONF: RefCell<Option<PathBuf>> = const { RefCell::new(None) };
+}
+
+/// Applies the current test's podman storage, if it has its own.
+fn in_storage(cmd: &mut Command) -> &mut Command {
+    if let Some(conf) = STORAGE_CONF.with(|s| s.borrow().clone()) {
+        cmd.env("CONTAINERS_STORAGE_CONF", conf);
+    }
+    cmd
+}
+
+fn build_image() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/podman-test-image.sh");
+    let out = in_storage(Command::new("bash").arg(script))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building the test image: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn have_podman(test: &str) -> bool {
+    if !need_root(test) {
+        return false;
+    }
+    if !need_tool(
+        test,
+        "podman",
+        "scripts/install-deps.sh --with-podman installs it",
+    ) {
+        return false;
+    }
+    build_image();
+    true
+}
+
+fn podman(args: &[&str]) -> Output {
+    in_storage(Command::new("podman").args(args))
+        .output()
+        .expect("run podman")
+}
+
+fn podman_ok(args: &[&str]) -> String {
+    let out = podman(args);
+    assert!(
+        out.status.success(),
+        "podman {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes the container when the test ends, even on failure.
+struct Ctr(String);
+
+impl Drop for Ctr {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "-f", "-t", "0", &self.0]);
+    }
+}
+
+fn sh(ctr: &str, script: &str) -> String {
+    podman_ok(&["exec", ctr, "/bin/sh", "-c", script])
+}
+
+/// Starts memtest (64 MiB + one child) in a new container without a network and waits
+/// for its heartbeat. (A restore reclaims the container's old IP; tests running in
+/// parallel on the shared CNI network could take it in between.)
+fn start(name: &str) -> Ctr {
+    start_with_network(name, "none")
+}
+
+/// As [`start`], on podman's default bridge network (`"podman"`) or none.
+fn start_with_network(name: &str, network: &str) -> Ctr {
+    let _ = podman(&["rm", "-f", "-t", "0", name]);
+    podman_ok(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--network",
+        network,
+        IMAGE,
+        "/bin/memtest",
+        "64",
+        "/tmp/hb",
+        "1",
+    ]);
+    let ctr = Ctr(name.to_string());
+    wait_heartbeat(name);
+    ctr
+}
+
+fn heartbeat(ctr: &str) -> Option<u64> {
+    let out = podman(&["exec", ctr, "/bin/cat", "/tmp/hb"]);
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+fn wait_heartbeat(ctr: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(n) = heartbeat(ctr) {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "{ctr}: no heartbeat");
+        sleep(Duration::from_millis(200));
+    }
+}
+
+/// The process runs on (heartbeat advances) and its memory checksums still match.
+fn assert_alive_and_intact(ctr: &str) {
+    let a = wait_heartbeat(ctr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heartbeat(ctr).unwrap_or(0) <= a {
+        assert!(Instant::now() < deadline, "{ctr}: heartbeat stuck at {a}");
+        sleep(Duration::from_millis(100));
+    }
+    sh(ctr, "rm -f /tmp/hb.verify; kill -USR1 1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = podman(&["exec", ctr, "/bin/cat", "/tmp/hb.verify"]);
+        let text = String::from_utf8_lossy(&v.stdout).into_owned();
+        if text.starts_with("verify=") {
+            assert!(
+                text.starts_with("verify=ok"),
+                "{ctr}: memory check failed: {text}"
+            );
+            assert!(text.contains("children_ok=1/1"), "{ctr}: {text}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ctr}: no verify result");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every kind of rootfs change podman itself gets wrong or right.
+const CHANGES: &str = "set -e
+echo modified >> /app/existing.txt
+rm /data/delete-me.txt
+rm -rf /opt/gone
+rm -rf /opt/recreate; mkdir /opt/recreate; echo new > /opt/recreate/new.txt
+chmod 700 /data; chown 7:8 /opt
+truncate -s 50M /data/sparse; echo tail >> /data/sparse
+dd if=/dev/urandom of=/data/big bs=1M count=12 2>/dev/null
+echo x > /data/a; ln /data/a /data/b
+ln -s ../app/existing.txt /data/link
+mkfifo /data/fifo
+mkdir -p /new/deep/dir; echo deep > /new/deep/dir/f; chmod 751 /new/deep
+";
+
+/// Paths, types, modes, owners, sizes, file hashes and mtimes, symlink targets,
+/// as seen inside the container (podman-managed mounts and memtest's files excluded).
+const MANIFEST: &str = r#"find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path '/tmp/hb*' -o -path /etc/hosts -o -path /etc/hostname -o -path /etc/resolv.conf -o -path /etc/mtab \) -prune -o -print | sort | while read -r p; do
+  if [ -L "$p" ]; then echo "$p link $(readlink "$p")";
+  elif [ -f "$p" ]; then echo "$p $(stat -c '%f %u %g %s %Y %h' "$p") $(sha256sum < "$p" | cut -c1-16)";
+  elif [ -d "$p" ]; then echo "$p $(stat -c '%f %u %g' "$p")";
+  else echo "$p $(stat -c '%f %u %g' "$p")"; fi
+done"#;
+
+fn manifest(ctr: &str) -> String {
+    sh(ctr, MANIFEST)
+}
+
+fn assert_same_manifest(before: &str, after: &str) {
+    if before != after {
+        let b: Vec<_> = before.lines().collect();
+        let a: Vec<_> = after.lines().collect();
+        let missing: Vec<_> = b.iter().filter(|l| !a.contains(l)).collect();
+        let extra: Vec<_> = a.iter().filter(|l| !b.contains(l)).collect();
+        panic!(
+            "container filesystem differs after restore\n  lost: {missing:#?}\n  new: {extra:#?}"
+        );
+    }
+}
+
+/// How the test restores: podman itself, or `ckstream podman restore` with extra args.
+enum RestoreVia<'a> {
+    Podman,
+    Ckstream(&'a [&'a str]),
+}
+
+fn checkpoint_restore_roundtrip(test: &str, format: &str, compress: &str, via: RestoreVia) {
+    if !have_podman(test) {
+        return;
+    }
+    let name = format!("ck-{test}");
+    // One test on the default network: the restore must bring back its IP and MAC.
+    let ctr = if format == "podman" && compress == "none" {
+        start_with_network(&name, "podman")
+    } else {
+        start(&name)
+    };
+    sh(&name, CHANGES);
+    let before = manifest(&name);
+    assert!(before.contains("/opt/recreate/new.txt"), "{before}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(if format == "cka" {
+        "ckpt.cka"
+    } else {
+        "ckpt.tar"
+    });
+    let o = ck_ok(&[
+        "podman",
+        "checkpoint",
+        &name,
+        "-o",
+        out.to_str().unwrap(),
+        "--format",
+        format,
+        "-c",
+        compress,
+        "--json",
+    ]);
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(summary["deleted_paths"].as_u64().unwrap() >= 3, "{summary}");
+    // podman stopped the container; remove it so the import recreates it from scratch.
+    podman_ok(&["rm", "-f", &name]);
+    if format == "podman" {
+        // GNU tar reads it without complaint.
+        let t = Command::new("tar").arg("-tvf").arg(&out).output().unwrap();
+        assert!(
+            t.status.success() && t.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&t.stderr)
+        );
+        let listing = String::from_utf8_lossy(&t.stdout);
+        for m in [
+            "config.dump",
+            "spec.dump",
+            "checkpoint/inventory.img",
+            "rootfs-diff.tar",
+            "deleted.files",
+        ] {
+            assert!(listing.contains(m), "{m} missing:\n{listing}");
+        }
+        if compress == "none" {
+            assert_aligned_members(&out);
+        }
+    } else {
+        ck_ok(&["verify", out.to_str().unwrap()]);
+    }
+    match via {
+        RestoreVia::Ckstream(extra) => {
+            let mut args = vec!["podman", "restore", out.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            ck_ok(&args);
+        }
+        RestoreVia::Podman => {
+            podman_ok(&["container", "restore", "--import", out.to_str().unwrap()]);
+        }
+    }
+    assert_alive_and_intact(&name);
+    assert_same_manifest(&before, &manifest(&name));
+    drop(ctr);
+}
+
+/// Every file of 4 KiB or more in the outer tar and in the nested rootfs-diff.tar
+/// starts on a 4 KiB boundary.
+fn assert_aligned_members(path: &Path) {
+    let mut outer = tar::Archive::new(std::fs::File::open(path).unwrap());
+    let mut checked = 0;
+    for e in outer.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_path_buf();
+        if e.header().entry_type().is_file() && e.size() >= 4096 {
+            assert_eq!(e.raw_file_position() % 4096, 0, "{}", name.display());
+            checked += 1;
+        }
+        if name == Path::new("rootfs-diff.tar") {
+            let base = e.raw_file_position();
+            let mut inner = tar::Archive::new(&mut e);
+            for f in inner.entries().unwrap() {
+                let f = f.unwrap();
+                if f.header().entry_type().is_file() && f.size() >= 4096 {
+                    assert_eq!((base + f.raw_file_position()) % 4096, 0);
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 3, "only {checked} large members");
+}
+
+#[test]
+fn podman_format_checkpoint_is_restored_by_podman_itself() {
+    checkpoint_restore_roundtrip("podfmt", "podman", "none", RestoreVia::Podman);
+}
+
+#[test]
+fn cka_checkpoint_is_restored_through_ckstream() {
+    checkpoint_restore_roundtrip("ckafmt", "cka", "none", RestoreVia::Ckstream(&[]));
+}
+
+#[test]
+fn podman_format_zstd_is_restored_by_podman_itself() {
+    checkpoint_restore_roundtrip("podzst", "podman", "zstd", RestoreVia::Podman);
+}
+
+/// The fallback path: podman applies the diff from a converted rootfs-diff.tar.
+#[test]
+fn cka_zstd_checkpoint_restores_with_podman_applying_the_diff() {
+    checkpoint_restore_roundtrip(
+        "ckazst",
+        "cka",
+        "zstd",
+        RestoreVia::Ckstream(&["--apply-diff", "podman"]),
+    );
+}
+
+/// podman's own export → `ckstream podman import` → `.cka` → `ckstream podman export`
+/// → `podman container restore --import`.
+#[test]
+fn podman_exports_convert_both_ways() {
+    if !have_podman("convert") {
+        return;
+    }
+    let name = "ck-convert";
+    let ctr = start(name);
+    sh(name, "echo kept > /data/kept; rm /data/delete-me.txt");
+    let before = manifest(name);
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    // podman's default export: zstd-compressed tar.
+    podman_ok(&["container", "checkpoint", "-e", &p("podman.tar.zst"), name]);
+    podman_ok(&["rm", "-f", name]);
+    let o = ck_ok(&[
+        "podman",
+        "import",
+        &p("podman.tar.zst"),
+        "-o",
+        &p("c.cka"),
+        "-c",
+        "zstd",
+        "--json",
+    ]);
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["deleted_paths"], 1, "{stats}");
+    let ls = String::from_utf8_lossy(&ck_ok(&["ls", &p("c.cka")]).stdout).into_owned();
+    for want in [
+        "criu/inventory.img",
+        "podman/config.dump",
+        "rootfs/data/kept",
+        "rootfs/data/delete-me.txt",
+    ] {
+        assert!(ls.contains(want), "{want} not in\n{ls}");
+    }
+    ck_ok(&["podman", "export", &p("c.cka"), "-o", &p("back.tar")]);
+    podman_ok(&["container", "restore", "--import", &p("back.tar")]);
+    assert_alive_and_intact(name);
+    assert_same_manifest(&before, &manifest(name));
+    drop(ctr);
+}
+
+/// A tar header with an arbitrary (possibly hostile) name, which the tar crate's
+/// builder would refuse to write.
+fn raw_member(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+    let mut h = tar::Header::new_ustar();
+    h.as_mut_bytes()[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+#[test]
+fn hostile_podman_archives_are_rejected_before_podman_sees_them() {
+    if !have_podman("hostile") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, Vec<u8>); 2] = [
+        ("deleted", {
+            let mut t = Vec::new();
+            raw_member(&mut t, "config.dump", b"{}");
+            raw_member(&mut t, "spec.dump", b"{}");
+            raw_member(
+                &mut t,
+                "deleted.files",
+                br#"["/../../../../tmp/ckstream-victim"]"#,
+            );
+            t.extend_from_slice(&[0u8; 1024]);
+            t
+        }),
+        ("rootfs", {
+            let mut inner = Vec::new();
+            raw_member(&mut inner, "../../escape", b"owned");
+            inner.extend_from_slice(&[0u8; 1024]);
+            let mut t = Vec::new();
+            raw_member(&mut t, "config.dump", b"{}");
+            raw_member(&mut t, "spec.dump", b"{}");
+            raw_member(&mut t, "rootfs-diff.tar", &inner);
+            t.extend_from_slice(&[0u8; 1024]);
+            t
+        }),
+    ];
+    for (what, bytes) in cases {
+        let path = dir.path().join(format!("{what}.tar"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = dir.path().join(format!("{what}.cka"));
+        let o = ck(&[
+            "podman",
+            "import",
+            path.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(3), "{what}: {}", stderr(&o));
+        assert!(stderr(&o).contains("unsafe"), "{what}: {}", stderr(&o));
+        assert!(!out.exists());
+        let o = ck(&["podman", "restore", path.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(3), "{what}: {}", stderr(&o));
+        assert!(
+            !stderr(&o).contains("podman could not restore"),
+            "{what}: podman was called: {}",
+            stderr(&o)
+        );
+    }
+}
+
+/// Container storage on a loopback XFS with the archive beside it: the container's
+/// changed files and CRIU's pages are shared by reflink, not copied, in both formats.
+#[test]
+fn checkpoint_on_xfs_storage_shares_extents() {
+    if !have_podman("xfs-reflink") {
+        return;
+    }
+    let Some(fs) = LoopFs::new("xfs") else { return };
+    let conf = fs.mount.join("storage.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[storage]\ndriver = \"overlay\"\ngraphroot = \"{0}/storage\"\nrunroot = \"{0}/run\"\n",
+            fs.mount.display()
+        ),
+    )
+    .unwrap();
+    STORAGE_CONF.with(|s| *s.borrow_mut() = Some(conf.clone()));
+    build_image();
+    let name = "ck-xfs";
+    for format in ["podman", "cka"] {
+        let ctr = start(name);
+        sh(
+            name,
+            "dd if=/dev/urandom of=/data/big bs=1M count=32 2>/dev/null",
+        );
+        let before = manifest(name);
+        let out = fs.mount.join(format!("ckpt.{format}"));
+        let o = in_storage(
+            Command::new(bin())
+                .args([
+                    "podman",
+                    "checkpoint",
+                    name,
+                    "--json",
+                    "--format",
+                    format,
+                    "-o",
+                ])
+                .arg(&out),
+        )
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        // 32 MiB of the diff plus CRIU's 64+ MiB of pages, all cloned.
+        assert!(
+            v["cloned_bytes"].as_u64().unwrap() >= 96 << 20,
+            "{format}: {v}"
+        );
+        podman_ok(&["rm", "-f", name]);
+        let o = in_storage(Command::new(bin()).args(["podman", "restore"]).arg(&out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_alive_and_intact(name);
+        assert_same_manifest(&before, &manifest(name));
+        drop(ctr);
+    }
+    let _ = podman(&["rmi", "-a", "-f"]);
+}
+
+/// A `.cka` whose rootfs diff is damaged: the restore hook finds the digest mismatch
+/// before writing the file, runc aborts the restore, and no container is left behind.
+#[test]
+fn damaged_rootfs_diff_stops_the_restore() {
+    if !have_podman("damaged-diff") {
+        return;
+    }
+    let name = "ck-damaged";
+    let ctr = start(name);
+    sh(
+        name,
+        "dd if=/dev/urandom of=/data/big bs=1M count=4 2>/dev/null",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("ckpt.cka");
+    let a = archive.to_str().unwrap();
+    ck_ok(&["podman", "checkpoint", name, "-o", a, "--leave-running"]);
+    let reader = ckstream_store::open_archive(&archive).unwrap();
+    let big = reader.find(b"rootfs/data/big").unwrap();
+    let chunk = reader.chunks_of(big)[1].clone();
+    drop(reader);
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes[chunk.offset as usize + 77] ^= 0x40;
+    std::fs::write(&archive, bytes).unwrap();
+    podman_ok(&["rm", "-f", name]);
+    let o = ck(&["podman", "restore", a]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("digest mismatch"), "{}", stderr(&o));
+    assert!(
+        !podman(&["container", "exists", name]).status.success(),
+        "a container was left behind"
+    );
+    drop(ctr);
+}
+
+/// SIGTERM while the archive is being written: nothing is published, no temporary file
+/// stays behind, and the container podman had stopped is restored in place, intact.
+#[test]
+fn interrupted_checkpoint_restores_the_container_in_place() {
+    if !have_podman("interrupted") {
+        return;
+    }
+    let name = "ck-interrupted";
+    let ctr = start(name);
+    // Enough data that writing it takes a while (zstd level 19 on 2 cores).
+    sh(
+        name,
+        "dd if=/dev/urandom of=/data/big bs=1M count=128 2>/dev/null",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ckpt.tar");
+    let mut child = Command::new(bin())
+        .args([
+            "podman",
+            "checkpoint",
+            name,
+            "--format",
+            "podman",
+            "-c",
+            "zstd:19",
+            "-o",
+        ])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let partial = || {
+        std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".partial")
+        })
+    };
+    while !partial() {
+        assert!(Instant::now() < deadline, "the archive was never started");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "checkpoint ended early"
+        );
+        sleep(Duration::from_millis(20));
+    }
+    signal(child.id(), rustix::process::Signal::TERM);
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("restored in place"), "{err}");
+    assert!(!out.exists());
+    assert!(!partial(), "a temporary file was left behind");
+    assert_alive_and_intact(name);
+    drop(ctr);
+}
+
+/// `podman checkpoint` straight to object storage and `podman restore` straight from it
+/// (real SeaweedFS on 127.0.0.1): the diff is applied by podman from the converted
+/// archive, since the OCI hook would not have the credentials.
+#[test]
+fn checkpoint_to_s3_and_restore_from_it() {
+    if !have_podman("s3") {
+        return;
+    }
+    let Some(s3) = s3server::S3Server::start("podman_s3") else {
+        return;
+    };
+    let name = "ck-s3";
+    let ctr = start(name);
+    sh(name, CHANGES);
+    let before = manifest(name);
+    let url = s3.url("podman/ckpt.cka");
+    s3.ck_ok(&[
+        "podman",
+        "checkpoint",
+        name,
+        "-o",
+        &url,
+        "-c",
+        "zstd",
+        "--shards",
+        "2",
+    ]);
+    podman_ok(&["rm", "-f", name]);
+    let o = s3.ck(&["podman", "restore", &url, "--apply-diff", "ckstream"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a hook cannot read s3: {}",
+        stderr(&o)
+    );
+    s3.ck_ok(&["podman", "restore", &url]);
+    assert_alive_and_intact(name);
+    assert_same_manifest(&before, &manifest(name));
+    drop(ctr);
+}
