@@ -190,6 +190,17 @@ fn ls_info_and_cat_fetch_only_what_they_need() {
     }
 }
 
+/// Random data first (its parts go out quickly), then text that zstd -19 compresses
+/// slowly, so a fault injected once the uploads have started surely lands mid-upload.
+fn slow_tree(src: &Path) {
+    std::fs::create_dir_all(src).unwrap();
+    for i in 0..2u64 {
+        std::fs::write(src.join(format!("a{i}")), prng_bytes(i, 48 << 20)).unwrap();
+    }
+    let text: String = (0..4_000_000u32).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(src.join("z-text"), text).unwrap();
+}
+
 #[test]
 fn killed_server_mid_upload_leaves_no_archive() {
     let Some(s3) = S3Server::start("killed_server_mid_upload_leaves_no_archive") else {
@@ -197,16 +208,14 @@ fn killed_server_mid_upload_leaves_no_archive() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    for i in 0..6u64 {
-        std::fs::write(src.join(format!("f{i}")), prng_bytes(i, 64 << 20)).unwrap();
-    }
+    slow_tree(&src);
     let url = s3.url("killed/a.cka");
     let child = s3
         .command(bin())
         .env("CKSTREAM_S3_RETRY_SECS", "2")
+        .env("CKSTREAM_S3_STATS", "1")
         .args(osv(&[
-            "pack", "-q", "-c", "none", "--shards", "2", "-o", &url,
+            "pack", "-q", "-c", "zstd:19", "--shards", "2", "-o", &url,
         ]))
         .arg(format!(".={}", src.display()))
         .stdout(Stdio::piped())
@@ -224,10 +233,12 @@ fn killed_server_mid_upload_leaves_no_archive() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains(&format!("packing {url} failed; no archive was written")),
+        err.contains(&url) && err.contains("failed; no archive was written"),
         "{err}"
     );
     assert!(err.contains("killed/a.cka"), "{err}");
+    let st = s3_stats(&out);
+    assert!(stat(&st, "put_requests") > 0, "no part was uploaded: {st}");
 
     s3.restart();
     let keys = s3.objects("killed/");
@@ -258,14 +269,7 @@ fn interrupted_upload_is_aborted_completely() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    // Random data first (parts go out quickly), then text that zstd -19 compresses
-    // slowly, so the signal surely arrives mid-upload.
-    for i in 0..2u64 {
-        std::fs::write(src.join(format!("a{i}")), prng_bytes(i, 48 << 20)).unwrap();
-    }
-    let text: String = (0..4_000_000u32).map(|i| format!("line {i}\n")).collect();
-    std::fs::write(src.join("z-text"), text).unwrap();
+    slow_tree(&src);
     let url = s3.url("interrupted/a.cka");
     let child = s3
         .command(bin())
@@ -417,4 +421,63 @@ fn wrong_credentials_are_reported_without_the_secret() {
         }
     }
     assert_eq!(s3.objects("creds/new.cka"), Vec::<String>::new());
+}
+
+#[test]
+fn credentials_and_endpoint_from_aws_config_files() {
+    let Some(s3) = s3server::shared("credentials_and_endpoint_from_aws_config_files") else {
+        return;
+    };
+    let (_tmp, url) = pack_counted(s3, "profile/a.cka", "zstd", 1);
+    let get = |k: &str| s3.env.iter().find(|(n, _)| n == k).unwrap().1.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials");
+    let config = dir.path().join("config");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n\
+             [bench]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            get("AWS_ACCESS_KEY_ID"),
+            get("AWS_SECRET_ACCESS_KEY")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[profile bench]\nregion = us-east-1\nendpoint_url = {}\n",
+            get("AWS_ENDPOINT_URL")
+        ),
+    )
+    .unwrap();
+    // Nothing in the environment but the profile and where its files are.
+    let run = |profile: Option<&str>| {
+        let mut c = s3.command(bin());
+        for (k, _) in &s3.env {
+            if k.starts_with("AWS_") {
+                c.env_remove(k);
+            }
+        }
+        c.env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+            .env("AWS_CONFIG_FILE", &config)
+            .env("HOME", dir.path());
+        if let Some(p) = profile {
+            c.env("AWS_PROFILE", p);
+        }
+        c.args(["ls", &url]).output().unwrap()
+    };
+    let out = run(Some("bench"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("one-mib"));
+
+    // No credentials anywhere: a clear refusal, without asking a metadata service.
+    std::fs::write(&credentials, "").unwrap();
+    let out = run(Some("bench"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no S3 credentials"),
+        "{}",
+        stderr(&out)
+    );
 }

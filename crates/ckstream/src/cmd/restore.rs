@@ -13,7 +13,7 @@ use super::dump::WorkDir;
 use crate::output::human_bytes;
 
 /// Decoder threads per image file when the archive is in an object store.
-const REMOTE_DECODERS: usize = 8;
+const REMOTE_DECODERS: usize = 6;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
