@@ -31,7 +31,9 @@
 #   ck-podman-none  `ckstream podman checkpoint CTR -o X.tar --format podman -c none --json`
 #   ck-cka-none     `ckstream podman checkpoint CTR -o X.cka --format cka -c none --json`
 #   ck-cka-zstd     `ckstream podman checkpoint CTR -o X.cka --format cka -c $CK_ZSTD --json`
-#   ck-cka-zstd3    the same with -c zstd:3 (about podman's zstd level); ck-FMT-zstdN = -c zstd:N
+#   ck-cka-zstd3    the same with an explicit -c zstd:3 (podman's zstd level); ck-FMT-zstdN = -c zstd:N
+#                   (ckstream since a2ff349 reads plain `zstd` as level 3 in both formats, so with such a
+#                   binary ck-cka-zstd and ck-cka-zstd3 are the same setting; CASES=... ck-cka-zstd1 ... for level 1)
 #   ck-podman-zstd  `ckstream podman checkpoint CTR -o X.tar.zst --format podman -c $CK_ZSTD --json`
 # Restores (container removed with `podman rm -f` first, caches dropped):
 #   podman archives (podman-*, ck-podman-*):  `podman container restore --import X --print-stats`
@@ -55,7 +57,7 @@
 #
 # Env: FSES ("xfs btrfs") REPS (1) MIB (1024) CHILDREN (0) MEMTEST_FILL (mixed)
 #      DIFF_GIB (3) FILE_MIB (128) NFILES (DIFF_GIB*1024/FILE_MIB) SMALL_FILES (200)
-#      CASES (all six above) CK_ZSTD (zstd = ckstream's default level: cka zstd:1, podman-format 3)
+#      CASES (all seven above) CK_ZSTD (zstd = ckstream's default level)
 #      NETWORK (bridge; "none" avoids CNI) LOOP_GIB (24) LOOP_DIR (/var/tmp) DROP_CACHES (1)
 #      FULL_VERIFY (0) VERIFY_FILE (7) TIMEOUT (1200 s per command)
 #      SUMMARY_FROM=bench/out/podman-bench-X.tsv: only rewrite the report of an earlier or
