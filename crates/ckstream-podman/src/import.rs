@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -86,7 +86,7 @@ fn scan(
     if n >= 4 && magic == ZSTD_MAGIC {
         stats.compressed_input = true;
         let dec = zstd::Decoder::new(file).map_err(|e| read_err("zstd", e))?;
-        Importer::new(writer, None, stop).run(dec, stats)
+        Importer::new(writer, None, stop).run(NoSeek(dec), false, stats)
     } else if n >= 2 && magic[..2] == GZIP_MAGIC {
         Err(Error::Unsupported(
             "gzip-compressed podman archives are not supported; decompress it first (gunzip) or export with --compress zstd|none".into(),
@@ -99,7 +99,14 @@ fn scan(
             .then(|| file.try_clone().ok())
             .flatten()
             .map(Arc::new);
-        Importer::new(writer, clone, stop).run(BufReader::with_capacity(1 << 20, file), stats)
+        // Only checking: read the headers and seek over the data (a 4 GB export is
+        // checked in well under a second instead of being read whole).
+        let check_only = writer.is_none();
+        let mut importer = Importer::new(writer, clone, stop);
+        if check_only {
+            importer.seek_file = Some(file.try_clone().map_err(|e| read_err("tar", e))?);
+        }
+        importer.run(BufReader::with_capacity(1 << 20, file), check_only, stats)
     }
 }
 
@@ -111,6 +118,8 @@ struct Importer<'w> {
     rootfs_paths: HashSet<Vec<u8>>,
     seen_rootfs_dir: bool,
     stop: &'w dyn Fn() -> bool,
+    /// The uncompressed input, when only checking: the nested tar is walked by seeking.
+    seek_file: Option<File>,
 }
 
 impl<'w> Importer<'w> {
@@ -125,15 +134,26 @@ impl<'w> Importer<'w> {
             rootfs_paths: HashSet::new(),
             seen_rootfs_dir: false,
             stop,
+            seek_file: None,
         }
     }
 
-    fn run(mut self, input: impl Read, mut stats: ImportStats) -> Result<ImportStats> {
+    fn run<R: Read + Seek>(
+        mut self,
+        input: R,
+        seek: bool,
+        mut stats: ImportStats,
+    ) -> Result<ImportStats> {
         let mut ar = tar::Archive::new(input);
         let mut deleted: Option<Vec<String>> = None;
         let mut seen_podman_dir = false;
         let mut seen_config = false;
-        for member in ar.entries().map_err(|e| read_err("tar", e))? {
+        let members = if seek {
+            ar.entries_with_seek()
+        } else {
+            ar.entries()
+        };
+        for member in members.map_err(|e| read_err("tar", e))? {
             let mut member = member.map_err(|e| read_err("tar member", e))?;
             let name = member_path(&member)?;
             let name_str = String::from_utf8(name.clone())
@@ -225,11 +245,33 @@ impl<'w> Importer<'w> {
         base: u64,
         stats: &mut ImportStats,
     ) -> Result<()> {
-        let mut inner = tar::Archive::new(outer);
-        for member in inner
-            .entries()
-            .map_err(|e| read_err("rootfs-diff.tar", e))?
-        {
+        match self.seek_file.as_ref().map(File::try_clone) {
+            Some(file) => {
+                let region = Region {
+                    file: file.map_err(|e| read_err("rootfs-diff.tar", e))?,
+                    start: base,
+                    len: outer.size(),
+                    pos: 0,
+                };
+                self.walk_rootfs(tar::Archive::new(BufReader::new(region)), true, base, stats)
+            }
+            None => self.walk_rootfs(tar::Archive::new(NoSeek(outer)), false, base, stats),
+        }
+    }
+
+    fn walk_rootfs<R: Read + Seek>(
+        &mut self,
+        mut inner: tar::Archive<R>,
+        seek: bool,
+        base: u64,
+        stats: &mut ImportStats,
+    ) -> Result<()> {
+        let members = if seek {
+            inner.entries_with_seek()
+        } else {
+            inner.entries()
+        };
+        for member in members.map_err(|e| read_err("rootfs-diff.tar", e))? {
             let mut member = member.map_err(|e| read_err("rootfs-diff.tar member", e))?;
             let rel = member_path(&member)?;
             let path = [CKA_ROOTFS_DIR.as_bytes(), b"/", &rel].concat();
@@ -418,6 +460,56 @@ impl<'w> Importer<'w> {
         }
         stats.bytes += size;
         Ok(())
+    }
+}
+
+/// A reader that cannot seek, for the tar reader's non-seeking path.
+struct NoSeek<R>(R);
+
+impl<R: Read> Read for NoSeek<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R> Seek for NoSeek<R> {
+    fn seek(&mut self, _: SeekFrom) -> io::Result<u64> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "not seekable"))
+    }
+}
+
+/// `len` bytes of `file` from `start` (a nested tar), readable and seekable on its own.
+struct Region {
+    file: File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Read for Region {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got =
+            std::os::unix::fs::FileExt::read_at(&self.file, &mut buf[..n], self.start + self.pos)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Seek for Region {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+        };
+        self.pos = target
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
     }
 }
 
