@@ -190,7 +190,14 @@ pub(crate) fn write_archive(
     match result {
         Ok(s) => {
             if let Some(p) = pending {
-                p.publish()?;
+                // Completing uploads can still fail (object stores); shard 0 goes last, so
+                // a failure here leaves no readable archive either.
+                p.publish().with_context(|| {
+                    format!(
+                        "{} {} failed; no archive was written",
+                        spec.doing, spec.output
+                    )
+                })?;
             }
             Ok(s)
         }
