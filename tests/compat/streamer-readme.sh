@@ -11,7 +11,13 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-fail() { echo "FAIL: $*" >&2; exit 1; }
+fail() { # message; CRIU's own logs say why a criu step failed
+  echo "FAIL: $*" >&2
+  for log in "$work/images/dump.log" "$work/images/restore.log"; do
+    [[ -f $log ]] && { echo "--- last lines of $log:"; grep -E "Error|Warn" "$log" | tail -n 8; } >&2
+  done
+  exit 1
+}
 mkdir -p "$work/bin" "$work/images" "$work/scratch/app"
 ln -s "$CKSTREAM" "$work/bin/criu-image-streamer"
 export PATH="$work/bin:$PATH"
