@@ -41,6 +41,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error of work stopped by SIGINT/SIGTERM (an `Interrupted` I/O error), e.g.
+    /// `Error::interrupted("packing")`.
+    pub fn interrupted(context: impl Into<String>) -> Self {
+        Error::io(
+            context,
+            io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
+        )
+    }
+
     /// Wraps an I/O error with a description of what was being done.
     ///
     /// A source that had to report an archive error through an `io::Error` (see

@@ -311,12 +311,7 @@ pub fn pack_inputs_until(
     plan: PackPlan,
     stop: &dyn Fn() -> bool,
 ) -> Result<PackStats> {
-    let interrupted = || {
-        Error::io(
-            "packing",
-            io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
-        )
-    };
+    let interrupted = || Error::interrupted("packing");
     let chunk = writer.options().chunk_size as u64;
     let cloneable = writer.options().compression.codec == CodecId::None;
     // Compressed archives pack small files together into shared frames: one frame per

@@ -302,10 +302,7 @@ fn member(e: &Entry) -> Member<'_> {
 const DISK_PIECE: u64 = 16 << 20;
 
 fn interrupted() -> Error {
-    Error::io(
-        "writing the podman archive",
-        io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
-    )
+    Error::interrupted("writing the podman archive")
 }
 
 fn tar_err(what: &[u8], e: io::Error) -> Error {

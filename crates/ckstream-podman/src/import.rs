@@ -338,10 +338,7 @@ impl<'w> Importer<'w> {
         stats: &mut ImportStats,
     ) -> Result<()> {
         if (self.stop)() {
-            return Err(Error::io(
-                "importing",
-                io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
-            ));
+            return Err(Error::interrupted("importing"));
         }
         let h = member.header();
         let kind = match h.entry_type() {
@@ -444,10 +441,7 @@ impl<'w> Importer<'w> {
         let mut off = 0u64;
         while off < size {
             if (self.stop)() {
-                return Err(Error::io(
-                    "importing",
-                    io::Error::new(io::ErrorKind::Interrupted, "interrupted by a signal"),
-                ));
+                return Err(Error::interrupted("importing"));
             }
             let len = chunk.min(size - off) as usize;
             let mut buf = vec![0u8; len];
