@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use ckstream_format::{ArchiveReader, CodecId, Entry, EntryKind, Error, Result};
-use ckstream_fs::{plan_inputs, PackInput};
+use ckstream_fs::{plan_inputs, PackInput, PackPlan};
 
 use crate::layout::{
     is_excluded, BUNDLE_FILES, CKA_CRIU_DIR, CKA_PODMAN_DIR, CKA_ROOTFS_DIR, DELETED_FILES,
@@ -90,12 +90,17 @@ fn rootfs_item(mut entry: Entry, prefix: &[u8], content: Content) -> Option<Item
 }
 
 /// Plans an export straight from a container's storage: the bundle files present in
-/// `bundle` (podman's order), `bundle/checkpoint`, the upper directory, and the
-/// given deletions.
+/// `bundle` (podman's order), `bundle/checkpoint`, the upper directory as already
+/// walked by the caller (`upper`: [`plan_inputs`] of it under [`CKA_ROOTFS_DIR`], which
+/// the caller also needs for the deletions), and the given deletions.
 ///
 /// # Errors
-/// I/O errors walking the directories.
-pub fn plan_from_storage(bundle: &Path, upper: &Path, deleted: Vec<String>) -> Result<ExportPlan> {
+/// I/O errors walking the bundle.
+pub fn plan_from_storage(
+    bundle: &Path,
+    upper: PackPlan,
+    deleted: Vec<String>,
+) -> Result<ExportPlan> {
     let mut inputs: Vec<PackInput> = BUNDLE_FILES
         .iter()
         .map(|n| PackInput {
@@ -120,11 +125,7 @@ pub fn plan_from_storage(bundle: &Path, upper: &Path, deleted: Vec<String>) -> R
             content,
         });
     }
-    let rootfs = plan_inputs(&[PackInput {
-        name: CKA_ROOTFS_DIR.as_bytes().to_vec(),
-        path: upper.to_path_buf(),
-    }])?;
-    for p in rootfs.entries {
+    for p in upper.entries {
         let content = disk_content(&p.entry, p.source);
         plan.rootfs
             .extend(rootfs_item(p.entry, CKA_ROOTFS_DIR.as_bytes(), content));

@@ -335,7 +335,7 @@ fn write_checkpoint(
             })
         }
         None => {
-            let plan = plan_from_storage(&ctr.bundle, &ctr.upper, deleted)?;
+            let plan = plan_from_storage(&ctr.bundle, rootfs_plan, deleted)?;
             let deleted = plan.deleted.len();
             let (stats, bytes) = write_podman_archive(&a.output, &a.compress, &plan, None, quiet)?;
             Ok(Written {
@@ -698,12 +698,10 @@ impl RootfsTicket {
             .mode(0o700)
             .create(TICKET_DIR)
             .with_context(|| format!("cannot create {TICKET_DIR}"))?;
-        let mut id = [0u8; 8];
-        getrandom_fill(&mut id);
         let path = PathBuf::from(format!(
             "{TICKET_DIR}/rootfs-{}-{}.json",
             std::process::id(),
-            crate::output::hex(&id)
+            crate::output::hex(&ckstream_store::new_archive_id()[..8])
         ));
         let data = TicketData {
             archive: std::fs::canonicalize(archive)?,
@@ -761,13 +759,6 @@ impl Drop for RootfsTicket {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(Self::result_path(&self.path));
-    }
-}
-
-fn getrandom_fill(buf: &mut [u8]) {
-    let id = ckstream_store::new_archive_id();
-    for (b, r) in buf.iter_mut().zip(id) {
-        *b = r;
     }
 }
 
