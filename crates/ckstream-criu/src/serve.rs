@@ -127,6 +127,7 @@ pub fn stream_entry(
 ) -> Result<u64> {
     let entry = &reader.entries()[index];
     let chunks = reader.chunks_of(index);
+    reader.will_read_entry(index);
     let k = decoders.clamp(1, chunks.len().max(1));
     let splice_ok = out
         .metadata()

@@ -67,6 +67,11 @@ pub trait ShardSource: Send + Sync {
     /// sources with per-request latency may then fetch large spans ahead of the reads.
     fn expect_sequential(&self) {}
 
+    /// A hint that the stored ranges `(offset, len)` are about to be read, in this order
+    /// (one file being streamed out). Sources that read ahead fetch only what has been
+    /// announced, instead of guessing past the end of what a caller needs.
+    fn will_read(&self, _ranges: &[(u64, u64)]) {}
+
     /// The local file behind this shard, when there is one (lets callers reflink out of it).
     fn as_file(&self) -> Option<&File> {
         None
@@ -248,6 +253,11 @@ impl ShardSource for DeferredShard {
     fn expect_sequential(&self) {
         if let Ok(s) = self.opened() {
             s.expect_sequential();
+        }
+    }
+    fn will_read(&self, ranges: &[(u64, u64)]) {
+        if let Ok(s) = self.opened() {
+            s.will_read(ranges);
         }
     }
     fn as_file(&self) -> Option<&File> {
@@ -457,6 +467,22 @@ impl ArchiveReader {
             .iter()
             .map(|s| s.source.len().map_err(|e| Error::io("shard size", e)))
             .collect()
+    }
+
+    /// Tells each shard which stored ranges reading entry `index` front to back will need
+    /// (see [`ShardSource::will_read`]).
+    pub fn will_read_entry(&self, index: usize) {
+        let mut by_shard: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.shards.len()];
+        for c in self.chunks_of(index) {
+            if let Some(ranges) = by_shard.get_mut(c.shard as usize) {
+                ranges.push((c.offset, c.stored_len as u64));
+            }
+        }
+        for (shard, ranges) in self.shards.iter().zip(by_shard) {
+            if !ranges.is_empty() {
+                shard.source.will_read(&ranges);
+            }
+        }
     }
 
     /// Reads a chunk's stored bytes without decoding them.

@@ -17,8 +17,11 @@
 //! also tells the object's size, and keeps it; the format reader finds the footer and
 //! (usually) the whole index there. Other reads are ranged GETs; batched reads
 //! ([`ShardSource::read_ranges`]) merge adjacent ranges and run in parallel; after
-//! [`ShardSource::expect_sequential`] (restore, verify) reads are served from aligned
-//! 1 MiB spans fetched two ahead in the background, a few kept per shard.
+//! [`ShardSource::expect_sequential`] (restore, verify) reads are served from spans of
+//! at most one aligned 1 MiB block, fetched two ahead in the background, a few kept per
+//! shard. Once a reader announces what it will read ([`ShardSource::will_read`]: the
+//! restore, per image file), spans cover only announced bytes and read-ahead fetches only
+//! those; otherwise (verify's front-to-back scan) whole blocks, blindly ahead.
 //!
 //! Settings come from the standard AWS environment variables (`AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL`, ...)
@@ -26,7 +29,7 @@
 //! files (`~/.aws/config`, `~/.aws/credentials`, profile `AWS_PROFILE`). Plain HTTP is
 //! allowed for loopback endpoints. Every request is counted in [`stats`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -651,9 +654,10 @@ struct Tail {
     bytes: Bytes,
 }
 
-/// One [`READ_AHEAD_SPAN`]-aligned span of an object, fetched in the background.
+/// Bytes `start..start + len` of an object, fetched in the background: at most one
+/// [`READ_AHEAD_SPAN`]-aligned span, or the announced part of one.
 struct Span {
-    index: u64,
+    start: u64,
     len: u64,
     /// Bytes copied out so far; a span read (almost) whole is dropped first.
     consumed: AtomicU64,
@@ -662,6 +666,14 @@ struct Span {
 }
 
 impl Span {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    fn covers(&self, from: u64, to: u64) -> bool {
+        self.start <= from && to <= self.end()
+    }
+
     /// Read (almost) whole: record headers and alignment padding between the chunks
     /// are never asked for, so "whole" allows for an eighth of the span.
     fn used_up(&self) -> bool {
@@ -680,6 +692,10 @@ impl Span {
     }
 }
 
+/// Per aligned span index, the hull `(from, to)` of the bytes announced by
+/// [`ShardSource::will_read`] and not fetched yet.
+type Planned = BTreeMap<u64, (u64, u64)>;
+
 /// A shard read from an object with ranged GETs (see the module documentation).
 pub struct S3Source {
     store: Arc<dyn ObjectStore>,
@@ -691,8 +707,13 @@ pub struct S3Source {
     sequential: AtomicBool,
     /// The spans fetched or being fetched, oldest first (at most [`READ_AHEAD_KEPT`]).
     spans: Mutex<VecDeque<Arc<Span>>>,
-    /// GET requests of this source (the process-wide ones are in [`stats`]).
+    /// Once anything is announced, spans hold only announced bytes and read-ahead
+    /// fetches only announced spans, so bytes between two files that are read far
+    /// apart in time are not fetched twice. `None`: whole spans, read ahead blindly.
+    planned: Mutex<Option<Planned>>,
+    /// GET requests and bytes of this source (the process-wide ones are in [`stats`]).
     get_requests: Arc<AtomicU64>,
+    get_bytes: Arc<AtomicU64>,
 }
 
 impl S3Source {
@@ -706,51 +727,53 @@ impl S3Source {
             tail: Mutex::new(None),
             sequential: AtomicBool::new(false),
             spans: Mutex::new(VecDeque::new()),
+            planned: Mutex::new(None),
             get_requests: Arc::new(AtomicU64::new(0)),
+            get_bytes: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// The span with this index, started in the background if it is not cached; the
-    /// span ends early where the cached tail begins.
-    fn span(&self, index: u64, tail: &Tail) -> Option<Arc<Span>> {
-        let start = index * READ_AHEAD_SPAN;
-        if start >= tail.start {
-            return None;
-        }
-        let mut spans = self.spans.lock().unwrap();
-        if let Some(s) = spans.iter().find(|s| s.index == index) {
-            return Some(s.clone());
-        }
-        let end = (start + READ_AHEAD_SPAN).min(tail.start);
+    fn count(&self, bytes: usize) {
+        count_get(bytes);
+        self.get_requests.fetch_add(1, Ordering::Relaxed);
+        self.get_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Starts fetching `start..end` in the background and caches it, evicting spans read
+    /// whole, then the oldest.
+    fn start_span(&self, start: u64, end: u64) -> Arc<Span> {
         let span = Arc::new(Span {
-            index,
+            start,
             len: end - start,
             consumed: AtomicU64::new(0),
             bytes: Mutex::new(None),
             ready: Condvar::new(),
         });
-        spans.retain(|s| !s.used_up());
-        while spans.len() >= READ_AHEAD_KEPT {
-            spans.pop_front();
+        {
+            let mut spans = self.spans.lock().unwrap();
+            spans.retain(|s| !s.used_up());
+            while spans.len() >= READ_AHEAD_KEPT {
+                spans.pop_front();
+            }
+            spans.push_back(span.clone());
         }
-        spans.push_back(span.clone());
-        drop(spans);
-        let (store, path, url, slot, requests) = (
+        if std::env::var_os("CKSTREAM_S3_DEBUG").is_some() {
+            eprintln!("s3: span {} {start}..{end}", self.url);
+        }
+        let (store, path, url, slot) = (
             self.store.clone(),
             self.path.clone(),
             self.url.clone(),
             span.clone(),
-            self.get_requests.clone(),
         );
-        if std::env::var_os("CKSTREAM_S3_DEBUG").is_some() {
-            eprintln!("s3: span {url} {start}..{end}");
-        }
+        let (requests, bytes) = (self.get_requests.clone(), self.get_bytes.clone());
         runtime().spawn(async move {
             let got = store.get_range(&path, start..end).await;
             let result = match got {
                 Ok(b) if b.len() as u64 == end - start => {
                     count_get(b.len());
                     requests.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                     Ok(b)
                 }
                 Ok(_) => Err((io::ErrorKind::UnexpectedEof, format!("{url}: short read"))),
@@ -762,7 +785,76 @@ impl S3Source {
             *slot.bytes.lock().unwrap() = Some(result);
             slot.ready.notify_all();
         });
-        Some(span)
+        span
+    }
+
+    /// The span holding `from..to` (inside one aligned span, below the tail): cached, or
+    /// started now over the announced bytes around it (the whole aligned span when
+    /// nothing was announced).
+    fn span_for(&self, from: u64, to: u64, tail: &Tail) -> Arc<Span> {
+        let index = from / READ_AHEAD_SPAN;
+        let mut planned = self.planned.lock().unwrap();
+        let hull = planned.as_ref().and_then(|p| p.get(&index).copied());
+        if let Some(s) = self
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.covers(from, to))
+        {
+            if let (Some(p), Some((lo, hi))) = (planned.as_mut(), hull) {
+                if s.covers(lo, hi) {
+                    p.remove(&index);
+                }
+            }
+            return s.clone();
+        }
+        let (start, end) = match (planned.as_mut(), hull) {
+            (Some(p), Some((lo, hi))) => {
+                p.remove(&index);
+                (lo.min(from), hi.max(to))
+            }
+            // Announced reads elsewhere, none here: fetch just what is asked for.
+            (Some(_), None) => (from, to),
+            (None, _) => (
+                index * READ_AHEAD_SPAN,
+                ((index + 1) * READ_AHEAD_SPAN).min(tail.start),
+            ),
+        };
+        drop(planned);
+        self.start_span(start, end)
+    }
+
+    /// Starts the spans after aligned span `last`: the announced ones, or (nothing
+    /// announced) the next [`READ_AHEAD_SPANS`] aligned spans not cached yet.
+    fn read_ahead(&self, last: u64, tail: &Tail) {
+        let window = last + 1..=last + READ_AHEAD_SPANS;
+        let ranges: Vec<(u64, u64)> = match self.planned.lock().unwrap().as_mut() {
+            Some(p) => {
+                let due: Vec<u64> = p.range(window).map(|(&i, _)| i).collect();
+                due.iter().filter_map(|i| p.remove(i)).collect()
+            }
+            None => window
+                .map(|i| {
+                    (
+                        i * READ_AHEAD_SPAN,
+                        ((i + 1) * READ_AHEAD_SPAN).min(tail.start),
+                    )
+                })
+                .filter(|(start, end)| start < end)
+                .collect(),
+        };
+        for (start, end) in ranges {
+            let cached = self
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s.covers(start, end));
+            if !cached {
+                self.start_span(start, end.min(tail.start));
+            }
+        }
     }
 
     /// Sequential mode: copies `[offset, offset + buf.len())` (below the tail) out of
@@ -772,20 +864,18 @@ impl S3Source {
         let first = offset / READ_AHEAD_SPAN;
         let last = (end - 1) / READ_AHEAD_SPAN;
         // The spans needed now first, so starting the ones ahead cannot evict them.
-        let needed: Vec<Arc<Span>> = (first..=last)
-            .map(|index| self.span(index, tail).expect("below the tail"))
+        let needed: Vec<(u64, u64, Arc<Span>)> = (first..=last)
+            .map(|index| {
+                let from = offset.max(index * READ_AHEAD_SPAN);
+                let to = end.min((index + 1) * READ_AHEAD_SPAN);
+                (from, to, self.span_for(from, to, tail))
+            })
             .collect();
-        for ahead in last + 1..=last + READ_AHEAD_SPANS {
-            self.span(ahead, tail);
-        }
-        for span in needed {
-            let index = span.index;
+        self.read_ahead(last, tail);
+        for (from, to, span) in needed {
             let bytes = span.wait()?;
-            let span_start = index * READ_AHEAD_SPAN;
-            let from = offset.max(span_start);
-            let to = end.min(span_start + bytes.len() as u64);
             buf[(from - offset) as usize..(to - offset) as usize]
-                .copy_from_slice(&bytes[(from - span_start) as usize..(to - span_start) as usize]);
+                .copy_from_slice(&bytes[(from - span.start) as usize..(to - span.start) as usize]);
             span.consumed.fetch_add(to - from, Ordering::Relaxed);
         }
         Ok(())
@@ -808,8 +898,7 @@ impl S3Source {
             Ok::<_, object_store::Error>((size, start, bytes))
         })
         .map_err(|e| to_io(e, &self.url))?;
-        count_get(bytes.len());
-        self.get_requests.fetch_add(1, Ordering::Relaxed);
+        self.count(bytes.len());
         if start + bytes.len() as u64 != size {
             return Err(io::Error::other(format!(
                 "{}: the store answered the suffix request with bytes {start}..{} of {size}",
@@ -825,8 +914,7 @@ impl S3Source {
     fn get_range(&self, start: u64, end: u64) -> io::Result<Bytes> {
         let bytes = block_on(self.store.get_range(&self.path, start..end))
             .map_err(|e| to_io(e, &self.url))?;
-        count_get(bytes.len());
-        self.get_requests.fetch_add(1, Ordering::Relaxed);
+        self.count(bytes.len());
         if bytes.len() as u64 != end - start {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -871,6 +959,23 @@ impl ShardSource for S3Source {
 
     fn expect_sequential(&self) {
         self.sequential.store(true, Ordering::Relaxed);
+    }
+
+    fn will_read(&self, ranges: &[(u64, u64)]) {
+        if !self.sequential.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut planned = self.planned.lock().unwrap();
+        let planned = planned.get_or_insert_with(BTreeMap::new);
+        for &(offset, len) in ranges.iter().filter(|r| r.1 > 0) {
+            let end = offset.saturating_add(len);
+            for index in offset / READ_AHEAD_SPAN..=(end - 1) / READ_AHEAD_SPAN {
+                let from = offset.max(index * READ_AHEAD_SPAN);
+                let to = end.min((index + 1) * READ_AHEAD_SPAN);
+                let hull = planned.entry(index).or_insert((from, to));
+                *hull = (hull.0.min(from), hull.1.max(to));
+            }
+        }
     }
 
     fn read_ranges(&self, ranges: &[(u64, usize)]) -> io::Result<Vec<Vec<u8>>> {
@@ -920,8 +1025,7 @@ impl ShardSource for S3Source {
         )
         .map_err(|e| to_io(e, &self.url))?;
         for ((start, end, members), bytes) in spans.iter().zip(fetched) {
-            count_get(bytes.len());
-            self.get_requests.fetch_add(1, Ordering::Relaxed);
+            self.count(bytes.len());
             if bytes.len() as u64 != end - start {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -1090,5 +1194,49 @@ mod tests {
             n >= 1 + spans - 1 && n <= 1 + spans,
             "{n} requests for {spans} spans"
         );
+    }
+
+    /// Reads `from..to` front to back in 300 KiB pieces, announcing it first.
+    fn read_announced(src: &S3Source, data: &[u8], from: usize, to: usize) {
+        src.will_read(&[(from as u64, (to - from) as u64)]);
+        let mut pos = from;
+        while pos < to {
+            let n = (300 << 10).min(to - pos);
+            let mut buf = vec![0u8; n];
+            src.read_exact_at(pos as u64, &mut buf).unwrap();
+            assert_eq!(buf, data[pos..pos + n], "at {pos}");
+            pos += n;
+        }
+    }
+
+    #[test]
+    fn announced_reads_fetch_each_byte_once() {
+        let tail = 512 << 10;
+        let (src, data) = memory_source(30 << 20, tail);
+        src.expect_sequential();
+        src.len().unwrap();
+        // Two files meeting inside one aligned span, read with 15 MiB of another file
+        // in between: far more than the spans kept, so an aligned span fetched for the
+        // first file would be gone, and fetched again, for the second.
+        let mib = 1usize << 20;
+        let (a, b, c) = (
+            (0, 5 * mib / 2),
+            (5 * mib / 2, 5 * mib),
+            (10 * mib, 25 * mib),
+        );
+        read_announced(&src, &data, a.0, a.1);
+        read_announced(&src, &data, c.0, c.1);
+        read_announced(&src, &data, b.0, b.1);
+        let fetched = src.get_bytes.load(Ordering::Relaxed);
+        let wanted = (a.1 - a.0 + b.1 - b.0 + c.1 - c.0) as u64 + tail;
+        assert_eq!(
+            fetched, wanted,
+            "bytes fetched vs bytes asked for (and the tail)"
+        );
+        // Unannounced reads in between fetch only what they ask for.
+        let mut buf = vec![0u8; 1000];
+        src.read_exact_at(7 << 20, &mut buf).unwrap();
+        assert_eq!(buf, data[7 << 20..(7 << 20) + 1000]);
+        assert_eq!(src.get_bytes.load(Ordering::Relaxed), wanted + 1000);
     }
 }

@@ -299,10 +299,11 @@ fn dump_to_s3_and_restore_from_s3() {
     m.assert_memory_intact(children);
     let st = s3server::s3_stats(&restore);
     let fetched = st["get_bytes"].as_u64().unwrap();
-    // Metadata images are read twice (checked before CRIU starts, then served), and
-    // read-ahead spans may overlap a little; spans evicted and fetched again would not.
+    // Metadata images are read twice (checked before CRIU starts, then served); read-ahead
+    // fetches only the bytes of files being served, so nothing else is fetched twice (it
+    // used to be 10-22% more: spans shared by two files read far apart, fetched twice).
     assert!(
-        fetched <= archive_bytes + archive_bytes / 10 + (4 << 20),
+        fetched <= archive_bytes + archive_bytes / 20 + (2 << 20),
         "restore fetched {fetched} bytes of a {archive_bytes}-byte archive: {st}"
     );
     assert!(fetched >= archive_bytes / 2, "{st}");
