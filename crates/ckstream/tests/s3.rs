@@ -10,7 +10,7 @@ mod s3server;
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -201,33 +201,62 @@ fn slow_tree(src: &Path) {
     std::fs::write(src.join("z-text"), text).unwrap();
 }
 
-#[test]
-fn killed_server_mid_upload_leaves_no_archive() {
-    let Some(s3) = S3Server::start("killed_server_mid_upload_leaves_no_archive") else {
-        return;
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
+/// Starts packing a slow tree (see [`slow_tree`], made under `tmp`) into object `key`
+/// with `shards` shards in the background, and returns once all its multipart uploads
+/// have been created.
+fn start_slow_pack(
+    s3: &S3Server,
+    tmp: &Path,
+    key: &str,
+    shards: usize,
+    env: &[(&str, &str)],
+) -> Child {
+    let src = tmp.join("src");
     slow_tree(&src);
-    let url = s3.url("killed/a.cka");
+    let shard_count = shards.to_string();
     let child = s3
         .command(bin())
-        .env("CKSTREAM_S3_RETRY_SECS", "2")
         .env("CKSTREAM_S3_STATS", "1")
+        .envs(env.iter().copied())
         .args(osv(&[
-            "pack", "-q", "-c", "zstd:19", "--shards", "2", "-o", &url,
+            "pack",
+            "-q",
+            "-c",
+            "zstd:19",
+            "--shards",
+            &shard_count,
+            "-o",
+            &s3.url(key),
         ]))
         .arg(format!(".={}", src.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the server once the upload is under way.
+    let prefix = &key[..key.rfind('/').map_or(0, |i| i + 1)];
     let deadline = Instant::now() + Duration::from_secs(60);
-    while s3.multipart_uploads("killed/").len() < 2 {
+    while s3.multipart_uploads(prefix).len() < shards {
         assert!(Instant::now() < deadline, "the uploads never started");
         std::thread::sleep(Duration::from_millis(20));
     }
+    child
+}
+
+#[test]
+fn killed_server_mid_upload_leaves_no_archive() {
+    let Some(s3) = S3Server::start("killed_server_mid_upload_leaves_no_archive") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let url = s3.url("killed/a.cka");
+    // Kill the server once the upload is under way.
+    let child = start_slow_pack(
+        &s3,
+        tmp.path(),
+        "killed/a.cka",
+        2,
+        &[("CKSTREAM_S3_RETRY_SECS", "2")],
+    );
     s3.kill();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -268,25 +297,7 @@ fn interrupted_upload_is_aborted_completely() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    slow_tree(&src);
-    let url = s3.url("interrupted/a.cka");
-    let child = s3
-        .command(bin())
-        .env("CKSTREAM_S3_STATS", "1")
-        .args(osv(&[
-            "pack", "-q", "-c", "zstd:19", "--shards", "3", "-o", &url,
-        ]))
-        .arg(format!(".={}", src.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s3.multipart_uploads("interrupted/").len() < 3 {
-        assert!(Instant::now() < deadline, "the uploads never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = start_slow_pack(s3, tmp.path(), "interrupted/a.cka", 3, &[]);
     signal(child.id(), rustix::process::Signal::TERM);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
