@@ -37,6 +37,9 @@ pub struct UnpackOptions {
     /// Apply an overlayfs upper directory onto a plain tree: whiteouts (0/0 character
     /// devices) delete, opaque directories are emptied first, overlay xattrs are dropped.
     pub overlay_apply: bool,
+    /// Polled between files and chunks: once it returns true the extraction stops with
+    /// an "interrupted" error, removing the files it had not finished.
+    pub stop: fn() -> bool,
 }
 
 impl Default for UnpackOptions {
@@ -49,6 +52,7 @@ impl Default for UnpackOptions {
             reflink: true,
             strip_prefix: None,
             overlay_apply: false,
+            stop: || false,
         }
     }
 }
@@ -428,6 +432,10 @@ fn flush_batch(
                 let Some(group) = groups.get(i) else {
                     return Ok(());
                 };
+                if (opts.stop)() {
+                    next.store(u64::MAX / 2, Ordering::Relaxed);
+                    return Err(Error::interrupted("extracting"));
+                }
                 let r = if group.len() == 1 {
                     let job = &jobs[group[0]];
                     restore_chunk(reader, &batch[job.slot].file, job, opts, stats)
@@ -457,16 +465,20 @@ fn flush_batch(
     });
     if result.is_err() {
         // A file whose data could not be verified is not left behind looking complete.
-        for f in batch.iter() {
-            if let Ok(dir) = cache.dir(&f.dir) {
-                let _ =
-                    rustix::fs::unlinkat(dir, os(last_component(&f.entry.path)), AtFlags::empty());
-            }
-        }
+        discard_batch(batch, cache);
     }
     batch.clear();
     jobs.clear();
     result
+}
+
+/// Removes the files of `batch` (created, their data not all written).
+fn discard_batch(batch: &mut Vec<OpenFile>, cache: &mut DirCache) {
+    for f in batch.drain(..) {
+        if let Ok(dir) = cache.dir(&f.dir) {
+            let _ = rustix::fs::unlinkat(dir, os(last_component(&f.entry.path)), AtFlags::empty());
+        }
+    }
 }
 
 /// Extracts `reader`'s entries (all, or those at or below the `selection` paths) into
@@ -474,8 +486,9 @@ fn flush_batch(
 ///
 /// # Errors
 /// [`Error::UnsafeEntry`] when a path would leave `dest` (for example through a
-/// symlink already in `dest`); digest and corruption errors (the affected file is
-/// removed); I/O errors naming the path.
+/// symlink already in `dest`); digest and corruption errors; I/O errors naming the
+/// path; an "interrupted" I/O error once [`UnpackOptions::stop`] says so. Files whose
+/// data was not all written and verified are removed on every error.
 pub fn unpack(
     reader: &ArchiveReader,
     dest: &Path,
@@ -517,130 +530,141 @@ pub fn unpack(
     const MAX_BATCH_FILES: usize = 128;
     const MAX_BATCH_CHUNKS: usize = 512;
 
-    for (i, e) in entries.iter().enumerate() {
-        let Some(e) = e.as_ref() else { continue };
-        if !selected(&e.path, selection) || (opts.overlay_apply && is_whiteout(e)) {
-            continue;
-        }
-        let mut kind = e.entry_kind();
-        let mut data_entry = i;
-        if kind == EntryKind::Hardlink && !extracted_files.contains_key(&e.link_target[..]) {
-            // The link's target was not extracted (not selected): materialize a copy.
-            let original = &reader.entries()[i].link_target;
-            data_entry = reader.find(original).expect("validated hardlink");
-            kind = EntryKind::File;
-        }
-        stats.entries.fetch_add(1, Ordering::Relaxed);
-        match kind {
-            EntryKind::Dir => {
-                let (pfd, name) = cache.parent_of(&e.path)?;
-                match rustix::fs::mkdirat(pfd, os(name), Mode::from_raw_mode(0o700)) {
-                    Ok(()) => {}
-                    Err(Errno::EXIST) => {
-                        let st = rustix::fs::statat(pfd, os(name), AtFlags::SYMLINK_NOFOLLOW)
-                            .map_err(|er| ferr(&e.path, "cannot inspect", er))?;
-                        if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                            != rustix::fs::FileType::Directory
-                        {
-                            remove_existing(pfd, name, &e.path)?;
-                            rustix::fs::mkdirat(pfd, os(name), Mode::from_raw_mode(0o700))
-                                .map_err(|er| ferr(&e.path, "cannot create directory", er))?;
+    // Files are created at their full size before their data is written: whatever stops
+    // the extraction (an error, a signal) removes the ones not yet complete.
+    let extracted = (|| -> Result<()> {
+        for (i, e) in entries.iter().enumerate() {
+            if (opts.stop)() {
+                return Err(Error::interrupted("extracting"));
+            }
+            let Some(e) = e.as_ref() else { continue };
+            if !selected(&e.path, selection) || (opts.overlay_apply && is_whiteout(e)) {
+                continue;
+            }
+            let mut kind = e.entry_kind();
+            let mut data_entry = i;
+            if kind == EntryKind::Hardlink && !extracted_files.contains_key(&e.link_target[..]) {
+                // The link's target was not extracted (not selected): materialize a copy.
+                let original = &reader.entries()[i].link_target;
+                data_entry = reader.find(original).expect("validated hardlink");
+                kind = EntryKind::File;
+            }
+            stats.entries.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                EntryKind::Dir => {
+                    let (pfd, name) = cache.parent_of(&e.path)?;
+                    match rustix::fs::mkdirat(pfd, os(name), Mode::from_raw_mode(0o700)) {
+                        Ok(()) => {}
+                        Err(Errno::EXIST) => {
+                            let st = rustix::fs::statat(pfd, os(name), AtFlags::SYMLINK_NOFOLLOW)
+                                .map_err(|er| ferr(&e.path, "cannot inspect", er))?;
+                            if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                != rustix::fs::FileType::Directory
+                            {
+                                remove_existing(pfd, name, &e.path)?;
+                                rustix::fs::mkdirat(pfd, os(name), Mode::from_raw_mode(0o700))
+                                    .map_err(|er| ferr(&e.path, "cannot create directory", er))?;
+                            }
                         }
+                        Err(er) => return Err(ferr(&e.path, "cannot create directory", er)),
                     }
-                    Err(er) => return Err(ferr(&e.path, "cannot create directory", er)),
+                    dirs.push(i);
                 }
-                dirs.push(i);
-            }
-            EntryKind::File => {
-                let (pfd, name) = cache.parent_of(&e.path)?;
-                remove_existing(pfd, name, &e.path)?;
-                let fd = rustix::fs::openat(
-                    pfd,
-                    os(name),
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
-                .map_err(|er| ferr(&e.path, "cannot create", er))?;
-                let file = File::from(fd);
-                let src = &reader.entries()[data_entry];
-                file.set_len(src.size)
-                    .map_err(|er| ferr(&e.path, "cannot size", er))?;
-                stats.files.fetch_add(1, Ordering::Relaxed);
-                extracted_files.insert(&e.path, ());
-                let slot = batch.len();
-                let entry_for_meta = if data_entry == i {
-                    std::borrow::Cow::Borrowed(&**e)
-                } else {
-                    let mut copy: Entry = Entry::clone(src);
-                    copy.path = e.path.clone();
-                    std::borrow::Cow::Owned(copy)
-                };
-                batch.push(OpenFile {
-                    file,
-                    entry: entry_for_meta,
-                    dir: parent_path(&e.path).unwrap_or(b"").to_vec(),
-                });
-                for c in reader.chunks_of(data_entry) {
-                    jobs.push(ChunkJob {
-                        slot,
-                        entry: src,
-                        chunk: c,
+                EntryKind::File => {
+                    let (pfd, name) = cache.parent_of(&e.path)?;
+                    remove_existing(pfd, name, &e.path)?;
+                    let fd = rustix::fs::openat(
+                        pfd,
+                        os(name),
+                        OFlags::WRONLY
+                            | OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::CLOEXEC,
+                        Mode::from_raw_mode(0o600),
+                    )
+                    .map_err(|er| ferr(&e.path, "cannot create", er))?;
+                    let file = File::from(fd);
+                    let src = &reader.entries()[data_entry];
+                    file.set_len(src.size)
+                        .map_err(|er| ferr(&e.path, "cannot size", er))?;
+                    stats.files.fetch_add(1, Ordering::Relaxed);
+                    extracted_files.insert(&e.path, ());
+                    let slot = batch.len();
+                    let entry_for_meta = if data_entry == i {
+                        std::borrow::Cow::Borrowed(&**e)
+                    } else {
+                        let mut copy: Entry = Entry::clone(src);
+                        copy.path = e.path.clone();
+                        std::borrow::Cow::Owned(copy)
+                    };
+                    batch.push(OpenFile {
+                        file,
+                        entry: entry_for_meta,
+                        dir: parent_path(&e.path).unwrap_or(b"").to_vec(),
                     });
+                    for c in reader.chunks_of(data_entry) {
+                        jobs.push(ChunkJob {
+                            slot,
+                            entry: src,
+                            chunk: c,
+                        });
+                    }
+                    if batch.len() >= MAX_BATCH_FILES || jobs.len() >= MAX_BATCH_CHUNKS {
+                        flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
+                    }
                 }
-                if batch.len() >= MAX_BATCH_FILES || jobs.len() >= MAX_BATCH_CHUNKS {
+                EntryKind::Hardlink => {
+                    // The target must be complete (data and metadata) before linking.
                     flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
+                    let (tfd, tname) = cache.parent_of(&e.link_target)?;
+                    let tfd = tfd
+                        .try_clone()
+                        .map_err(|er| ferr(&e.path, "cannot link", er))?;
+                    let tname = tname.to_vec();
+                    let (pfd, name) = cache.parent_of(&e.path)?;
+                    remove_existing(pfd, name, &e.path)?;
+                    rustix::fs::linkat(&tfd, os(&tname), pfd, os(name), AtFlags::empty())
+                        .map_err(|er| ferr(&e.path, "cannot create hard link", er))?;
                 }
+                EntryKind::Symlink => {
+                    let (pfd, name) = cache.parent_of(&e.path)?;
+                    remove_existing(pfd, name, &e.path)?;
+                    rustix::fs::symlinkat(os(&e.link_target), pfd, os(name))
+                        .map_err(|er| ferr(&e.path, "cannot create symlink", er))?;
+                    apply_meta_at(pfd, name, e, opts)?;
+                }
+                EntryKind::CharDevice
+                | EntryKind::BlockDevice
+                | EntryKind::Fifo
+                | EntryKind::Socket => {
+                    let (pfd, name) = cache.parent_of(&e.path)?;
+                    remove_existing(pfd, name, &e.path)?;
+                    let ft = match kind {
+                        EntryKind::CharDevice => rustix::fs::FileType::CharacterDevice,
+                        EntryKind::BlockDevice => rustix::fs::FileType::BlockDevice,
+                        EntryKind::Fifo => rustix::fs::FileType::Fifo,
+                        _ => rustix::fs::FileType::Socket,
+                    };
+                    rustix::fs::mknodat(
+                        pfd,
+                        os(name),
+                        ft,
+                        Mode::from_raw_mode(e.mode & 0o777),
+                        rustix::fs::makedev(e.rdev_major, e.rdev_minor),
+                    )
+                    .map_err(|er| ferr(&e.path, "cannot create node", er))?;
+                    apply_meta_at(pfd, name, e, opts)?;
+                }
+                EntryKind::Unspecified => unreachable!("validated"),
             }
-            EntryKind::Hardlink => {
-                // The target must be complete (data and metadata) before linking.
-                flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
-                let (tfd, tname) = cache.parent_of(&e.link_target)?;
-                let tfd = tfd
-                    .try_clone()
-                    .map_err(|er| ferr(&e.path, "cannot link", er))?;
-                let tname = tname.to_vec();
-                let (pfd, name) = cache.parent_of(&e.path)?;
-                remove_existing(pfd, name, &e.path)?;
-                rustix::fs::linkat(&tfd, os(&tname), pfd, os(name), AtFlags::empty())
-                    .map_err(|er| ferr(&e.path, "cannot create hard link", er))?;
-            }
-            EntryKind::Symlink => {
-                let (pfd, name) = cache.parent_of(&e.path)?;
-                remove_existing(pfd, name, &e.path)?;
-                rustix::fs::symlinkat(os(&e.link_target), pfd, os(name))
-                    .map_err(|er| ferr(&e.path, "cannot create symlink", er))?;
-                apply_meta_at(pfd, name, e, opts)?;
-            }
-            EntryKind::CharDevice
-            | EntryKind::BlockDevice
-            | EntryKind::Fifo
-            | EntryKind::Socket => {
-                let (pfd, name) = cache.parent_of(&e.path)?;
-                remove_existing(pfd, name, &e.path)?;
-                let ft = match kind {
-                    EntryKind::CharDevice => rustix::fs::FileType::CharacterDevice,
-                    EntryKind::BlockDevice => rustix::fs::FileType::BlockDevice,
-                    EntryKind::Fifo => rustix::fs::FileType::Fifo,
-                    _ => rustix::fs::FileType::Socket,
-                };
-                rustix::fs::mknodat(
-                    pfd,
-                    os(name),
-                    ft,
-                    Mode::from_raw_mode(e.mode & 0o777),
-                    rustix::fs::makedev(e.rdev_major, e.rdev_minor),
-                )
-                .map_err(|er| ferr(&e.path, "cannot create node", er))?;
-                apply_meta_at(pfd, name, e, opts)?;
-            }
-            EntryKind::Unspecified => unreachable!("validated"),
         }
+        flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)
+    })();
+    if extracted.is_err() {
+        discard_batch(&mut batch, &mut cache);
     }
-    flush_batch(reader, &mut batch, &mut jobs, &mut cache, opts, stats)?;
+    extracted?;
     // Deepest first, so setting a directory read-only or its mtime does not disturb its children.
     let dir_entry = |i: usize| entries[i].as_ref().expect("extracted");
     dirs.sort_by_key(|&i| {

@@ -400,3 +400,64 @@ fn sigterm_during_pack_removes_its_temporary_files() {
     assert!(!archive.exists());
     assert!(!partial(), "temporary shard left behind");
 }
+
+/// SIGTERM during `unpack`: exit 1 saying so, and every file left in the target is
+/// complete (the files being written when the signal came are removed, not left at
+/// their full size with missing data).
+#[test]
+fn interrupted_unpack_leaves_only_complete_files() {
+    use std::process::{Command, Stdio};
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    const FILES: usize = 300;
+    for i in 0..FILES {
+        std::fs::write(src.join(format!("f{i:03}")), prng_bytes(i as u64, 1 << 20)).unwrap();
+    }
+    let archive = tmp.path().join("a.cka");
+    ck_ok(&[
+        std::ffi::OsStr::new("pack"),
+        std::ffi::OsStr::new("-q"),
+        std::ffi::OsStr::new("-c"),
+        std::ffi::OsStr::new("none"),
+        std::ffi::OsStr::new("-o"),
+        archive.as_os_str(),
+        src.as_os_str(),
+    ]);
+    let out_dir = tmp.path().join("out");
+    let child = Command::new(bin())
+        .args(["unpack", "-q", "--threads", "1", "--no-reflink", "-C"])
+        .arg(&out_dir)
+        .arg(&archive)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Files are written in batches of at most 128: once file 150 exists, the first batch
+    // is complete and the second is being written.
+    let marker = out_dir.join("src/f150");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unpack never got going"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    signal(child.id(), rustix::process::Signal::TERM);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "unpack was not interrupted: {err}"
+    );
+    assert!(err.contains("interrupted"), "{err}");
+    let mut kept = 0;
+    for e in std::fs::read_dir(out_dir.join("src")).unwrap().flatten() {
+        let got = std::fs::read(e.path()).unwrap();
+        let want = std::fs::read(src.join(e.file_name())).unwrap();
+        assert!(got == want, "{:?} was left incomplete", e.file_name());
+        kept += 1;
+    }
+    assert!((128..FILES).contains(&kept), "{kept} files kept");
+}

@@ -49,9 +49,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
+    ckstream_criu::socket::install_interrupt_handler();
     let started = Instant::now();
     let reader = super::open(&args.archive)?;
-    let mut opts = UnpackOptions::default();
+    let mut opts = UnpackOptions {
+        stop: ckstream_criu::socket::interrupted,
+        ..UnpackOptions::default()
+    };
     opts.same_owner &= !args.no_same_owner;
     opts.reflink = !args.no_reflink;
     if let Some(t) = args.threads {
