@@ -26,8 +26,11 @@ criu=${CRIU:-criu}
 criu-image-streamer --version >/dev/null || fail "--version"
 
 start_app() {
+  # The previous app's files would pass for the new one's (its pid is gone by now).
+  rm -f "$work/hb" "$work/hb.pid"
   setsid -f "$MEMTEST" 32 "$work/hb" 1 </dev/null >/dev/null 2>&1
-  for _ in $(seq 200); do [[ -s $work/hb ]] && break; sleep 0.05; done
+  for _ in $(seq 400); do [[ -s $work/hb && -s $work/hb.pid ]] && break; sleep 0.05; done
+  [[ -s $work/hb && -s $work/hb.pid ]] || fail "the test app did not start"
   pid=$(cat "$work/hb.pid")
 }
 wait_gone() { for _ in $(seq 200); do pgrep -s "$pid" >/dev/null || return 0; sleep 0.05; done; fail "tree did not exit"; }
