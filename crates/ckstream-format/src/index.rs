@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use crate::codec::CodecId;
 use crate::error::{Error, Result};
-use crate::layout::{MAX_CHUNK_RAW, MAX_SHARDS};
+use crate::layout::{FOOTER_LEN, HEADER_LEN, MAX_CHUNK_RAW, MAX_SHARDS};
 
 /// Kind of filesystem object an entry describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -230,6 +230,12 @@ pub struct Index {
     /// Entry ids worth prefetching first (lazy mounts, streaming restore).
     #[prost(uint64, repeated, tag = "6")]
     pub hot_list: Vec<u64>,
+    /// Size in bytes of every shard, footer included, by shard index; 0 for shard 0
+    /// (it holds this index, so its size is not known yet when the index is written).
+    /// Empty in archives written before it existed. Lets `info` of a remote archive
+    /// report every shard's size without asking the store about each one.
+    #[prost(uint64, repeated, tag = "7")]
+    pub shard_bytes: Vec<u64>,
 }
 
 /// Checks that `path` is a safe relative archive path: non-empty, no leading `/`,
@@ -466,6 +472,19 @@ impl Index {
                 }
             }
         }
+        if !self.shard_bytes.is_empty()
+            && (self.shard_bytes.len() != shard_count as usize
+                || self.shard_bytes[0] != 0
+                || self.shard_bytes[1..]
+                    .iter()
+                    .any(|&b| b < (HEADER_LEN + FOOTER_LEN) as u64))
+        {
+            return Err(Error::Corrupt(format!(
+                "the index records {} shard sizes ({:?}...) for {shard_count} shards",
+                self.shard_bytes.len(),
+                &self.shard_bytes[..self.shard_bytes.len().min(4)]
+            )));
+        }
         if let Some(&id) = self
             .hot_list
             .iter()
@@ -570,5 +589,20 @@ mod tests {
         idx.validate(1).unwrap();
         idx.hot_list.push(1);
         assert!(idx.validate(1).is_err());
+    }
+
+    #[test]
+    fn validate_checks_recorded_shard_sizes() {
+        let mut idx = Index {
+            entries: vec![file("a")],
+            ..Default::default()
+        };
+        idx.validate(3).unwrap();
+        idx.shard_bytes = vec![0, 8192, 16384];
+        idx.validate(3).unwrap();
+        for bad in [vec![0, 8192], vec![1, 8192, 16384], vec![0, 8192, 4096]] {
+            idx.shard_bytes = bad.clone();
+            assert!(idx.validate(3).is_err(), "{bad:?}");
+        }
     }
 }

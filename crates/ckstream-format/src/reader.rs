@@ -124,6 +124,8 @@ enum OtherShards<'a> {
 struct ShardExpectation {
     header: ShardHeader,
     index_digest: [u8; 32],
+    /// [`Index::shard_bytes`]: empty, or each shard's size.
+    shard_bytes: Vec<u64>,
 }
 
 impl ShardExpectation {
@@ -145,6 +147,13 @@ impl ShardExpectation {
         }
         if len < (HEADER_LEN + FOOTER_LEN) as u64 {
             return Err(Error::Incomplete(format!("{name} ends after {len} bytes")));
+        }
+        if let Some(&want) = self.shard_bytes.get(i as usize).filter(|&&b| b != 0) {
+            if len != want {
+                return Err(Error::Corrupt(format!(
+                    "{name} is {len} bytes long; the index says {want}"
+                )));
+            }
         }
         let mut fb = vec![0u8; FOOTER_LEN];
         read_at(src, len - FOOTER_LEN as u64, &mut fb, "footer")?;
@@ -387,6 +396,7 @@ impl ArchiveReader {
         let expected = ShardExpectation {
             header: header.clone(),
             index_digest: footer.index_digest,
+            shard_bytes: index.shard_bytes.clone(),
         };
         check_chunk_extents(&extents[0], 0, footer.data_end)?;
         match open_other_shards {
@@ -458,14 +468,20 @@ impl ArchiveReader {
         self.shards[i as usize].source.as_ref()
     }
 
-    /// Sizes of every shard in bytes.
+    /// Sizes of every shard in bytes: shard 0's own, the others' as the index records
+    /// them (each one is checked against it when first opened), or asked of each shard
+    /// for archives whose index does not record them.
     ///
     /// # Errors
     /// The I/O error of a size query.
     pub fn shard_sizes(&self) -> Result<Vec<u64>> {
         self.shards
             .iter()
-            .map(|s| s.source.len().map_err(|e| Error::io("shard size", e)))
+            .enumerate()
+            .map(|(i, s)| match self.index.shard_bytes.get(i) {
+                Some(&recorded) if i > 0 => Ok(recorded),
+                _ => s.source.len().map_err(|e| Error::io("shard size", e)),
+            })
             .collect()
     }
 

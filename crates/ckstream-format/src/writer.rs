@@ -659,6 +659,12 @@ impl ArchiveWriter {
             meta: std::mem::take(&mut self.meta),
             chunk_size: self.opts.chunk_size,
             hot_list,
+            // Shards 1.. get no more than their footer after this point.
+            shard_bytes: positions
+                .iter()
+                .enumerate()
+                .map(|(i, &pos)| if i == 0 { 0 } else { pos + FOOTER_LEN as u64 })
+                .collect(),
         };
         index.validate(self.header.shard_count)?;
         let index_raw = index.encode_to_vec();

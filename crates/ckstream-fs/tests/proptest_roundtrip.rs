@@ -191,6 +191,12 @@ proptest! {
         let bytes: Vec<Vec<u8>> = sinks.iter().map(|s| s.lock().unwrap().clone()).collect();
         let reader = ArchiveReader::open(|i| Ok(Box::new(bytes[i as usize].clone()) as Box<dyn ShardSource>)).unwrap();
         reader.verify(2, &|_| {}).unwrap();
+        // The index records every shard's size but shard 0's.
+        let sizes: Vec<u64> = bytes.iter().map(|b| b.len() as u64).collect();
+        prop_assert_eq!(reader.shard_sizes().unwrap(), sizes.clone());
+        let mut recorded = sizes;
+        recorded[0] = 0;
+        prop_assert_eq!(&reader.index().shard_bytes, &recorded);
         let out = tmp.path().join("out");
         unpack(&reader, &out, &[], &UnpackOptions::default(), &UnpackStats::default()).unwrap();
         prop_assert_eq!(manifest(&src), manifest(&out));

@@ -511,6 +511,16 @@ fn missing_or_foreign_shards_are_named() {
         ] as &[&OsStr]);
     }
     ck_ok(&["verify".as_ref(), a.as_os_str()] as &[&OsStr]);
+    // A shard with bytes appended: the index records its size.
+    let s1 = ckstream_store::shard_path(&a, 1);
+    let good = std::fs::read(&s1).unwrap();
+    let mut longer = good.clone();
+    longer.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(&s1, &longer).unwrap();
+    let out = ck(&["ls".as_ref(), a.as_os_str()] as &[&OsStr]);
+    assert_eq!(out.status.code(), Some(EXIT_BAD_ARCHIVE));
+    assert!(stderr(&out).contains("the index says"), "{}", stderr(&out));
+    std::fs::write(&s1, &good).unwrap();
     // A shard of another archive in place of shard 2.
     std::fs::copy(
         ckstream_store::shard_path(&b, 2),
