@@ -11,6 +11,6 @@ pub mod s3;
 
 pub use clone::{clone_or_copy_range, CopyMethod};
 pub use local::{
-    create_archive, new_archive_id, open_archive, shard_path, ArchiveTarget, FdSink, FileSink,
-    FileSource, NewArchive, PendingArchive,
+    create_archive, create_file_atomically, new_archive_id, open_archive, shard_path,
+    ArchiveTarget, FdSink, FileSink, FileSource, NewArchive, PendingArchive,
 };

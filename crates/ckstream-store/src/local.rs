@@ -293,6 +293,37 @@ fn random_suffix() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Creates the temporary file that will become `dst`: `.NAME.SUFFIX.partial` beside it.
+fn create_partial(dst: &Path, suffix: &str) -> Result<(File, PathBuf)> {
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dst.with_file_name(format!(".{name}.{suffix}.partial"));
+    let file = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+    Ok((file, tmp))
+}
+
+/// A new single file (not an archive: a podman export, say) written under a temporary
+/// name beside `dst`; publishing the returned [`PendingArchive`] renames it to `dst`,
+/// discarding it removes it, so a failed write never replaces an earlier file.
+///
+/// # Errors
+/// [`Error::Io`] when the temporary file cannot be created.
+pub fn create_file_atomically(dst: &Path) -> Result<(File, PendingArchive)> {
+    let (file, tmp) = create_partial(dst, &random_suffix())?;
+    let pending = PendingArchive {
+        renames: vec![(tmp, dst.to_path_buf())],
+        uploads: None,
+    };
+    Ok((file, pending))
+}
+
 /// Sinks for a new archive, and the temporary files to publish once it is committed.
 pub struct NewArchive {
     pub sinks: Vec<Box<dyn ShardSink>>,
@@ -334,19 +365,8 @@ pub fn create_archive(target: &ArchiveTarget, shards: u32) -> Result<NewArchive>
             let mut renames = Vec::new();
             for i in 0..shards {
                 let dst = shard_path(base, i);
-                let name = dst
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let tmp = dst.with_file_name(format!(".{name}.{suffix}.partial"));
-                let file = OpenOptions::new()
-                    .write(true)
-                    .read(true)
-                    .create_new(true)
-                    .open(&tmp)
-                    .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e));
-                let file = match file {
-                    Ok(f) => f,
+                let (file, tmp) = match create_partial(&dst, &suffix) {
+                    Ok(created) => created,
                     Err(e) => {
                         PendingArchive {
                             renames,

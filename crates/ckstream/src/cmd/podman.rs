@@ -401,18 +401,7 @@ fn write_podman_archive(
         progress.finish();
         return Ok((stats, pos));
     }
-    let dst = PathBuf::from(output);
-    let name = dst
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "archive".into());
-    let tmp = dst.with_file_name(format!(".{name}.{}.partial", std::process::id()));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .read(true)
-        .create_new(true)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let (file, pending) = ckstream_store::create_file_atomically(Path::new(output))?;
     let result = (|| -> Result<(TarStats, u64)> {
         let (stats, file) = match level {
             None => {
@@ -430,15 +419,16 @@ fn write_podman_archive(
         };
         let file = file.expect("a file output");
         file.sync_all()?;
-        let bytes = file.metadata()?.len();
-        std::fs::rename(&tmp, &dst)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
-        Ok((stats, bytes))
+        Ok((stats, file.metadata()?.len()))
     })();
     progress.finish();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    let result = match result {
+        Ok(done) => pending.publish().map(|()| done).map_err(Into::into),
+        Err(e) => {
+            pending.discard();
+            Err(e)
+        }
+    };
     result.with_context(|| format!("writing {output} failed; nothing was written there"))
 }
 
