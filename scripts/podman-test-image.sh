@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the tiny local container image the podman tests and benchmarks use, without a
 # registry: Debian's static busybox plus a static build of tests/progs/memtest.c.
-# Idempotent: does nothing when the image exists and is newer than memtest.c.
+# Idempotent: does nothing when the image exists and was built from this memtest.c (its
+# sha256 is a label of the image). Concurrent runs (tests in parallel) take turns.
 #
 #   scripts/podman-test-image.sh [IMAGE]     (default localhost/ckstream-memtest)
 #
@@ -14,9 +15,14 @@ src="$here/../tests/progs/memtest.c"
 # shellcheck disable=SC2086
 podman_() { podman ${PODMAN_OPTS:-} "$@"; }
 
+# One build at a time: a second caller must not see (or remove) a half-built image.
+exec 9>"${TMPDIR:-/tmp}/ckstream-podman-test-image.lock"
+flock 9
+
+want=$(sha256sum "$src" | cut -d' ' -f1)
 if podman_ image exists "$image"; then
-  created=$(podman_ image inspect -f '{{.Created.Unix}}' "$image")
-  (( created >= $(stat -c %Y "$src") )) && exit 0
+  have=$(podman_ image inspect -f '{{index .Config.Labels "ckstream.memtest.sha256"}}' "$image" 2>/dev/null || true)
+  [[ $have == "$want" ]] && exit 0
   podman_ rmi -f "$image" >/dev/null
 fi
 
@@ -41,5 +47,6 @@ echo old > "$root/opt/recreate/old.txt"
 echo bye > "$root/opt/gone/sub/file.txt"
 echo bye > "$root/data/delete-me.txt"
 tar -C "$root" --numeric-owner --owner=0 --group=0 -c . \
-  | podman_ import -q --change 'CMD ["/bin/sh"]' - "$image" >/dev/null
+  | podman_ import -q --change 'CMD ["/bin/sh"]' --change "LABEL ckstream.memtest.sha256=$want" \
+      - "$image" >/dev/null
 echo "podman-test-image: built $image"
