@@ -35,6 +35,12 @@ pub struct CaptureOptions {
     /// before the data is made durable: the place to add what must be consistent with
     /// the memory image (a container's rootfs changes).
     pub on_frozen: Option<FrozenHook>,
+    /// Called at the post-dump hook after `on_frozen`, once the data is durable and
+    /// before the hook is answered: the place to commit and publish the archive, so
+    /// that CRIU kills the process only once its checkpoint is stored for good (an
+    /// error here makes CRIU resume it instead). CRIU sends no image after the hook;
+    /// one arriving anyway is an error.
+    pub commit_at_hook: Option<FrozenHook>,
 }
 
 /// See [`CaptureOptions::on_frozen`].
@@ -49,6 +55,7 @@ impl Default for CaptureOptions {
             ext_files: Vec::new(),
             watch: None,
             on_frozen: None,
+            commit_at_hook: None,
         }
     }
 }
@@ -224,6 +231,7 @@ fn capture_loop(
     }
     let mut started = false;
     let mut hook_pending = false;
+    let mut committed = false;
     let mut last_activity = Instant::now();
     let tick = rustix::event::Timespec {
         tv_sec: 0,
@@ -239,6 +247,10 @@ fn capture_loop(
                 f(writer)?;
             }
             writer.sync_data()?;
+            if let Some(commit) = opts.commit_at_hook.take() {
+                commit(writer)?;
+                committed = true;
+            }
             if let Some(mut h) = hook.take() {
                 h.write_all(b"ok\n")
                     .map_err(|e| CriuError::io("answering CRIU's post-dump hook", e))?;
@@ -315,6 +327,11 @@ fn capture_loop(
                     if !started && name != "cpuinfo.img" {
                         started = true;
                         on_event(CaptureEvent::CheckpointStart);
+                    }
+                    if committed {
+                        return Err(CriuError::Protocol(format!(
+                            "CRIU sent image {name} after its post-dump hook, when the archive was already committed without it"
+                        )));
                     }
                     if report.image_names.contains(&name) {
                         return Err(CriuError::Protocol(format!(

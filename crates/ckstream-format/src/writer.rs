@@ -422,6 +422,9 @@ impl ArchiveWriter {
     }
 
     fn submit(&mut self, job: Job) -> Result<()> {
+        if self.job_tx.is_none() {
+            return Err(Error::Usage("the archive was already committed".into()));
+        }
         // One token per job bounds the bytes in flight between caller and shards.
         loop {
             if self.fail.is_set() {
@@ -608,6 +611,20 @@ impl ArchiveWriter {
     /// Any error from the pipeline or sinks; [`Error::Usage`] for a hot-list path that
     /// names no entry. The archive then stays uncommitted.
     pub fn finish(mut self) -> Result<WriteSummary> {
+        self.commit()
+    }
+
+    /// [`finish`](Self::finish) through a mutable borrow, for a caller that must commit
+    /// while the writer is lent to someone else (`ckstream dump` commits inside CRIU's
+    /// post-dump hook). Afterwards the writer accepts nothing more: adding fails with
+    /// [`Error::Usage`], a second commit too.
+    ///
+    /// # Errors
+    /// As [`finish`](Self::finish).
+    pub fn commit(&mut self) -> Result<WriteSummary> {
+        if self.job_tx.is_none() {
+            return Err(Error::Usage("the archive was already committed".into()));
+        }
         let (out, mut sinks) = self.join_pipeline()?;
         let SequencerOutput {
             mut entries,

@@ -245,18 +245,24 @@ impl PendingArchive {
     /// uploads (shard 0 last).
     ///
     /// # Errors
-    /// [`Error::Io`] naming the shard.
+    /// [`Error::Io`] naming the shard; the shards not moved yet are removed (so is
+    /// every upload, for an object store), and without shard 0 nothing reads as an
+    /// archive at the final name.
     pub fn publish(self) -> Result<()> {
         if let Some(uploads) = self.uploads {
             return uploads.publish();
         }
-        for (tmp, dst) in self.renames.iter().rev() {
-            std::fs::rename(tmp, dst).map_err(|e| {
-                Error::io(
+        for (k, (tmp, dst)) in self.renames.iter().enumerate().rev() {
+            if let Err(e) = std::fs::rename(tmp, dst) {
+                // Shards k, k-1, ..., 0 are still under their temporary names.
+                for (left, _) in &self.renames[..=k] {
+                    let _ = std::fs::remove_file(left);
+                }
+                return Err(Error::io(
                     format!("renaming {} to {}", tmp.display(), dst.display()),
                     e,
-                )
-            })?;
+                ));
+            }
         }
         Ok(())
     }

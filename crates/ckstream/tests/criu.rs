@@ -384,6 +384,44 @@ fn failed_or_killed_criu_leaves_no_archive_and_the_process_running() {
     }
 }
 
+/// The archive is committed and published inside CRIU's post-dump hook, before CRIU
+/// may kill the process: when publishing fails (here: the archive's name is taken by a
+/// non-empty directory, so the final rename fails; on an object store, completing the
+/// uploads), CRIU resumes the process instead of killing it and nothing is left behind.
+#[test]
+fn failed_publish_leaves_the_process_running() {
+    if !criu_available("failed_publish") {
+        return;
+    }
+    let m = Memtest::start(32, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("ckpt.cka");
+    std::fs::create_dir(&archive).unwrap();
+    std::fs::write(archive.join("in-the-way"), b"x").unwrap();
+    let out = Command::new(bin())
+        .args(dump_args(m.pid, &archive, "zstd", 2, &[]))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("renaming"), "{err}");
+    assert!(err.contains("no archive was written"), "{err}");
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    // Shard 1 was renamed before shard 0 failed; without shard 0 it is not an archive.
+    assert_eq!(left, ["ckpt.cka", "ckpt.cka.1"], "files left");
+    assert!(
+        m.alive(),
+        "the process was killed although its checkpoint was not stored"
+    );
+    m.assert_beating();
+    m.assert_memory_intact(1);
+}
+
 #[test]
 fn damaged_archives_are_refused_before_criu_runs() {
     if !criu_available("damaged_archives") {

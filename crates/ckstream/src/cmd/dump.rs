@@ -1,8 +1,10 @@
 //! `ckstream dump`: checkpoint a live process tree straight into an archive.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Child;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -10,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use ckstream_criu::capture::{capture, CaptureEvent, CaptureOptions};
 use ckstream_criu::run::{self, DumpCommand, HOOK_SOCKET};
 use ckstream_criu::{socket, CriuError};
-use ckstream_format::{ArchiveWriter, Compression, WriterOptions};
+use ckstream_format::{ArchiveWriter, Compression, WriteSummary, WriterOptions};
 use ckstream_store::{create_archive, ArchiveTarget};
 
 use crate::output::human_bytes;
@@ -145,6 +147,10 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     let plan = ckstream_fs::plan_inputs(&inputs)?;
     let ckstream_store::NewArchive { sinks, pending } = create_archive(&target, args.shards)?;
+    // Taken by the post-dump hook, which commits and publishes the archive before CRIU
+    // may kill the process; only a dump that never reached the hook still has them here.
+    let pending = Rc::new(RefCell::new(pending));
+    let committed: Rc<RefCell<Option<WriteSummary>>> = Rc::new(RefCell::new(None));
     let opts = WriterOptions {
         compression,
         threads: super::default_threads(),
@@ -184,9 +190,21 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 Ok(())
             }) as ckstream_criu::capture::FrozenHook
         });
+        let commit_at_hook: ckstream_criu::capture::FrozenHook = {
+            let (pending, committed) = (pending.clone(), committed.clone());
+            Box::new(move |w: &mut ArchiveWriter| -> ckstream_criu::Result<()> {
+                let summary = w.commit()?;
+                if let Some(p) = pending.borrow_mut().take() {
+                    p.publish()?;
+                }
+                *committed.borrow_mut() = Some(summary);
+                Ok(())
+            })
+        };
         let opts = CaptureOptions {
             watch: Some(watch_child(child.clone(), log.clone())),
             on_frozen,
+            commit_at_hook: Some(commit_at_hook),
             ..Default::default()
         };
         let captured = capture(&listener, &mut writer, opts, Some(&control), &mut |e| {
@@ -210,9 +228,18 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     })();
     let (report, frozen_at) = match result {
         Ok(r) => r,
+        Err(e) if committed.borrow().is_some() => {
+            work.keep();
+            return Err(e.context(format!(
+                "the checkpoint was complete and is committed to {} (CRIU failed after \
+                 its post-dump hook; CRIU work dir kept: {})",
+                args.output,
+                work.path.display()
+            )));
+        }
         Err(e) => {
             writer.abort();
-            if let Some(p) = pending {
+            if let Some(p) = pending.borrow_mut().take() {
                 p.discard();
             }
             work.keep();
@@ -231,10 +258,18 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         }
     };
     let downtime = frozen_at.elapsed();
-    let summary = writer.finish().context("committing the archive")?;
-    if let Some(p) = pending {
-        p.publish()?;
-    }
+    let committed_at_hook = committed.borrow_mut().take();
+    let summary = match committed_at_hook {
+        Some(summary) => summary,
+        // CRIU did not run the post-dump hook (it always does after a good dump).
+        None => {
+            let summary = writer.finish().context("committing the archive")?;
+            if let Some(p) = pending.borrow_mut().take() {
+                p.publish()?;
+            }
+            summary
+        }
+    };
     let secs = started.elapsed().as_secs_f64();
     let archive_bytes: u64 = summary.shard_sizes.iter().sum();
     if args.json {
