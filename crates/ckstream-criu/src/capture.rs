@@ -17,7 +17,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 
 use crate::error::{CriuError, Result};
 use crate::proto::{read_message, RequestEntry};
-use crate::socket::{self, check_interrupted};
+use crate::socket::{self, check_stop};
 
 /// Settings of one capture.
 pub struct CaptureOptions {
@@ -41,6 +41,9 @@ pub struct CaptureOptions {
     /// error here makes CRIU resume it instead). CRIU sends no image after the hook;
     /// one arriving anyway is an error.
     pub commit_at_hook: Option<FrozenHook>,
+    /// Polled every ~100 ms: once true the capture ends with [`CriuError::Interrupted`]
+    /// (the binary passes its SIGINT/SIGTERM flag).
+    pub stop: fn() -> bool,
 }
 
 /// See [`CaptureOptions::on_frozen`].
@@ -56,6 +59,7 @@ impl Default for CaptureOptions {
             watch: None,
             on_frozen: None,
             commit_at_hook: None,
+            stop: || false,
         }
     }
 }
@@ -125,10 +129,16 @@ impl Stream {
     }
 
     /// Reads what the pipe has. Returns true at EOF (after flushing the last chunk).
-    fn pump(&mut self, writer: &mut ArchiveWriter, chunk: usize, bytes: &mut u64) -> Result<bool> {
+    fn pump(
+        &mut self,
+        writer: &mut ArchiveWriter,
+        chunk: usize,
+        bytes: &mut u64,
+        stop: fn() -> bool,
+    ) -> Result<bool> {
         loop {
             // A busy pipe never runs dry: notice signals here, not only between polls.
-            check_interrupted()?;
+            check_stop(stop)?;
             let got = match rustix::io::read(&self.fd, self.buf.spare_capacity_mut()) {
                 Ok((read, _)) => read.len(),
                 Err(rustix::io::Errno::AGAIN) => return Ok(false),
@@ -220,7 +230,8 @@ fn capture_loop(
     dir.mode = 0o700;
     dir.flags = 0;
     writer.add_entry(dir)?;
-    let mut sock = socket::accept_watched(listener, opts.accept_timeout, &mut opts.watch)?;
+    let mut sock =
+        socket::accept_watched(listener, opts.accept_timeout, &mut opts.watch, opts.stop)?;
     on_event(CaptureEvent::Connected);
     let mut sock_open = true;
     let mut streams: Vec<Stream> = Vec::new();
@@ -238,7 +249,7 @@ fn capture_loop(
         tv_nsec: 100_000_000,
     };
     loop {
-        check_interrupted()?;
+        check_stop(opts.stop)?;
         if let Some(w) = opts.watch.as_mut() {
             w()?;
         }
@@ -296,7 +307,7 @@ fn capture_loop(
         // Pipes first: the data of files already announced.
         let mut finished = Vec::new();
         for &i in &ready {
-            if streams[i].pump(writer, chunk, &mut report.bytes)? {
+            if streams[i].pump(writer, chunk, &mut report.bytes, opts.stop)? {
                 finished.push(i);
             }
         }

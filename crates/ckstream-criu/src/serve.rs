@@ -19,7 +19,7 @@ use crossbeam_channel::bounded;
 
 use crate::error::{CriuError, Result};
 use crate::proto::{read_message, write_message, ReplyEntry, RequestEntry};
-use crate::socket::{self, check_interrupted};
+use crate::socket::{self, check_stop};
 
 /// Settings of one serve.
 pub struct ServeOptions {
@@ -33,6 +33,9 @@ pub struct ServeOptions {
     pub ext_files: Vec<(String, OwnedFd)>,
     /// Called while waiting for CRIU; an error aborts the serve (e.g. CRIU exited).
     pub watch: Option<Box<dyn FnMut() -> Result<()> + Send>>,
+    /// Polled while waiting for CRIU: once true the serve ends with
+    /// [`CriuError::Interrupted`] (the binary passes its SIGINT/SIGTERM flag).
+    pub stop: fn() -> bool,
 }
 
 impl Default for ServeOptions {
@@ -46,6 +49,7 @@ impl Default for ServeOptions {
             pipe_size: 4 << 20,
             ext_files: Vec::new(),
             watch: None,
+            stop: || false,
         }
     }
 }
@@ -233,7 +237,8 @@ pub fn serve(
     mut opts: ServeOptions,
 ) -> Result<ServeReport> {
     let started = Instant::now();
-    let mut sock = socket::accept_watched(listener, opts.accept_timeout, &mut opts.watch)?;
+    let mut sock =
+        socket::accept_watched(listener, opts.accept_timeout, &mut opts.watch, opts.stop)?;
     let bytes = Arc::new(AtomicU64::new(0));
     let first_error: Arc<Mutex<Option<CriuError>>> = Arc::new(Mutex::new(None));
     let mut report = ServeReport::default();
@@ -254,11 +259,11 @@ pub fn serve(
         ));
     }
     loop {
-        check_interrupted()?;
+        check_stop(opts.stop)?;
         if let Some(e) = first_error.lock().unwrap().take() {
             return Err(e);
         }
-        socket::wait_readable(&sock, opts.idle_timeout, "CRIU's next request")?;
+        socket::wait_readable(&sock, opts.idle_timeout, "CRIU's next request", opts.stop)?;
         let Some(req) = read_message::<RequestEntry>(&mut sock)? else {
             break;
         };

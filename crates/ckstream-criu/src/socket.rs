@@ -1,5 +1,6 @@
-//! The UNIX socket CRIU connects to, receiving pipe fds, pipe sizing, timeouts and
-//! SIGINT/SIGTERM handling.
+//! The UNIX socket CRIU connects to, receiving pipe fds, pipe sizing and timeouts.
+//! Waits poll in short slices and ask the caller's `stop` function between them (the
+//! binary's SIGINT/SIGTERM flag), so an interrupt ends them within ~100 ms.
 
 use std::fs;
 use std::io;
@@ -20,36 +21,12 @@ pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
 /// Socket name CRIU uses for `restore --stream`.
 pub const SERVE_SOCKET: &str = "streamer-serve.sock";
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// Makes SIGINT and SIGTERM set a flag instead of killing the process, so a capture
-/// or serve can stop cleanly (archive left uncommitted, children reaped).
-pub fn install_interrupt_handler() {
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as *const () as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-        libc::sigaction(libc::SIGTERM, &sa, std::ptr::null_mut());
-    }
-}
-
-/// True once SIGINT or SIGTERM has arrived.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// Fails with [`CriuError::Interrupted`] once a signal has arrived.
+/// Fails with [`CriuError::Interrupted`] once `stop` says so.
 ///
 /// # Errors
 /// [`CriuError::Interrupted`].
-pub fn check_interrupted() -> Result<()> {
-    if interrupted() {
+pub fn check_stop(stop: fn() -> bool) -> Result<()> {
+    if stop() {
         Err(CriuError::Interrupted)
     } else {
         Ok(())
@@ -76,14 +53,19 @@ pub fn bind(dir: &Path, name: &str) -> Result<UnixListener> {
     UnixListener::bind(&path).map_err(|e| CriuError::io(format!("binding {}", path.display()), e))
 }
 
-/// Waits until `fd` is readable, up to `timeout`, checking for signals.
+/// Waits until `fd` is readable, up to `timeout`, checking `stop` every 100 ms.
 ///
 /// # Errors
 /// [`CriuError::Timeout`] naming `what`, [`CriuError::Interrupted`], poll errors.
-pub fn wait_readable(fd: impl AsFd, timeout: Duration, what: &str) -> Result<()> {
+pub fn wait_readable(
+    fd: impl AsFd,
+    timeout: Duration,
+    what: &str,
+    stop: fn() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        check_interrupted()?;
+        check_stop(stop)?;
         let mut fds = [PollFd::new(&fd, PollFlags::IN)];
         let slice = rustix::event::Timespec {
             tv_sec: 0,
@@ -107,9 +89,19 @@ pub fn wait_readable(fd: impl AsFd, timeout: Duration, what: &str) -> Result<()>
 /// Accepts one connection within `timeout`.
 ///
 /// # Errors
-/// [`CriuError::Timeout`] when CRIU never connects; I/O errors.
-pub fn accept(listener: &UnixListener, timeout: Duration) -> Result<UnixStream> {
-    wait_readable(listener, timeout, "CRIU to connect to the streamer socket")?;
+/// [`CriuError::Timeout`] when CRIU never connects; [`CriuError::Interrupted`]; I/O
+/// errors.
+pub fn accept(
+    listener: &UnixListener,
+    timeout: Duration,
+    stop: fn() -> bool,
+) -> Result<UnixStream> {
+    wait_readable(
+        listener,
+        timeout,
+        "CRIU to connect to the streamer socket",
+        stop,
+    )?;
     let (s, _) = listener
         .accept()
         .map_err(|e| CriuError::io("accepting CRIU's connection", e))?;
@@ -125,10 +117,16 @@ pub fn accept_watched<W: FnMut() -> Result<()> + ?Sized>(
     listener: &UnixListener,
     timeout: Duration,
     watch: &mut Option<Box<W>>,
+    stop: fn() -> bool,
 ) -> Result<UnixStream> {
     let deadline = Instant::now() + timeout;
     loop {
-        match wait_readable(listener, Duration::from_millis(200), "CRIU to connect") {
+        match wait_readable(
+            listener,
+            Duration::from_millis(200),
+            "CRIU to connect",
+            stop,
+        ) {
             Ok(()) => break,
             Err(CriuError::Timeout(_)) => {
                 if let Some(w) = watch.as_mut() {

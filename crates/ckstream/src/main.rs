@@ -4,6 +4,7 @@
 //! The work happens in `ckstream-format`, `ckstream-store` and `ckstream-fs`.
 
 mod cmd;
+mod interrupt;
 mod output;
 mod progress;
 

@@ -135,7 +135,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.json && matches!(target, ArchiveTarget::Stdout) {
         bail!("--json cannot be used when the archive goes to stdout");
     }
-    socket::install_interrupt_handler();
+    crate::interrupt::install();
     let started = Instant::now();
     let mut work = WorkDir::new(args.work_dir.clone(), "ckstream-dump")?;
     let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
@@ -205,6 +205,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             watch: Some(watch_child(child.clone(), log.clone())),
             on_frozen,
             commit_at_hook: Some(commit_at_hook),
+            stop: crate::interrupt::requested,
             ..Default::default()
         };
         let captured = capture(&listener, &mut writer, opts, Some(&control), &mut |e| {

@@ -49,7 +49,7 @@ pub struct Args {
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let compression: Compression = args.compress.parse()?;
     // SIGINT/SIGTERM stop the pack cleanly: temporary shards are removed, nothing is published.
-    ckstream_criu::socket::install_interrupt_handler();
+    crate::interrupt::install();
     if !(64..=16384).contains(&args.chunk_kib) {
         anyhow::bail!("--chunk-kib must be between 64 and 16384");
     }
@@ -96,8 +96,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .collect();
     let summary = write_archive(&target, |writer| {
         writer.set_hot_paths(hot);
-        ckstream_fs::pack_inputs_until(writer, plan, &ckstream_criu::socket::interrupted)
-            .map(|_| ())
+        ckstream_fs::pack_inputs_until(writer, plan, &crate::interrupt::requested).map(|_| ())
     })?;
     let secs = started.elapsed().as_secs_f64();
     let archive_bytes: u64 = summary.shard_sizes.iter().sum();

@@ -163,7 +163,7 @@ fn checkpoint(a: CheckpointArgs, quiet: bool) -> Result<()> {
     let started = Instant::now();
     // SIGINT/SIGTERM stop the archive cleanly (nothing published) and the container is
     // then restored in place.
-    ckstream_criu::socket::install_interrupt_handler();
+    crate::interrupt::install();
     let ctr = podman::inspect(&a.container)?;
     if !ctr.running {
         bail!("container {} is not running", ctr.name);
@@ -324,8 +324,7 @@ fn write_checkpoint(
                 w.add_meta("podman.container.name", ctr.name.clone());
                 w.add_meta("podman.image", ctr.image_name.clone());
                 w.add_meta("podman.runtime", ctr.runtime.clone());
-                ckstream_fs::pack_inputs_until(w, plan, &ckstream_criu::socket::interrupted)
-                    .map(|_| ())
+                ckstream_fs::pack_inputs_until(w, plan, &crate::interrupt::requested).map(|_| ())
             })?;
             Ok(Written {
                 archive_bytes: summary.shard_sizes.iter().sum(),
@@ -383,7 +382,7 @@ fn write_podman_archive(
     });
     let on_data = |n: u64| {
         moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        !ckstream_criu::socket::interrupted()
+        !crate::interrupt::requested()
     };
     if output == "-" {
         let stdout: Box<dyn Write + Send> = Box::new(std::io::BufWriter::with_capacity(
@@ -447,7 +446,7 @@ fn zstd_writer<W: Write + Send + 'static>(
 }
 
 fn import(a: ImportArgs, quiet: bool) -> Result<()> {
-    ckstream_criu::socket::install_interrupt_handler();
+    crate::interrupt::install();
     let started = Instant::now();
     let opts = writer_options(&a.compress)?;
     local_only(&a.input.to_string_lossy(), "the podman export to import")?;
@@ -468,7 +467,7 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
         stats = Some(ckstream_podman::import::import_podman_archive(
             &a.input,
             w,
-            &ckstream_criu::socket::interrupted,
+            &crate::interrupt::requested,
         )?);
         Ok(())
     })?;
@@ -505,7 +504,7 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
 }
 
 fn export(a: ExportArgs, quiet: bool) -> Result<()> {
-    ckstream_criu::socket::install_interrupt_handler();
+    crate::interrupt::install();
     let started = Instant::now();
     let reader = super::open(&a.input)?;
     let plan = plan_from_cka(&reader)?;

@@ -67,7 +67,7 @@ pub fn verify_metadata(reader: &ArchiveReader) -> Result<(u64, u64)> {
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    socket::install_interrupt_handler();
+    crate::interrupt::install();
     let started = Instant::now();
     let reader = Arc::new(super::open(&args.archive)?);
     verify_metadata(&reader)
@@ -129,6 +129,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let opts = ServeOptions {
         decoders: args.threads.unwrap_or(default_decoders),
         watch: Some(watch),
+        stop: crate::interrupt::requested,
         ..Default::default()
     };
     let served = serve(&listener, reader.clone(), opts);

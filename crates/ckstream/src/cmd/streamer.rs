@@ -132,7 +132,7 @@ fn images_dir(o: &StreamerOpts) -> Result<&Path> {
 pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     let dir = images_dir(o)?;
     let compression: Compression = args.compress.parse()?;
-    socket::install_interrupt_handler();
+    crate::interrupt::install();
     let mut progress = Progress::new(o.progress_fd);
     let fds = if o.shard_fds.is_empty() {
         vec![1]
@@ -177,6 +177,7 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     progress.line("socket-init");
     let copts = CaptureOptions {
         ext_files: ext,
+        stop: crate::interrupt::requested,
         ..Default::default()
     };
     let result = capture(&listener, &mut writer, copts, None, &mut |e| {
@@ -194,7 +195,7 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     // socket, so give it a moment to appear.
     let stats_file = dir.join("stats-dump");
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while !stats_file.exists() && Instant::now() < deadline && !socket::interrupted() {
+    while !stats_file.exists() && Instant::now() < deadline && !crate::interrupt::requested() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     if !stats_file.exists() {
@@ -278,7 +279,7 @@ fn open_from_fds(o: &StreamerOpts, dir: &Path) -> Result<(ArchiveReader, Vec<(u6
 
 pub fn serve_cmd(o: &StreamerOpts) -> Result<()> {
     let dir = images_dir(o)?;
-    socket::install_interrupt_handler();
+    crate::interrupt::install();
     let mut progress = Progress::new(o.progress_fd);
     let ext = ext_files(&o.ext_file_fds)?;
     let (reader, stats) = open_from_fds(o, dir)?;
@@ -288,6 +289,7 @@ pub fn serve_cmd(o: &StreamerOpts) -> Result<()> {
     progress.line("socket-init");
     let opts = ServeOptions {
         ext_files: ext,
+        stop: crate::interrupt::requested,
         ..Default::default()
     };
     let result = serve(&listener, Arc::new(reader), opts);

@@ -49,11 +49,11 @@ pub struct Args {
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    ckstream_criu::socket::install_interrupt_handler();
+    crate::interrupt::install();
     let started = Instant::now();
     let reader = super::open(&args.archive)?;
     let mut opts = UnpackOptions {
-        stop: ckstream_criu::socket::interrupted,
+        stop: crate::interrupt::requested,
         ..UnpackOptions::default()
     };
     opts.same_owner &= !args.no_same_owner;
