@@ -7,6 +7,7 @@ mod cmd;
 mod interrupt;
 mod output;
 mod progress;
+mod workdir;
 
 use std::process::ExitCode;
 

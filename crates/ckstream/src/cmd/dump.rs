@@ -16,6 +16,7 @@ use ckstream_format::{ArchiveWriter, Compression, WriteSummary, WriterOptions};
 use ckstream_store::{create_archive, ArchiveTarget};
 
 use crate::output::human_bytes;
+use crate::workdir::WorkDir;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -50,52 +51,6 @@ pub struct Args {
     /// Extra arguments for `criu dump` (after `--`), e.g. `-- --shell-job --tcp-established`.
     #[arg(last = true)]
     criu_args: Vec<String>,
-}
-
-/// A work directory that is removed when everything went well and kept (for its logs) otherwise.
-pub struct WorkDir {
-    pub path: PathBuf,
-    remove: bool,
-}
-
-impl WorkDir {
-    pub fn new(given: Option<PathBuf>, prefix: &str) -> Result<Self> {
-        match given {
-            Some(p) => {
-                std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-                Ok(WorkDir {
-                    path: p,
-                    remove: false,
-                })
-            }
-            None => {
-                let base = std::env::temp_dir();
-                for i in 0..1000u32 {
-                    let p = base.join(format!("{prefix}-{}-{i}", std::process::id()));
-                    if std::fs::create_dir(&p).is_ok() {
-                        return Ok(WorkDir {
-                            path: p,
-                            remove: true,
-                        });
-                    }
-                }
-                bail!("cannot create a work directory in {}", base.display())
-            }
-        }
-    }
-
-    /// Keeps the directory (its CRIU log explains a failure).
-    pub fn keep(&mut self) {
-        self.remove = false;
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if self.remove {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 /// Writes the action script CRIU runs (CRIU execs it directly, without a shell) into

@@ -9,8 +9,8 @@ use ckstream_criu::serve::{serve, ServeOptions};
 use ckstream_criu::{is_metadata_image, run, socket, IMAGES_PREFIX};
 use ckstream_format::{ArchiveReader, EntryKind};
 
-use super::dump::WorkDir;
 use crate::output::human_bytes;
+use crate::workdir::WorkDir;
 
 /// Decoder threads per image file when the archive is in an object store.
 const REMOTE_DECODERS: usize = 6;
