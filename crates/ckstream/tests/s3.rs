@@ -203,7 +203,7 @@ fn slow_tree(src: &Path) {
 
 /// Starts packing a slow tree (see [`slow_tree`], made under `tmp`) into object `key`
 /// with `shards` shards in the background, and returns once all its multipart uploads
-/// have been created.
+/// exist and at least one part has arrived (so an interruption is mid-upload).
 fn start_slow_pack(
     s3: &S3Server,
     tmp: &Path,
@@ -235,7 +235,15 @@ fn start_slow_pack(
         .unwrap();
     let prefix = &key[..key.rfind('/').map_or(0, |i| i + 1)];
     let deadline = Instant::now() + Duration::from_secs(60);
-    while s3.multipart_uploads(prefix).len() < shards {
+    loop {
+        let uploads = s3.multipart_uploads(prefix);
+        if uploads.len() >= shards
+            && uploads
+                .iter()
+                .any(|(key, id)| s3.uploaded_parts(key, id) > 0)
+        {
+            break;
+        }
         assert!(Instant::now() < deadline, "the uploads never started");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -201,6 +201,25 @@ impl S3Server {
             .collect()
     }
 
+    /// Parts uploaded so far to the multipart upload `id` of `key`.
+    pub fn uploaded_parts(&self, key: &str, id: &str) -> usize {
+        let out = self.aws_ok(&[
+            "s3api",
+            "list-parts",
+            "--bucket",
+            &self.bucket,
+            "--key",
+            key,
+            "--upload-id",
+            id,
+            "--query",
+            "length(Parts || `[]`)",
+            "--output",
+            "text",
+        ]);
+        out.trim().parse().unwrap_or(0)
+    }
+
     /// Kills the server process (SIGKILL), as a crash would.
     pub fn kill(&self) {
         let pid: i32 = std::fs::read_to_string(self.dir.join("pid"))
