@@ -441,17 +441,28 @@ fn flipped_bytes_anywhere_fail_verify_and_never_yield_wrong_data() {
             n - 20,
             n - 1,
         ]);
+        // Digests cover decoded bytes. zstd's entropy-coded streams have a few bits the
+        // decoder never looks at: flipping one (seen: bit 6 of byte 629 of an 831-byte
+        // compressed index) decodes to the identical bytes, so nothing changed and verify
+        // rightly passes. Raw payloads have no such bits; and such flips stay rare.
+        let mut unnoticed = Vec::new();
         for pos in positions {
             let mut bad = bytes.clone();
             bad[pos] ^= 0x40;
             let a = tmp.path().join("flipped.cka");
             std::fs::write(&a, &bad).unwrap();
             let v = ck(&["verify".as_ref(), a.as_os_str()] as &[&OsStr]);
-            assert_eq!(
-                v.status.code(),
-                Some(EXIT_BAD_ARCHIVE),
-                "{codec}: flip at {pos}/{n} passed verify"
-            );
+            if v.status.success() {
+                assert_ne!(codec, "none", "flip at {pos}/{n} passed verify");
+                unnoticed.push(pos);
+            } else {
+                assert_eq!(
+                    v.status.code(),
+                    Some(EXIT_BAD_ARCHIVE),
+                    "{codec}: flip at {pos}/{n}: {}",
+                    stderr(&v)
+                );
+            }
             let out = tmp.path().join(format!("out-{pos}"));
             let u = ck(&[
                 "unpack".as_ref(),
@@ -460,9 +471,15 @@ fn flipped_bytes_anywhere_fail_verify_and_never_yield_wrong_data() {
                 "-C".as_ref(),
                 out.as_os_str(),
             ] as &[&OsStr]);
+            if unnoticed.last() == Some(&pos) {
+                assert!(
+                    u.status.success(),
+                    "{codec}: flip at {pos} passed verify only"
+                );
+            }
             if u.status.success() {
-                // The flip hit bytes unpack does not use (padding, inline metadata): the
-                // result must still be exactly the original.
+                // The flip hit bytes unpack does not use (padding, inline metadata), or
+                // bits the decoder ignores: the result must still be exactly the original.
                 for f in ["d/random", "text", "small", "d/small-0", "d/small-3"] {
                     assert_eq!(
                         std::fs::read(out.join(f)).unwrap(),
@@ -488,6 +505,11 @@ fn flipped_bytes_anywhere_fail_verify_and_never_yield_wrong_data() {
                 }
             }
         }
+        assert!(
+            unnoticed.len() <= 2,
+            "{codec}: {} of the flips passed verify: {unnoticed:?}",
+            unnoticed.len()
+        );
     }
 }
 
