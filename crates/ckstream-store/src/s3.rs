@@ -852,7 +852,7 @@ impl S3Source {
                 .iter()
                 .any(|s| s.covers(start, end));
             if !cached {
-                self.start_span(start, end.min(tail.start));
+                self.start_span(start, end);
             }
         }
     }
@@ -965,10 +965,15 @@ impl ShardSource for S3Source {
         if !self.sequential.load(Ordering::Relaxed) {
             return;
         }
+        // Bytes in the cached tail are never fetched: plan only what lies before it.
+        let Ok(tail) = self.tail() else { return };
         let mut planned = self.planned.lock().unwrap();
         let planned = planned.get_or_insert_with(BTreeMap::new);
-        for &(offset, len) in ranges.iter().filter(|r| r.1 > 0) {
-            let end = offset.saturating_add(len);
+        for &(offset, len) in ranges.iter() {
+            let end = offset.saturating_add(len).min(tail.start);
+            if offset >= end {
+                continue;
+            }
             for index in offset / READ_AHEAD_SPAN..=(end - 1) / READ_AHEAD_SPAN {
                 let from = offset.max(index * READ_AHEAD_SPAN);
                 let to = end.min((index + 1) * READ_AHEAD_SPAN);
@@ -1238,5 +1243,21 @@ mod tests {
         src.read_exact_at(7 << 20, &mut buf).unwrap();
         assert_eq!(buf, data[7 << 20..(7 << 20) + 1000]);
         assert_eq!(src.get_bytes.load(Ordering::Relaxed), wanted + 1000);
+    }
+
+    #[test]
+    fn announced_ranges_reaching_into_the_cached_tail_are_not_fetched_again() {
+        let mib = 1usize << 20;
+        let tail = 3 * mib as u64 / 2;
+        let (src, data) = memory_source(4 * mib, tail);
+        src.expect_sequential();
+        src.len().unwrap();
+        // The file's last chunks lie in the tail already fetched with the footer (the
+        // tail starts at 2.5 MiB): only 2 MiB..2.5 MiB may be fetched for it.
+        read_announced(&src, &data, 2 * mib, 7 * mib / 2);
+        assert_eq!(
+            src.get_bytes.load(Ordering::Relaxed),
+            tail + (mib as u64) / 2
+        );
     }
 }
