@@ -193,14 +193,19 @@ if [[ -z ${SKIP_CRIU:-} ]]; then
 		WALL[$1-dump]=$(fsub "$t1" "$t0")
 		wait_gone
 	}
+	# CPU-seconds the server process has used (utime + stime): the restores' CPU budget.
+	server_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$(cat "$CKSTREAM_S3_DIR/pid")/stat"; }
 	dump_s3 criu-a
 	ARCHIVE_BYTES=$("$CKSTREAM" info --json "$B/criu-a.cka" | jq .archive_bytes)
 	log "dump to S3: ${WALL[criu-a-dump]} s, $ARCHIVE_BYTES bytes"
+	c0=$(server_cpu)
 	t0=$(now)
 	CKSTREAM_S3_STATS=1 "$CKSTREAM" restore -q --json "$B/criu-a.cka" --work-dir "$WORK/wd-ra" \
 		>"$WORK/restore-s3.json" 2>"$WORK/restore-s3.err"
 	t1=$(now)
 	WALL[restore-s3]=$(fsub "$t1" "$t0")
+	SERVER_CPU_S3=$(fsub "$(server_cpu)" "$c0")
+	CK_CPU_S3=$(jq '.rusage.self_cpu_seconds * 100 | round / 100' "$WORK/restore-s3.json")
 	RSS_S3=$(jq .rusage.self_max_rss_kib "$WORK/restore-s3.json")
 	GOT_S3=$(stats "$WORK/restore-s3.err" | jq .get_bytes)
 	REQ_S3=$(stats "$WORK/restore-s3.err" | jq .get_requests)
@@ -208,16 +213,19 @@ if [[ -z ${SKIP_CRIU:-} ]]; then
 	log "restore from S3: ${WALL[restore-s3]} s, peak RSS $RSS_S3 KiB, $REQ_S3 GETs, $GOT_S3 bytes"
 
 	dump_s3 criu-b
+	c0=$(server_cpu)
 	t0=$(now)
 	mkdir -p "$WORK/dl"
 	$AWS s3 cp --quiet --recursive --exclude '*' --include "criu-b.cka*" "$B/" "$WORK/dl/"
 	t1=$(now)
+	SERVER_CPU_DL=$(fsub "$(server_cpu)" "$c0")
 	WALL[download-criu]=$(fsub "$t1" "$t0")
 	"$CKSTREAM" restore -q --json "$WORK/dl/criu-b.cka" --work-dir "$WORK/wd-rb" >"$WORK/restore-local.json"
 	t2=$(now)
 	WALL[restore-local]=$(fsub "$t2" "$t1")
 	WALL[download-restore]=$(fsub "$t2" "$t0")
 	RSS_LOCAL=$(jq .rusage.self_max_rss_kib "$WORK/restore-local.json")
+	CK_CPU_LOCAL=$(jq '.rusage.self_cpu_seconds * 100 | round / 100' "$WORK/restore-local.json")
 	verify_restored "download then restore"
 	rm -rf "$WORK/dl"
 	log "download ${WALL[download-criu]} s + restore ${WALL[restore-local]} s = ${WALL[download-restore]} s, peak RSS $RSS_LOCAL KiB"
@@ -225,11 +233,13 @@ if [[ -z ${SKIP_CRIU:-} ]]; then
 	CRIU_ROWS="
 ## (c) Restore of a live ${MIB} MiB process (MEMTEST_FILL=mixed), zstd:1, $SHARDS shards, $ARCHIVE_BYTES bytes
 
-| | wall s | ckstream peak RSS |
-|---|---|---|
-| \`ckstream dump\` to s3:// | ${WALL[criu-a-dump]} | |
-| \`ckstream restore s3://...\` (streaming) | ${WALL[restore-s3]} | $((RSS_S3 / 1024)) MiB |
-| download (\`aws s3 cp --recursive\`) then \`ckstream restore\` | ${WALL[download-restore]} (${WALL[download-criu]} + ${WALL[restore-local]}) | $((RSS_LOCAL / 1024)) MiB |
+| | wall s | ckstream peak RSS | ckstream CPU s | S3 server CPU s |
+|---|---|---|---|---|
+| \`ckstream dump\` to s3:// | ${WALL[criu-a-dump]} | | | |
+| \`ckstream restore s3://...\` (streaming) | ${WALL[restore-s3]} | $((RSS_S3 / 1024)) MiB | $CK_CPU_S3 | $SERVER_CPU_S3 |
+| download (\`aws s3 cp --recursive\`) then \`ckstream restore\` | ${WALL[download-restore]} (${WALL[download-criu]} + ${WALL[restore-local]}) | $((RSS_LOCAL / 1024)) MiB | $CK_CPU_LOCAL | $SERVER_CPU_DL |
+
+The machine has $(nproc) cores; client, S3 server and CRIU share them.
 
 Restore from S3 / download-then-restore wall: **$(ratio "${WALL[restore-s3]}" "${WALL[download-restore]}")** (target <= 0.7).
 The streaming restore made $REQ_S3 GET requests for $GOT_S3 bytes ($(ratio "$GOT_S3" "$ARCHIVE_BYTES") x the archive).
