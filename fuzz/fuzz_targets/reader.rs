@@ -7,7 +7,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let bytes = data.to_vec();
-    let Ok(reader) = ArchiveReader::open(|_| Ok(Box::new(bytes.clone()) as Box<dyn ShardSource>)) else {
+    let Ok(reader) = ArchiveReader::open(Box::new(bytes.clone()), |_, _| {
+        Ok(Box::new(bytes.clone()) as Box<dyn ShardSource>)
+    }) else {
         return;
     };
     for i in 0..reader.entries().len() {

@@ -31,15 +31,18 @@ pub struct CaptureOptions {
     pub ext_files: Vec<(String, OwnedFd)>,
     /// Called every ~100 ms; an error aborts the capture (e.g. CRIU exited early).
     pub watch: Option<Box<dyn FnMut() -> Result<()>>>,
-    /// Called once at CRIU's post-dump hook, while the process tree is still frozen and
-    /// before the data is made durable: the place to add what must be consistent with
-    /// the memory image (a container's rootfs changes).
+    /// Called once at CRIU's post-dump hook, while the process tree is still frozen: the
+    /// place to add what must be consistent with the memory image (a container's rootfs
+    /// changes).
     pub on_frozen: Option<FrozenHook>,
-    /// Called at the post-dump hook after `on_frozen`, once the data is durable and
-    /// before the hook is answered: the place to commit and publish the archive, so
-    /// that CRIU kills the process only once its checkpoint is stored for good (an
+    /// Called at the post-dump hook after `on_frozen`, once every image pipe reached its
+    /// end and before the hook is answered: the place to commit and publish the archive,
+    /// so that CRIU kills the process only once its checkpoint is stored for good (an
     /// error here makes CRIU resume it instead). CRIU sends no image after the hook;
-    /// one arriving anyway is an error.
+    /// one arriving anyway is an error. Without it the hook is answered as soon as
+    /// `on_frozen` returns, and the process runs on while the pipes are still drained
+    /// (for `--leave-running`: the checkpoint puts nothing at risk, so the freeze
+    /// should end as soon as CRIU has handed over the data).
     pub commit_at_hook: Option<FrozenHook>,
     /// Polled every ~100 ms: once true the capture ends with [`CriuError::Interrupted`]
     /// (the binary passes its SIGINT/SIGTERM flag).
@@ -71,8 +74,9 @@ pub enum CaptureEvent {
     Connected,
     /// CRIU asked for its first image other than `cpuinfo.img`: the tree is frozen.
     CheckpointStart,
-    /// The post-dump hook was answered: the data is durable.
-    DataDurable,
+    /// The post-dump hook was answered (after `commit_at_hook`, if there was one): CRIU
+    /// now kills or resumes the process.
+    HookAnswered,
 }
 
 /// What a capture did.
@@ -253,11 +257,10 @@ fn capture_loop(
         if let Some(w) = opts.watch.as_mut() {
             w()?;
         }
-        if hook_pending && streams.is_empty() {
+        if hook_pending && (opts.commit_at_hook.is_none() || streams.is_empty()) {
             if let Some(f) = opts.on_frozen.take() {
                 f(writer)?;
             }
-            writer.sync_data()?;
             if let Some(commit) = opts.commit_at_hook.take() {
                 commit(writer)?;
                 committed = true;
@@ -267,7 +270,7 @@ fn capture_loop(
                     .map_err(|e| CriuError::io("answering CRIU's post-dump hook", e))?;
             }
             hook_pending = false;
-            on_event(CaptureEvent::DataDurable);
+            on_event(CaptureEvent::HookAnswered);
         }
         if !sock_open && streams.is_empty() {
             return Ok(());

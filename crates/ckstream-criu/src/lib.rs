@@ -15,6 +15,7 @@ pub mod proto;
 pub mod run;
 pub mod serve;
 pub mod socket;
+pub mod stats;
 
 pub use error::{CriuError, Result};
 

@@ -36,8 +36,12 @@ pub const MAX_INDEX_RAW: u64 = 1 << 30;
 
 /// Required feature bits. A reader must refuse an archive with a bit it does not know.
 pub mod required {
+    /// Shards 1.. are named by the archive id (`NAME.ID.i`, see docs/FORMAT.md), so a
+    /// new archive never overwrites an older one's shards; a reader that does not know
+    /// this would look for them under the old names (`NAME.i`).
+    pub const ID_NAMED_SHARDS: u64 = 1 << 0;
     /// Mask of every required feature this version understands.
-    pub const KNOWN: u64 = 0;
+    pub const KNOWN: u64 = ID_NAMED_SHARDS;
 }
 
 /// Optional feature bits. Readers may ignore them.
@@ -88,6 +92,11 @@ pub struct ShardHeader {
 }
 
 impl ShardHeader {
+    /// True when shards 1.. are named by the archive id ([`required::ID_NAMED_SHARDS`]).
+    pub fn id_named_shards(&self) -> bool {
+        self.required_features & required::ID_NAMED_SHARDS != 0
+    }
+
     /// The alignment in bytes.
     pub fn alignment(&self) -> u64 {
         1u64 << self.alignment_log2

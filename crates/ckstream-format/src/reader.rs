@@ -111,11 +111,16 @@ struct OpenShard {
     source: Box<dyn ShardSource>,
 }
 
-/// Opens shard `i` of an archive (for [`ArchiveReader::open_deferred`]).
-pub type ShardOpener = dyn Fn(u32) -> Result<Box<dyn ShardSource>> + Send + Sync;
+/// Opens shard `i` ≥ 1 of the archive whose shard 0 has the given header (which tells
+/// how the shards are named: see [`ShardHeader::id_named_shards`]); for
+/// [`ArchiveReader::open_deferred`].
+pub type ShardOpener = dyn Fn(&ShardHeader, u32) -> Result<Box<dyn ShardSource>> + Send + Sync;
+
+/// [`ShardOpener`] for [`ArchiveReader::open`], called at once for every shard.
+type ShardOpenerNow<'a> = dyn FnMut(&ShardHeader, u32) -> Result<Box<dyn ShardSource>> + 'a;
 
 enum OtherShards<'a> {
-    Now(&'a mut dyn FnMut(u32) -> Result<Box<dyn ShardSource>>),
+    Now(&'a mut ShardOpenerNow<'a>),
     OnFirstUse(Arc<ShardOpener>),
 }
 
@@ -223,7 +228,10 @@ struct DeferredShard {
 impl DeferredShard {
     /// The shard, opened but not necessarily checked (enough for its size).
     fn opened(&self) -> io::Result<&dyn ShardSource> {
-        match self.opened.get_or_init(|| (self.open_shard)(self.index)) {
+        match self
+            .opened
+            .get_or_init(|| (self.open_shard)(&self.expected.header, self.index))
+        {
             Ok(src) => Ok(src.as_ref()),
             Err(e) => Err(e.duplicate().into_io()),
         }
@@ -317,17 +325,20 @@ fn read_header(src: &dyn ShardSource, len: u64) -> Result<ShardHeader> {
 }
 
 impl ArchiveReader {
-    /// Opens an archive: `open_shard(i)` must return shard `i`. Reads shard 0's header,
-    /// its tail (footer and usually the whole index in one read), validates the index,
-    /// then checks every other shard's header and footer.
+    /// Opens an archive from its shard 0: `open_shard(header, i)` must return shard
+    /// `i` ≥ 1, given shard 0's header. Reads shard 0's header, its tail (footer and
+    /// usually the whole index in one read), validates the index, then checks every other
+    /// shard's header and footer.
     ///
     /// # Errors
     /// [`Error::NotAnArchive`], [`Error::Incomplete`] (no commit footer on any shard),
     /// [`Error::Corrupt`], [`Error::Unsupported`], [`Error::UnsafeEntry`], or the error
     /// of `open_shard` (for example a missing shard file, named in the message).
-    pub fn open(mut open_shard: impl FnMut(u32) -> Result<Box<dyn ShardSource>>) -> Result<Self> {
-        let s0 = open_shard(0)?;
-        Self::open_with(s0, OtherShards::Now(&mut open_shard))
+    pub fn open(
+        shard0: Box<dyn ShardSource>,
+        mut open_shard: impl FnMut(&ShardHeader, u32) -> Result<Box<dyn ShardSource>>,
+    ) -> Result<Self> {
+        Self::open_with(shard0, OtherShards::Now(&mut open_shard))
     }
 
     /// Like [`open`](Self::open), but shards 1.. are opened and checked (header, footer,
@@ -337,9 +348,11 @@ impl ArchiveReader {
     ///
     /// # Errors
     /// As [`open`](Self::open), for shard 0.
-    pub fn open_deferred(open_shard: Arc<ShardOpener>) -> Result<Self> {
-        let s0 = open_shard(0)?;
-        Self::open_with(s0, OtherShards::OnFirstUse(open_shard))
+    pub fn open_deferred(
+        shard0: Box<dyn ShardSource>,
+        open_shard: Arc<ShardOpener>,
+    ) -> Result<Self> {
+        Self::open_with(shard0, OtherShards::OnFirstUse(open_shard))
     }
 
     fn open_with(s0: Box<dyn ShardSource>, open_other_shards: OtherShards<'_>) -> Result<Self> {
@@ -402,7 +415,7 @@ impl ArchiveReader {
         match open_other_shards {
             OtherShards::Now(open_shard) => {
                 for i in 1..header.shard_count {
-                    let src = open_shard(i)?;
+                    let src = open_shard(&header, i)?;
                     let data_end = expected.check(src.as_ref(), i)?;
                     check_chunk_extents(&extents[i as usize], i, data_end)?;
                     shards.push(OpenShard { source: src });

@@ -69,6 +69,9 @@ pub struct WriterOptions {
     pub threads: usize,
     /// log2 of the payload alignment (12 = 4096).
     pub alignment_log2: u8,
+    /// Set [`required::ID_NAMED_SHARDS`](crate::layout::required::ID_NAMED_SHARDS): the
+    /// store names shards 1.. by the archive id. Only meaningful with several shards.
+    pub id_named_shards: bool,
 }
 
 impl Default for WriterOptions {
@@ -80,6 +83,7 @@ impl Default for WriterOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             alignment_log2: 12,
+            id_named_shards: false,
         }
     }
 }
@@ -204,8 +208,6 @@ enum WriteOp {
         pad: u32,
         payload: Payload,
     },
-    /// Flush the sink to stable storage and report back.
-    Sync(Sender<io::Result<()>>),
 }
 
 struct ShardState {
@@ -305,7 +307,11 @@ impl ArchiveWriter {
         let header = ShardHeader {
             alignment_log2: opts.alignment_log2,
             hash_algo: HASH_BLAKE3,
-            required_features: 0,
+            required_features: if opts.id_named_shards && shard_count > 1 {
+                crate::layout::required::ID_NAMED_SHARDS
+            } else {
+                0
+            },
             optional_features,
             archive_id,
             shard_index: 0,
@@ -547,40 +553,6 @@ impl ArchiveWriter {
         self.submit(Job::EntryEnd { seq, id, size })
     }
 
-    /// Waits until everything added so far is written to the shards and flushed to
-    /// stable storage, without committing. Used to make a checkpoint durable before
-    /// CRIU is allowed to kill the checkpointed process.
-    ///
-    /// # Errors
-    /// The first pipeline or sink error.
-    pub fn sync_data(&mut self) -> Result<()> {
-        while !self.token_tx.is_empty() {
-            if self.fail.is_set() {
-                return Err(self.fail.take());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let mut acks = Vec::new();
-        for tx in &self.shard_txs {
-            let (ack_tx, ack_rx) = bounded(1);
-            if tx.send(WriteOp::Sync(ack_tx)).is_err() {
-                return Err(self.fail.take());
-            }
-            acks.push(ack_rx);
-        }
-        for ack in acks {
-            match ack.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(Error::io("flushing a shard", e)),
-                Err(_) => return Err(self.fail.take()),
-            }
-        }
-        if self.fail.is_set() {
-            return Err(self.fail.take());
-        }
-        Ok(())
-    }
-
     fn join_pipeline(&mut self) -> Result<(SequencerOutput, Vec<FinishedShard>)> {
         self.job_tx = None;
         self.shard_txs.clear();
@@ -691,36 +663,38 @@ impl ArchiveWriter {
 
         let summary_entries = index.entries.len();
         let summary_chunks = index.chunks.len();
-        let mut shard_sizes = vec![0u64; sinks.len()];
-        // Commit order: shards 1..N first, shard 0 (which holds the index) last.
-        for i in (0..sinks.len()).rev() {
-            let sink = &mut sinks[i].0;
-            let mut pos = positions[i];
+        // Every shard gets its footer (shard 0 the index first) and is synced once, all
+        // shards at the same time: the footer becomes durable with the data it vouches
+        // for, and a local archive is renamed into place only after every sync returned
+        // (ckstream-store), so a torn shard is never visible under the archive's name.
+        let index_header = RecordHeader {
+            kind: RecordKind::Index,
+            codec: CodecId::Zstd,
+            flags: 0,
+            seq: self.next_seq,
+            entry_id: 0,
+            file_offset: 0,
+            raw_len: u32::try_from(index_raw.len())
+                .map_err(|_| Error::Usage("index too large".into()))?,
+            stored_len: index_stored.len() as u32,
+            pad: 0,
+            digest: index_digest,
+        };
+        let mut tails = Vec::with_capacity(sinks.len());
+        for (i, &position) in positions.iter().enumerate() {
+            let mut bytes = Vec::new();
+            let mut pos = position;
             let mut index_loc = None;
             let mut nrec = records[i];
             if i == 0 {
-                let h = RecordHeader {
-                    kind: RecordKind::Index,
-                    codec: CodecId::Zstd,
-                    flags: 0,
-                    seq: self.next_seq,
-                    entry_id: 0,
-                    file_offset: 0,
-                    raw_len: u32::try_from(index_raw.len())
-                        .map_err(|_| Error::Usage("index too large".into()))?,
-                    stored_len: index_stored.len() as u32,
-                    pad: 0,
-                    digest: index_digest,
-                };
-                sink.write_all(&h.encode())
-                    .and_then(|_| sink.write_all(&index_stored))
-                    .map_err(|e| Error::io(format!("writing index to {}", sink.describe()), e))?;
+                bytes.extend_from_slice(&index_header.encode());
+                bytes.extend_from_slice(&index_stored);
                 index_loc = Some(IndexLocation {
                     offset: pos + RECORD_HEADER_LEN as u64,
                     stored_len: index_stored.len() as u64,
                     raw_len: index_raw.len() as u64,
                 });
-                pos += h.record_len();
+                pos += index_header.record_len();
                 nrec += 1;
             }
             let footer = Footer {
@@ -732,13 +706,30 @@ impl ArchiveWriter {
                 data_end: pos,
                 record_count: nrec,
             };
-            // Data must be durable before the commit record that vouches for it.
-            sink.sync()
-                .and_then(|_| sink.write_all(&footer.encode()))
-                .and_then(|_| sink.sync())
-                .map_err(|e| Error::io(format!("committing {}", sink.describe()), e))?;
-            shard_sizes[i] = pos + FOOTER_LEN as u64;
+            bytes.extend_from_slice(&footer.encode());
+            tails.push((bytes, pos + FOOTER_LEN as u64));
         }
+        std::thread::scope(|scope| {
+            let running: Vec<_> = sinks
+                .iter_mut()
+                .zip(&tails)
+                .map(|((sink, _), (bytes, _))| {
+                    scope.spawn(move || {
+                        sink.write_all(bytes)
+                            .and_then(|()| sink.sync())
+                            .map_err(|e| Error::io(format!("committing {}", sink.describe()), e))
+                    })
+                })
+                .collect();
+            running
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(Error::Usage("commit thread panicked".into())))
+                })
+                .collect::<Result<Vec<()>>>()
+        })?;
+        let shard_sizes: Vec<u64> = tails.iter().map(|(_, size)| *size).collect();
         Ok(WriteSummary {
             archive_id: self.header.archive_id,
             entries: summary_entries,
@@ -1079,10 +1070,6 @@ fn shard_thread(
             return None;
         }
         let (header, pad, payload) = match op {
-            WriteOp::Sync(ack) => {
-                let _ = ack.send(sink.sync());
-                continue;
-            }
             WriteOp::Record {
                 header,
                 pad,

@@ -189,7 +189,10 @@ proptest! {
         writer.finish().unwrap();
 
         let bytes: Vec<Vec<u8>> = sinks.iter().map(|s| s.lock().unwrap().clone()).collect();
-        let reader = ArchiveReader::open(|i| Ok(Box::new(bytes[i as usize].clone()) as Box<dyn ShardSource>)).unwrap();
+        let reader = ArchiveReader::open(Box::new(bytes[0].clone()), |_, i| {
+            Ok(Box::new(bytes[i as usize].clone()) as Box<dyn ShardSource>)
+        })
+        .unwrap();
         reader.verify(2, &|_| {}).unwrap();
         // The index records every shard's size but shard 0's.
         let sizes: Vec<u64> = bytes.iter().map(|b| b.len() as u64).collect();

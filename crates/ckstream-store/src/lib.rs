@@ -1,16 +1,24 @@
-//! Where archive shards live: local files (written with reflinks when the
-//! filesystem shares extents), standard output as a pipe, S3-compatible object
-//! stores, and the naming rule that ties the shards of one archive together.
+//! Where archive shards live: local files (written with reflinks when the filesystem
+//! shares extents, and pushed to disk while they are written), standard output and
+//! inherited fds, S3-compatible object stores (cargo feature `s3`, on by default); one
+//! [`ArchiveLocation`] type that creates and opens archives in any of them; and the
+//! publish step that replaces an archive under its name without ever losing the old one.
 //!
-//! The format crate talks to this one only through its `ShardSink` and
-//! `ShardSource` traits, so other backends (object stores) slot in beside these.
+//! The format crate talks to this one only through its `ShardSink` and `ShardSource`
+//! traits.
 
 pub mod clone;
+pub mod failpoint;
 pub mod local;
+pub mod location;
+pub mod publish;
+#[cfg(feature = "s3")]
 pub mod s3;
 
 pub use clone::{clone_or_copy_range, CopyMethod};
-pub use local::{
-    create_archive, create_file_atomically, new_archive_id, open_archive, shard_path,
-    ArchiveTarget, FdSink, FileSink, FileSource, NewArchive, PendingArchive,
+pub use local::{seekable, take_fd, FdSink, FileSink, FileSource, StdoutSink};
+pub use location::{
+    local_shard_paths, new_archive_id, shard_path, ArchiveLocation, ArchiveSpec, NewArchive,
+    ShardNames, Writeback,
 };
+pub use publish::{create_file_atomically, AtomicFile, PendingArchive};

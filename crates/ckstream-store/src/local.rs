@@ -1,27 +1,19 @@
-//! Local files and standard output as shard sinks and sources.
+//! Local files, standard output and inherited fds as shard sinks and sources.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use ckstream_format::{ArchiveReader, Error, Result, ShardSink, ShardSource};
+use ckstream_format::{Error, Result, ShardSink, ShardSource};
 
 use crate::clone::{clone_or_copy_range, CopyMethod};
-
-/// Path of shard `i` of the archive at `base`: shard 0 is `base` itself, shard i is `base.i`.
-pub fn shard_path(base: &Path, i: u32) -> PathBuf {
-    if i == 0 {
-        base.to_path_buf()
-    } else {
-        let mut s = base.as_os_str().to_owned();
-        s.push(format!(".{i}"));
-        PathBuf::from(s)
-    }
-}
+use crate::location::Writeback;
 
 /// A shard being written to a regular file. Small writes (record headers, small
-/// payloads) are gathered into one buffer and written with one `pwrite`.
+/// payloads) are gathered into one buffer and written with one `pwrite`; written data
+/// is pushed to disk while the archive is being written, as [`Writeback`] says.
 pub struct FileSink {
     file: File,
     /// Offset where the next byte goes (buffered bytes included).
@@ -30,13 +22,18 @@ pub struct FileSink {
     name: String,
     /// Block size for reflinks; 0 disables cloning.
     block: u64,
+    writeback: Writeback,
+    /// Writeback has been started for the bytes before this offset...
+    writeback_started: u64,
+    /// ...and has completed for the bytes before this one.
+    writeback_done: u64,
 }
 
 const SINK_BUFFER: usize = 1 << 20;
 
 impl FileSink {
     /// Wraps an open, empty file.
-    pub fn new(file: File, name: impl Into<String>) -> Self {
+    pub fn new(file: File, name: impl Into<String>, writeback: Writeback) -> Self {
         let block = rustix::fs::fstatfs(&file)
             .map(|s| s.f_bsize as u64)
             .unwrap_or(4096)
@@ -47,6 +44,9 @@ impl FileSink {
             buf: Vec::with_capacity(SINK_BUFFER),
             name: name.into(),
             block,
+            writeback,
+            writeback_started: 0,
+            writeback_done: 0,
         }
     }
 
@@ -57,6 +57,67 @@ impl FileSink {
             self.buf.clear();
         }
         Ok(())
+    }
+
+    /// Starts writeback of each full window handed to the kernel, and with a bound, waits
+    /// for the oldest data once more than the bound is under way.
+    fn push_to_disk(&mut self) -> io::Result<()> {
+        if self.writeback == Writeback::Off {
+            return Ok(());
+        }
+        let handed = self.pos - self.buf.len() as u64;
+        if handed - self.writeback_started < Writeback::WINDOW {
+            return Ok(());
+        }
+        let start = self.writeback_started;
+        if let Err(e) = sync_file_range(&self.file, start, handed - start, false) {
+            return self.writeback_failed(e);
+        }
+        self.writeback_started = handed;
+        if let Writeback::Bounded(bound) = self.writeback {
+            if handed - self.writeback_done > bound {
+                let until = handed - bound / 2;
+                let from = self.writeback_done;
+                if let Err(e) = sync_file_range(&self.file, from, until - from, true) {
+                    return self.writeback_failed(e);
+                }
+                self.writeback_done = until;
+            }
+        }
+        Ok(())
+    }
+
+    /// A file that cannot do ranged writeback (EINVAL, ENOSYS) is simply synced at the
+    /// end; anything else (EIO, ENOSPC) is a write error.
+    fn writeback_failed(&mut self, e: io::Error) -> io::Result<()> {
+        if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            self.writeback = Writeback::Off;
+            Ok(())
+        } else {
+            Err(e)
+        }
+    }
+}
+
+/// `sync_file_range(2)`: starts writeback of `offset..offset + len`, and with `wait`
+/// also waits for it (and for writeback already under way there) to complete.
+fn sync_file_range(file: &File, offset: u64, len: u64, wait: bool) -> io::Result<()> {
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -71,7 +132,7 @@ impl ShardSink for FileSink {
             self.buf.extend_from_slice(buf);
         }
         self.pos += buf.len() as u64;
-        Ok(())
+        self.push_to_disk()
     }
 
     fn clone_from(&mut self, src: &File, src_offset: u64, len: u64) -> io::Result<bool> {
@@ -108,6 +169,7 @@ impl ShardSink for FileSink {
 
     fn sync(&mut self) -> io::Result<()> {
         self.flush_buffer()?;
+        crate::failpoint::hit("sink.sync")?;
         self.file.sync_data()
     }
 
@@ -119,6 +181,19 @@ impl ShardSink for FileSink {
 /// A shard written to standard output (a pipe or a redirected file).
 pub struct StdoutSink {
     out: io::Stdout,
+}
+
+impl StdoutSink {
+    /// The process's standard output.
+    pub fn new() -> Self {
+        StdoutSink { out: io::stdout() }
+    }
+}
+
+impl Default for StdoutSink {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl ShardSink for StdoutSink {
@@ -206,217 +281,45 @@ impl ShardSource for FileSource {
     }
 }
 
-/// Where `create_archive` writes.
-#[derive(Debug, Clone)]
-pub enum ArchiveTarget {
-    /// Standard output (one shard only).
-    Stdout,
-    /// A local path; shards go to `path`, `path.1`, ...
-    Path(PathBuf),
-    /// An object store URL `s3://BUCKET/KEY`; shards go to `KEY`, `KEY.1`, ...
-    S3(String),
-}
-
-impl ArchiveTarget {
-    /// Parses a command-line destination (`-` is standard output, `s3://...` an object
-    /// store, `file://PATH` or anything else a local path).
-    pub fn parse(s: &str) -> Self {
-        if s == "-" {
-            ArchiveTarget::Stdout
-        } else if crate::s3::is_s3_url(s) {
-            ArchiveTarget::S3(s.to_string())
-        } else {
-            ArchiveTarget::Path(PathBuf::from(s.strip_prefix("file://").unwrap_or(s)))
-        }
-    }
-}
-
-/// Shards being written under temporary names (files) or as unfinished multipart
-/// uploads (object stores); [`PendingArchive::publish`] puts them in place after the
-/// writer committed them, [`PendingArchive::discard`] removes them. A failed write
-/// therefore never replaces an earlier archive at the same name.
-pub struct PendingArchive {
-    renames: Vec<(PathBuf, PathBuf)>,
-    uploads: Option<crate::s3::S3PendingArchive>,
-}
-
-impl PendingArchive {
-    /// Moves committed shards to their final names (shard 0 last), or completes their
-    /// uploads (shard 0 last).
-    ///
-    /// # Errors
-    /// [`Error::Io`] naming the shard; the shards not moved yet are removed (so is
-    /// every upload, for an object store), and without shard 0 nothing reads as an
-    /// archive at the final name.
-    pub fn publish(self) -> Result<()> {
-        if let Some(uploads) = self.uploads {
-            return uploads.publish();
-        }
-        for (k, (tmp, dst)) in self.renames.iter().enumerate().rev() {
-            if let Err(e) = std::fs::rename(tmp, dst) {
-                // Shards k, k-1, ..., 0 are still under their temporary names.
-                for (left, _) in &self.renames[..=k] {
-                    let _ = std::fs::remove_file(left);
-                }
-                return Err(Error::io(
-                    format!("renaming {} to {}", tmp.display(), dst.display()),
-                    e,
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Removes the temporary shards, or aborts the uploads.
-    pub fn discard(self) {
-        if let Some(uploads) = self.uploads {
-            uploads.discard();
-        }
-        for (tmp, _) in &self.renames {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
-}
-
-/// A fresh random archive id.
-pub fn new_archive_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    if getrandom::fill(&mut id).is_err() {
-        // No entropy source: time and pid still make the id unique on this machine.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        id[..12].copy_from_slice(&t.to_le_bytes()[..12]);
-        id[12..].copy_from_slice(&std::process::id().to_le_bytes());
-    }
-    id
-}
-
-fn random_suffix() -> String {
-    let mut b = [0u8; 6];
-    let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Creates the temporary file that will become `dst`: `.NAME.SUFFIX.partial` beside it.
-fn create_partial(dst: &Path, suffix: &str) -> Result<(File, PathBuf)> {
-    let name = dst
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dst.with_file_name(format!(".{name}.{suffix}.partial"));
-    let file = OpenOptions::new()
-        .write(true)
-        .read(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
-    Ok((file, tmp))
-}
-
-/// A new single file (not an archive: a podman export, say) written under a temporary
-/// name beside `dst`; publishing the returned [`PendingArchive`] renames it to `dst`,
-/// discarding it removes it, so a failed write never replaces an earlier file.
+/// Takes an inherited fd (duplicated, so closing ours leaves the caller's alone).
 ///
 /// # Errors
-/// [`Error::Io`] when the temporary file cannot be created.
-pub fn create_file_atomically(dst: &Path) -> Result<(File, PendingArchive)> {
-    let (file, tmp) = create_partial(dst, &random_suffix())?;
-    let pending = PendingArchive {
-        renames: vec![(tmp, dst.to_path_buf())],
-        uploads: None,
-    };
-    Ok((file, pending))
+/// [`Error::Usage`] when `fd` is not open.
+pub fn take_fd(fd: i32, what: &str) -> Result<File> {
+    if fd < 0 {
+        return Err(Error::Usage(format!(
+            "{what} fd {fd} is not a file descriptor"
+        )));
+    }
+    // SAFETY: only borrowed for the dup; an fd that is not open makes the dup fail.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let owned = rustix::io::fcntl_dupfd_cloexec(borrowed, 3)
+        .map_err(|e| Error::Usage(format!("{what} fd {fd} is not open: {e}")))?;
+    Ok(File::from(owned))
 }
 
-/// Sinks for a new archive, and the temporary files to publish once it is committed.
-pub struct NewArchive {
-    pub sinks: Vec<Box<dyn ShardSink>>,
-    /// `None` for standard output.
-    pub pending: Option<PendingArchive>,
-}
-
-/// Opens `shards` sinks for a new archive at `target`.
+/// Returns `f` itself when it is a regular file; otherwise (a pipe) copies it into an
+/// unlinked temporary file in `dir` and returns that, so it can be read at random
+/// (a stream's commit footer comes last, so nothing of it can be trusted before).
 ///
 /// # Errors
-/// [`Error::Usage`] for several shards on stdout or a bad `s3://` URL or configuration;
-/// [`Error::Io`] when a file cannot be created or an upload cannot be started.
-pub fn create_archive(target: &ArchiveTarget, shards: u32) -> Result<NewArchive> {
-    match target {
-        ArchiveTarget::S3(url) => {
-            let (sinks, uploads) = crate::s3::create_archive(url, shards)?;
-            Ok(NewArchive {
-                sinks,
-                pending: Some(PendingArchive {
-                    renames: Vec::new(),
-                    uploads: Some(uploads),
-                }),
-            })
-        }
-        ArchiveTarget::Stdout => {
-            if shards != 1 {
-                return Err(Error::Usage(
-                    "standard output can carry only one shard".into(),
-                ));
-            }
-            Ok(NewArchive {
-                sinks: vec![Box::new(StdoutSink { out: io::stdout() })],
-                pending: None,
-            })
-        }
-        ArchiveTarget::Path(base) => {
-            let suffix = random_suffix();
-            let mut sinks: Vec<Box<dyn ShardSink>> = Vec::new();
-            let mut renames = Vec::new();
-            for i in 0..shards {
-                let dst = shard_path(base, i);
-                let (file, tmp) = match create_partial(&dst, &suffix) {
-                    Ok(created) => created,
-                    Err(e) => {
-                        PendingArchive {
-                            renames,
-                            uploads: None,
-                        }
-                        .discard();
-                        return Err(e);
-                    }
-                };
-                renames.push((tmp, dst.clone()));
-                sinks.push(Box::new(FileSink::new(file, dst.display().to_string())));
-            }
-            Ok(NewArchive {
-                sinks,
-                pending: Some(PendingArchive {
-                    renames,
-                    uploads: None,
-                }),
-            })
-        }
+/// [`Error::Io`] when the spool file cannot be created or the stream not read.
+pub fn seekable(mut f: File, dir: &Path, what: &str) -> Result<File> {
+    if f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Ok(f);
     }
-}
-
-/// Opens the archive whose first shard is at `path` (its other shards are found by
-/// [`shard_path`]); `s3://BUCKET/KEY` opens an archive in an object store
-/// ([`crate::s3::open_archive`]).
-///
-/// # Errors
-/// Everything [`ArchiveReader::open`] reports; a missing shard is named in the message.
-pub fn open_archive(path: &Path) -> Result<ArchiveReader> {
-    if let Some(url) = path.to_str().filter(|p| crate::s3::is_s3_url(p)) {
-        return crate::s3::open_archive(url);
-    }
-    ArchiveReader::open(|i| {
-        let p = shard_path(path, i);
-        let src = FileSource::open(&p).map_err(|e| match e {
-            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound && i > 0 => {
-                Error::Corrupt(format!(
-                    "shard {i} of the archive is missing: {} does not exist",
-                    p.display()
-                ))
-            }
-            e => e,
-        })?;
-        Ok(Box::new(src) as Box<dyn ShardSource>)
-    })
+    let tmp = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| {
+        Error::io(
+            format!("creating a spool file in {}", dir.display()),
+            e.into(),
+        )
+    })?;
+    let mut tmp = File::from(tmp);
+    io::copy(&mut f, &mut tmp).map_err(|e| Error::io(format!("reading {what}"), e))?;
+    Ok(tmp)
 }

@@ -21,6 +21,7 @@ const EXIT_FAILURE: u8 = 1;
 fn main() -> ExitCode {
     let cli = cmd::Cli::parse();
     let result = cmd::run(cli);
+    #[cfg(feature = "s3")]
     if std::env::var_os("CKSTREAM_S3_STATS").is_some_and(|v| v != "0") {
         // Request and byte counts of object-store access, for tests and benchmarks.
         let stats: serde_json::Map<String, serde_json::Value> = ckstream_store::s3::stats()

@@ -256,11 +256,7 @@ fn mount_matches_source(codec: &str, shards: u32) {
     // Every byte fetched was stored in the archive, and nothing was fetched twice
     // (the cache holds the whole tree here).
     let archive_bytes: u64 = (0..shards)
-        .map(|i| {
-            fs::metadata(ckstream_store::shard_path(&archive, i))
-                .unwrap()
-                .len()
-        })
+        .map(|i| fs::metadata(shard_file(&archive, i)).unwrap().len())
         .sum();
     let fetched = stats["fetched_bytes"].as_u64().unwrap();
     assert!(
@@ -302,10 +298,10 @@ fn mount_zstd_3_shards() {
 
 /// Flips one byte in the payload of chunk `pos` of `path`.
 fn corrupt_chunk(archive: &Path, path: &str, pos: usize) {
-    let reader = ckstream_store::open_archive(archive).unwrap();
+    let reader = open_archive(archive);
     let i = reader.find(path.as_bytes()).unwrap();
     let c = reader.chunks_of(i)[pos].clone();
-    let shard = ckstream_store::shard_path(archive, c.shard);
+    let shard = shard_file(archive, c.shard);
     let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -561,7 +557,7 @@ fn hot_list_is_prefetched_and_small_cache_stays_correct() {
         1,
         &["--hot", "dir/nested/random-3.5m", "--hot", "small"],
     );
-    let reader = ckstream_store::open_archive(&archive).unwrap();
+    let reader = open_archive(&archive);
     assert_eq!(reader.index().hot_list.len(), 2);
     let info = ck_ok(&["info".as_ref(), "--json".as_ref(), archive.as_os_str()]);
     assert_eq!(

@@ -534,7 +534,7 @@ fn damaged_rootfs_diff_stops_the_restore() {
     let archive = dir.path().join("ckpt.cka");
     let a = archive.to_str().unwrap();
     ck_ok(&["podman", "checkpoint", name, "-o", a, "--leave-running"]);
-    let reader = ckstream_store::open_archive(&archive).unwrap();
+    let reader = open_archive(&archive);
     let big = reader.find(b"rootfs/data/big").unwrap();
     let chunk = reader.chunks_of(big)[1].clone();
     drop(reader);

@@ -23,10 +23,7 @@ fn round_trip(codec: &str, shards: u32) {
         format!(".={}", src.display()).as_ref(),
     ] as &[&std::ffi::OsStr]);
     for i in 1..shards {
-        assert!(
-            ckstream_store::shard_path(&archive, i).exists(),
-            "shard {i} missing"
-        );
+        assert!(shard_file(&archive, i).exists(), "shard {i} missing");
     }
     let verify = ck_ok(&["verify".as_ref(), archive.as_os_str()] as &[&std::ffi::OsStr]);
     assert!(String::from_utf8_lossy(&verify.stdout).starts_with("OK"));

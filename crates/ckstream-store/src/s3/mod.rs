@@ -1,17 +1,19 @@
 //! S3 and S3-compatible object stores (AWS S3, MinIO, Ceph RGW, SeaweedFS, Garage) as
 //! shard sinks and sources, through the `object_store` crate.
 //!
-//! An archive `s3://BUCKET/KEY` keeps shard 0 in object `KEY` and shard `i` in `KEY.i`,
-//! as [`crate::shard_path`] names local shards.
+//! An archive `s3://BUCKET/KEY` keeps shard 0 in object `KEY` and shard `i` beside it,
+//! named by the archive id as [`crate::shard_path`] names local shards (`KEY.ID.i`;
+//! `KEY.i` in archives from before).
 //!
 //! Writing: every shard is one multipart upload. The writer's shard thread fills
 //! [`PART_SIZE`] buffers and each full buffer goes out as a part on a small shared
 //! tokio runtime, with at most a few parts in flight per shard (the writer thread
 //! waits when the limit is reached, so memory stays bounded). Nothing is visible under
-//! the final names until [`S3PendingArchive::publish`] completes the uploads, shards
-//! 1.. first and shard 0 last, after the writer has committed; a failure or
-//! [`S3PendingArchive::discard`] aborts every upload. Transient errors are retried with
-//! exponential backoff by `object_store` ([`RetryConfig`]).
+//! the archive's name until [`S3PendingArchive::publish`] completes the uploads, shards
+//! 1.. (under keys of their own) first and shard 0 last, after the writer has committed,
+//! and only then deletes the replaced archive's other shards; a failure or
+//! [`S3PendingArchive::discard`] aborts every upload and leaves the old archive as it
+//! was. Transient errors are retried with exponential backoff by `object_store`.
 //!
 //! Reading: the first use of a shard fetches its tail with one suffix-range GET, which
 //! also tells the object's size, and keeps it; the format reader finds the footer and
@@ -40,7 +42,7 @@ use std::sync::OnceLock;
 
 pub use source::{open_archive, S3Source};
 pub use upload::{create_archive, S3PendingArchive, S3Sink};
-pub use url::{is_s3_url, S3Url};
+pub use url::S3Url;
 
 /// Size of every multipart part but the last (S3 allows 5 MiB..5 GiB).
 pub const PART_SIZE: usize = 8 << 20;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
+use ckstream_format::layout::ShardHeader;
 use ckstream_format::{ArchiveReader, Error, Result, ShardSource};
 use futures::stream::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjectPath;
@@ -16,6 +17,7 @@ use super::{
     block_on, count_get, runtime, to_io, S3Url, MAX_SPAN, MERGE_GAP, OTHER_TAIL, PARALLEL_GETS,
     READ_AHEAD_KEPT, READ_AHEAD_SPAN, READ_AHEAD_SPANS, SHARD0_TAIL,
 };
+use crate::ShardNames;
 
 /// The cached tail of an object, and its size.
 struct Tail {
@@ -425,35 +427,40 @@ impl ShardSource for S3Source {
     }
 }
 
-/// Opens the archive whose shard 0 is `url`. Only shard 0 is read here (its tail in one
+/// Opens the archive whose shard 0 is `base`. Only shard 0 is read here (its tail in one
 /// request, its header in at most one more); other shards are opened and checked when
 /// first read.
 ///
 /// # Errors
-/// [`Error::Usage`] for a bad URL or configuration; [`Error::Io`] when shard 0 cannot be
-/// read (missing object, refused credentials); everything [`ArchiveReader::open`]
-/// reports. A missing shard 1.. is an [`Error::Corrupt`] naming its object, from the
-/// first read that needs it.
-pub fn open_archive(url: &str) -> Result<ArchiveReader> {
-    let base = S3Url::parse(url)?;
+/// [`Error::Usage`] for a bad configuration; [`Error::Io`] when shard 0 cannot be read
+/// (missing object, refused credentials); everything [`ArchiveReader::open`] reports. A
+/// missing shard 1.. is an [`Error::Corrupt`] naming its object, from the first read
+/// that needs it.
+pub fn open_archive(base: &S3Url) -> Result<ArchiveReader> {
     let store: Arc<dyn ObjectStore> = connect(&base.bucket)?;
-    ArchiveReader::open_deferred(Arc::new(move |i| {
-        let shard = base.shard(i);
-        let src = S3Source::new(
-            store.clone(),
-            shard.clone(),
-            if i == 0 { SHARD0_TAIL } else { OTHER_TAIL },
-        );
-        // Fetch the tail now so a missing object is reported as such, by name.
-        src.tail().map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound if i > 0 => Error::Corrupt(format!(
-                "shard {i} of the archive is missing: {shard} does not exist"
-            )),
-            io::ErrorKind::NotFound => Error::io(format!("cannot open {shard}"), e),
-            _ => Error::io(format!("cannot read {shard}"), e),
-        })?;
-        Ok(Box::new(src) as Box<dyn ShardSource>)
-    }))
+    let open = {
+        let (store, base) = (store.clone(), base.clone());
+        move |header: Option<&ShardHeader>, i: u32| -> Result<Box<dyn ShardSource>> {
+            let names = header.map_or(ShardNames::Indexed, ShardNames::of);
+            let shard = base.shard(names, i);
+            let src = S3Source::new(
+                store.clone(),
+                shard.clone(),
+                if i == 0 { SHARD0_TAIL } else { OTHER_TAIL },
+            );
+            // Fetch the tail now so a missing object is reported as such, by name.
+            src.tail().map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound if i > 0 => Error::Corrupt(format!(
+                    "shard {i} of the archive is missing: {shard} does not exist"
+                )),
+                io::ErrorKind::NotFound => Error::io(format!("cannot open {shard}"), e),
+                _ => Error::io(format!("cannot read {shard}"), e),
+            })?;
+            Ok(Box::new(src))
+        }
+    };
+    let shard0 = open(None, 0)?;
+    ArchiveReader::open_deferred(shard0, Arc::new(move |h, i| open(Some(h), i)))
 }
 
 #[cfg(test)]

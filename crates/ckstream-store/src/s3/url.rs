@@ -3,12 +3,9 @@
 use std::fmt;
 
 use ckstream_format::{Error, Result};
-use object_store::path::Path as ObjectPath;
 
-/// True for `s3://...` archive names.
-pub fn is_s3_url(s: &str) -> bool {
-    s.starts_with("s3://")
-}
+use crate::ShardNames;
+use object_store::path::Path as ObjectPath;
 
 /// An object named by `s3://BUCKET/KEY`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,16 +38,12 @@ impl S3Url {
         })
     }
 
-    /// The object of shard `i` (shard 0 is the object itself, shard i is `KEY.i`).
-    pub fn shard(&self, i: u32) -> S3Url {
-        let key = if i == 0 {
-            self.key.clone()
-        } else {
-            format!("{}.{i}", self.key)
-        };
+    /// The object of shard `i`, named as local shards are ([`crate::shard_path`]): shard 0
+    /// is the object itself.
+    pub fn shard(&self, names: ShardNames, i: u32) -> S3Url {
         S3Url {
             bucket: self.bucket.clone(),
-            key,
+            key: format!("{}{}", self.key, names.suffix(i)),
         }
     }
 
@@ -74,8 +67,18 @@ mod tests {
         let u = S3Url::parse("s3://bucket/dir/ckpt.cka").unwrap();
         assert_eq!(u.bucket, "bucket");
         assert_eq!(u.key, "dir/ckpt.cka");
-        assert_eq!(u.shard(0).to_string(), "s3://bucket/dir/ckpt.cka");
-        assert_eq!(u.shard(3).to_string(), "s3://bucket/dir/ckpt.cka.3");
+        assert_eq!(
+            u.shard(ShardNames::Indexed, 0).to_string(),
+            "s3://bucket/dir/ckpt.cka"
+        );
+        assert_eq!(
+            u.shard(ShardNames::Indexed, 3).to_string(),
+            "s3://bucket/dir/ckpt.cka.3"
+        );
+        assert_eq!(
+            u.shard(ShardNames::ById([0x11; 16]), 3).to_string(),
+            "s3://bucket/dir/ckpt.cka.1111111111111111.3"
+        );
         for bad in [
             "s3://",
             "s3://bucket",

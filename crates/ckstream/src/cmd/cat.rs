@@ -3,14 +3,13 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use ckstream_format::EntryKind;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    archive: PathBuf,
+    archive: ckstream_store::ArchiveLocation,
     /// Path of a regular file inside the archive.
     path: OsString,
 }

@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::process::Child;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ckstream_criu::capture::{capture, CaptureEvent, CaptureOptions};
 use ckstream_criu::run::{self, DumpCommand, HOOK_SOCKET};
 use ckstream_criu::{socket, CriuError};
 use ckstream_format::{ArchiveWriter, Compression, WriteSummary, WriterOptions};
-use ckstream_store::{create_archive, ArchiveTarget};
+use ckstream_store::{ArchiveLocation, ArchiveSpec, NewArchive, Writeback};
 
 use crate::output::human_bytes;
 use crate::workdir::WorkDir;
@@ -23,9 +23,9 @@ pub struct Args {
     /// Root of the process tree to checkpoint.
     #[arg(long, short = 't', visible_alias = "tree")]
     pid: u32,
-    /// Archive to write (`-` for stdout).
+    /// Archive to write (`-` for stdout, `s3://BUCKET/KEY`).
     #[arg(short, long)]
-    output: String,
+    output: ArchiveLocation,
     /// Keep the process running after the checkpoint.
     #[arg(long)]
     leave_running: bool,
@@ -86,8 +86,7 @@ fn watch_child(
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     let compression: Compression = args.compress.parse()?;
-    let target = ArchiveTarget::parse(&args.output);
-    if args.json && matches!(target, ArchiveTarget::Stdout) {
+    if args.json && args.output.is_stream() {
         bail!("--json cannot be used when the archive goes to stdout");
     }
     crate::interrupt::install();
@@ -101,23 +100,29 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .map(|a| ckstream_fs::parse_input(a))
         .collect::<Result<Vec<_>, _>>()?;
     let plan = ckstream_fs::plan_inputs(&inputs)?;
-    let ckstream_store::NewArchive { sinks, pending } = create_archive(&target, args.shards)?;
+    let NewArchive {
+        mut writer,
+        pending,
+    } = args.output.create(&ArchiveSpec {
+        shards: args.shards,
+        writer: WriterOptions {
+            compression,
+            ..Default::default()
+        },
+        command: "dump",
+        // Data is pushed to disk while CRIU streams it, so the commit at the post-dump
+        // hook (the end of the freeze) flushes only the tail. A dump that leaves the
+        // process running answers the hook without waiting for the disk at all.
+        writeback: if args.leave_running {
+            Writeback::Unbounded
+        } else {
+            Writeback::default()
+        },
+    })?;
     // Taken by the post-dump hook, which commits and publishes the archive before CRIU
     // may kill the process; only a dump that never reached the hook still has them here.
-    let pending = Rc::new(RefCell::new(pending));
+    let pending = Rc::new(RefCell::new(Some(pending)));
     let committed: Rc<RefCell<Option<WriteSummary>>> = Rc::new(RefCell::new(None));
-    let opts = WriterOptions {
-        compression,
-        threads: super::default_threads(),
-        ..Default::default()
-    };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut writer = ArchiveWriter::new(sinks, opts, ckstream_store::new_archive_id(), now)?;
-    writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
-    writer.add_meta("ckstream.command", "dump");
     writer.add_meta("criu.pid", args.pid.to_string());
     if let Some(v) = run::criu_version() {
         writer.add_meta("criu.version", v);
@@ -145,7 +150,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 Ok(())
             }) as ckstream_criu::capture::FrozenHook
         });
-        let commit_at_hook: ckstream_criu::capture::FrozenHook = {
+        // With --leave-running the process is not at risk: the hook is answered at once
+        // and the archive is committed after CRIU resumed it.
+        let commit_at_hook = (!args.leave_running).then(|| {
             let (pending, committed) = (pending.clone(), committed.clone());
             Box::new(move |w: &mut ArchiveWriter| -> ckstream_criu::Result<()> {
                 let summary = w.commit()?;
@@ -154,12 +161,12 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 }
                 *committed.borrow_mut() = Some(summary);
                 Ok(())
-            })
-        };
+            }) as ckstream_criu::capture::FrozenHook
+        });
         let opts = CaptureOptions {
             watch: Some(watch_child(child.clone(), log.clone())),
             on_frozen,
-            commit_at_hook: Some(commit_at_hook),
+            commit_at_hook,
             stop: crate::interrupt::requested,
             ..Default::default()
         };
@@ -213,17 +220,33 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             )));
         }
     };
-    let downtime = frozen_at.elapsed();
+    let since_freeze = frozen_at.elapsed();
+    // CRIU's own measure of the freeze (ends when it killed or resumed the tree); our
+    // clock starts only when the first image arrives, a little after the freeze began.
+    let criu_stats = ckstream_criu::stats::read_dump_stats(&work.path).ok();
     let committed_at_hook = committed.borrow_mut().take();
     let summary = match committed_at_hook {
         Some(summary) => summary,
-        // CRIU did not run the post-dump hook (it always does after a good dump).
+        // --leave-running (or CRIU skipped the hook): commit now, the process runs on.
         None => {
-            let summary = writer.finish().context("committing the archive")?;
-            if let Some(p) = pending.borrow_mut().take() {
-                p.publish()?;
-            }
-            summary
+            let pending = pending.borrow_mut().take();
+            let committed = writer.finish().and_then(|summary| {
+                if let Some(p) = pending {
+                    p.publish()?;
+                }
+                Ok(summary)
+            });
+            committed.with_context(|| {
+                format!(
+                    "committing {} failed; no archive was written{}",
+                    args.output,
+                    if args.leave_running {
+                        " (the process was left running)"
+                    } else {
+                        ""
+                    }
+                )
+            })?
         }
     };
     let secs = started.elapsed().as_secs_f64();
@@ -232,7 +255,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "archive": args.output,
+                "archive": args.output.to_string(),
                 "pid": args.pid,
                 "images": report.images,
                 "image_bytes": report.bytes,
@@ -240,13 +263,25 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 "compression": compression.to_string(),
                 "pipe_size": report.pipe_size,
                 "seconds": secs,
-                "seconds_since_freeze": downtime.as_secs_f64(),
+                "seconds_since_freeze": since_freeze.as_secs_f64(),
+                "freeze_seconds": criu_stats.as_ref().map(|s| s.freeze_seconds()),
+                "criu_stats": criu_stats.as_ref().map(|s| serde_json::json!({
+                    "freezing_us": s.freezing_time,
+                    "frozen_us": s.frozen_time,
+                    "memdump_us": s.memdump_time,
+                    "memwrite_us": s.memwrite_time,
+                    "pages_scanned": s.pages_scanned,
+                    "pages_written": s.pages_written,
+                })),
                 "rusage": crate::output::rusage_json(),
             })
         );
     } else if !quiet {
+        let freeze = criu_stats.as_ref().map_or_else(String::new, |s| {
+            format!(", frozen {:.2}s", s.freeze_seconds())
+        });
         eprintln!(
-            "checkpointed pid {} ({} images, {}) into {} ({}, {}) in {:.2}s{}",
+            "checkpointed pid {} ({} images, {}) into {} ({}, {}) in {:.2}s{freeze}{}",
             args.pid,
             report.images,
             human_bytes(report.bytes),

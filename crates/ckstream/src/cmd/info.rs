@@ -1,7 +1,6 @@
 //! `ckstream info`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use anyhow::Result;
 use ckstream_format::layout::FORMAT_VERSION;
@@ -10,7 +9,7 @@ use crate::output::{hex, human_bytes, utc_time};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    archive: PathBuf,
+    archive: ckstream_store::ArchiveLocation,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,

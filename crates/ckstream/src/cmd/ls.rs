@@ -1,7 +1,6 @@
 //! `ckstream ls`.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Result;
 use ckstream_format::EntryKind;
@@ -16,7 +15,7 @@ pub struct Args {
     /// One JSON array of entries on stdout.
     #[arg(long)]
     json: bool,
-    archive: PathBuf,
+    archive: ckstream_store::ArchiveLocation,
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -89,29 +89,16 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Opens an archive given on the command line.
-pub fn open(path: &std::path::Path) -> Result<ckstream_format::ArchiveReader> {
-    if path.as_os_str() == "-" {
-        // A stream on stdin: its commit footer comes last, so read it whole into an
-        // unlinked temporary file first (a one-shard archive, as `pack -o -` writes).
-        let stdin =
-            rustix::io::fcntl_dupfd_cloexec(std::io::stdin(), 3).map_err(std::io::Error::from)?;
-        let file = streamer::seekable(std::fs::File::from(stdin), &std::env::temp_dir(), "stdin")?;
-        let mut source = Some(
-            Box::new(ckstream_store::FileSource::from_file(file, "stdin"))
-                as Box<dyn ckstream_format::ShardSource>,
-        );
-        return ckstream_format::ArchiveReader::open(|i| {
-            source.take().ok_or_else(|| {
-                ckstream_format::Error::Usage(format!("the archive on stdin has more than one shard (needs shard {i}); read it from files"))
-            })
-        })
-        .map_err(|e| anyhow::Error::new(e).context("cannot read the archive on stdin"));
-    }
-    let p = path.to_string_lossy();
-    let p = PathBuf::from(p.strip_prefix("file://").unwrap_or(&p).to_string());
-    ckstream_store::open_archive(&p)
-        .map_err(|e| anyhow::Error::new(e).context(format!("cannot read {}", path.display())))
+/// Opens an archive given on the command line (standard input is spooled to an
+/// unlinked file in the temporary directory first: its commit footer comes last).
+pub fn open(location: &ckstream_store::ArchiveLocation) -> Result<ckstream_format::ArchiveReader> {
+    location.open(&std::env::temp_dir()).map_err(|e| {
+        let what = match location {
+            ckstream_store::ArchiveLocation::Std => "the archive on stdin".to_string(),
+            other => other.to_string(),
+        };
+        anyhow::Error::new(e).context(format!("cannot read {what}"))
+    })
 }
 
 /// Default number of worker threads: every core.

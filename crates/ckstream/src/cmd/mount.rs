@@ -18,7 +18,7 @@ use crate::output::human_bytes;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The archive (its first shard; the others are found next to it).
-    archive: PathBuf,
+    archive: ckstream_store::ArchiveLocation,
     /// An existing directory to mount it on.
     mountpoint: PathBuf,
     /// Memory for decoded chunks, e.g. 256M, 2G, 65536.
@@ -115,7 +115,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         fetch_threads: args.fetch_threads.max(1),
         allow_other: args.allow_other,
         prefetch_hot: !args.no_prefetch,
-        fs_name: format!("ckstream:{}", args.archive.display()),
+        fs_name: format!("ckstream:{}", args.archive),
         ..Default::default()
     };
     let mounted = ckstream_fs::mount::mount(reader, &args.mountpoint, &opts)?;
@@ -135,7 +135,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             // (In the background, the parent says where and how.)
             eprintln!(
                 "mounted {} at {mp} (read-only); `umount {mp}` or Ctrl-C to unmount",
-                args.archive.display()
+                args.archive
             );
         }
         let hot = mounted.hot_prefetch();
@@ -172,7 +172,7 @@ fn report(args: &Args, stats: &MountStats, quiet: bool) {
     if args.json {
         let mut v: serde_json::Value =
             serde_json::from_str(&stats.to_json()).expect("counters are JSON");
-        v["archive"] = args.archive.display().to_string().into();
+        v["archive"] = args.archive.to_string().into();
         v["mountpoint"] = args.mountpoint.display().to_string().into();
         v["rusage"] = crate::output::rusage_json();
         println!("{v}");
@@ -222,7 +222,7 @@ fn run_in_background(args: &Args, quiet: bool) -> Result<()> {
         cmd.arg("-q");
     }
     cmd.arg("mount")
-        .arg(&args.archive)
+        .arg(args.archive.to_string())
         .arg(&args.mountpoint)
         .arg(format!("--cache-size={}", args.cache_size))
         .arg(format!("--readahead={}", args.readahead))
@@ -273,7 +273,7 @@ fn run_in_background(args: &Args, quiet: bool) -> Result<()> {
         if !quiet {
             eprintln!(
                 "mounted {} at {} in the background (pid {}); `umount {}` to unmount",
-                args.archive.display(),
+                args.archive,
                 args.mountpoint.display(),
                 child.id(),
                 args.mountpoint.display()

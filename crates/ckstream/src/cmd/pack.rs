@@ -3,20 +3,21 @@
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use ckstream_format::{ArchiveWriter, Compression, WriterOptions};
-use ckstream_store::{create_archive, ArchiveTarget};
+use ckstream_store::{ArchiveLocation, ArchiveSpec};
 
 use crate::output::human_bytes;
 use crate::progress::Progress;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Archive to write (`-` for stdout). Shards beyond the first go to ARCHIVE.1, ARCHIVE.2, ...
+    /// Archive to write (`-` for stdout, `s3://BUCKET/KEY`). Shards beyond the first go
+    /// beside it, named by the archive id.
     #[arg(short, long)]
-    output: String,
+    output: ArchiveLocation,
     /// none, lz4, zstd or zstd:LEVEL.
     #[arg(short, long, default_value = "zstd:1")]
     compress: String,
@@ -56,8 +57,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.shards == 0 || args.shards > 256 {
         anyhow::bail!("--shards must be between 1 and 256");
     }
-    let target = ArchiveTarget::parse(&args.output);
-    if args.json && matches!(target, ArchiveTarget::Stdout) {
+    if args.json && args.output.is_stream() {
         anyhow::bail!("--json cannot be used when the archive goes to stdout");
     }
     let mut inputs = args
@@ -107,7 +107,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     if args.json {
         let v = serde_json::json!({
-            "archive": args.output,
+            "archive": args.output.to_string(),
             "archive_id": crate::output::hex(&summary.archive_id),
             "entries": summary.entries,
             "chunks": summary.chunks,
@@ -142,7 +142,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
 
 /// Where and how a command writes a new archive.
 pub(crate) struct NewArchiveSpec<'a> {
-    pub output: &'a str,
+    pub output: &'a ArchiveLocation,
     pub shards: u32,
     pub opts: WriterOptions,
     /// Recorded as `ckstream.command`; names the progress bar.
@@ -155,59 +155,40 @@ pub(crate) struct NewArchiveSpec<'a> {
 }
 
 /// Creates the archive, lets `fill` add its entries, and commits it: the footers are
-/// written and the temporary shards renamed into place only when `fill` succeeded.
-/// On failure (or SIGINT/SIGTERM noticed by `fill`) nothing is published.
+/// written and the archive published under its name only when `fill` succeeded.
+/// On failure (or SIGINT/SIGTERM noticed by `fill`) nothing is published and an
+/// earlier archive of the same name stays as it was.
 pub(crate) fn write_archive(
     spec: &NewArchiveSpec,
     fill: impl FnOnce(&mut ArchiveWriter) -> ckstream_format::Result<()>,
 ) -> Result<ckstream_format::WriteSummary> {
-    let target = ArchiveTarget::parse(spec.output);
-    let ckstream_store::NewArchive { sinks, pending } = create_archive(&target, spec.shards)?;
-    let archive_id = ckstream_store::new_archive_id();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let result = (|| -> Result<ckstream_format::WriteSummary> {
-        let mut writer = ArchiveWriter::new(sinks, spec.opts.clone(), archive_id, now)?;
-        writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
-        writer.add_meta("ckstream.command", spec.command);
-        let stats = writer.stats();
-        let progress = Progress::bytes(spec.command, spec.total_bytes, spec.quiet, move || {
-            stats.raw_bytes.load(Ordering::Relaxed)
-        });
-        let summary = match fill(&mut writer) {
-            Ok(()) => writer.finish(),
-            Err(e) => {
-                writer.abort();
-                Err(e)
-            }
-        };
-        progress.finish();
-        Ok(summary?)
-    })();
-    match result {
-        Ok(s) => {
-            if let Some(p) = pending {
-                // Completing uploads can still fail (object stores); shard 0 goes last, so
-                // a failure here leaves no readable archive either.
-                p.publish().with_context(|| {
-                    format!(
-                        "{} {} failed; no archive was written",
-                        spec.doing, spec.output
-                    )
-                })?;
-            }
-            Ok(s)
-        }
+    let failed = || {
+        format!(
+            "{} {} failed; no archive was written",
+            spec.doing, spec.output
+        )
+    };
+    let mut archive = spec
+        .output
+        .create(&ArchiveSpec {
+            shards: spec.shards,
+            writer: spec.opts.clone(),
+            command: spec.command,
+            writeback: Default::default(),
+        })
+        .with_context(failed)?;
+    let stats = archive.writer.stats();
+    let progress = Progress::bytes(spec.command, spec.total_bytes, spec.quiet, move || {
+        stats.raw_bytes.load(Ordering::Relaxed)
+    });
+    let filled = fill(&mut archive.writer);
+    let result = match filled {
+        Ok(()) => archive.finish(),
         Err(e) => {
-            if let Some(p) = pending {
-                p.discard();
-            }
-            Err(e).context(format!(
-                "{} {} failed; no archive was written",
-                spec.doing, spec.output
-            ))
+            archive.abort();
+            Err(e)
         }
-    }
+    };
+    progress.finish();
+    result.with_context(failed)
 }

@@ -12,6 +12,7 @@ use ckstream_podman::export::{plan_from_cka, plan_from_storage, write_export, Ex
 use ckstream_podman::layout::{is_excluded, CKA_CRIU_DIR, CKA_PODMAN_DIR, CKA_ROOTFS_DIR};
 use ckstream_podman::podman::{self, Container};
 use ckstream_podman::tar::{TarStats, TarWriter};
+use ckstream_store::ArchiveLocation;
 
 use super::pack::{write_archive, NewArchiveSpec};
 use crate::output::human_bytes;
@@ -41,9 +42,9 @@ pub enum Format {
 pub struct CheckpointArgs {
     /// Container name or ID.
     container: String,
-    /// Output archive (`-` for stdout).
+    /// Output archive (`-` for stdout; `s3://BUCKET/KEY` for the cka format).
     #[arg(short, long)]
-    output: String,
+    output: ArchiveLocation,
     #[arg(long, value_enum, default_value = "cka")]
     format: Format,
     /// none (reflinks on btrfs/XFS), lz4 (cka only), zstd (level 3, as podman) or zstd:LEVEL.
@@ -65,7 +66,7 @@ pub struct ImportArgs {
     /// podman export archive (tar or tar.zst).
     input: PathBuf,
     #[arg(short, long)]
-    output: String,
+    output: ArchiveLocation,
     #[arg(short, long, default_value = "none")]
     compress: String,
     #[arg(long, default_value_t = 1)]
@@ -77,10 +78,10 @@ pub struct ImportArgs {
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
     /// `.cka` archive.
-    input: PathBuf,
+    input: ArchiveLocation,
     /// podman archive to write (`-` for stdout).
     #[arg(short, long)]
-    output: String,
+    output: ArchiveLocation,
     /// none or zstd[:LEVEL] (podman reads both).
     #[arg(short, long, default_value = "none")]
     compress: String,
@@ -102,7 +103,7 @@ pub enum ApplyDiff {
 #[derive(Debug, clap::Args)]
 pub struct RestoreArgs {
     /// `.cka` or podman export archive.
-    input: PathBuf,
+    input: ArchiveLocation,
     /// Restore under a new name (podman then also drops the static IP/MAC).
     #[arg(long)]
     name: Option<String>,
@@ -217,7 +218,7 @@ fn checkpoint(a: CheckpointArgs, quiet: bool) -> Result<()> {
             "container": ctr.name,
             "id": ctr.id,
             "format": format!("{:?}", a.format).to_lowercase(),
-            "archive": a.output,
+            "archive": a.output.to_string(),
             "podman_checkpoint_seconds": criu_secs,
             "archive_seconds": secs - criu_secs,
             "seconds": secs,
@@ -367,7 +368,7 @@ fn write_bundle_file(bundle: &Path, name: &str, data: &[u8]) -> Result<()> {
 /// Writes a podman export to `output` (a temporary name renamed into place when
 /// complete, or stdout). Returns the tar statistics and the bytes written.
 fn write_podman_archive(
-    output: &str,
+    output: &ArchiveLocation,
     compress: &str,
     plan: &ExportPlan,
     reader: Option<&ckstream_format::ArchiveReader>,
@@ -384,7 +385,12 @@ fn write_podman_archive(
         moved.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         !crate::interrupt::requested()
     };
-    if output == "-" {
+    let path = match output {
+        ArchiveLocation::Std => None,
+        ArchiveLocation::Path(p) => Some(p),
+        _ => unreachable!("refused by local_only"),
+    };
+    let Some(path) = path else {
         let stdout: Box<dyn Write + Send> = Box::new(std::io::BufWriter::with_capacity(
             1 << 20,
             std::io::stdout(),
@@ -399,8 +405,8 @@ fn write_podman_archive(
         w.into_file()?;
         progress.finish();
         return Ok((stats, pos));
-    }
-    let (file, pending) = ckstream_store::create_file_atomically(Path::new(output))?;
+    };
+    let (file, pending) = ckstream_store::create_file_atomically(path)?;
     let result = (|| -> Result<(TarStats, u64)> {
         let (stats, file) = match level {
             None => {
@@ -449,7 +455,12 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
     crate::interrupt::install();
     let started = Instant::now();
     let opts = writer_options(&a.compress)?;
-    local_only(&a.input.to_string_lossy(), "the podman export to import")?;
+    if a.input.to_str().is_some_and(|p| p.starts_with("s3://")) {
+        bail!(
+            "the podman export to import must be a local file ({})",
+            a.input.display()
+        );
+    }
     let total = std::fs::metadata(&a.input)
         .with_context(|| format!("cannot read {}", a.input.display()))?
         .len();
@@ -479,7 +490,7 @@ fn import(a: ImportArgs, quiet: bool) -> Result<()> {
         a.json,
         quiet,
         serde_json::json!({
-            "archive": a.output,
+            "archive": a.output.to_string(),
             "entries": stats.entries,
             "rootfs_entries": stats.rootfs_entries,
             "deleted_paths": stats.deleted_paths,
@@ -515,7 +526,7 @@ fn export(a: ExportArgs, quiet: bool) -> Result<()> {
         a.json,
         quiet,
         serde_json::json!({
-            "archive": a.output,
+            "archive": a.output.to_string(),
             "members": stats.members,
             "archive_bytes": bytes,
             "cloned_bytes": stats.cloned_bytes,
@@ -523,7 +534,7 @@ fn export(a: ExportArgs, quiet: bool) -> Result<()> {
         }),
         &format!(
             "exported {} to {} ({}, {} reflinked) in {:.2}s",
-            a.input.display(),
+            a.input,
             a.output,
             human_bytes(bytes),
             human_bytes(stats.cloned_bytes),
@@ -538,7 +549,7 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
     let mut temp: Option<PathBuf> = None;
     let mut ticket: Option<RootfsTicket> = None;
     let mut name = a.name.clone();
-    let remote = is_remote(&a.input);
+    let remote = a.input.is_remote();
     let apply_diff = match (a.apply_diff, remote) {
         (Some(ApplyDiff::Ckstream), true) => bail!(
             "--apply-diff ckstream needs a local archive (the OCI hook runs without your object-store credentials)"
@@ -547,7 +558,8 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
         (None, true) => ApplyDiff::Podman,
         (None, false) => ApplyDiff::Ckstream,
     };
-    let podman_archive = if remote || is_cka(&a.input)? {
+    let local_input = a.input.local_path().map(Path::to_path_buf);
+    let podman_archive = if remote || local_input.as_deref().map_or(Ok(true), is_cka)? {
         let reader = super::open(&a.input)?;
         if name.is_none() {
             if let Some(i) = reader.find(
@@ -561,7 +573,10 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
         let mut plan = plan_from_cka(&reader)?;
         let has_diff = !plan.rootfs.is_empty() || !plan.deleted.is_empty();
         if apply_diff == ApplyDiff::Ckstream && has_diff {
-            let t = RootfsTicket::create(&a.input, &reader)?;
+            let archive = local_input
+                .as_deref()
+                .context("--apply-diff ckstream needs the archive in a local file")?;
+            let t = RootfsTicket::create(archive, &reader)?;
             let spec_i = reader
                 .find(format!("{CKA_PODMAN_DIR}/{}", ckstream_podman::layout::SPEC_DUMP).as_bytes())
                 .context("the archive has no podman/spec.dump")?;
@@ -579,9 +594,9 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
         let dir = match &a.temp_dir {
             Some(d) => d.clone(),
             None if remote => std::env::temp_dir(),
-            None => a
-                .input
-                .parent()
+            None => local_input
+                .as_deref()
+                .and_then(Path::parent)
                 .filter(|p| !p.as_os_str().is_empty())
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from(".")),
@@ -591,18 +606,23 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
             std::process::id()
         ));
         temp = Some(tmp.clone());
-        if let Err(e) =
-            write_podman_archive(&tmp.to_string_lossy(), "none", &plan, Some(&reader), quiet)
-        {
+        if let Err(e) = write_podman_archive(
+            &ArchiveLocation::Path(tmp.clone()),
+            "none",
+            &plan,
+            Some(&reader),
+            quiet,
+        ) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
         tmp
     } else {
-        let stats = ckstream_podman::import::check_podman_archive(&a.input)
-            .with_context(|| format!("refusing {}", a.input.display()))?;
+        let input = local_input.context("a podman export must be a local file")?;
+        let stats = ckstream_podman::import::check_podman_archive(&input)
+            .with_context(|| format!("refusing {}", input.display()))?;
         name = name.or(stats.container_name);
-        a.input.clone()
+        input
     };
     let converted_secs = started.elapsed().as_secs_f64();
     // A failed `restore --import` leaves the container it created behind, which would
@@ -641,7 +661,7 @@ fn restore(a: RestoreArgs, quiet: bool) -> Result<()> {
     };
     let secs = started.elapsed().as_secs_f64();
     report(
-        "-",
+        &ArchiveLocation::Std,
         a.json,
         quiet,
         serde_json::json!({
@@ -777,7 +797,7 @@ pub fn rootfs_hook(ticket: &Path) -> Result<()> {
             .as_str()
             .context("config.json has no root.path")?;
         let root = Path::new(bundle).join(root);
-        let reader = super::open(&t.archive)?;
+        let reader = super::open(&ArchiveLocation::Path(t.archive.clone()))?;
         if crate::output::hex(&reader.header().archive_id) != t.archive_id {
             bail!(
                 "{} is not the archive the restore started with",
@@ -817,20 +837,10 @@ pub fn rootfs_hook(ticket: &Path) -> Result<()> {
     applied
 }
 
-/// True for an object-store URL (`s3://...`).
-fn is_remote(path: &Path) -> bool {
-    path.to_str().is_some_and(|p| {
-        matches!(
-            ckstream_store::ArchiveTarget::parse(p),
-            ckstream_store::ArchiveTarget::S3(_)
-        )
-    })
-}
-
-/// Refuses an object-store URL where only a local file will do.
-fn local_only(path: &str, what: &str) -> Result<()> {
-    if is_remote(Path::new(path)) {
-        bail!("{what} cannot be an object-store URL ({path}); write a .cka there instead (--format cka)");
+/// Refuses anything but a local file or standard output where only those will do.
+fn local_only(location: &ArchiveLocation, what: &str) -> Result<()> {
+    if !matches!(location, ArchiveLocation::Std | ArchiveLocation::Path(_)) {
+        bail!("{what} must be a local file or `-` ({location}); write a .cka there instead (--format cka)");
     }
     Ok(())
 }
@@ -843,9 +853,9 @@ fn is_cka(path: &Path) -> Result<bool> {
     Ok(n == 8 && magic == ckstream_format::layout::SHARD_MAGIC)
 }
 
-fn report(output: &str, json: bool, quiet: bool, v: serde_json::Value, line: &str) {
+fn report(output: &ArchiveLocation, json: bool, quiet: bool, v: serde_json::Value, line: &str) {
     if json {
-        if output == "-" && v.get("archive").is_some() {
+        if output.is_stream() && v.get("archive").is_some() {
             eprintln!("{v}");
         } else {
             println!("{v}");

@@ -18,7 +18,7 @@ const REMOTE_DECODERS: usize = 6;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Archive written by `ckstream dump` (or `capture`).
-    archive: PathBuf,
+    archive: ckstream_store::ArchiveLocation,
     /// Apply the archive's rootfs diff onto TARGET (deletions, additions, directory
     /// metadata) before CRIU starts.
     #[arg(long, value_name = "TARGET")]
@@ -71,15 +71,15 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let reader = Arc::new(super::open(&args.archive)?);
     verify_metadata(&reader)
-        .with_context(|| format!("refusing to restore from {}", args.archive.display()))?;
+        .with_context(|| format!("refusing to restore from {}", args.archive))?;
     if args.verify_first {
         reader
             .verify(super::default_threads(), &|_| {})
-            .with_context(|| format!("refusing to restore from {}", args.archive.display()))?;
+            .with_context(|| format!("refusing to restore from {}", args.archive))?;
     }
     if let Some(target) = &args.rootfs {
         if reader.find(ckstream_fs::ROOTFS_PREFIX).is_none() {
-            bail!("{} holds no rootfs diff", args.archive.display());
+            bail!("{} holds no rootfs diff", args.archive);
         }
         let opts = ckstream_fs::UnpackOptions {
             strip_prefix: Some(ckstream_fs::ROOTFS_PREFIX.to_vec()),
@@ -114,7 +114,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     // From an object store, each decoder thread has one ranged GET in flight: more of them
     // read further ahead, so download, decompression and CRIU overlap (memory stays
     // bounded at about three chunks per decoder and open image).
-    let remote = (0..reader.shard_count()).any(|i| !reader.shard(i).is_local());
+    let remote = args.archive.is_remote();
     if remote {
         // CRIU reads the page images front to back: fetch large spans ahead.
         for i in 0..reader.shard_count() {
@@ -162,7 +162,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "archive": args.archive,
+                "archive": args.archive.to_string(),
                 "files_served": report.served,
                 "files_missing": report.missing,
                 "bytes": report.bytes,
@@ -173,7 +173,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     } else if !quiet {
         eprintln!(
             "restored from {} ({} image files, {} streamed to CRIU) in {:.2}s",
-            args.archive.display(),
+            args.archive,
             report.served,
             human_bytes(report.bytes),
             secs

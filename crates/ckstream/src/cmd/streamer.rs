@@ -12,16 +12,14 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ckstream_criu::capture::{capture, CaptureEvent, CaptureOptions};
 use ckstream_criu::serve::{serve, stream_entry, ServeOptions};
 use ckstream_criu::{socket, IMAGES_PREFIX};
-use ckstream_format::{
-    ArchiveReader, ArchiveWriter, Compression, EntryKind, ShardSink, ShardSource, WriterOptions,
-};
-use ckstream_store::{FdSink, FileSource};
+use ckstream_format::{ArchiveReader, Compression, EntryKind, WriterOptions};
+use ckstream_store::{take_fd, ArchiveLocation, ArchiveSpec, NewArchive, Writeback};
 
 /// criu-image-streamer's global options.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -67,15 +65,6 @@ pub struct CaptureArgs {
     /// Compression inside the archive: none (default, like criu-image-streamer), lz4, zstd, zstd:LEVEL.
     #[arg(short, long, default_value = "none")]
     compress: String,
-}
-
-/// Takes ownership of an inherited fd (duplicated, so closing ours leaves the caller's alone).
-fn take_fd(fd: i32, what: &str) -> Result<File> {
-    // SAFETY: the fd number comes from the command line; dup gives us our own descriptor.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let owned = rustix::io::fcntl_dupfd_cloexec(borrowed, 3)
-        .with_context(|| format!("{what} fd {fd} is not open"))?;
-    Ok(File::from(owned))
 }
 
 fn ext_files(specs: &[String]) -> Result<Vec<(String, OwnedFd)>> {
@@ -139,17 +128,8 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     } else {
         o.shard_fds.clone()
     };
-    let sinks = fds
-        .iter()
-        .map(|&fd| {
-            Ok(
-                Box::new(FdSink::new(take_fd(fd, "shard")?, format!("shard fd {fd}")))
-                    as Box<dyn ShardSink>,
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let shard_count = u32::try_from(fds.len()).context("too many shard fds")?;
     let ext = ext_files(&o.ext_file_fds)?;
-    let started = SystemTime::now();
     let clock = Instant::now();
     let listener = socket::bind(dir, socket::CAPTURE_SOCKET)?;
     // A stale stats file from an earlier dump must not vouch for this one.
@@ -162,18 +142,18 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
             })
         }
     }
-    let now = started
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let opts = WriterOptions {
-        compression,
-        threads: super::default_threads(),
-        ..Default::default()
-    };
-    let mut writer = ArchiveWriter::new(sinks, opts, ckstream_store::new_archive_id(), now)?;
-    writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
-    writer.add_meta("ckstream.command", "capture");
+    let NewArchive {
+        mut writer,
+        pending,
+    } = ArchiveLocation::Fds(fds).create(&ArchiveSpec {
+        shards: shard_count,
+        writer: WriterOptions {
+            compression,
+            ..Default::default()
+        },
+        command: "capture",
+        writeback: Writeback::Off,
+    })?;
     progress.line("socket-init");
     let copts = CaptureOptions {
         ext_files: ext,
@@ -205,7 +185,7 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
             stats_file.display()
         );
     }
-    let summary = writer.finish()?;
+    let summary = NewArchive { writer, pending }.finish()?;
     let ms = clock.elapsed().as_millis();
     progress.stats(
         &summary
@@ -217,63 +197,25 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     Ok(())
 }
 
-/// Returns `f` itself when it is a regular file; otherwise (a pipe) copies it into an
-/// unlinked temporary file in `dir` and returns that, so it can be read at random.
-pub fn seekable(mut f: File, dir: &Path, what: &str) -> Result<File> {
-    if f.metadata().map(|m| m.is_file()).unwrap_or(false) {
-        return Ok(f);
-    }
-    let tmp = rustix::fs::open(
-        dir,
-        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::from_raw_mode(0o600),
-    )
-    .with_context(|| format!("creating a spool file in {}", dir.display()))?;
-    let mut tmp = File::from(tmp);
-    io::copy(&mut f, &mut tmp).with_context(|| format!("reading {what}"))?;
-    Ok(tmp)
-}
-
 /// Opens the archive from the shard fds: regular files directly, pipes by spooling them
 /// into unlinked temporary files in `dir` (the stream must be complete before anything
-/// can be trusted: its commit footer comes last).
+/// can be trusted: its commit footer comes last). Returns each shard's size and how
+/// long receiving the archive took, for the progress line.
 fn open_from_fds(o: &StreamerOpts, dir: &Path) -> Result<(ArchiveReader, Vec<(u64, u128)>)> {
     let fds = if o.shard_fds.is_empty() {
         vec![0]
     } else {
         o.shard_fds.clone()
     };
-    let mut sources: Vec<Option<Box<dyn ShardSource>>> = Vec::new();
-    let mut stats = Vec::new();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for fd in fds {
-        let t = Instant::now();
-        let file = seekable(take_fd(fd, "shard")?, dir, &format!("shard fd {fd}"))?;
-        let size = file.metadata()?.len();
-        stats.push((size, t.elapsed().as_millis()));
-        sources.push(Some(Box::new(FileSource::from_file(
-            file,
-            format!("shard fd {fd}"),
-        ))));
-    }
-    let reader = ArchiveReader::open(|i| {
-        sources
-            .get_mut(i as usize)
-            .and_then(|s| s.take())
-            .ok_or_else(|| {
-                ckstream_format::Error::Corrupt(format!(
-                    "the archive has more shards than the {} fds given",
-                    stats.len()
-                ))
-            })
-    })?;
-    if reader.shard_count() as usize != stats.len() {
-        bail!(
-            "the archive has {} shards but {} shard fds were given",
-            reader.shard_count(),
-            stats.len()
-        );
-    }
+    let t = Instant::now();
+    let reader = ArchiveLocation::Fds(fds).open(dir)?;
+    let ms = t.elapsed().as_millis();
+    let stats = reader
+        .shard_sizes()?
+        .into_iter()
+        .map(|size| (size, ms))
+        .collect();
     Ok((reader, stats))
 }
 

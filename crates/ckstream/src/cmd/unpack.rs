@@ -19,7 +19,7 @@ const REMOTE_THREADS: usize = 8;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Archive to read.
-    archive: PathBuf,
+    archive: ckstream_store::ArchiveLocation,
     /// Directory to extract into (created if missing).
     #[arg(
         short = 'C',
@@ -60,14 +60,14 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     opts.reflink = !args.no_reflink;
     if let Some(t) = args.threads {
         opts.threads = t.max(1);
-    } else if (0..reader.shard_count()).any(|i| !reader.shard(i).is_local()) {
+    } else if args.archive.is_remote() {
         // Each worker has one ranged GET in flight: more workers hide the latency.
         opts.threads = opts.threads.max(REMOTE_THREADS);
     }
     let directory = match &args.rootfs_diff {
         Some(target) => {
             if reader.find(ckstream_fs::ROOTFS_PREFIX).is_none() {
-                anyhow::bail!("{} holds no rootfs diff", args.archive.display());
+                anyhow::bail!("{} holds no rootfs diff", args.archive);
             }
             opts.strip_prefix = Some(ckstream_fs::ROOTFS_PREFIX.to_vec());
             opts.overlay_apply = true;
@@ -96,13 +96,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     };
     let result = ckstream_fs::unpack(&reader, &directory, &selection, &opts, &stats);
     progress.finish();
-    result.with_context(|| {
-        format!(
-            "unpacking {} into {}",
-            args.archive.display(),
-            directory.display()
-        )
-    })?;
+    result.with_context(|| format!("unpacking {} into {}", args.archive, directory.display()))?;
     let secs = started.elapsed().as_secs_f64();
     let bytes = stats.bytes.load(Ordering::Relaxed);
     let cloned = stats.cloned_bytes.load(Ordering::Relaxed);

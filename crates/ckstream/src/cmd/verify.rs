@@ -1,6 +1,5 @@
 //! `ckstream verify`.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +11,7 @@ use crate::progress::Progress;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    archive: PathBuf,
+    archive: ckstream_store::ArchiveLocation,
     /// Print a JSON report on stdout.
     #[arg(long)]
     json: bool,

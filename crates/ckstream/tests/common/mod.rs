@@ -495,3 +495,16 @@ impl Drop for LoopFs {
         let _ = std::fs::remove_file(&self.image);
     }
 }
+
+/// Path of shard `i` of the local archive `archive` (shards 1.. are named by the
+/// archive id, which shard 0's header holds).
+pub fn shard_file(archive: &Path, i: u32) -> PathBuf {
+    ckstream_store::local_shard_paths(archive).unwrap()[i as usize].clone()
+}
+
+/// Opens a local archive with the library, as the binary does.
+pub fn open_archive(archive: &Path) -> ckstream_format::ArchiveReader {
+    ckstream_store::ArchiveLocation::Path(archive.to_path_buf())
+        .open(&std::env::temp_dir())
+        .unwrap()
+}

@@ -1,0 +1,262 @@
+//! Making a committed archive visible under its name without ever losing the archive
+//! that had that name before.
+//!
+//! A new local archive is written as shard 0 under a temporary name beside the target
+//! (`.NAME.RANDOM.partial`) and shards 1.. under names that contain the new archive's id
+//! (see [`crate::location`]), which no other archive uses. Publishing is then one
+//! atomic step, renaming shard 0 over the old one, followed by an fsync of the
+//! directory; only after that are the old archive's other shards (the ones its shard 0
+//! named, checked by their headers) removed. A failure before the rename removes the new
+//! files and leaves the old archive byte for byte as it was; a crash at any point leaves
+//! either the old or the new archive readable (and at worst unreferenced shard files).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use ckstream_format::{Error, Result, ShardSink};
+
+use crate::failpoint;
+use crate::local::FileSink;
+use crate::location::{read_shard_header, shard_path, ShardNames, Writeback};
+
+/// What turns written shards into a visible archive, or removes them.
+pub enum PendingArchive {
+    /// A stream (standard output, fds): what was written is the archive; nothing to do.
+    Stream,
+    /// Local files.
+    Files(FilePublish),
+    /// Multipart uploads, one per shard.
+    #[cfg(feature = "s3")]
+    S3(crate::s3::S3PendingArchive),
+}
+
+impl PendingArchive {
+    /// Puts the committed shards in place (see the module documentation), then removes
+    /// the shards of the archive that had the name before.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming what failed; the earlier archive under the name is then
+    /// still in place and whole, and the new shards are removed (for an object store
+    /// whose answer was lost, the objects that could not be checked are named instead).
+    pub fn publish(self) -> Result<()> {
+        match self {
+            PendingArchive::Stream => Ok(()),
+            PendingArchive::Files(f) => f.publish(),
+            #[cfg(feature = "s3")]
+            PendingArchive::S3(u) => u.publish(),
+        }
+    }
+
+    /// Removes the new shards (or aborts their uploads); the name keeps what it had.
+    pub fn discard(self) {
+        match self {
+            PendingArchive::Stream => {}
+            PendingArchive::Files(f) => f.discard(),
+            #[cfg(feature = "s3")]
+            PendingArchive::S3(u) => u.discard(),
+        }
+    }
+}
+
+/// The shard files of a new local archive, before publishing.
+pub struct FilePublish {
+    dst: PathBuf,
+    /// Shard 0 under its temporary name.
+    tmp0: PathBuf,
+    /// Shards 1.., already under their final (id-derived) names.
+    others: Vec<PathBuf>,
+    archive_id: [u8; 16],
+}
+
+impl FilePublish {
+    /// Creates the shard files of a new archive whose shard 0 will be `dst` (mode 0600:
+    /// archives hold process memory).
+    pub(crate) fn create(
+        dst: &Path,
+        archive_id: [u8; 16],
+        names: ShardNames,
+        shards: u32,
+        writeback: Writeback,
+    ) -> Result<(Vec<Box<dyn ShardSink>>, FilePublish)> {
+        let (file0, tmp0) = create_partial(dst)?;
+        let mut publish = FilePublish {
+            dst: dst.to_path_buf(),
+            tmp0,
+            others: Vec::new(),
+            archive_id,
+        };
+        let mut sinks: Vec<Box<dyn ShardSink>> = vec![Box::new(FileSink::new(
+            file0,
+            dst.display().to_string(),
+            writeback,
+        ))];
+        for i in 1..shards {
+            let path = shard_path(dst, names, i);
+            match create_private(&path) {
+                Ok(file) => {
+                    sinks.push(Box::new(FileSink::new(
+                        file,
+                        path.display().to_string(),
+                        writeback,
+                    )));
+                    publish.others.push(path);
+                }
+                Err(e) => {
+                    publish.discard();
+                    return Err(e);
+                }
+            }
+        }
+        Ok((sinks, publish))
+    }
+
+    fn publish(self) -> Result<()> {
+        let old_shards = old_archive_shards(&self.dst, self.archive_id);
+        let renamed =
+            failpoint::hit("publish.rename").and_then(|()| std::fs::rename(&self.tmp0, &self.dst));
+        if let Err(e) = renamed {
+            let context = format!("renaming {} to {}", self.tmp0.display(), self.dst.display());
+            self.discard();
+            return Err(Error::io(context, e));
+        }
+        // The rename is the commit point: from here on the new archive is the one under
+        // the name, so nothing of it is removed even if what follows fails.
+        failpoint::hit("publish.dir-sync")
+            .and_then(|()| sync_parent(&self.dst))
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "{} is in place but its directory could not be synced, so it may not survive a crash",
+                        self.dst.display()
+                    ),
+                    e,
+                )
+            })?;
+        failpoint::hit("publish.remove-old").map_err(|e| Error::io("removing old shards", e))?;
+        for p in old_shards {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    eprintln!(
+                        "ckstream: warning: could not remove {}, a shard of the archive replaced: {e}",
+                        p.display()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(self) {
+        let _ = std::fs::remove_file(&self.tmp0);
+        for p in &self.others {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Shards 1.. of the committed archive now at `dst`, found by the names its shard 0
+/// gives them and kept only when their own header carries its archive id (so nothing
+/// that is not one of its shards is ever removed). Empty when `dst` is no archive.
+fn old_archive_shards(dst: &Path, new_id: [u8; 16]) -> Vec<PathBuf> {
+    let Ok(old) = read_shard_header(dst) else {
+        return Vec::new();
+    };
+    if old.shard_index != 0 || old.archive_id == new_id {
+        return Vec::new();
+    }
+    let names = ShardNames::of(&old);
+    (1..old.shard_count)
+        .map(|i| shard_path(dst, names, i))
+        .filter(|p| {
+            read_shard_header(p).is_ok_and(|h| h.archive_id == old.archive_id && h.shard_index != 0)
+        })
+        .collect()
+}
+
+/// fsyncs the directory holding `path`, so a rename or creation in it is durable.
+pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
+/// A new file that only the owner can read (archives hold process memory).
+fn create_private(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Creates the temporary file that will become `dst`: `.NAME.RANDOM.partial` beside it.
+fn create_partial(dst: &Path) -> Result<(File, PathBuf)> {
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dst.with_file_name(format!(".{name}.{}.partial", random_suffix()));
+    Ok((create_private(&tmp)?, tmp))
+}
+
+/// A single new file (not an archive: a podman export, say) written under a temporary
+/// name beside its destination and renamed into place by [`AtomicFile::publish`].
+pub struct AtomicFile {
+    tmp: PathBuf,
+    dst: PathBuf,
+}
+
+/// Creates a new file (mode 0600) that becomes `dst` only when published, so a failed
+/// write never replaces an earlier file.
+///
+/// # Errors
+/// [`Error::Io`] when the temporary file cannot be created.
+pub fn create_file_atomically(dst: &Path) -> Result<(File, AtomicFile)> {
+    let (file, tmp) = create_partial(dst)?;
+    Ok((
+        file,
+        AtomicFile {
+            tmp,
+            dst: dst.to_path_buf(),
+        },
+    ))
+}
+
+impl AtomicFile {
+    /// Renames the (already synced) file into place and syncs the directory.
+    ///
+    /// # Errors
+    /// [`Error::Io`]; the temporary file is removed when the rename failed.
+    pub fn publish(self) -> Result<()> {
+        if let Err(e) = std::fs::rename(&self.tmp, &self.dst) {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(Error::io(
+                format!("renaming {} to {}", self.tmp.display(), self.dst.display()),
+                e,
+            ));
+        }
+        sync_parent(&self.dst).map_err(|e| {
+            Error::io(
+                format!("syncing the directory of {}", self.dst.display()),
+                e,
+            )
+        })
+    }
+
+    /// Removes the temporary file.
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
