@@ -23,70 +23,30 @@
 #
 # Env: MIB (2048) REPS (3) MODES ("plain none zstd lz4") MEMTEST_FILL (random)
 #      SHM (/dev/shm) NO_BUILD=1 (skip cargo build) CKSTREAM CRIU TIMEOUT (900 s/step)
-set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 MIB=${MIB:-2048}
 REPS=${REPS:-3}
 MODES=${MODES:-"plain none zstd lz4"}
 SHM=${SHM:-/dev/shm}
 TIMEOUT=${TIMEOUT:-900}
-CKSTREAM=${CKSTREAM:-$REPO/target/release/ckstream}
 CRIU=${CRIU:-/usr/local/sbin/criu}
 export CKSTREAM_CRIU=${CKSTREAM_CRIU:-$CRIU}
-OUTDIR=$REPO/bench/out
-STAMP=$(date +%Y%m%d-%H%M%S)
-REPORT=$OUTDIR/criu-bench-$STAMP.md
-TSV=$OUTDIR/criu-bench-$STAMP.tsv
 TIME=/usr/bin/time
 CG_ROOT=/sys/fs/cgroup/cpuacct
 
-WORK="" CG="" MT_PID="" IMG="$SHM/criu-bench.$$"
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	set +e
-	kill_memtest
-	if [[ -n $CG && -d $CG ]]; then
-		local i
-		for i in $(seq 50); do [[ -s $CG/cgroup.procs ]] || break; sleep 0.1; done
-		rmdir "$CG" 2>/dev/null || log "warning: could not remove cgroup $CG"
-	fi
-	rm -rf "$IMG" "$IMG.cka" "$WORK"
-	exit "$rc"
+WORK="" CG="" IMG="$SHM/criu-bench.$$"
+remove_cg() {
+	[[ -n $CG && -d $CG ]] || return 0
+	for _ in $(seq 50); do [[ -s $CG/cgroup.procs ]] || break; sleep 0.1; done
+	rmdir "$CG" 2>/dev/null || log "warning: could not remove cgroup $CG"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { date +%s.%N; }
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
-fsub() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.4f", a-b}'; }
-
-# Kill the memtest tree: SIGTERM (memtest stops its children), then SIGKILL
-# whatever is left in its session, and wait until the PID is free.
-kill_memtest() {
-	[[ -n $MT_PID ]] || return 0
-	local p=$MT_PID i
-	MT_PID=""
-	kill -TERM "$p" 2>/dev/null
-	for i in $(seq 50); do pgrep -s "$p" >/dev/null || return 0; sleep 0.1; done
-	local left; left=$(pgrep -s "$p" || true)
-	[[ -n $left ]] && kill -KILL $left 2>/dev/null
-	for i in $(seq 50); do pgrep -s "$p" >/dev/null || return 0; sleep 0.1; done
-}
-
-# Wait until the dumped tree is gone (zombies still hold the PID).
-wait_gone() {
-	local p=$1 i
-	for i in $(seq 600); do
-		if ! pgrep -s "$p" >/dev/null && [[ ! -e /proc/$p ]]; then return 0; fi
-		sleep 0.05
-	done
-	die "process tree $p still present 30 s after the dump"
-}
+# shellcheck disable=SC2016 # expanded at exit
+on_exit 'rm -rf "$IMG" "$IMG.cka" "$WORK"'
+on_exit remove_cg
+on_exit kill_memtest
 
 # Run "$@" inside the cpuacct cgroup (if any): the wrapper joins, then execs.
 in_cg() {
@@ -100,14 +60,8 @@ cg_usage() { if [[ -n $CG ]]; then cat "$CG/cpuacct.usage"; else echo 0; fi; }
 cg_delta() { [[ -n $CG ]] && awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", (b-a)/1e9}' || echo ""; }
 
 [[ $(id -u) == 0 ]] || die "must run as root (criu)"
-for t in "$CRIU" gcc jq "$TIME" timeout; do command -v "$t" >/dev/null || die "missing tool: $t"; done
-if [[ -z ${NO_BUILD:-} ]]; then
-	log "cargo build --release"
-	(cd "$REPO" && cargo build --release -q)
-fi
-[[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
-CK_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$REPO" diff --quiet HEAD -- crates 2>/dev/null || echo +dirty)"
-mkdir -p "$OUTDIR"
+need_tools "$CRIU" gcc jq "$TIME" timeout
+need_ckstream
 WORK=$(mktemp -d /tmp/criu-bench.XXXXXX)
 LOAD_START=$(loadavg)
 log "load average at start: $LOAD_START"
@@ -120,31 +74,11 @@ else
 	log "warning: total CPU not measurable: $CPU_METHOD"
 fi
 
-gcc -O2 -o "$WORK/memtest" "$REPO/tests/progs/memtest.c"
+build_memtest "$WORK"
 HB=$WORK/hb
 log "starting memtest $MIB MiB (MEMTEST_FILL=${MEMTEST_FILL:-random})"
-in_cg setsid -f "$WORK/memtest" "$MIB" "$HB" </dev/null >/dev/null 2>&1
-for i in $(seq 1200); do [[ -s $HB ]] && break; sleep 0.1; done
-[[ -s $HB ]] || die "memtest did not become ready in 120 s"
-MT_PID=$(cat "$HB.pid")
+start_memtest --via in_cg "$MIB" "$HB"
 log "memtest pid $MT_PID ready"
-
-# After a restore: the heartbeat must advance and a full re-check must say verify=ok.
-verify_restored() {
-	local what=$1 hb0 hb1 i
-	[[ -e /proc/$MT_PID ]] || die "$what: pid $MT_PID not running after restore"
-	hb0=$(cat "$HB" 2>/dev/null || echo -1)
-	rm -f "$HB.verify"
-	kill -USR1 "$MT_PID"
-	for i in $(seq 1800); do [[ -s $HB.verify ]] && break; sleep 0.1; done
-	[[ -s $HB.verify ]] || die "$what: no $HB.verify 180 s after SIGUSR1"
-	if [[ $(head -1 "$HB.verify") != verify=ok ]]; then
-		cat "$HB.verify" >&2
-		die "$what: MEMORY VERIFICATION FAILED: $(head -1 "$HB.verify")"
-	fi
-	for i in $(seq 50); do hb1=$(cat "$HB" 2>/dev/null || echo -1); ((hb1 > hb0)) && break; sleep 0.1; done
-	((hb1 > hb0)) || die "$what: heartbeat stuck at $hb1 after restore"
-}
 
 show_fail() { # file...
 	local f
@@ -165,9 +99,9 @@ run_plain() {
 	fi
 	t1=$(now); u1=$(cg_usage)
 	dw=$(fsub "$t1" "$t0"); dcg=$(cg_delta "$u0" "$u1")
-	local img_bytes; img_bytes=$(find "$IMG" -type f -name '*.img' -printf '%s\n' | awk '{s+=$1} END{printf "%.0f", s}')
+	local img_bytes; img_bytes=$(tree_bytes "$IMG" -name '*.img')
 	read -r du ds dm <"$d/dump.time"
-	wait_gone "$MT_PID"
+	wait_gone
 	u0=$(cg_usage); t0=$(now)
 	if ! in_cg timeout "$TIMEOUT" "$TIME" -f '%U %S %M' -o "$d/restore.time" \
 		"$CRIU" restore -D "$IMG" -o restore.log -v4 -d 2>"$d/restore.err"; then
@@ -177,7 +111,7 @@ run_plain() {
 	rw=$(fsub "$t1" "$t0"); rcg=$(cg_delta "$u0" "$u1")
 	read -r ru rs rm_ <"$d/restore.time"
 	rm -rf "$IMG"
-	verify_restored "plain rep $rep"
+	verify_restored "plain rep $rep" "$HB"
 	printf '%s\n' "$rep" plain "$dw" "" "" "" "" "$(fsub "$du" "-$ds")" "$dm" "$dcg" "$img_bytes" "$img_bytes" \
 		"$rw" "" "" "$(fsub "$ru" "-$rs")" "$rm_" "$rcg" "$(cut -d' ' -f1 /proc/loadavg)" | paste -sd'\t' >>"$TSV"
 	log "plain rep $rep: dump ${dw}s restore ${rw}s (verify=ok)"
@@ -194,7 +128,7 @@ run_ck() {
 	fi
 	t1=$(now); u1=$(cg_usage)
 	dw=$(fsub "$t1" "$t0"); dcg=$(cg_delta "$u0" "$u1")
-	wait_gone "$MT_PID"
+	wait_gone
 	u0=$(cg_usage); t0=$(now)
 	if ! in_cg timeout "$TIMEOUT" "$CKSTREAM" restore "$IMG.cka" -q --json \
 		--work-dir "$d/wd-restore" >"$d/restore.json" 2>"$d/restore.err"; then
@@ -203,7 +137,7 @@ run_ck() {
 	t1=$(now); u1=$(cg_usage)
 	rw=$(fsub "$t1" "$t0"); rcg=$(cg_delta "$u0" "$u1")
 	rm -f "$IMG.cka"
-	verify_restored "$mode rep $rep"
+	verify_restored "$mode rep $rep" "$HB"
 	local dj rj
 	dj=$(jq -r '[.seconds, .seconds_since_freeze, .rusage.self_cpu_seconds, .rusage.self_max_rss_kib,
 		.rusage.children_cpu_seconds, .rusage.children_max_rss_kib, .image_bytes, .archive_bytes] | @tsv' "$d/dump.json")
@@ -229,14 +163,7 @@ log "load average at end: $LOAD_END"
 
 # ------------------------------------------------------------------ summary
 # med MODE COLUMN: median over reps (empty if no values)
-med() {
-	awk -F'\t' -v m="$1" -v c="$2" '
-		NR == 1 { for (i = 1; i <= NF; i++) if ($i == c) col = i; next }
-		$2 == m && $col != "" { print $col }' "$TSV" | sort -g |
-		awk '{a[NR] = $1} END { if (NR == 0) exit; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
-f() { [[ -n $2 ]] && awk -v v="$2" -v p="$1" 'BEGIN{printf "%." p "f", v}' || printf '–'; }
-div() { [[ -n $1 && -n $2 ]] && awk -v a="$1" -v b="$2" -v p="${3:-2}" 'BEGIN{ if (b == 0) print "–"; else printf "%." p "f", a/b}' || printf '–'; }
+med() { tsv_med "$TSV" "$2" mode="$1"; }
 mib() { [[ -n $1 ]] && awk -v v="$1" 'BEGIN{printf "%.1f", v/1024}' || printf '–'; }
 gb() { awk -v v="$1" 'BEGIN{printf "%.4f", v/1e9}'; }
 
