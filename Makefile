@@ -30,10 +30,13 @@ unit-and-integration:
 fuzz-smoke:
 	scripts/fuzz-smoke.sh
 
-bench:
-	bench/pack-bench.sh
-	bench/criu-bench.sh
-	bench/mount-bench.sh
+## Every benchmark (root; long: see docs/PERFORMANCE.md for each one's settings).
+bench: build
+	NO_BUILD=1 bench/pack-bench.sh
+	NO_BUILD=1 bench/criu-bench.sh
+	NO_BUILD=1 bench/mount-bench.sh
+	NO_BUILD=1 bench/s3-bench.sh
+	bench/podman-bench.sh
 
 ## Install to $(PREFIX)/bin, with criu-image-streamer as a drop-in alias.
 PREFIX ?= /usr/local

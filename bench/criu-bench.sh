@@ -21,72 +21,67 @@
 # Medians of REPS runs -> markdown table on stdout and bench/out/criu-bench-<date>.md;
 # every run is kept in bench/out/criu-bench-<date>.tsv.
 #
+# Real disk (WHERE contains "disk"; after the tmpfs part, in the same run): the same
+# comparison where durability costs something. For each size in MIBS and fill in FILLS a
+# fresh memtest is dumped and restored REPS times, images/archives in a directory under
+# DISK_DIR (default /var/tmp/ckstream-bench; here / is ext4 on a virtio disk), page cache
+# dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every dump, restore and write:
+# cold. Steps (order rotates each rep, dd comes last; every restore verified as above,
+# and the process left running by a --leave-running dump re-checked the same way):
+#   dd          the disk's own limit: `dd bs=4M conv=fdatasync` of a file of the archive's
+#               size (the largest archive/image of this size+fill so far) from a random
+#               source pre-generated on $SHM (max MIBS + 64 MiB of RAM) -> seconds, MB/s
+#   plain       `criu dump -t PID -D DIR`, then a timed `sync`; `criu restore -D DIR -d`
+#   plain-lr    `criu dump --leave-running -t PID -D DIR` (+ timed sync)
+#   ck-C        `ckstream dump -c C -o DIR/X.cka` (+ timed sync); `ckstream restore`
+#   ck-C-lr     `ckstream dump -c C --leave-running` (+ timed sync)
+# Freeze time (how long the application is frozen): plain CRIU: freezing_time +
+# frozen_time of the dump entry of CRIU's own stats-dump image in DIR (parsed here, no
+# crit); ckstream: JSON freeze_seconds if the binary prints it, else seconds_since_freeze
+# (the report says which); the stats-dump CRIU leaves in ckstream's --work-dir is parsed
+# too and shown beside it. Ratios per size/fill/codec (medians): ckstream freeze ÷ disk
+# limit, disk limit = max(plain dump wall, archive bytes ÷ dd bandwidth) (target ≤ 1.2);
+# ckstream freeze ÷ (plain dump wall + its sync) (≤ 0.75); leave-running freeze ÷ plain
+# leave-running freeze (≤ 1.05); ckstream restore ÷ plain restore (≤ 1.0). Every disk step
+# is kept in bench/out/criu-bench-<date>-disk.tsv; the tables go into the same report.
+#
 # Env: MIB (2048) REPS (3) MODES ("plain none zstd lz4") MEMTEST_FILL (random)
 #      SHM (/dev/shm) NO_BUILD=1 (skip cargo build) CKSTREAM CRIU TIMEOUT (900 s/step)
-set -euo pipefail
+#      WHERE ("shm disk": either or both) DISK_DIR (/var/tmp/ckstream-bench)
+#      MIBS ("1024 4096") FILLS ("random mixed") DISK_CODECS ("none zstd"; ckstream -c,
+#      zstd = zstd:1) -- MIB, MODES and MEMTEST_FILL are for tmpfs, MIBS, FILLS and
+#      DISK_CODECS for the disk; REPS for both
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 MIB=${MIB:-2048}
 REPS=${REPS:-3}
 MODES=${MODES:-"plain none zstd lz4"}
 SHM=${SHM:-/dev/shm}
 TIMEOUT=${TIMEOUT:-900}
-CKSTREAM=${CKSTREAM:-$REPO/target/release/ckstream}
 CRIU=${CRIU:-/usr/local/sbin/criu}
 export CKSTREAM_CRIU=${CKSTREAM_CRIU:-$CRIU}
-OUTDIR=$REPO/bench/out
-STAMP=$(date +%Y%m%d-%H%M%S)
-REPORT=$OUTDIR/criu-bench-$STAMP.md
-TSV=$OUTDIR/criu-bench-$STAMP.tsv
 TIME=/usr/bin/time
 CG_ROOT=/sys/fs/cgroup/cpuacct
+WHERE=${WHERE:-"shm disk"}
+DISK_DIR=${DISK_DIR:-/var/tmp/ckstream-bench}
+MIBS=${MIBS:-"1024 4096"}
+FILLS=${FILLS:-"random mixed"}
+DISK_CODECS=${DISK_CODECS:-"none zstd"}
+for w in $WHERE; do [[ $w == shm || $w == disk ]] || die "WHERE: '$w' is neither shm nor disk"; done
+where() { [[ " $WHERE " == *" $1 "* ]]; }
 
-WORK="" CG="" MT_PID="" IMG="$SHM/criu-bench.$$"
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	set +e
-	kill_memtest
-	if [[ -n $CG && -d $CG ]]; then
-		local i
-		for i in $(seq 50); do [[ -s $CG/cgroup.procs ]] || break; sleep 0.1; done
-		rmdir "$CG" 2>/dev/null || log "warning: could not remove cgroup $CG"
-	fi
-	rm -rf "$IMG" "$IMG.cka" "$WORK"
-	exit "$rc"
+WORK="" CG="" IMG="$SHM/criu-bench.$$" DDIR="" DDSRC=""
+remove_cg() {
+	[[ -n $CG && -d $CG ]] || return 0
+	for _ in $(seq 50); do [[ -s $CG/cgroup.procs ]] || break; sleep 0.1; done
+	rmdir "$CG" 2>/dev/null || log "warning: could not remove cgroup $CG"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { date +%s.%N; }
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
-fsub() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.4f", a-b}'; }
-
-# Kill the memtest tree: SIGTERM (memtest stops its children), then SIGKILL
-# whatever is left in its session, and wait until the PID is free.
-kill_memtest() {
-	[[ -n $MT_PID ]] || return 0
-	local p=$MT_PID i
-	MT_PID=""
-	kill -TERM "$p" 2>/dev/null
-	for i in $(seq 50); do pgrep -s "$p" >/dev/null || return 0; sleep 0.1; done
-	local left; left=$(pgrep -s "$p" || true)
-	[[ -n $left ]] && kill -KILL $left 2>/dev/null
-	for i in $(seq 50); do pgrep -s "$p" >/dev/null || return 0; sleep 0.1; done
-}
-
-# Wait until the dumped tree is gone (zombies still hold the PID).
-wait_gone() {
-	local p=$1 i
-	for i in $(seq 600); do
-		if ! pgrep -s "$p" >/dev/null && [[ ! -e /proc/$p ]]; then return 0; fi
-		sleep 0.05
-	done
-	die "process tree $p still present 30 s after the dump"
-}
+# shellcheck disable=SC2016 # expanded at exit
+on_exit 'rm -rf "$IMG" "$IMG.cka" "$WORK" "$DDIR" "$DDSRC"'
+on_exit remove_cg
+on_exit kill_memtest
 
 # Run "$@" inside the cpuacct cgroup (if any): the wrapper joins, then execs.
 in_cg() {
@@ -100,19 +95,15 @@ cg_usage() { if [[ -n $CG ]]; then cat "$CG/cpuacct.usage"; else echo 0; fi; }
 cg_delta() { [[ -n $CG ]] && awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", (b-a)/1e9}' || echo ""; }
 
 [[ $(id -u) == 0 ]] || die "must run as root (criu)"
-for t in "$CRIU" gcc jq "$TIME" timeout; do command -v "$t" >/dev/null || die "missing tool: $t"; done
-if [[ -z ${NO_BUILD:-} ]]; then
-	log "cargo build --release"
-	(cd "$REPO" && cargo build --release -q)
-fi
-[[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
-CK_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$REPO" diff --quiet HEAD -- crates 2>/dev/null || echo +dirty)"
-mkdir -p "$OUTDIR"
+need_tools "$CRIU" gcc jq "$TIME" timeout python3 dd
+need_ckstream
 WORK=$(mktemp -d /tmp/criu-bench.XXXXXX)
 LOAD_START=$(loadavg)
 log "load average at start: $LOAD_START"
 
-if [[ -d $CG_ROOT && -w $CG_ROOT ]] && mkdir "$CG_ROOT/criu-bench.$$" 2>/dev/null; then
+if ! where shm; then
+	CPU_METHOD="not measured (tmpfs part not run)"
+elif [[ -d $CG_ROOT && -w $CG_ROOT ]] && mkdir "$CG_ROOT/criu-bench.$$" 2>/dev/null; then
 	CG=$CG_ROOT/criu-bench.$$
 	CPU_METHOD="cgroup v1 cpuacct ($CG, removed afterwards): cpuacct.usage delta around each step"
 else
@@ -120,31 +111,8 @@ else
 	log "warning: total CPU not measurable: $CPU_METHOD"
 fi
 
-gcc -O2 -o "$WORK/memtest" "$REPO/tests/progs/memtest.c"
+build_memtest "$WORK"
 HB=$WORK/hb
-log "starting memtest $MIB MiB (MEMTEST_FILL=${MEMTEST_FILL:-random})"
-in_cg setsid -f "$WORK/memtest" "$MIB" "$HB" </dev/null >/dev/null 2>&1
-for i in $(seq 1200); do [[ -s $HB ]] && break; sleep 0.1; done
-[[ -s $HB ]] || die "memtest did not become ready in 120 s"
-MT_PID=$(cat "$HB.pid")
-log "memtest pid $MT_PID ready"
-
-# After a restore: the heartbeat must advance and a full re-check must say verify=ok.
-verify_restored() {
-	local what=$1 hb0 hb1 i
-	[[ -e /proc/$MT_PID ]] || die "$what: pid $MT_PID not running after restore"
-	hb0=$(cat "$HB" 2>/dev/null || echo -1)
-	rm -f "$HB.verify"
-	kill -USR1 "$MT_PID"
-	for i in $(seq 1800); do [[ -s $HB.verify ]] && break; sleep 0.1; done
-	[[ -s $HB.verify ]] || die "$what: no $HB.verify 180 s after SIGUSR1"
-	if [[ $(head -1 "$HB.verify") != verify=ok ]]; then
-		cat "$HB.verify" >&2
-		die "$what: MEMORY VERIFICATION FAILED: $(head -1 "$HB.verify")"
-	fi
-	for i in $(seq 50); do hb1=$(cat "$HB" 2>/dev/null || echo -1); ((hb1 > hb0)) && break; sleep 0.1; done
-	((hb1 > hb0)) || die "$what: heartbeat stuck at $hb1 after restore"
-}
 
 show_fail() { # file...
 	local f
@@ -152,8 +120,8 @@ show_fail() { # file...
 	return 0
 }
 
+# ------------------------------------------------------------------ tmpfs
 COLS="rep mode dump_wall dump_ck_seconds dump_since_freeze dump_ck_cpu dump_ck_rss_kib dump_criu_cpu dump_criu_rss_kib dump_total_cpu image_bytes archive_bytes restore_wall restore_ck_cpu restore_ck_rss_kib restore_criu_cpu restore_criu_rss_kib restore_total_cpu load1"
-echo "$COLS" | tr ' ' '\t' >"$TSV"
 
 run_plain() {
 	local rep=$1 d=$WORK/run t0 t1 u0 u1 dw rw dcg rcg
@@ -165,9 +133,9 @@ run_plain() {
 	fi
 	t1=$(now); u1=$(cg_usage)
 	dw=$(fsub "$t1" "$t0"); dcg=$(cg_delta "$u0" "$u1")
-	local img_bytes; img_bytes=$(find "$IMG" -type f -name '*.img' -printf '%s\n' | awk '{s+=$1} END{printf "%.0f", s}')
+	local img_bytes; img_bytes=$(tree_bytes "$IMG" -name '*.img')
 	read -r du ds dm <"$d/dump.time"
-	wait_gone "$MT_PID"
+	wait_gone
 	u0=$(cg_usage); t0=$(now)
 	if ! in_cg timeout "$TIMEOUT" "$TIME" -f '%U %S %M' -o "$d/restore.time" \
 		"$CRIU" restore -D "$IMG" -o restore.log -v4 -d 2>"$d/restore.err"; then
@@ -177,7 +145,7 @@ run_plain() {
 	rw=$(fsub "$t1" "$t0"); rcg=$(cg_delta "$u0" "$u1")
 	read -r ru rs rm_ <"$d/restore.time"
 	rm -rf "$IMG"
-	verify_restored "plain rep $rep"
+	verify_restored "plain rep $rep" "$HB"
 	printf '%s\n' "$rep" plain "$dw" "" "" "" "" "$(fsub "$du" "-$ds")" "$dm" "$dcg" "$img_bytes" "$img_bytes" \
 		"$rw" "" "" "$(fsub "$ru" "-$rs")" "$rm_" "$rcg" "$(cut -d' ' -f1 /proc/loadavg)" | paste -sd'\t' >>"$TSV"
 	log "plain rep $rep: dump ${dw}s restore ${rw}s (verify=ok)"
@@ -194,7 +162,7 @@ run_ck() {
 	fi
 	t1=$(now); u1=$(cg_usage)
 	dw=$(fsub "$t1" "$t0"); dcg=$(cg_delta "$u0" "$u1")
-	wait_gone "$MT_PID"
+	wait_gone
 	u0=$(cg_usage); t0=$(now)
 	if ! in_cg timeout "$TIMEOUT" "$CKSTREAM" restore "$IMG.cka" -q --json \
 		--work-dir "$d/wd-restore" >"$d/restore.json" 2>"$d/restore.err"; then
@@ -203,7 +171,7 @@ run_ck() {
 	t1=$(now); u1=$(cg_usage)
 	rw=$(fsub "$t1" "$t0"); rcg=$(cg_delta "$u0" "$u1")
 	rm -f "$IMG.cka"
-	verify_restored "$mode rep $rep"
+	verify_restored "$mode rep $rep" "$HB"
 	local dj rj
 	dj=$(jq -r '[.seconds, .seconds_since_freeze, .rusage.self_cpu_seconds, .rusage.self_max_rss_kib,
 		.rusage.children_cpu_seconds, .rusage.children_max_rss_kib, .image_bytes, .archive_bytes] | @tsv' "$d/dump.json")
@@ -218,36 +186,33 @@ run_ck() {
 
 read -ra MODE_LIST <<<"$MODES"
 N=${#MODE_LIST[@]}
-for ((rep = 1; rep <= REPS; rep++)); do
-	for ((k = 0; k < N; k++)); do
-		m=${MODE_LIST[$(((k + rep - 1) % N))]}   # rotate the order each rep
-		if [[ $m == plain ]]; then run_plain "$rep"; else run_ck "$rep" "$m"; fi
+shm_bench() {
+	echo "$COLS" | tr ' ' '\t' >"$TSV"
+	log "starting memtest $MIB MiB (MEMTEST_FILL=${MEMTEST_FILL:-random})"
+	start_memtest --via in_cg "$MIB" "$HB"
+	log "memtest pid $MT_PID ready"
+	local rep k m
+	for ((rep = 1; rep <= REPS; rep++)); do
+		for ((k = 0; k < N; k++)); do
+			m=${MODE_LIST[$(((k + rep - 1) % N))]}   # rotate the order each rep
+			if [[ $m == plain ]]; then run_plain "$rep"; else run_ck "$rep" "$m"; fi
+		done
 	done
-done
-LOAD_END=$(loadavg)
-log "load average at end: $LOAD_END"
-
-# ------------------------------------------------------------------ summary
-# med MODE COLUMN: median over reps (empty if no values)
-med() {
-	awk -F'\t' -v m="$1" -v c="$2" '
-		NR == 1 { for (i = 1; i <= NF; i++) if ($i == c) col = i; next }
-		$2 == m && $col != "" { print $col }' "$TSV" | sort -g |
-		awk '{a[NR] = $1} END { if (NR == 0) exit; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+	kill_memtest
 }
-f() { [[ -n $2 ]] && awk -v v="$2" -v p="$1" 'BEGIN{printf "%." p "f", v}' || printf '–'; }
-div() { [[ -n $1 && -n $2 ]] && awk -v a="$1" -v b="$2" -v p="${3:-2}" 'BEGIN{ if (b == 0) print "–"; else printf "%." p "f", a/b}' || printf '–'; }
+
+# med MODE COLUMN: median over reps (empty if no values)
+med() { tsv_med "$TSV" "$2" mode="$1"; }
 mib() { [[ -n $1 ]] && awk -v v="$1" 'BEGIN{printf "%.1f", v/1024}' || printf '–'; }
 gb() { awk -v v="$1" 'BEGIN{printf "%.4f", v/1e9}'; }
 
-P_DW=$(med plain dump_wall) P_RW=$(med plain restore_wall)
-N_RW=$(med none restore_wall)
-{
-	echo "# criu-bench $STAMP"
-	echo
+shm_report() {
+	local P_DW P_RW N_RW m dw rw ib label
+	P_DW=$(med plain dump_wall) P_RW=$(med plain restore_wall)
+	N_RW=$(med none restore_wall)
 	echo "memtest ${MIB} MiB (MEMTEST_FILL=${MEMTEST_FILL:-random}), same process dumped/restored repeatedly, medians of REPS=$REPS."
 	echo "ckstream $CK_REV ($CKSTREAM); criu: $("$CRIU" --version | head -1); kernel $(uname -r); $(nproc) CPUs;"
-	echo "fs.pipe-max-size=$(cat /proc/sys/fs/pipe-max-size); images/archives on $SHM (tmpfs). Load average start: $LOAD_START, end: $LOAD_END."
+	echo "fs.pipe-max-size=$(cat /proc/sys/fs/pipe-max-size); images/archives on $SHM (tmpfs). Load average start: $LOAD_START, end: $LOAD_SHM_END."
 	echo "GB = 1e9 bytes of CRIU image. Total CPU: $CPU_METHOD."
 	echo "verify=ok (full-buffer checksum) and heartbeat advancing after all $((REPS * N)) restores."
 	echo
@@ -276,5 +241,249 @@ N_RW=$(med none restore_wall)
 	echo
 	echo "Targets: dump wall ≤ 1.0× plain with ckstream CPU ≤ 0.05 CPU-s/GB; restore wall ≤ 1.0× plain;"
 	echo "ckstream restore peak RSS ≤ 64 MiB; zstd restore wall ≤ 1.2× raw. Per-run data: $(basename "$TSV")."
+}
+# ------------------------------------------------------------------ real disk
+DTSV=$OUTDIR/$BENCH-$STAMP-disk.tsv
+DCOLS="rep mib fill case op wall freeze freeze_src stats_freeze sync bytes load1"
+
+# criu_freeze STATS-DUMP: seconds the tree was frozen according to CRIU's own stats image:
+# freezing_time + frozen_time (µs) of stats_entry.dump (images/stats.proto). The file is
+# two magic words (IMG_SERVICE, STATS: criu/include/magic.h), a u32 LE length, the message.
+criu_freeze() {
+	python3 - "$1" <<'PY'
+import struct, sys
+IMG_SERVICE_MAGIC, STATS_MAGIC = 0x55105940, 0x57093306
+def varint(b, i):
+    v = s = 0
+    while True:
+        c = b[i]; i += 1; v |= (c & 0x7F) << s; s += 7
+        if c < 0x80: return v, i
+def fields(b):  # protobuf wire format: (field number, value) pairs
+    i = 0
+    while i < len(b):
+        k, i = varint(b, i)
+        t = k & 7
+        if t == 0: v, i = varint(b, i)
+        elif t == 2: n, i = varint(b, i); v = b[i:i + n]; i += n
+        elif t == 1: v, i = b[i:i + 8], i + 8
+        elif t == 5: v, i = b[i:i + 4], i + 4
+        else: sys.exit("%s: unsupported wire type %d" % (sys.argv[1], t))
+        yield k >> 3, v
+data = open(sys.argv[1], "rb").read()
+m0, m1, n = struct.unpack_from("<III", data)
+if (m0, m1) != (IMG_SERVICE_MAGIC, STATS_MAGIC): sys.exit("%s: not a CRIU stats image" % sys.argv[1])
+dump = dict(fields(dict(fields(data[12:12 + n]))[1]))  # stats_entry.dump = 1
+print("%.6f" % ((dump[1] + dump[2]) / 1e6))  # freezing_time = 1, frozen_time = 2
+PY
+}
+
+drow() { printf '%s\n' "$@" "$(cut -d' ' -f1 /proc/loadavg)" | paste -sd'\t' >>"$DTSV"; }
+
+# disk_dump WHAT LOG CMD...: cold cache, run the dump CMD (stdout to $WORK/run/dump.out;
+# LOG is shown if it fails), then a `sync`; sets DUMP_WALL and SYNC_WALL.
+disk_dump() {
+	local what=$1 dlog=$2 d=$WORK/run t0 t1 t2
+	shift 2
+	drop_caches
+	t0=$(now)
+	if ! timeout "$TIMEOUT" "$@" >"$d/dump.out" 2>"$d/dump.err"; then
+		show_fail "$d/dump.err" "$dlog"; die "$what: dump failed"
+	fi
+	t1=$(now); sync; t2=$(now)
+	DUMP_WALL=$(fsub "$t1" "$t0") SYNC_WALL=$(fsub "$t2" "$t1")
+}
+
+# disk_finish REP MIB FILL CASE LR BYTES REMOVE LOG MSG RESTORE...: the rest of a disk
+# step after its dump. LR non-empty (--leave-running): re-check the running process.
+# Else: cold-cache restore with RESTORE... (timed: a restore row; LOG is shown if it
+# fails), then verify. REMOVE (images/archive) is deleted either way; MSG is logged.
+disk_finish() {
+	local rep=$1 mib=$2 fill=$3 cs=$4 lr=$5 bytes=$6 remove=$7 rlog=$8 msg=$9 d=$WORK/run t0 t1 rw
+	shift 9
+	local what="disk $cs $mib MiB $fill rep $rep"
+	if [[ -n $lr ]]; then
+		rm -rf "$remove"
+		verify_restored "$what (left running)" "$HB"
+		log "$what: $msg (verify=ok)"
+		return
+	fi
+	wait_gone
+	drop_caches
+	t0=$(now)
+	if ! timeout "$TIMEOUT" "$@" >"$d/restore.out" 2>"$d/restore.err"; then
+		show_fail "$d/restore.err" "$rlog"; die "$what: restore failed"
+	fi
+	t1=$(now)
+	rw=$(fsub "$t1" "$t0")
+	drow "$rep" "$mib" "$fill" "$cs" restore "$rw" "" "" "" "" "$bytes"
+	rm -rf "$remove"
+	verify_restored "$what" "$HB"
+	log "$what: $msg, restore ${rw}s (verify=ok)"
+}
+
+# disk_plain REP MIB FILL [lr]: plain CRIU dump to the disk, images in a directory.
+disk_plain() {
+	local rep=$1 mib=$2 fill=$3 lr=${4:-} cs=plain img=$DDIR/img fr bytes
+	[[ -n $lr ]] && cs=plain-lr
+	rm -rf "$img" "$WORK/run"; mkdir -p "$img" "$WORK/run"
+	disk_dump "disk $cs $mib MiB $fill rep $rep" "$img/dump.log" \
+		"$CRIU" dump -t "$MT_PID" -D "$img" -o dump.log -v4 ${lr:+--leave-running}
+	fr=$(criu_freeze "$img/stats-dump") || die "$cs: cannot read $img/stats-dump"
+	bytes=$(tree_bytes "$img" -name '*.img')
+	drow "$rep" "$mib" "$fill" "$cs" dump "$DUMP_WALL" "$fr" stats-dump "$fr" "$SYNC_WALL" "$bytes"
+	disk_finish "$rep" "$mib" "$fill" "$cs" "$lr" "$bytes" "$img" "$img/restore.log" \
+		"dump ${DUMP_WALL}s (frozen ${fr}s) + sync ${SYNC_WALL}s" \
+		"$CRIU" restore -D "$img" -o restore.log -v4 -d
+}
+
+# disk_ck REP MIB FILL CODEC [lr]: ckstream dump to an archive on the disk.
+disk_ck() {
+	local rep=$1 mib=$2 fill=$3 codec=$4 lr=${5:-} c cs arch=$DDIR/x.cka d=$WORK/run fr src sfr bytes
+	case $codec in none) c=none ;; zstd) c=zstd:1 ;; lz4) c=lz4 ;; *) c=$codec ;; esac
+	cs=ck-$codec${lr:+-lr}
+	rm -rf "$arch" "$d"; mkdir -p "$d/wd-dump" "$d/wd-restore"
+	disk_dump "disk $cs $mib MiB $fill rep $rep" "$d/wd-dump/dump.log" \
+		"$CKSTREAM" dump --pid "$MT_PID" -o "$arch" -c "$c" -q --json ${lr:+--leave-running} --work-dir "$d/wd-dump"
+	IFS=$'\t' read -r fr src bytes < <(jq -r 'if .freeze_seconds != null then [.freeze_seconds, "freeze_seconds"]
+		else [.seconds_since_freeze, "seconds_since_freeze"] end + [.archive_bytes] | @tsv' "$d/dump.out")
+	sfr=""
+	[[ -s $d/wd-dump/stats-dump ]] && sfr=$(criu_freeze "$d/wd-dump/stats-dump")
+	drow "$rep" "$mib" "$fill" "$cs" dump "$DUMP_WALL" "$fr" "$src" "$sfr" "$SYNC_WALL" "$bytes"
+	disk_finish "$rep" "$mib" "$fill" "$cs" "$lr" "$bytes" "$arch" "$d/wd-restore/restore.log" \
+		"dump ${DUMP_WALL}s (frozen ${fr}s $src, CRIU stats ${sfr:-?}s) + sync ${SYNC_WALL}s, $bytes B" \
+		"$CKSTREAM" restore "$arch" -q --json --work-dir "$d/wd-restore"
+}
+
+# disk_dd REP MIB FILL: the disk's write limit for a file of the archive's size.
+disk_dd() {
+	local rep=$1 mib=$2 fill=$3 bytes t0 t1
+	bytes=$(awk -F'\t' -v m="$mib" -v f="$fill" 'NR > 1 && $2 == m && $3 == f && $5 == "dump" && $11 > b { b = $11 }
+		END { print b + 0 }' "$DTSV")
+	((bytes > 0)) || bytes=$((mib * 1048576))
+	((bytes <= $(stat -c %s "$DDSRC"))) || die "dd source $DDSRC is smaller than $bytes B"
+	rm -f "$DDIR/dd.out"
+	drop_caches
+	t0=$(now)
+	dd if="$DDSRC" of="$DDIR/dd.out" bs=4M count="$bytes" iflag=count_bytes conv=fdatasync status=none
+	t1=$(now)
+	rm -f "$DDIR/dd.out"
+	drow "$rep" "$mib" "$fill" dd write "$(fsub "$t1" "$t0")" "" "" "" "" "$bytes"
+	log "disk $mib MiB $fill rep $rep dd: $bytes B in $(fsub "$t1" "$t0")s ($(mb_s "$bytes" "$(fsub "$t1" "$t0")") MB/s)"
+}
+
+read -ra MIB_LIST <<<"$MIBS"
+read -ra FILL_LIST <<<"$FILLS"
+read -ra CODEC_LIST <<<"$DISK_CODECS"
+disk_bench() {
+	echo "$DCOLS" | tr ' ' '\t' >"$DTSV"
+	DDIR=$DISK_DIR/criu-bench.$$
+	mkdir -p "$DDIR"
+	DISK_FS=$(df --output=source,fstype "$DDIR" | tail -1 | tr -s ' ')
+	[[ $DISK_FS == *tmpfs* ]] && log "warning: $DDIR is on tmpfs ($DISK_FS), not a real disk"
+	local max=0 m
+	for m in "${MIB_LIST[@]}"; do ((m > max)) && max=$m; done
+	DDSRC=$SHM/criu-bench.$$.ddsrc
+	log "dd source: $((max + 64)) MiB from /dev/urandom on $SHM (not timed)"
+	head -c "$(((max + 64) * 1048576))" /dev/urandom >"$DDSRC"
+	local steps=(plain) c
+	for c in "${CODEC_LIST[@]}"; do steps+=("ck-$c"); done
+	steps+=(plain-lr)
+	for c in "${CODEC_LIST[@]}"; do steps+=("ck-$c-lr"); done
+	local n=${#steps[@]} mib fill rep k st
+	for mib in "${MIB_LIST[@]}"; do
+		for fill in "${FILL_LIST[@]}"; do
+			log "disk: starting memtest $mib MiB (MEMTEST_FILL=$fill)"
+			MEMTEST_FILL=$fill start_memtest "$mib" "$HB"
+			for ((rep = 1; rep <= REPS; rep++)); do
+				for ((k = 0; k < n; k++)); do
+					st=${steps[$(((k + rep - 1) % n))]}   # rotate the order each rep
+					case $st in
+					plain) disk_plain "$rep" "$mib" "$fill" ;;
+					plain-lr) disk_plain "$rep" "$mib" "$fill" lr ;;
+					ck-*-lr) c=${st#ck-}; disk_ck "$rep" "$mib" "$fill" "${c%-lr}" lr ;;
+					ck-*) disk_ck "$rep" "$mib" "$fill" "${st#ck-}" ;;
+					esac
+				done
+				disk_dd "$rep" "$mib" "$fill"   # last, to know the archive's size
+			done
+			kill_memtest
+		done
+	done
+	rm -f "$DDSRC"
+}
+
+disk_report() {
+	dmed() { tsv_med "$DTSV" "$1" mib="$2" fill="$3" case="$4" op="$5"; }
+	local srcs
+	srcs=$(awk -F'\t' 'NR > 1 && $4 ~ /^ck-/ && $5 == "dump" { print $8 }' "$DTSV" | sort -u | paste -sd/)
+	echo "## Real disk, cold cache"
+	echo
+	echo "Images/archives in \`$DDIR\` ($DISK_FS, $(findmnt -no OPTIONS -T "$DDIR" | cut -d, -f1-3)); page cache dropped before every dump, restore and dd: cold."
+	echo "A fresh memtest per size and fill, dumped/restored REPS=$REPS times per step, step order rotating; medians."
+	echo "verify=ok (full-buffer checksum) and heartbeat advancing after every restore and every --leave-running dump."
+	echo "Freeze = how long the process was frozen. plain CRIU: freezing_time + frozen_time from its stats-dump image;"
+	echo "ckstream: JSON $srcs (CRIU's stats-dump from ckstream's work dir beside it). +sync = a \`sync\` right after the dump."
+	echo "Disk limit = max(plain dump wall, archive bytes ÷ dd bandwidth); dd = \`dd bs=4M conv=fdatasync\` from a tmpfs source."
+	echo
+	echo "| MiB | fill | dd bytes | dd s | dd MB/s | plain dump wall s | plain freeze s | +sync s | plain LR dump wall s | plain LR freeze s | plain restore s |"
+	echo "|---|---|---|---|---|---|---|---|---|---|---|"
+	local mib fill c
+	for mib in "${MIB_LIST[@]}"; do
+		for fill in "${FILL_LIST[@]}"; do
+			local dd_s dd_b
+			dd_s=$(dmed wall "$mib" "$fill" dd write) dd_b=$(dmed bytes "$mib" "$fill" dd write)
+			echo "| $mib | $fill | $(f 0 "$dd_b") | $(f 2 "$dd_s") | $(div "$dd_b" "$(awk -v s="$dd_s" 'BEGIN{print s * 1e6}')" 0) |" \
+				"$(f 2 "$(dmed wall "$mib" "$fill" plain dump)") | $(f 2 "$(dmed freeze "$mib" "$fill" plain dump)") | $(f 2 "$(dmed sync "$mib" "$fill" plain dump)") |" \
+				"$(f 2 "$(dmed wall "$mib" "$fill" plain-lr dump)") | $(f 2 "$(dmed freeze "$mib" "$fill" plain-lr dump)") | $(f 2 "$(dmed wall "$mib" "$fill" plain restore)") |"
+		done
+	done
+	echo
+	echo "| MiB | fill | ckstream -c | archive bytes | dump wall s | freeze s | CRIU stats freeze s | +sync s | LR dump wall s | LR freeze s | restore s | disk limit s | freeze ÷ disk limit (≤ 1.2) | freeze ÷ (plain dump + sync) (≤ 0.75) | LR freeze ÷ plain LR freeze (≤ 1.05) | restore ÷ plain restore (≤ 1.0) |"
+	echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+	for mib in "${MIB_LIST[@]}"; do
+		for fill in "${FILL_LIST[@]}"; do
+			local pdw psy prw plrf bw
+			pdw=$(dmed wall "$mib" "$fill" plain dump) psy=$(dmed sync "$mib" "$fill" plain dump)
+			prw=$(dmed wall "$mib" "$fill" plain restore) plrf=$(dmed freeze "$mib" "$fill" plain-lr dump)
+			bw=$(div "$(dmed bytes "$mib" "$fill" dd write)" "$(dmed wall "$mib" "$fill" dd write)" 0)
+			for c in "${CODEC_LIST[@]}"; do
+				local cs=ck-$c ab fr lrf rw lim
+				ab=$(dmed bytes "$mib" "$fill" "$cs" dump) fr=$(dmed freeze "$mib" "$fill" "$cs" dump)
+				lrf=$(dmed freeze "$mib" "$fill" "$cs-lr" dump) rw=$(dmed wall "$mib" "$fill" "$cs" restore)
+				lim=""
+				[[ -n $pdw && -n $ab && $bw != – ]] && lim=$(awk -v p="$pdw" -v b="$ab" -v bw="$bw" 'BEGIN{l = b / bw; printf "%.3f", (p > l ? p : l)}')
+				echo "| $mib | $fill | $c | $(f 0 "$ab") | $(f 2 "$(dmed wall "$mib" "$fill" "$cs" dump)") | $(f 2 "$fr") |" \
+					"$(f 2 "$(dmed stats_freeze "$mib" "$fill" "$cs" dump)") | $(f 2 "$(dmed sync "$mib" "$fill" "$cs" dump)") |" \
+					"$(f 2 "$(dmed wall "$mib" "$fill" "$cs-lr" dump)") | $(f 2 "$lrf") | $(f 2 "$rw") | $(f 2 "$lim") |" \
+					"$(div "$fr" "$lim") | $(div "$fr" "$(awk -v a="$pdw" -v b="$psy" 'BEGIN{print a + b}')") | $(div "$lrf" "$plrf") | $(div "$rw" "$prw") |"
+			done
+		done
+	done
+	echo
+	echo "LR = --leave-running (plain: \`criu dump --leave-running\`). Per-step data: $(basename "$DTSV")."
+}
+
+# ------------------------------------------------------------------ run
+if where shm; then
+	shm_bench
+	LOAD_SHM_END=$(loadavg)
+fi
+where disk && disk_bench
+LOAD_END=$(loadavg)
+log "load average at end: $LOAD_END"
+{
+	echo "# criu-bench $STAMP"
+	echo
+	if where shm; then
+		shm_report
+	else
+		echo "ckstream $CK_REV ($CKSTREAM); criu: $("$CRIU" --version | head -1); kernel $(uname -r); $(nproc) CPUs;"
+		echo "fs.pipe-max-size=$(cat /proc/sys/fs/pipe-max-size). Load average start: $LOAD_START, end: $LOAD_END."
+	fi
+	if where disk; then
+		echo
+		disk_report
+	fi
 } | tee "$REPORT"
 log "report: $REPORT"
+

@@ -17,51 +17,32 @@
 #
 # Env: REPS (3) CACHE (/var/tmp/ckstream-bench) NO_BUILD=1 CKSTREAM (binary path)
 #      ROOTFS_SRC (dirs copied into a generated dataset)
-set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 REPS=${REPS:-3}
 CACHE=${CACHE:-/var/tmp/ckstream-bench}
-CKSTREAM=${CKSTREAM:-$REPO/target/release/ckstream}
 ROOTFS_SRC=${ROOTFS_SRC:-"/usr/share /usr/lib/python3 /usr/lib/python3.11 /usr/lib/gcc /usr/lib/git-core /usr/lib/systemd"}
-OUTDIR=$REPO/bench/out
-STAMP=$(date +%Y%m%d-%H%M%S)
-REPORT=$OUTDIR/mount-bench-$STAMP.md
 
 WORK="" MP=""
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	set +e
+unmount_mp() {
 	if [[ -n $MP ]] && grep -qF " $MP " /proc/self/mountinfo; then
 		umount "$MP" 2>/dev/null || umount -l "$MP"
 	fi
-	[[ -n $WORK ]] && rm -rf "$WORK"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck disable=SC2016 # expanded at exit
+on_exit '[[ -n $WORK ]] && rm -rf "$WORK"'
+on_exit unmount_mp
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.6f", a - b}'; }
-cold() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 rchar() { awk '/^rchar:/ {print $2}' "/proc/$1/io"; }
 HZ=$(getconf CLK_TCK)
 cputicks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of a live process
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 [[ $(id -u) == 0 ]] || die "must run as root (FUSE mount, drop_caches)"
-for t in zstd tar jq getfattr; do command -v "$t" >/dev/null || die "missing tool: $t"; done
-if [[ -z ${NO_BUILD:-} ]]; then
-	log "cargo build --release"
-	(cd "$REPO" && cargo build --release -q)
-fi
-[[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
-CK_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$REPO" diff --quiet HEAD -- crates 2>/dev/null || echo +dirty)"
-mkdir -p "$CACHE" "$OUTDIR"
+need_tools zstd tar jq getfattr
+need_ckstream
+mkdir -p "$CACHE"
 WORK=$(mktemp -d "$CACHE/mount-work.XXXXXX")
 MP=$WORK/mnt
 mkdir -p "$MP"
@@ -75,9 +56,8 @@ else
 	if [[ ! -f $DATASET/.complete ]]; then
 		log "dataset: generating $DATASET"
 		rm -rf "$DATASET"; mkdir -p "$DATASET/rootfs" "$DATASET/criu"
-		rel=()
-		for d in $ROOTFS_SRC; do [[ -d $d ]] && rel+=("${d#/}"); done
-		tar -C / -cf - "${rel[@]}" | tar -C "$DATASET/rootfs" -xpf -
+		# shellcheck disable=SC2086 # a list of directories
+		copy_dirs "$DATASET/rootfs" $ROOTFS_SRC
 		{
 			head -c 512M /dev/urandom
 			find "$DATASET/rootfs" -type f -print0 | xargs -0 cat | head -c 512M
@@ -85,7 +65,7 @@ else
 		touch "$DATASET/.complete"
 	fi
 fi
-DS_BYTES=$(find "$DATASET" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f\n", s}')
+DS_BYTES=$(tree_bytes "$DATASET")
 DS_FILES=$(find "$DATASET" -type f | wc -l)
 
 # The ~1 MiB file: the first (by name) regular file of the rootfs between 0.9 and 1.2 MiB.
@@ -108,14 +88,14 @@ INDEX_BYTES=$("$CKSTREAM" info --json "$ARCHIVE" | jq '.index_bytes // empty')
 cmp -s <("$CKSTREAM" cat "$ARCHIVE" "$ONE_REL") "$DATASET/$ONE_REL" || die "ckstream cat gives other bytes"
 
 RES=$WORK/results.tsv
-: >"$RES"
+printf 'step\tmetric\tvalue\n' >"$RES"
 # record STEP METRIC VALUE
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RES"; }
 
 # measure STEP CMD...: cold cache, wall seconds and rchar of CMD and its children.
 measure() {
 	local step=$1; shift
-	cold
+	drop_caches
 	local out
 	out=$(bash -c 'a=$(awk "/^rchar:/ {print \$2}" /proc/$$/io); t0=$(date +%s.%N)
 		c0=$(awk "{print \$16 + \$17}" /proc/$$/stat)
@@ -133,8 +113,8 @@ measure() {
 # read FILE through it; records mount time, read time, bytes the server read for each.
 mount_and_read() {
 	local step=$1 file=$2; shift 2
-	cold
-	local t0 t1 t2 pid r0 r1 r2
+	drop_caches
+	local t0 t1 t2 pid r1 r2 c1 c2 ct
 	t0=$(now)
 	pid=$("$CKSTREAM" mount --background "$@" "$ARCHIVE" "$MP" 2>&1 | sed -n 's/.*(pid \([0-9]*\)).*/\1/p')
 	t1=$(now)
@@ -150,9 +130,9 @@ mount_and_read() {
 	fetched=$(getfattr --absolute-names --only-values -n user.ckstream.stats "$MP" | jq .fetched_bytes)
 	umount "$MP"
 	while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
-	record "$step" mount_secs "$(sub "$t1" "$t0")"
-	record "$step" read_secs "$(sub "$t2" "$t1")"
-	record "$step" secs "$(sub "$t2" "$t0")"
+	record "$step" mount_secs "$(fsub "$t1" "$t0")"
+	record "$step" read_secs "$(fsub "$t2" "$t1")"
+	record "$step" secs "$(fsub "$t2" "$t0")"
 	record "$step" mount_bytes "$r1"
 	record "$step" read_bytes "$((r2 - r1))"
 	record "$step" bytes "$r2"
@@ -178,9 +158,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
 	rm -rf "$WORK/unpacked"
 	log "rep $rep/$REPS: tar -x of one member"
 	rm -rf "$WORK/tarout"; mkdir -p "$WORK/tarout"
-	cold
+	drop_caches
 	t0=$(now); tar_one; t1=$(now)
-	record one_tar secs "$(sub "$t1" "$t0")"
+	record one_tar secs "$(fsub "$t1" "$t0")"
 	record one_tar bytes "$(cat "$WORK/zstd.rchar")"
 	cmp -s "$WORK/tarout/$ONE_REL" "$DATASET/$ONE_REL" || die "tar gives other bytes"
 	rm -rf "$WORK/tarout"
@@ -191,11 +171,10 @@ for ((rep = 1; rep <= REPS; rep++)); do
 	measure big_cat "$CKSTREAM" cat "$ARCHIVE" "$BIG_REL"
 done
 
-med() { awk -F'\t' -v s="$1" -v m="$2" '$1 == s && $2 == m {print $3}' "$RES" | median; }
+med() { tsv_med "$RES" value step="$1" metric="$2"; }
 fmt_s() { printf '%.3f' "$1"; }
 mib() { awk -v b="$1" 'BEGIN {printf "%.2f MiB", b / 1048576}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.1f", a / b; else print "-"}'; }
-mbps() { awk -v b="$1" -v s="$2" 'BEGIN {printf "%.0f", b / s / 1e6}'; }
 
 OM=$(med one_mount secs) OMM=$(med one_mount mount_secs) OMR=$(med one_mount read_secs)
 OMB=$(med one_mount bytes) OMMB=$(med one_mount mount_bytes) OMRB=$(med one_mount read_bytes) OMF=$(med one_mount fetched)
@@ -204,7 +183,7 @@ OU=$(med one_unpack secs) OUB=$(med one_unpack bytes)
 OT=$(med one_tar secs) OTB=$(med one_tar bytes)
 BM=$(med big_mount read_secs) BN=$(med big_mount_nora read_secs) BC=$(med big_cat secs)
 BMC=$(med big_mount cpu) BNC=$(med big_mount_nora cpu) BCC=$(med big_cat cpu)
-OMC=$(med one_mount cpu) OCC=$(med one_cat cpu) OUC=$(med one_unpack cpu)
+OUC=$(med one_unpack cpu)
 
 {
 	echo "# mount-bench $STAMP (ckstream $CK_REV)"
@@ -226,9 +205,9 @@ OMC=$(med one_mount cpu) OCC=$(med one_cat cpu) OUC=$(med one_unpack cpu)
 	echo
 	echo "| way | wall s | MB/s | vs ckstream cat | CPU s (server + reader) |"
 	echo "|---|---|---|---|---|"
-	echo "| \`cat\` through the mount (read-ahead 4 chunks) | $(fmt_s "$BM") | $(mbps "$BIG_SIZE" "$BM") | $(ratio "$BC" "$BM") | $BMC |"
-	echo "| \`cat\` through the mount, \`--readahead 0\` | $(fmt_s "$BN") | $(mbps "$BIG_SIZE" "$BN") | $(ratio "$BC" "$BN") | $BNC |"
-	echo "| \`ckstream cat\` | $(fmt_s "$BC") | $(mbps "$BIG_SIZE" "$BC") | 1 | $BCC |"
+	echo "| \`cat\` through the mount (read-ahead 4 chunks) | $(fmt_s "$BM") | $(mb_s "$BIG_SIZE" "$BM") | $(ratio "$BC" "$BM") | $BMC |"
+	echo "| \`cat\` through the mount, \`--readahead 0\` | $(fmt_s "$BN") | $(mb_s "$BIG_SIZE" "$BN") | $(ratio "$BC" "$BN") | $BNC |"
+	echo "| \`ckstream cat\` | $(fmt_s "$BC") | $(mb_s "$BIG_SIZE" "$BC") | 1 | $BCC |"
 	echo
 	echo "(\"vs\" columns: how many times more bytes / time the other way takes than the mount; for B, throughput relative to \`ckstream cat\`, >1 is faster.) Mount wall time for B excludes the mount start."
 } | tee "$REPORT"

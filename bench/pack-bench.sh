@@ -13,9 +13,10 @@
 # Env: REPS (3) CACHE (/var/tmp/ckstream-bench) FSLIST ("xfs btrfs") MEM_MIB (1280,
 #      plus 2 children of MEM_MIB/8) ROOTFS_SRC (list of dirs) IMG_FACTOR (5)
 #      NO_BUILD=1 (skip cargo build) CKSTREAM (binary path)
-set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 REPS=${REPS:-3}
 CACHE=${CACHE:-/var/tmp/ckstream-bench}
 DATASET=$CACHE/dataset
@@ -23,49 +24,25 @@ FSLIST=${FSLIST:-"xfs btrfs"}
 MEM_MIB=${MEM_MIB:-1280}
 ROOTFS_SRC=${ROOTFS_SRC:-"/usr/share /usr/lib/python3 /usr/lib/python3.11 /usr/lib/gcc /usr/lib/git-core /usr/lib/postgresql /usr/lib/node_modules /usr/lib/systemd"}
 IMG_FACTOR=${IMG_FACTOR:-5}
-CKSTREAM=${CKSTREAM:-$REPO/target/release/ckstream}
 CRIU=${CRIU:-/usr/local/sbin/criu}
-OUTDIR=$REPO/bench/out
-STAMP=$(date +%Y%m%d-%H%M%S)
-REPORT=$OUTDIR/pack-bench-$STAMP.md
 TIME=/usr/bin/time
 
-MOUNTS=() LOOPS=() IMAGES=() MEMTEST_PID="" WORK=""
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	set +e
-	if [[ -n $MEMTEST_PID ]] && kill -0 "$MEMTEST_PID" 2>/dev/null; then
-		kill -TERM "$MEMTEST_PID"; sleep 0.5; kill -KILL "$MEMTEST_PID" 2>/dev/null
-	fi
+MOUNTS=() LOOPS=() IMAGES=() WORK=""
+teardown_loops() {
 	local m l i
 	for m in "${MOUNTS[@]}"; do umount "$m" 2>/dev/null || umount -l "$m"; rmdir "$m" 2>/dev/null; done
 	for l in "${LOOPS[@]}"; do losetup -d "$l"; done
 	for i in "${IMAGES[@]}"; do rm -f "$i"; done
-	rm -rf "$DATASET.tmp" "$WORK"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { date +%s.%N; }
-tree_bytes() { find "$1" -type f -printf '%s\n' | awk '{s+=$1} END {printf "%.0f\n", s}'; }
-used_bytes() { df -B1 --output=used "$1" | tail -1 | tr -d ' '; }
+# shellcheck disable=SC2016 # expanded at exit
+on_exit 'rm -rf "$DATASET.tmp" "$WORK"'
+on_exit teardown_loops
+on_exit kill_memtest
 
 [[ $(id -u) == 0 ]] || die "must run as root (mount, losetup, criu)"
-for t in "$CRIU" mkfs.xfs mkfs.btrfs zstd tar gcc jq "$TIME"; do
-	command -v "$t" >/dev/null || die "missing tool: $t"
-done
-if [[ -z ${NO_BUILD:-} ]]; then
-	log "cargo build --release"
-	(cd "$REPO" && cargo build --release -q)
-fi
-[[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
-CK_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?)$(git -C "$REPO" diff --quiet HEAD -- crates 2>/dev/null || echo +dirty)"
-mkdir -p "$CACHE" "$OUTDIR"
+need_tools "$CRIU" mkfs.xfs mkfs.btrfs zstd tar gcc jq "$TIME"
+need_ckstream
+mkdir -p "$CACHE"
 WORK=$(mktemp -d "$CACHE/work.XXXXXX")
 
 # ---------------------------------------------------------------- dataset
@@ -73,26 +50,19 @@ build_dataset() {
 	local tmp=$DATASET.tmp hb=$CACHE/memtest-hb
 	rm -rf "$tmp"; mkdir -p "$tmp/criu" "$tmp/rootfs"
 	log "dataset: copying rootfs-like tree from: $ROOTFS_SRC"
-	local rel=() d
-	for d in $ROOTFS_SRC; do rel+=("${d#/}"); done
-	tar -C / -cf - "${rel[@]}" | tar -C "$tmp/rootfs" -xpf -   # (cp -a --parents is buggy in coreutils 9.1)
+	# shellcheck disable=SC2086 # a list of directories
+	copy_dirs "$tmp/rootfs" $ROOTFS_SRC
 	log "dataset: building memtest, starting it with ${MEM_MIB} MiB (+2 children), MEMTEST_FILL=mixed"
-	gcc -O2 -o "$CACHE/memtest" "$REPO/tests/progs/memtest.c"
-	rm -f "$hb" "$hb".*
-	MEMTEST_FILL=mixed setsid "$CACHE/memtest" "$MEM_MIB" "$hb" 2 </dev/null >/dev/null 2>&1 &
-	disown
-	local i
-	for ((i = 0; i < 1200; i++)); do [[ -f $hb ]] && break; sleep 0.1; done
-	[[ -f $hb ]] || die "memtest heartbeat did not appear"
-	MEMTEST_PID=$(cat "$hb.pid")
-	log "dataset: criu dump -t $MEMTEST_PID"
-	"$CRIU" dump -t "$MEMTEST_PID" -D "$tmp/criu" -o dump.log ||
+	build_memtest "$CACHE"
+	MEMTEST_FILL=mixed start_memtest "$MEM_MIB" "$hb" 2
+	log "dataset: criu dump -t $MT_PID"
+	"$CRIU" dump -t "$MT_PID" -D "$tmp/criu" -o dump.log ||
 		die "criu dump failed, see $tmp/criu/dump.log"
 	mv "$tmp/criu/dump.log" "$CACHE/criu-dump.log"
-	MEMTEST_PID=""
+	MT_PID=""
 	rm -f "$hb" "$hb".*
 	log "dataset: measuring compressibility (tar | zstd -1)"
-	local part total=0 z
+	local part z
 	{
 		for part in criu rootfs; do
 			z=$(tar -C "$tmp/$part" -cf - . | zstd -1 -T0 -q -c | wc -c)
@@ -132,10 +102,10 @@ RES=$WORK/results.tsv
 
 # prep INPUT...: make caches equal before a timed step.
 prep() {
-	sync
 	if [[ $CACHE_MODE == drop ]]; then
-		echo 3 >/proc/sys/vm/drop_caches
+		drop_caches
 	else
+		sync
 		tar -P -cf - "$@" | cat >/dev/null
 	fi
 }
@@ -168,7 +138,8 @@ check() {
 	local fmt='%y %m %U:%G %s %T@ %p -> %l\n'   # (directory sizes are fs-specific: blanked below)
 	(cd "$data" && find . -mindepth 1 -printf "$fmt" | awk '$1 == "d" {$4 = "-"} 1' | sort) >"$a"
 	(cd "$out" && find . -mindepth 1 -printf "$fmt" | awk '$1 == "d" {$4 = "-"} 1' | sort) >"$b"
-	local root="root dir mode/mtime $(stat -c '%a %Y' "$data") vs $(stat -c '%a %Y' "$out")"
+	local root
+	root="root dir mode/mtime $(stat -c '%a %Y' "$data") vs $(stat -c '%a %Y' "$out")"
 	if cmp -s "$a" "$b"; then
 		CHECKS+=("$cka: verify ok, diff -r identical, metadata of all $(wc -l <"$a") entries (type/mode/owner/size/link/mtime ns) identical; $root")
 	else
@@ -184,7 +155,8 @@ CHECKS=()
 
 # ---------------------------------------------------------------- per filesystem
 bench_fs() {
-	local fs=$1 img=$CACHE/$fs.img mnt=$CACHE/mnt-$fs loop size
+	local fs=$1 loop size
+	local img=$CACHE/$fs.img mnt=$CACHE/mnt-$fs
 	size=$(((DS_DU * IMG_FACTOR / 1048576 + 1024) * 1048576))
 	log "[$fs] loop image $img ($((size >> 20)) MiB sparse)"
 	rm -f "$img"; truncate -s "$size" "$img"; IMAGES+=("$img")
@@ -228,18 +200,14 @@ bench_fs() {
 }
 
 T_START=$(now)
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+LOAD_START=$(loadavg)
 for fs in $FSLIST; do bench_fs "$fs"; done
 T_TOTAL=$(echo "$(now) - $T_START" | bc | cut -d. -f1)
 
 # ---------------------------------------------------------------- report
 table() {
 	awk -F'\t' -v dsb="$DS_BYTES" '
-	function median(key, col,   n, a, i, j, t) {
-		n = split(vals[key, col], a, " ")
-		for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }
-		return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-	}
+	'"$AWK_MEDIAN"'
 	{
 		key = $1 SUBSEP $2 SUBSEP $3
 		if (!(key in seen)) { seen[key] = 1; order[++nk] = key }
@@ -251,18 +219,18 @@ table() {
 		print "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 		for (k = 1; k <= nk; k++) {
 			key = order[k]; split(key, p, SUBSEP)
-			w[key] = median(key, 5); ws[key] = median(key, 6)
+			w[key] = median(vals[key, 5]); ws[key] = median(vals[key, 6])
 			peer[p[1] SUBSEP p[2]] = (p[3] == "ckstream") ? peer[p[1] SUBSEP p[2]] : key
 		}
 		for (k = 1; k <= nk; k++) {
 			key = order[k]; split(key, p, SUBSEP)
-			out = median(key, 8); sp = "—"; sp2 = "—"
+			out = median(vals[key, 8]); sp = "—"; sp2 = "—"
 			if (p[3] == "ckstream") {
 				pk = peer[p[1] SUBSEP p[2]]
 				sp = sprintf("%.2f×", ws[pk] / ws[key]); sp2 = sprintf("%.2f×", w[pk] / w[key])
 			}
 			printf "| %s | %s | %s | %.2f | %.2f | %.2f | %.0f | %.2f | %.0f | %s | %s | %s |\n", p[1], p[2], p[3],
-				w[key], ws[key], median(key, 7), out, dsb / out, median(key, 9), cl[key], sp, sp2
+				w[key], ws[key], median(vals[key, 7]), out, dsb / out, median(vals[key, 9]), cl[key], sp, sp2
 		}
 	}' "$RES"
 }
@@ -278,7 +246,7 @@ table() {
 	echo "- wall = until the command returned; wall+sync = plus a following \`sync\` (all steps, readers and writers); CPU = user+sys of the command tree (/usr/bin/time)"
 	echo "- ratio = dataset bytes / output bytes (unpack: apparent bytes of the extracted tree); fs used Δ = df used after sync minus before"
 	echo "- speedup = peer median wall / ckstream median wall"
-	echo "- total benchmark time (excluding dataset build): ${T_TOTAL}s; loadavg at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+	echo "- total benchmark time (excluding dataset build): ${T_TOTAL}s; loadavg at start $LOAD_START, at end $(loadavg)"
 	echo
 	table
 	echo

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2016 # backticks in markdown strings; $ meant for the container's shell
 # podman-bench.sh — podman's own checkpoint export vs `ckstream podman checkpoint`, and
 # the restores, side by side in one run, on XFS (reflink=1) and btrfs loopbacks.
 #
@@ -63,10 +64,12 @@
 #      SUMMARY_FROM=bench/out/podman-bench-X.tsv: only rewrite the report of an earlier or
 #      interrupted run from its TSV (an interim report is also written after each filesystem)
 #      CKSTREAM ($REPO/target/release/ckstream — copy it elsewhere if the tree may be rebuilt)
+#      NO_BUILD (1 here: the binary is not rebuilt unless NO_BUILD= is given)
 # Must run as root. Everything (containers, mounts, loop files) is removed on exit/Ctrl-C.
-set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 FSES=${FSES:-"xfs btrfs"}
 REPS=${REPS:-1}
 MIB=${MIB:-1024}
@@ -85,24 +88,13 @@ DROP_CACHES=${DROP_CACHES:-1}
 FULL_VERIFY=${FULL_VERIFY:-0}
 VERIFY_FILE=${VERIFY_FILE:-7}
 TIMEOUT=${TIMEOUT:-1200}
-CKSTREAM=${CKSTREAM:-$REPO/target/release/ckstream}
 IMAGE=localhost/ckstream-memtest
 CTR=ckstream-podman-bench
-OUTDIR=$REPO/bench/out
-STAMP=$(date +%Y%m%d-%H%M%S)
-REPORT=$OUTDIR/podman-bench-$STAMP.md
-TSV=$OUTDIR/podman-bench-$STAMP.tsv
 LOGD=$OUTDIR/podman-bench-$STAMP.log.d
 ((NFILES >= VERIFY_FILE)) || VERIFY_FILE=1
 
 MNT="" LOOPIMG="" FSDIR=""
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { date +%s.%N; }
-fsub() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", a-b}'; }
-loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
-used_bytes() { sync; df -B1 --output=used "$1" | tail -1 | tr -d ' '; }
-drop_caches() { sync; if [[ $DROP_CACHES == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches; fi; }
+cold() { if [[ $DROP_CACHES == 1 ]]; then drop_caches; else sync; fi; }
 
 # Remove our containers/images (only in the private storage), unmount everything under
 # the loop mount, delete the loop file.
@@ -126,22 +118,12 @@ teardown_fs() {
 	MNT="" LOOPIMG="" FSDIR=""
 	set -e
 }
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	set +e
-	teardown_fs
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+on_exit teardown_fs
 
 [[ $(id -u) == 0 ]] || die "must run as root (mount, podman checkpoint)"
-for t in podman runc mkfs.xfs mkfs.btrfs jq timeout gcc mountpoint; do command -v "$t" >/dev/null || die "missing tool: $t"; done
-[[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
-mkdir -p "$OUTDIR" "$LOGD"
-CK_REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo ?)"
+need_tools podman runc mkfs.xfs mkfs.btrfs jq timeout gcc mountpoint
+NO_BUILD=${NO_BUILD-1} need_ckstream
+mkdir -p "$LOGD"
 CK_SUM=$(sha256sum "$CKSTREAM" | cut -c1-12)
 CK_DATE=$(date -u -r "$CKSTREAM" '+%Y-%m-%d %H:%M UTC')
 LOAD_START=$(loadavg)
@@ -288,8 +270,8 @@ run_case() {
 	esac
 	log "$fs rep $rep $cs: creating container + workload"
 	make_workload
-	drop_caches
-	sp0=$(used_bytes "$MNT")
+	cold
+	sync; sp0=$(used_bytes "$MNT")
 	log "$fs rep $rep $cs: checkpoint"
 	t0=$(now)
 	local rc=0
@@ -314,7 +296,7 @@ run_case() {
 		tail -20 "$d/ckpt.err" >&2
 		die "$fs $cs: checkpoint failed (exit $rc)"
 	fi
-	sp1=$(used_bytes "$MNT")
+	sync; sp1=$(used_bytes "$MNT")
 	local abytes
 	abytes=$(stat -c %s "$arch")
 	if [[ $cs == podman-* ]]; then
@@ -340,7 +322,7 @@ run_case() {
 	local tool sem
 	for tool in "${tools[@]}"; do
 		podman rm -f -t 0 "$CTR" >/dev/null 2>&1 || true
-		drop_caches
+		cold
 		log "$fs rep $rep $cs: restore ($tool)"
 		rc=0
 		t0=$(now)
@@ -380,20 +362,12 @@ run_case() {
 
 # ------------------------------------------------------------------ summary
 # med FS CASE OP COLUMN: median over reps (empty if none)
-med() {
-	awk -F'\t' -v fs="$1" -v cs="$2" -v op="$3" -v c="$4" '
-		NR == 1 { for (i = 1; i <= NF; i++) if ($i == c) col = i; next }
-		$1 == fs && $3 == cs && $4 == op && $col != "" { print $col }' "$TSV" | sort -g |
-		awk '{a[NR] = $1} END { if (NR == 0) exit; if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
+med() { tsv_med "$TSV" "$4" fs="$1" case="$2" op="$3"; }
 first() { # FS CASE OP COLUMN: first non-empty value
 	awk -F'\t' -v fs="$1" -v cs="$2" -v op="$3" -v c="$4" '
 		NR == 1 { for (i = 1; i <= NF; i++) if ($i == c) col = i; next }
 		$1 == fs && $3 == cs && $4 == op && $col != "" { print $col; exit }' "$TSV"
 }
-f() { [[ -n ${2:-} ]] && awk -v v="$2" -v p="$1" 'BEGIN{printf "%." p "f", v}' || printf '–'; }
-div() { [[ -n ${1:-} && -n ${2:-} ]] && awk -v a="$1" -v b="$2" -v p="${3:-1}" 'BEGIN{ if (b == 0) print "–"; else printf "%." p "f", a/b}' || printf '–'; }
-sub_() { [[ -n ${1:-} && -n ${2:-} ]] && awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", a-b}' || true; }
 gb() { [[ -n ${1:-} ]] && awk -v v="$1" 'BEGIN{printf "%.3f", v/1e9}' || printf '–'; }
 nb() { [[ -n ${1:-} ]] && printf '%s' "$1" || printf '–'; }
 
@@ -418,7 +392,7 @@ rcmd_of() {
 diff_part() {
 	local fs=$1 cs=$2
 	if [[ $cs == podman-* ]]; then
-		sub_ "$(med "$fs" "$cs" checkpoint wall)" "$(med "$fs" "$cs" checkpoint pm_runtime_s)"
+		fsub "$(med "$fs" "$cs" checkpoint wall)" "$(med "$fs" "$cs" checkpoint pm_runtime_s)"
 	else
 		med "$fs" "$cs" checkpoint ck_archive_s
 	fi
@@ -450,7 +424,7 @@ write_summary() {
 			[[ -n $w ]] || continue
 			dp=$(diff_part "$fs" "$cs")
 			ab=$(med "$fs" "$cs" checkpoint archive_bytes)
-			echo "| $cs | $(cmd_of "$cs") | $(f 2 "$w") | $(div "$P_CW" "$w") | $(f 2 "$(inplace_part "$fs" "$cs")") | $(f 2 "$dp") | $(div "$P_DP" "$dp") |" \
+			echo "| $cs | $(cmd_of "$cs") | $(f 2 "$w") | $(div "$P_CW" "$w" 1) | $(f 2 "$(inplace_part "$fs" "$cs")") | $(f 2 "$dp") | $(div "$P_DP" "$dp" 1) |" \
 				"$(nb "$ab") | $(gb "$ab") | $(gb "$(med "$fs" "$cs" checkpoint cloned_bytes)") | $(gb "$(med "$fs" "$cs" checkpoint space_bytes)") |"
 		done
 		echo
@@ -468,9 +442,9 @@ write_summary() {
 				[[ -n $w ]] || continue
 				rr=$(med "$fs" "$cs" "$op" pm_runtime_s)
 				nr=""
-				[[ -n $rr ]] && nr=$(sub_ "$w" "$rr")
-				echo "| $cs | $(rcmd_of "$op") | $(f 2 "$w") | $(div "$P_RW" "$w") | $(f 2 "$(med "$fs" "$cs" "$op" ck_convert_s)") |" \
-					"$(f 2 "$(med "$fs" "$cs" "$op" pm_total_s)") | $(f 2 "$rr") | $(f 2 "$nr") | $(div "$(sub_ "$P_RW" "$P_RR")" "$nr") | $(first "$fs" "$cs" "$op" sem) |"
+				[[ -n $rr ]] && nr=$(fsub "$w" "$rr")
+				echo "| $cs | $(rcmd_of "$op") | $(f 2 "$w") | $(div "$P_RW" "$w" 1) | $(f 2 "$(med "$fs" "$cs" "$op" ck_convert_s)") |" \
+					"$(f 2 "$(med "$fs" "$cs" "$op" pm_total_s)") | $(f 2 "$rr") | $(f 2 "$nr") | $(div "$(fsub "$P_RW" "$P_RR")" "$nr" 1) | $(first "$fs" "$cs" "$op" sem) |"
 			done
 		done
 		echo

@@ -15,62 +15,36 @@
 #
 # Env: GIB (2) MIB (2048) SHARDS (4) NO_BUILD=1 (skip cargo build) SHM (/dev/shm)
 #      CKSTREAM CRIU S3_PORT (28433) SKIP_CRIU=1
-set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 GIB=${GIB:-2}
 MIB=${MIB:-2048}
 SHARDS=${SHARDS:-4}
 SHM=${SHM:-/dev/shm}
-CKSTREAM=${CKSTREAM:-$REPO/target/release/ckstream}
 CRIU=${CRIU:-/usr/local/sbin/criu}
 export CKSTREAM_CRIU=${CKSTREAM_CRIU:-$CRIU}
-OUTDIR=$REPO/bench/out
-STAMP=$(date +%Y%m%d-%H%M%S)
-REPORT=$OUTDIR/s3-bench-$STAMP.md
 VENV=${CKSTREAM_S3_VENV:-/var/cache/ckstream/seaweedfs-venv}
 export CKSTREAM_S3_DIR=${CKSTREAM_S3_DIR:-/var/tmp/ckstream-s3-bench.$$}
 export CKSTREAM_S3_PORT=${S3_PORT:-28433}
 export CKSTREAM_S3_BUCKET=bench
 
-WORK="" MT_PID=""
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-now() { date +%s.%N; }
-fsub() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a-b}'; }
+WORK=""
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b == 0) print "n/a"; else printf "%.2f", a/b}'; }
-mb_s() { awk -v b="$1" -v s="$2" 'BEGIN{printf "%.0f", b/s/1e6}'; }
+# dsec T1 T0: seconds between two readings, as the report prints them (2 decimals).
+dsec() { fsub "$1" "$2" 2; }
 
-kill_memtest() {
-	[[ -n $MT_PID ]] || return 0
-	local p=$MT_PID i
-	MT_PID=""
-	kill -TERM "$p" 2>/dev/null || true
-	for i in $(seq 50); do pgrep -s "$p" >/dev/null || return 0; sleep 0.1; done
-	pkill -KILL -s "$p" 2>/dev/null || true
-}
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	set +e
-	kill_memtest
-	"$REPO/scripts/s3-server.sh" stop >/dev/null 2>&1
-	rm -rf "$WORK" "$CKSTREAM_S3_DIR"
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck disable=SC2016 # expanded at exit
+on_exit 'rm -rf "$WORK" "$CKSTREAM_S3_DIR"'
+# shellcheck disable=SC2016
+on_exit '"$REPO/scripts/s3-server.sh" stop >/dev/null 2>&1'
+on_exit kill_memtest
 
-for t in jq curl tar; do command -v "$t" >/dev/null || die "missing tool: $t"; done
-if [[ -z ${NO_BUILD:-} ]]; then
-	log "cargo build --release"
-	(cd "$REPO" && cargo build --release -q)
-fi
-[[ -x $CKSTREAM ]] || die "no ckstream binary at $CKSTREAM"
-mkdir -p "$OUTDIR"
+need_tools jq curl tar
+need_ckstream
 WORK=$(mktemp -d "$SHM/s3-bench.XXXXXX")
-log "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+log "load average at start: $(loadavg)"
 
 eval "$("$REPO/scripts/s3-server.sh" start)"
 AWS="$VENV/bin/aws --endpoint-url $AWS_ENDPOINT_URL"
@@ -101,13 +75,13 @@ upload_ck() { # name codec shards
 	t0=$(now)
 	"$CKSTREAM" pack -q --json -c "$codec" --shards "$shards" -o "$B/$name.cka" "$WORK/data" >"$WORK/$name.json"
 	t1=$(now)
-	WALL[$name]=$(fsub "$t1" "$t0")
+	WALL[$name]=$(dsec "$t1" "$t0")
 	BYTES[$name]=$(jq .archive_bytes "$WORK/$name.json")
 	log "$name: ${WALL[$name]} s, ${BYTES[$name]} bytes ($(mb_s "$DATA_BYTES" "${WALL[$name]}") MB/s of data)"
 }
 upload_ck pack-none-1 none 1
-upload_ck pack-none-$SHARDS none "$SHARDS"
-upload_ck pack-zstd-$SHARDS zstd:1 "$SHARDS"  # (shown as zstd; level 1)
+upload_ck "pack-none-$SHARDS" none "$SHARDS"
+upload_ck "pack-zstd-$SHARDS" zstd:1 "$SHARDS"  # (shown as zstd; level 1)
 
 log "tar of the dataset (not timed)"
 tar -C "$WORK" -cf "$WORK/data.tar" data
@@ -118,12 +92,12 @@ code=$(curl -sS -o /dev/null -w '%{http_code}' --aws-sigv4 "aws:amz:$AWS_REGION:
 	-T "$WORK/data.tar" "$AWS_ENDPOINT_URL/$CKSTREAM_S3_BUCKET/curl/data.tar")
 t1=$(now)
 [[ $code == 200 ]] || die "curl PUT answered $code"
-WALL[curl]=$(fsub "$t1" "$t0")
+WALL[curl]=$(dsec "$t1" "$t0")
 log "curl single PUT: ${WALL[curl]} s"
 t0=$(now)
 $AWS s3 cp --quiet "$WORK/data.tar" "$B/awscli/data.tar"
 t1=$(now)
-WALL[awscli]=$(fsub "$t1" "$t0")
+WALL[awscli]=$(dsec "$t1" "$t0")
 log "aws s3 cp: ${WALL[awscli]} s"
 $AWS s3 rm --quiet "$B/curl/data.tar"
 $AWS s3 rm --quiet "$B/awscli/data.tar"
@@ -147,7 +121,7 @@ t0=$(now)
 mkdir -p "$WORK/dl"
 $AWS s3 cp --quiet --recursive --exclude '*' --include "pack-zstd-$SHARDS.cka*" "$B/" "$WORK/dl/"
 t1=$(now)
-WALL[download-zstd]=$(fsub "$t1" "$t0")
+WALL[download-zstd]=$(dsec "$t1" "$t0")
 CKSTREAM_S3_STATS=0 "$CKSTREAM" cat "$WORK/dl/pack-zstd-$SHARDS.cka" data/one-mib | cmp -s - "$WORK/data/one-mib" \
 	|| die "downloaded archive differs"
 rm -rf "$WORK/dl"
@@ -159,38 +133,17 @@ done
 CRIU_ROWS=""
 if [[ -z ${SKIP_CRIU:-} ]]; then
 	[[ $(id -u) == 0 ]] || die "must run as root (criu); SKIP_CRIU=1 skips part (c)"
-	gcc -O2 -o "$WORK/memtest" "$REPO/tests/progs/memtest.c"
+	build_memtest "$WORK"
 	HB=$WORK/hb
 	log "starting memtest $MIB MiB (MEMTEST_FILL=mixed)"
-	MEMTEST_FILL=mixed setsid -f "$WORK/memtest" "$MIB" "$HB" </dev/null >/dev/null 2>&1
-	for i in $(seq 1200); do [[ -s $HB ]] && break; sleep 0.1; done
-	[[ -s $HB ]] || die "memtest did not become ready"
-	MT_PID=$(cat "$HB.pid")
-	verify_restored() {
-		local hb0 hb1 i
-		hb0=$(cat "$HB")
-		rm -f "$HB.verify"
-		kill -USR1 "$MT_PID"
-		for i in $(seq 1800); do [[ -s $HB.verify ]] && break; sleep 0.1; done
-		[[ $(head -1 "$HB.verify" 2>/dev/null) == verify=ok ]] || die "$1: memory verification failed"
-		for i in $(seq 50); do hb1=$(cat "$HB"); ((hb1 > hb0)) && break; sleep 0.1; done
-		((hb1 > hb0)) || die "$1: heartbeat stuck"
-	}
-	wait_gone() {
-		local i
-		for i in $(seq 600); do
-			if ! pgrep -s "$MT_PID" >/dev/null && [[ ! -e /proc/$MT_PID ]]; then return 0; fi
-			sleep 0.05
-		done
-		die "process tree still present after the dump"
-	}
+	MEMTEST_FILL=mixed start_memtest "$MIB" "$HB"
 	dump_s3() { # name
 		local t0 t1
 		t0=$(now)
 		"$CKSTREAM" dump -q --json --pid "$MT_PID" -c zstd:1 --shards "$SHARDS" -o "$B/$1.cka" \
 			--work-dir "$WORK/wd-$1" >"$WORK/$1.dump.json"
 		t1=$(now)
-		WALL[$1-dump]=$(fsub "$t1" "$t0")
+		WALL[$1-dump]=$(dsec "$t1" "$t0")
 		wait_gone
 	}
 	# CPU-seconds the server process has used (utime + stime): the restores' CPU budget.
@@ -203,13 +156,13 @@ if [[ -z ${SKIP_CRIU:-} ]]; then
 	CKSTREAM_S3_STATS=1 "$CKSTREAM" restore -q --json "$B/criu-a.cka" --work-dir "$WORK/wd-ra" \
 		>"$WORK/restore-s3.json" 2>"$WORK/restore-s3.err"
 	t1=$(now)
-	WALL[restore-s3]=$(fsub "$t1" "$t0")
-	SERVER_CPU_S3=$(fsub "$(server_cpu)" "$c0")
+	WALL[restore-s3]=$(dsec "$t1" "$t0")
+	SERVER_CPU_S3=$(dsec "$(server_cpu)" "$c0")
 	CK_CPU_S3=$(jq '.rusage.self_cpu_seconds * 100 | round / 100' "$WORK/restore-s3.json")
 	RSS_S3=$(jq .rusage.self_max_rss_kib "$WORK/restore-s3.json")
 	GOT_S3=$(stats "$WORK/restore-s3.err" | jq .get_bytes)
 	REQ_S3=$(stats "$WORK/restore-s3.err" | jq .get_requests)
-	verify_restored "restore from S3"
+	verify_restored "restore from S3" "$HB"
 	log "restore from S3: ${WALL[restore-s3]} s, peak RSS $RSS_S3 KiB, $REQ_S3 GETs, $GOT_S3 bytes"
 
 	dump_s3 criu-b
@@ -218,15 +171,15 @@ if [[ -z ${SKIP_CRIU:-} ]]; then
 	mkdir -p "$WORK/dl"
 	$AWS s3 cp --quiet --recursive --exclude '*' --include "criu-b.cka*" "$B/" "$WORK/dl/"
 	t1=$(now)
-	SERVER_CPU_DL=$(fsub "$(server_cpu)" "$c0")
-	WALL[download-criu]=$(fsub "$t1" "$t0")
+	SERVER_CPU_DL=$(dsec "$(server_cpu)" "$c0")
+	WALL[download-criu]=$(dsec "$t1" "$t0")
 	"$CKSTREAM" restore -q --json "$WORK/dl/criu-b.cka" --work-dir "$WORK/wd-rb" >"$WORK/restore-local.json"
 	t2=$(now)
-	WALL[restore-local]=$(fsub "$t2" "$t1")
-	WALL[download-restore]=$(fsub "$t2" "$t0")
+	WALL[restore-local]=$(dsec "$t2" "$t1")
+	WALL[download-restore]=$(dsec "$t2" "$t0")
 	RSS_LOCAL=$(jq .rusage.self_max_rss_kib "$WORK/restore-local.json")
 	CK_CPU_LOCAL=$(jq '.rusage.self_cpu_seconds * 100 | round / 100' "$WORK/restore-local.json")
-	verify_restored "download then restore"
+	verify_restored "download then restore" "$HB"
 	rm -rf "$WORK/dl"
 	log "download ${WALL[download-criu]} s + restore ${WALL[restore-local]} s = ${WALL[download-restore]} s, peak RSS $RSS_LOCAL KiB"
 	kill_memtest
@@ -248,10 +201,10 @@ fi
 
 # ---- report ----
 {
-	echo "# s3-bench $STAMP (ckstream $(git -C "$REPO" rev-parse --short HEAD))"
+	echo "# s3-bench $STAMP (ckstream $CK_REV)"
 	echo
 	echo "SeaweedFS $("$VENV/bin/weed" version 2>/dev/null | head -1 | awk '{print $3}') on 127.0.0.1 (same 2-core machine as the client), dataset $DATA_BYTES bytes in /dev/shm."
-	echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
+	echo "Load average at the end: $(loadavg)."
 	echo
 	echo "## (a) Upload"
 	echo
