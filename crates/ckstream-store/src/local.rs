@@ -1,10 +1,12 @@
 //! Local files, standard output and inherited fds as shard sinks and sources.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use ckstream_format::{Error, Result, ShardSink, ShardSource};
 
@@ -239,7 +241,15 @@ impl ShardSink for FdSink {
 pub struct FileSource {
     file: File,
     name: String,
+    /// Announced ranges ([`ShardSource::will_read`]) not yet handed to the kernel's
+    /// read-ahead, in the order they will be read.
+    unadvised: Mutex<VecDeque<(u64, u64)>>,
 }
+
+/// How far ahead of the reads the kernel is asked to fetch announced ranges. A cold
+/// restore then reads the disk in large requests while the chunks before are checked
+/// and sent, instead of one 1 MiB chunk at a time.
+pub const FILE_READ_AHEAD: u64 = 32 << 20;
 
 impl FileSource {
     /// Opens `path` for reading.
@@ -249,19 +259,41 @@ impl FileSource {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path)
             .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-        Ok(FileSource {
-            file,
-            name: path.display().to_string(),
-        })
+        Ok(Self::from_file(file, path.display().to_string()))
     }
-}
 
-impl FileSource {
     /// Wraps an open file.
     pub fn from_file(file: File, name: impl Into<String>) -> Self {
         FileSource {
             file,
             name: name.into(),
+            unadvised: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Asks the kernel to read ahead the announced bytes up to `until` (a read position
+    /// plus [`FILE_READ_AHEAD`]); best effort.
+    fn advise_until(&self, until: u64) {
+        let mut queue = self.unadvised.lock().unwrap();
+        while let Some(&(offset, len)) = queue.front() {
+            if offset >= until {
+                break;
+            }
+            let take = len.min(until - offset);
+            // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as i64,
+                    take as i64,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+            if take == len {
+                queue.pop_front();
+            } else {
+                queue[0] = (offset + take, len - take);
+            }
         }
     }
 }
@@ -271,7 +303,26 @@ impl ShardSource for FileSource {
         Ok(self.file.metadata()?.len())
     }
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.advise_until(offset + buf.len() as u64 + FILE_READ_AHEAD);
         self.file.read_exact_at(buf, offset)
+    }
+    fn will_read(&self, ranges: &[(u64, u64)]) {
+        let Some(&(first, _)) = ranges.first() else {
+            return;
+        };
+        {
+            let mut queue = self.unadvised.lock().unwrap();
+            for &(offset, len) in ranges {
+                // Chunks lie back to back, record headers and padding between them.
+                match queue.back_mut() {
+                    Some((o, l)) if offset >= *o + *l && offset - (*o + *l) < 64 << 10 => {
+                        *l = offset + len - *o;
+                    }
+                    _ => queue.push_back((offset, len)),
+                }
+            }
+        }
+        self.advise_until(first + FILE_READ_AHEAD);
     }
     fn as_file(&self) -> Option<&File> {
         Some(&self.file)
