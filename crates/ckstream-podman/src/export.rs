@@ -103,16 +103,13 @@ pub fn plan_from_storage(
 ) -> Result<ExportPlan> {
     let mut inputs: Vec<PackInput> = BUNDLE_FILES
         .iter()
-        .map(|n| PackInput {
-            name: n.as_bytes().to_vec(),
-            path: bundle.join(n),
-        })
+        .map(|n| PackInput::new(n.as_bytes(), bundle.join(n)))
         .filter(|i| i.path.symlink_metadata().is_ok())
         .collect();
-    inputs.push(PackInput {
-        name: PODMAN_CHECKPOINT_DIR.as_bytes().to_vec(),
-        path: bundle.join(PODMAN_CHECKPOINT_DIR),
-    });
+    inputs.push(PackInput::new(
+        PODMAN_CHECKPOINT_DIR.as_bytes(),
+        bundle.join(PODMAN_CHECKPOINT_DIR),
+    ));
     let mut plan = ExportPlan {
         deleted,
         mtime_ns: now_ns(),

@@ -263,10 +263,10 @@ fn write_checkpoint(
     write_bundle_file(&ctr.bundle, ckstream_podman::layout::CONFIG_DUMP, &config)?;
     write_bundle_file(&ctr.bundle, ckstream_podman::layout::SPEC_DUMP, &spec)?;
 
-    let rootfs_plan = ckstream_fs::plan_inputs(&[ckstream_fs::PackInput {
-        name: CKA_ROOTFS_DIR.as_bytes().to_vec(),
-        path: ctr.upper.clone(),
-    }])?;
+    let rootfs_plan = ckstream_fs::plan_inputs(&[ckstream_fs::PackInput::new(
+        CKA_ROOTFS_DIR.as_bytes(),
+        ctr.upper.clone(),
+    )])?;
     let upper_entries: Vec<_> = rootfs_plan.entries.iter().map(|p| &p.entry).collect();
     let deleted = ckstream_podman::diff::deleted_files(
         &upper_entries,
@@ -282,18 +282,19 @@ fn write_checkpoint(
             let mut inputs: Vec<ckstream_fs::PackInput> = ckstream_podman::layout::BUNDLE_FILES
                 .iter()
                 .chain(&[ckstream_podman::layout::DELETED_FILES])
-                .map(|n| ckstream_fs::PackInput {
-                    name: format!("{CKA_PODMAN_DIR}/{n}").into_bytes(),
-                    path: ctr.bundle.join(n),
+                .map(|n| {
+                    ckstream_fs::PackInput::new(
+                        format!("{CKA_PODMAN_DIR}/{n}").into_bytes(),
+                        ctr.bundle.join(n),
+                    )
                 })
                 .filter(|i| i.path.symlink_metadata().is_ok())
                 .collect();
-            inputs.push(ckstream_fs::PackInput {
-                name: CKA_CRIU_DIR.as_bytes().to_vec(),
-                path: ctr
-                    .bundle
+            inputs.push(ckstream_fs::PackInput::new(
+                CKA_CRIU_DIR.as_bytes(),
+                ctr.bundle
                     .join(ckstream_podman::layout::PODMAN_CHECKPOINT_DIR),
-            });
+            ));
             let mut plan = ckstream_fs::plan_inputs(&inputs)?;
             let prefix = [CKA_ROOTFS_DIR.as_bytes(), b"/"].concat();
             plan.entries
