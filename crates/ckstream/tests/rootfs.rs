@@ -278,42 +278,6 @@ fn sh_status(cmd: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn has_xattr(p: &Path, name: &str) -> bool {
-    rustix::fs::lgetxattr(p, name, &mut [0u8; 256][..]).is_ok()
-}
-
-/// Unmounts on drop, so a failing test leaves no overlay behind.
-struct OverlayMount(std::path::PathBuf);
-
-impl Drop for OverlayMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-fn mount_metacopy_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> OverlayMount {
-    for d in [upper, work, merged] {
-        fs::create_dir_all(d).unwrap();
-    }
-    let out = Command::new("mount")
-        .args(["-t", "overlay", "overlay", "-o"])
-        .arg(format!(
-            "lowerdir={},upperdir={},workdir={},metacopy=on,redirect_dir=on",
-            lower.display(),
-            upper.display(),
-            work.display()
-        ))
-        .arg(merged)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mounting an overlay with metacopy=on,redirect_dir=on: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    OverlayMount(merged.to_path_buf())
-}
-
 /// Metacopy files and redirected directories are stored from the merged view (found by
 /// its upperdir= in mountinfo; the paths contain a space, which mountinfo escapes, and
 /// UPPER is given relative and through a symlink) and applied onto a copy of the lower
