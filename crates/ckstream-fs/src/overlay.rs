@@ -305,24 +305,42 @@ fn upper_match(upperdir: &[u8], upper_canon: &Path, upper_meta: &std::fs::Metada
     }
 }
 
-/// True when the top level of `merged` agrees with the top level of `upper`: every
-/// upper entry is there with the same type, and no whiteout's name is.
+/// Same type, mode, owner and nanosecond mtime (and size, for files): what the merged
+/// view shows of an entry the upper directory has.
+fn same_attrs(u: &std::fs::Metadata, m: &std::fs::Metadata) -> bool {
+    u.file_type() == m.file_type()
+        && u.mode() == m.mode()
+        && u.uid() == m.uid()
+        && u.gid() == m.gid()
+        && u.mtime() == m.mtime()
+        && u.mtime_nsec() == m.mtime_nsec()
+        && (!u.is_file() || u.len() == m.len())
+}
+
+/// True when the top level of `merged` looks like the merged view of `upper`: the
+/// roots and every top-level upper entry have the same attributes there (the merged
+/// view shows an upper entry's own metadata), and no whiteout's name is visible.
+/// Nanosecond mtimes make a match between unrelated trees implausible.
 fn top_level_agrees(upper: &Path, merged: &Path) -> bool {
+    let (Ok(ur), Ok(mr)) = (std::fs::metadata(upper), std::fs::metadata(merged)) else {
+        return false;
+    };
+    if !same_attrs(&ur, &mr) {
+        return false;
+    }
     let Ok(rd) = std::fs::read_dir(upper) else {
         return false;
     };
-    for child in rd.flatten() {
-        let Ok(ut) = child.file_type() else {
+    for child in rd {
+        let Ok((name, um)) = child.and_then(|c| Ok((c.file_name(), c.metadata()?))) else {
             return false;
         };
-        let m = std::fs::symlink_metadata(merged.join(child.file_name()));
         let whiteout = {
             use std::os::unix::fs::FileTypeExt;
-            ut.is_char_device() && child.metadata().is_ok_and(|st| st.rdev() == 0)
+            um.file_type().is_char_device() && um.rdev() == 0
         };
-        let ok = match m {
-            Ok(m) if !whiteout => m.file_type() == ut,
-            Ok(_) => false,
+        let ok = match std::fs::symlink_metadata(merged.join(name)) {
+            Ok(mm) => !whiteout && same_attrs(&um, &mm),
             Err(e) => whiteout && e.kind() == io::ErrorKind::NotFound,
         };
         if !ok {
@@ -337,7 +355,8 @@ fn top_level_agrees(upper: &Path, merged: &Path) -> bool {
 /// `upperdir=` names `upper` (compared as canonical paths and by device/inode, so
 /// symlinks and `..` do not matter). A relative `upperdir` (relative to the mounting
 /// process's directory, e.g. podman's storage with many layers) is accepted when
-/// `upper` ends with it and the merged root agrees with the upper root.
+/// `upper` ends with it and the merged root shows the attributes (type, mode, owner,
+/// nanosecond mtime, size) of the upper root and its top-level entries.
 ///
 /// # Errors
 /// I/O errors reading `upper` or mountinfo; [`Error::Usage`] when several different

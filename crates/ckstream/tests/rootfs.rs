@@ -455,3 +455,91 @@ fn rootfs_diff_with_metacopy_and_redirects_applies_like_the_merged_view_zstd() {
 fn rootfs_diff_with_metacopy_and_redirects_applies_like_the_merged_view_raw() {
     metacopy_round_trip("none");
 }
+
+/// An overlay mounted with relative paths (as podman's storage does when the layer list
+/// is long): mountinfo then shows `upperdir=upper`, relative to a directory that is gone.
+/// The merged view is still found for the real upper dir (its path ends with that and
+/// the merged root shows its attributes), but not for another directory of the same
+/// name and layout, which is refused.
+#[test]
+fn relative_upperdir_in_mountinfo_is_matched_by_suffix_and_attributes() {
+    if !need_root("rootfs_relative_upperdir") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    fs::create_dir_all(base.join("lower/d")).unwrap();
+    for d in ["upper", "work", "merged"] {
+        fs::create_dir_all(base.join(d)).unwrap();
+    }
+    fs::write(base.join("lower/f"), prng_bytes(5, 100_000)).unwrap();
+    fs::write(base.join("lower/d/x"), b"x").unwrap();
+    sh(&format!(
+        "cd '{}' && mount -t overlay overlay -o lowerdir=lower,upperdir=upper,workdir=work,metacopy=on merged",
+        base.display()
+    ));
+    let _mount = OverlayMount(base.join("merged"));
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(info.contains(",upperdir=upper,"), "{info}");
+    let merged = base.join("merged");
+    fs::set_permissions(merged.join("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(merged.join("d"), merged.join("d2")).unwrap();
+    fs::write(merged.join("new"), b"new").unwrap();
+    let expected = manifest(&merged);
+    assert!(has_xattr(&base.join("upper/f"), "trusted.overlay.metacopy"));
+
+    // A directory that is not the overlay's upper dir, with the same names and types.
+    let decoy = tmp.path().join("decoy/upper");
+    fs::create_dir_all(decoy.join("d2")).unwrap();
+    fs::File::create(decoy.join("f"))
+        .unwrap()
+        .set_len(100_000)
+        .unwrap();
+    set_xattr(&decoy.join("f"), "trusted.overlay.metacopy", b"");
+    fs::write(decoy.join("new"), b"new").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        decoy.join("d"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        rustix::fs::makedev(0, 0),
+    )
+    .unwrap();
+    let out = ck(&[
+        "pack".as_ref(),
+        "-o".as_ref(),
+        tmp.path().join("decoy.cka").as_os_str(),
+        "--rootfs-diff".as_ref(),
+        decoy.as_os_str(),
+    ] as &[&OsStr]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no mounted overlay"),
+        "{}",
+        stderr(&out)
+    );
+
+    let archive = tmp.path().join("diff.cka");
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        "--rootfs-diff".as_ref(),
+        base.join("upper").as_os_str(),
+    ] as &[&OsStr]);
+    let target = tmp.path().join("target");
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        base.join("lower").display(),
+        target.display()
+    ));
+    ck_ok(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "--rootfs-diff".as_ref(),
+        target.as_os_str(),
+    ] as &[&OsStr]);
+    assert_eq!(manifest(&target), expected);
+}
