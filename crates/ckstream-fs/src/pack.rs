@@ -45,6 +45,9 @@ impl PackInput {
 /// be reflinked), except two kinds of entries that only make sense together with the
 /// lower layers, which are read through the overlay's `merged` view instead:
 ///
+/// - a complete file keeps only its non-redirect xattrs (a renamed lower file whose
+///   data was copied up after the rename keeps an `overlay.redirect` that means
+///   nothing without the lower layers);
 /// - a **metacopy** file (`overlay.metacopy`: only its metadata was copied up) is
 ///   stored as a regular file with the upper file's metadata and its full data read
 ///   from the merged path; its `overlay.metacopy`, `overlay.redirect` and
@@ -419,6 +422,10 @@ impl Walker {
             None => {
                 if in_merged {
                     without_overlay_xattrs(&mut xattrs, |_| true);
+                } else if !umeta.is_dir() {
+                    // A renamed lower file whose data was copied up since keeps its
+                    // redirect: meaningless for a complete file.
+                    without_overlay_xattrs(&mut xattrs, |n| n == b"redirect");
                 }
                 if self.push(&upath, &umeta, name.clone(), xattrs, false)? == EntryKind::Dir {
                     self.overlay_children(ctx, rel, &name, in_merged)?;
@@ -704,6 +711,10 @@ mod tests {
         std::fs::write(merged.join("moved/lower-file"), b"lower").unwrap();
         std::fs::write(upper.join("plain"), b"plain").unwrap();
         std::fs::write(merged.join("plain"), b"plain").unwrap();
+        // Renamed, then its data copied up: complete, the redirect is dropped.
+        std::fs::write(upper.join("renamed"), b"full").unwrap();
+        set(&upper.join("renamed"), "user.overlay.redirect", b"/old");
+        set(&upper.join("renamed"), "user.overlay.origin", b"o");
 
         let found = crate::overlay::find_indirect(&upper).unwrap().unwrap();
         assert!(found.path.ends_with("meta") || found.path.ends_with("moved"));
@@ -734,7 +745,10 @@ mod tests {
         );
         get("rootfs/moved/lower-dir");
         assert_eq!(get("rootfs/plain").source, upper.join("plain"));
-        assert_eq!(plan.total_bytes, 5 + 5 + 5 + 5);
+        let renamed = get("rootfs/renamed");
+        assert_eq!(renamed.source, upper.join("renamed"));
+        assert_eq!(names(&renamed.entry.xattrs), ["user.overlay.origin"]);
+        assert_eq!(plan.total_bytes, 5 + 5 + 5 + 5 + 4);
 
         // Without the merged view both are refused, naming the path.
         let input = rootfs_diff_input(&upper, None).unwrap();

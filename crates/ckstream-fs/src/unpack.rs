@@ -717,8 +717,12 @@ fn target_view<'a>(
                 mapped.link_target = strip(&e.link_target).unwrap_or_default();
             }
             if opts.overlay_apply {
+                // A redirect on a complete file (renamed, then its data copied up) is
+                // harmless; on a directory or with metacopy, content is missing.
+                let is_dir = mapped.entry_kind() == EntryKind::Dir;
                 if let Some(x) = mapped.xattrs.iter().find(|x| {
-                    x.name.ends_with(b"overlay.redirect") || x.name.ends_with(b"overlay.metacopy")
+                    (is_dir && x.name.ends_with(b"overlay.redirect"))
+                        || x.name.ends_with(b"overlay.metacopy")
                 }) {
                     // ckstream stores these in full from the merged view when packing;
                     // an archive still holding one was packed without it (or elsewhere).

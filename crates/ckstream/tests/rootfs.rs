@@ -223,6 +223,11 @@ fn build_metacopy_lower(lower: &Path) {
         b"copied up with the metadata",
     );
     fs::write(lower.join("meta/rename-me"), prng_bytes(12, 70_000)).unwrap();
+    fs::write(
+        lower.join("meta/rename-then-write"),
+        b"renamed, then appended to",
+    )
+    .unwrap();
     fs::create_dir_all(lower.join("moved-from/sub/deeper")).unwrap();
     fs::write(lower.join("moved-from/kept"), b"comes from the lower layer").unwrap();
     fs::write(
@@ -258,6 +263,20 @@ fn change_metacopy_through_merged(m: &Path) {
     )
     .unwrap();
     fs::rename(m.join("meta/rename-me"), m.join("renamed-file")).unwrap();
+    // Renamed (metacopy + redirect), then written: a full copy-up that keeps its redirect.
+    fs::rename(
+        m.join("meta/rename-then-write"),
+        m.join("written-after-rename"),
+    )
+    .unwrap();
+    {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(m.join("written-after-rename"))
+            .unwrap();
+        f.write_all(b" and more").unwrap();
+    }
     // A renamed directory (relative redirect), then changes inside it.
     fs::rename(m.join("moved-from"), m.join("moved-to")).unwrap();
     fs::remove_file(m.join("moved-to/to-delete")).unwrap();
@@ -308,6 +327,7 @@ fn metacopy_round_trip(codec: &str) {
         ("moved-to", "trusted.overlay.redirect"),
         ("moved-to/to-chmod", "trusted.overlay.metacopy"),
         ("data/inner-moved", "trusted.overlay.redirect"),
+        ("written-after-rename", "trusted.overlay.redirect"),
     ] {
         assert!(has_xattr(&upper.join(p), x), "{p} has no {x}");
     }
