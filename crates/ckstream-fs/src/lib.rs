@@ -7,12 +7,14 @@
 //! already present in the target can redirect a write.
 
 pub mod mount;
+pub mod overlay;
 pub mod pack;
 pub mod unpack;
 mod xattr;
 
+pub use overlay::{check_merged, find_indirect, find_merged, Indirect, IndirectEntry};
 pub use pack::{
-    pack_inputs, pack_inputs_until, parse_input, plan_inputs, rootfs_diff_input, PackInput,
-    PackPlan, PackStats, ROOTFS_PREFIX,
+    pack_inputs, pack_inputs_until, parse_input, plan_inputs, rootfs_diff_input, Overlay,
+    PackInput, PackPlan, PackStats, ROOTFS_PREFIX,
 };
 pub use unpack::{is_opaque, is_whiteout, unpack, UnpackOptions, UnpackStats};

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use ckstream_format::{ArchiveWriter, CodecId, Entry, EntryKind, Error, Result};
 
+use crate::overlay::{indirect_kind, overlay_xattr, Indirect};
+
 /// One command-line input: `PATH` (stored under its file name) or `NAME=PATH`
 /// (stored under NAME; `.=PATH` stores a directory's contents at the archive root).
 #[derive(Debug, Clone)]
@@ -19,6 +21,49 @@ pub struct PackInput {
     /// Archive path prefix; empty for the root.
     pub name: Vec<u8>,
     pub path: PathBuf,
+    /// Set when `path` is an overlayfs upper directory (a rootfs diff, see
+    /// [`rootfs_diff_input`]): how to store its entries that are not complete on
+    /// their own (metacopy files, redirected directories).
+    pub overlay: Option<Overlay>,
+}
+
+impl PackInput {
+    /// A plain input: `path` stored under `name`.
+    pub fn new(name: impl Into<Vec<u8>>, path: impl Into<PathBuf>) -> Self {
+        PackInput {
+            name: name.into(),
+            path: path.into(),
+            overlay: None,
+        }
+    }
+}
+
+/// How an overlayfs upper directory is stored.
+///
+/// Everything is stored as it is in the upper directory (whiteouts, opaque
+/// directories, metadata, holes; file data read from the upper directory so it can
+/// be reflinked), except two kinds of entries that only make sense together with the
+/// lower layers, which are read through the overlay's `merged` view instead:
+///
+/// - a complete file keeps only its non-redirect xattrs (a renamed lower file whose
+///   data was copied up after the rename keeps an `overlay.redirect` that means
+///   nothing without the lower layers);
+/// - a **metacopy** file (`overlay.metacopy`: only its metadata was copied up) is
+///   stored as a regular file with the upper file's metadata and its full data read
+///   from the merged path; its `overlay.metacopy`, `overlay.redirect` and
+///   `overlay.origin` xattrs are dropped;
+/// - a **redirected directory** (`overlay.redirect`: a renamed lower directory) is
+///   stored as an opaque directory (`overlay.opaque=y`, in the namespace of its
+///   redirect xattr; its other overlay xattrs dropped) with its complete contents as
+///   the merged view shows them; entries the upper directory has inside it keep
+///   their upper metadata and data source, the others come from the merged view.
+///
+/// Applying such a diff with overlay semantics (see [`crate::UnpackOptions`]) then
+/// yields exactly the merged view. Without a merged view these entries are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overlay {
+    /// The root of the overlay's merged mount (see [`crate::overlay::find_merged`]).
+    pub merged: Option<PathBuf>,
 }
 
 /// Parses `NAME=PATH` or `PATH`.
@@ -59,26 +104,40 @@ pub fn parse_input(arg: &OsStr) -> Result<PackInput> {
         ckstream_format::index::validate_path(&name)
             .map_err(|e| Error::Usage(format!("archive name: {e}")))?;
     }
-    Ok(PackInput { name, path })
+    Ok(PackInput::new(name, path))
 }
 
 /// Archive directory holding a container's rootfs changes (an overlayfs upper dir).
 pub const ROOTFS_PREFIX: &[u8] = b"rootfs";
 
-/// The input that stores overlayfs upper directory `upper` under [`ROOTFS_PREFIX`].
+/// The input that stores overlayfs upper directory `upper` under [`ROOTFS_PREFIX`],
+/// reading metacopy files and redirected directories through `merged` (the overlay's
+/// merged mount), see [`Overlay`]. Only checks that both are directories:
+/// [`plan_inputs`] refuses indirect entries when `merged` is `None` (and
+/// [`crate::overlay::find_indirect`] finds them beforehand); whether `merged` is
+/// really that overlay is for [`crate::overlay::check_merged`].
 ///
 /// # Errors
-/// [`Error::Usage`] when `upper` is not a directory.
-pub fn rootfs_diff_input(upper: &Path) -> Result<PackInput> {
+/// [`Error::Usage`] when `upper` (or `merged`, if given) is not a directory.
+pub fn rootfs_diff_input(upper: &Path, merged: Option<&Path>) -> Result<PackInput> {
     if !upper.is_dir() {
         return Err(Error::Usage(format!(
             "{} is not a directory (an overlayfs upper dir)",
             upper.display()
         )));
     }
+    if let Some(m) = merged.filter(|m| !m.is_dir()) {
+        return Err(Error::Usage(format!(
+            "{} is not a directory (the overlay's merged view)",
+            m.display()
+        )));
+    }
     Ok(PackInput {
         name: ROOTFS_PREFIX.to_vec(),
         path: upper.to_path_buf(),
+        overlay: Some(Overlay {
+            merged: merged.map(Path::to_path_buf),
+        }),
     })
 }
 
@@ -113,83 +172,319 @@ fn io_err(path: &Path, what: &str, e: io::Error) -> Error {
 
 /// Walks the inputs (directories recursively, children sorted by name) and builds
 /// entries with full metadata. Hard links to a file already planned become
-/// `Hardlink` entries.
+/// `Hardlink` entries. Overlay inputs ([`PackInput::overlay`]) are stored as
+/// [`Overlay`] describes.
 ///
 /// # Errors
-/// I/O errors naming the path; [`Error::UnsafeEntry`] for duplicate archive paths.
+/// I/O errors naming the path; [`Error::UnsafeEntry`] for duplicate archive paths;
+/// [`Error::Usage`] for an overlay input with a metacopy file or redirected
+/// directory but no merged view, or a merged view that does not match the upper
+/// directory (a metacopy file missing there or of another size).
 pub fn plan_inputs(inputs: &[PackInput]) -> Result<PackPlan> {
-    let mut plan = PackPlan::default();
-    let mut seen_inodes: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-    let mut seen_paths: HashMap<Vec<u8>, ()> = HashMap::new();
+    let mut w = Walker::default();
     for input in inputs {
         let meta = std::fs::symlink_metadata(&input.path)
             .map_err(|e| io_err(&input.path, "cannot read", e))?;
-        if input.name.is_empty() {
-            if !meta.is_dir() {
-                return Err(Error::Usage(format!(
-                    "{} is not a directory; '.=' needs one",
-                    input.path.display()
-                )));
+        if input.name.is_empty() && !meta.is_dir() {
+            return Err(Error::Usage(format!(
+                "{} is not a directory; '.=' needs one",
+                input.path.display()
+            )));
+        }
+        match &input.overlay {
+            None if input.name.is_empty() => w.walk_dir(&input.path, b"")?,
+            None => w.add_path(&input.path, &meta, input.name.clone())?,
+            Some(ov) => {
+                let ctx = OverlayCtx {
+                    upper: &input.path,
+                    merged: ov.merged.as_deref(),
+                };
+                if input.name.is_empty() {
+                    w.overlay_children(&ctx, Path::new(""), b"", false)?;
+                } else {
+                    w.overlay_entry(&ctx, Path::new(""), input.name.clone(), false)?;
+                }
             }
-            walk_dir(
-                &input.path,
-                b"",
-                &mut plan,
-                &mut seen_inodes,
-                &mut seen_paths,
-            )?;
-        } else {
-            add_path(
-                &input.path,
-                &meta,
-                input.name.clone(),
-                &mut plan,
-                &mut seen_inodes,
-                &mut seen_paths,
-            )?;
         }
     }
-    Ok(plan)
+    Ok(w.plan)
 }
 
-fn walk_dir(
-    dir: &Path,
-    prefix: &[u8],
-    plan: &mut PackPlan,
-    seen_inodes: &mut HashMap<(u64, u64), Vec<u8>>,
-    seen_paths: &mut HashMap<Vec<u8>, ()>,
-) -> Result<()> {
-    let mut children: Vec<_> = std::fs::read_dir(dir)
+/// Where an overlay input's entries are read from.
+struct OverlayCtx<'a> {
+    upper: &'a Path,
+    merged: Option<&'a Path>,
+}
+
+impl OverlayCtx<'_> {
+    fn upper_path(&self, rel: &Path) -> PathBuf {
+        if rel.as_os_str().is_empty() {
+            self.upper.to_path_buf()
+        } else {
+            self.upper.join(rel)
+        }
+    }
+
+    /// The merged path of `rel`, or the error refusing `kind` at `upath`.
+    fn merged_path(&self, rel: &Path, upath: &Path, kind: Indirect) -> Result<PathBuf> {
+        match self.merged {
+            Some(m) if rel.as_os_str().is_empty() => Ok(m.to_path_buf()),
+            Some(m) => Ok(m.join(rel)),
+            None => Err(Error::Usage(format!(
+                "{} is {}; storing it needs the overlay's merged view (its mount), and none was found or given",
+                upath.display(),
+                kind.describe()
+            ))),
+        }
+    }
+}
+
+/// Xattrs of an upper entry stored in full: `drop` decides which overlay xattrs
+/// (by name without namespace) go.
+fn without_overlay_xattrs(xattrs: &mut Vec<ckstream_format::Xattr>, drop: impl Fn(&[u8]) -> bool) {
+    xattrs.retain(|x| !overlay_xattr(&x.name).is_some_and(&drop));
+}
+
+#[derive(Default)]
+struct Walker {
+    plan: PackPlan,
+    /// First archive path of each multiply-linked inode: (read through the merged
+    /// view, dev, ino), so that inode numbers the overlay reports never pair up with
+    /// those of the upper directory.
+    seen_inodes: HashMap<(bool, u64, u64), Vec<u8>>,
+    seen_paths: HashMap<Vec<u8>, ()>,
+}
+
+impl Walker {
+    fn walk_dir(&mut self, dir: &Path, prefix: &[u8]) -> Result<()> {
+        for name in sorted_children(dir)? {
+            let path = dir.join(&name);
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| io_err(&path, "cannot read", e))?;
+            self.add_path(&path, &meta, join(prefix, name.as_bytes()))?;
+        }
+        Ok(())
+    }
+
+    fn add_path(&mut self, path: &Path, meta: &std::fs::Metadata, name: Vec<u8>) -> Result<()> {
+        let xattrs =
+            crate::xattr::read_all(path).map_err(|e| io_err(path, "cannot read xattrs of", e))?;
+        let kind = self.push(path, meta, name.clone(), xattrs, false)?;
+        if kind == EntryKind::Dir {
+            self.walk_dir(path, &name)?;
+        }
+        Ok(())
+    }
+
+    /// Plans one entry (hard links to an inode already planned become `Hardlink`
+    /// entries) with data from `source`; returns its kind.
+    fn push(
+        &mut self,
+        source: &Path,
+        meta: &std::fs::Metadata,
+        name: Vec<u8>,
+        xattrs: Vec<ckstream_format::Xattr>,
+        via_merged: bool,
+    ) -> Result<EntryKind> {
+        if self.seen_paths.insert(name.clone(), ()).is_some() {
+            return Err(Error::UnsafeEntry(format!(
+                "two inputs map to the archive path {:?}",
+                String::from_utf8_lossy(&name)
+            )));
+        }
+        let (mut entry, kind) = entry_from_meta(source, meta, name.clone(), xattrs)?;
+        if kind == EntryKind::File && meta.nlink() > 1 {
+            let key = (via_merged, meta.dev(), meta.ino());
+            if let Some(first) = self.seen_inodes.get(&key) {
+                entry.link_target = first.clone();
+                entry.xattrs.clear();
+                entry.size = 0;
+                entry.kind = EntryKind::Hardlink as i32;
+                self.plan.entries.push(Planned {
+                    entry,
+                    source: source.to_path_buf(),
+                });
+                return Ok(EntryKind::Hardlink);
+            }
+            self.seen_inodes.insert(key, name);
+        }
+        if kind == EntryKind::File {
+            self.plan.total_bytes += entry.size;
+        }
+        self.plan.entries.push(Planned {
+            entry,
+            source: source.to_path_buf(),
+        });
+        Ok(kind)
+    }
+
+    /// Plans the overlay entry at `rel` (relative to the upper and merged roots).
+    /// `in_merged`: inside a redirected directory, whose listing comes from the merged
+    /// view (the entry may then be missing from the upper directory).
+    fn overlay_entry(
+        &mut self,
+        ctx: &OverlayCtx,
+        rel: &Path,
+        name: Vec<u8>,
+        in_merged: bool,
+    ) -> Result<()> {
+        let upath = ctx.upper_path(rel);
+        let umeta = match std::fs::symlink_metadata(&upath) {
+            Ok(m) => Some(m),
+            Err(e)
+                if in_merged
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) =>
+            {
+                None
+            }
+            Err(e) => return Err(io_err(&upath, "cannot read", e)),
+        };
+        let Some(umeta) = umeta.filter(|m| !(in_merged && is_whiteout_meta(m))) else {
+            // Only in a lower layer: as the merged view shows it.
+            let mpath = ctx.merged_path(rel, &upath, Indirect::RedirectDir)?;
+            let meta =
+                std::fs::symlink_metadata(&mpath).map_err(|e| io_err(&mpath, "cannot read", e))?;
+            let mut xattrs = crate::xattr::read_all(&mpath)
+                .map_err(|e| io_err(&mpath, "cannot read xattrs of", e))?;
+            without_overlay_xattrs(&mut xattrs, |_| true);
+            if self.push(&mpath, &meta, name.clone(), xattrs, true)? == EntryKind::Dir {
+                self.overlay_children(ctx, rel, &name, true)?;
+            }
+            return Ok(());
+        };
+        let mut xattrs = crate::xattr::read_all(&upath)
+            .map_err(|e| io_err(&upath, "cannot read xattrs of", e))?;
+        let indirect = indirect_kind(
+            umeta.is_dir(),
+            umeta.is_file(),
+            xattrs.iter().map(|x| &x.name[..]),
+        );
+        match indirect {
+            Some(Indirect::Metacopy) => {
+                let mpath = ctx.merged_path(rel, &upath, Indirect::Metacopy)?;
+                let mmeta = std::fs::symlink_metadata(&mpath)
+                    .map_err(|e| io_err(&mpath, "cannot read", e))?;
+                if !mmeta.is_file() || mmeta.len() != umeta.len() {
+                    return Err(Error::Usage(format!(
+                        "{} does not match the metacopy file {} (not a regular file of {} bytes): is {} the merged view of {}?",
+                        mpath.display(),
+                        upath.display(),
+                        umeta.len(),
+                        ctx.merged.unwrap_or(Path::new("")).display(),
+                        ctx.upper.display()
+                    )));
+                }
+                if in_merged {
+                    without_overlay_xattrs(&mut xattrs, |_| true);
+                } else {
+                    without_overlay_xattrs(&mut xattrs, |n| {
+                        matches!(n, b"metacopy" | b"redirect" | b"origin")
+                    });
+                }
+                // Upper metadata (and inode, for hard links), data through the merged view.
+                let kind = self.push(&upath, &umeta, name, xattrs, false)?;
+                if kind == EntryKind::File {
+                    self.plan.entries.last_mut().expect("just pushed").source = mpath;
+                }
+                Ok(())
+            }
+            Some(Indirect::RedirectDir) => {
+                let mpath = ctx.merged_path(rel, &upath, Indirect::RedirectDir)?;
+                if !std::fs::symlink_metadata(&mpath).is_ok_and(|m| m.is_dir()) {
+                    return Err(Error::Usage(format!(
+                        "{} is not a directory like {}: is {} the merged view of {}?",
+                        mpath.display(),
+                        upath.display(),
+                        ctx.merged.unwrap_or(Path::new("")).display(),
+                        ctx.upper.display()
+                    )));
+                }
+                let ns: &[u8] = if xattrs
+                    .iter()
+                    .any(|x| x.name.as_slice() == b"trusted.overlay.redirect")
+                {
+                    b"trusted"
+                } else {
+                    b"user"
+                };
+                without_overlay_xattrs(&mut xattrs, |_| true);
+                xattrs.push(ckstream_format::Xattr {
+                    name: [ns, b".overlay.opaque"].concat(),
+                    value: b"y".to_vec(),
+                });
+                xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+                self.push(&upath, &umeta, name.clone(), xattrs, false)?;
+                self.overlay_children(ctx, rel, &name, true)
+            }
+            None => {
+                if in_merged {
+                    without_overlay_xattrs(&mut xattrs, |_| true);
+                } else if !umeta.is_dir() {
+                    // A renamed lower file whose data was copied up since keeps its
+                    // redirect: meaningless for a complete file.
+                    without_overlay_xattrs(&mut xattrs, |n| n == b"redirect");
+                }
+                if self.push(&upath, &umeta, name.clone(), xattrs, false)? == EntryKind::Dir {
+                    self.overlay_children(ctx, rel, &name, in_merged)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Plans the children of overlay directory `rel`: listed from the upper
+    /// directory, or from the merged view inside a redirected directory.
+    fn overlay_children(
+        &mut self,
+        ctx: &OverlayCtx,
+        rel: &Path,
+        prefix: &[u8],
+        in_merged: bool,
+    ) -> Result<()> {
+        let dir = if in_merged {
+            let upath = ctx.upper_path(rel);
+            ctx.merged_path(rel, &upath, Indirect::RedirectDir)?
+        } else {
+            ctx.upper_path(rel)
+        };
+        for child in sorted_children(&dir)? {
+            let crel = rel.join(&child);
+            self.overlay_entry(ctx, &crel, join(prefix, child.as_bytes()), in_merged)?;
+        }
+        Ok(())
+    }
+}
+
+fn is_whiteout_meta(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+/// Names in `dir`, sorted.
+fn sorted_children(dir: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| io_err(dir, "cannot list", e))?
+        .map(|c| c.map(|c| c.file_name()))
         .collect::<io::Result<Vec<_>>>()
         .map_err(|e| io_err(dir, "cannot list", e))?;
-    children.sort_by_key(|c| c.file_name());
-    for child in children {
-        let path = child.path();
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| io_err(&path, "cannot read", e))?;
-        let name = join(prefix, child.file_name().as_bytes());
-        add_path(&path, &meta, name, plan, seen_inodes, seen_paths)?;
-    }
-    Ok(())
+    names.sort();
+    Ok(names)
 }
 
-fn add_path(
+/// An entry with `meta`'s metadata and the given xattrs (symlink targets read from
+/// `path`), and its kind.
+fn entry_from_meta(
     path: &Path,
     meta: &std::fs::Metadata,
     name: Vec<u8>,
-    plan: &mut PackPlan,
-    seen_inodes: &mut HashMap<(u64, u64), Vec<u8>>,
-    seen_paths: &mut HashMap<Vec<u8>, ()>,
-) -> Result<()> {
-    if seen_paths.insert(name.clone(), ()).is_some() {
-        return Err(Error::UnsafeEntry(format!(
-            "two inputs map to the archive path {:?}",
-            String::from_utf8_lossy(&name)
-        )));
-    }
+    xattrs: Vec<ckstream_format::Xattr>,
+) -> Result<(Entry, EntryKind)> {
     let ft = meta.file_type();
     let mut entry = Entry {
-        path: name.clone(),
+        path: name,
         mode: meta.mode() & 0o7777,
         uid: meta.uid(),
         gid: meta.gid(),
@@ -197,8 +492,7 @@ fn add_path(
             .mtime()
             .saturating_mul(1_000_000_000)
             .saturating_add(meta.mtime_nsec()),
-        xattrs: crate::xattr::read_all(path)
-            .map_err(|e| io_err(path, "cannot read xattrs of", e))?,
+        xattrs,
         ..Default::default()
     };
     use std::os::unix::fs::FileTypeExt;
@@ -209,21 +503,7 @@ fn add_path(
         entry.link_target = target.as_os_str().as_bytes().to_vec();
         EntryKind::Symlink
     } else if ft.is_file() {
-        if meta.nlink() > 1 {
-            if let Some(first) = seen_inodes.get(&(meta.dev(), meta.ino())) {
-                entry.link_target = first.clone();
-                entry.xattrs.clear();
-                entry.kind = EntryKind::Hardlink as i32;
-                plan.entries.push(Planned {
-                    entry,
-                    source: path.to_path_buf(),
-                });
-                return Ok(());
-            }
-            seen_inodes.insert((meta.dev(), meta.ino()), name.clone());
-        }
         entry.size = meta.len();
-        plan.total_bytes += meta.len();
         EntryKind::File
     } else {
         let rdev = meta.rdev();
@@ -240,14 +520,7 @@ fn add_path(
         }
     };
     entry.kind = kind as i32;
-    plan.entries.push(Planned {
-        entry,
-        source: path.to_path_buf(),
-    });
-    if kind == EntryKind::Dir {
-        walk_dir(path, &name, plan, seen_inodes, seen_paths)?;
-    }
-    Ok(())
+    Ok((entry, kind))
 }
 
 /// Data regions of a file (SEEK_DATA/SEEK_HOLE), or the whole file when it has no holes.
@@ -396,3 +669,102 @@ pub fn pack_inputs_until(
 
 /// Files up to this size share compressed frames with their neighbours.
 const SMALL_FILE: u64 = 64 << 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(p: &Path, name: &str, value: &[u8]) {
+        rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty()).unwrap();
+    }
+
+    fn names(x: &[ckstream_format::Xattr]) -> Vec<String> {
+        x.iter()
+            .map(|x| String::from_utf8_lossy(&x.name).into_owned())
+            .collect()
+    }
+
+    /// An upper dir with `user.overlay.*` xattrs (as with `userxattr`) and a plain
+    /// directory standing in for the merged view: the walk takes metacopy data and the
+    /// redirected directory's listing from the merged side, everything else from upper.
+    #[test]
+    fn overlay_inputs_read_indirect_entries_through_the_merged_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let (upper, merged) = (dir.path().join("upper"), dir.path().join("merged"));
+        std::fs::create_dir_all(upper.join("moved/sub")).unwrap();
+        std::fs::create_dir_all(merged.join("moved/sub")).unwrap();
+        std::fs::create_dir_all(merged.join("moved/lower-dir")).unwrap();
+        // A metacopy file: size but no data in upper, the data in merged.
+        std::fs::File::create(upper.join("meta"))
+            .unwrap()
+            .set_len(5)
+            .unwrap();
+        set(&upper.join("meta"), "user.overlay.metacopy", b"");
+        set(&upper.join("meta"), "user.overlay.origin", b"o");
+        set(&upper.join("meta"), "user.kept", b"k");
+        std::fs::write(merged.join("meta"), b"hello").unwrap();
+        // A redirected dir: one upper child, the rest only in the merged view.
+        set(&upper.join("moved"), "user.overlay.redirect", b"old");
+        set(&upper.join("moved"), "user.overlay.origin", b"o");
+        std::fs::write(upper.join("moved/sub/upper-file"), b"upper").unwrap();
+        std::fs::write(merged.join("moved/sub/upper-file"), b"upper").unwrap();
+        std::fs::write(merged.join("moved/lower-file"), b"lower").unwrap();
+        std::fs::write(upper.join("plain"), b"plain").unwrap();
+        std::fs::write(merged.join("plain"), b"plain").unwrap();
+        // Renamed, then its data copied up: complete, the redirect is dropped.
+        std::fs::write(upper.join("renamed"), b"full").unwrap();
+        set(&upper.join("renamed"), "user.overlay.redirect", b"/old");
+        set(&upper.join("renamed"), "user.overlay.origin", b"o");
+
+        let found = crate::overlay::find_indirect(&upper).unwrap().unwrap();
+        assert!(found.path.ends_with("meta") || found.path.ends_with("moved"));
+
+        let input = rootfs_diff_input(&upper, Some(&merged)).unwrap();
+        let plan = plan_inputs(&[input]).unwrap();
+        let get = |p: &str| {
+            plan.entries
+                .iter()
+                .find(|e| e.entry.path == p.as_bytes())
+                .unwrap_or_else(|| panic!("{p} not planned"))
+        };
+        let meta = get("rootfs/meta");
+        assert_eq!(meta.source, merged.join("meta"));
+        assert_eq!(meta.entry.size, 5);
+        assert_eq!(names(&meta.entry.xattrs), ["user.kept"]);
+        let moved = get("rootfs/moved");
+        assert_eq!(moved.source, upper.join("moved"));
+        assert_eq!(names(&moved.entry.xattrs), ["user.overlay.opaque"]);
+        assert_eq!(moved.entry.xattrs[0].value, b"y");
+        assert_eq!(
+            get("rootfs/moved/sub/upper-file").source,
+            upper.join("moved/sub/upper-file")
+        );
+        assert_eq!(
+            get("rootfs/moved/lower-file").source,
+            merged.join("moved/lower-file")
+        );
+        get("rootfs/moved/lower-dir");
+        assert_eq!(get("rootfs/plain").source, upper.join("plain"));
+        let renamed = get("rootfs/renamed");
+        assert_eq!(renamed.source, upper.join("renamed"));
+        assert_eq!(names(&renamed.entry.xattrs), ["user.overlay.origin"]);
+        assert_eq!(plan.total_bytes, 5 + 5 + 5 + 5 + 4);
+
+        // Without the merged view both are refused, naming the path.
+        let input = rootfs_diff_input(&upper, None).unwrap();
+        match plan_inputs(&[input]) {
+            Err(Error::Usage(m)) => assert!(m.contains("merged view"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // A merged view that does not match (the metacopy file's size differs).
+        std::fs::write(merged.join("meta"), b"other size").unwrap();
+        let input = rootfs_diff_input(&upper, Some(&merged)).unwrap();
+        assert!(matches!(plan_inputs(&[input]), Err(Error::Usage(_))));
+        // Plain inputs are never treated as overlays.
+        let plan = plan_inputs(&[PackInput::new(b"x".to_vec(), &upper)]).unwrap();
+        assert!(plan
+            .entries
+            .iter()
+            .any(|e| names(&e.entry.xattrs).contains(&"user.overlay.metacopy".to_string())));
+    }
+}

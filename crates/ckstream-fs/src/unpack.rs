@@ -717,11 +717,17 @@ fn target_view<'a>(
                 mapped.link_target = strip(&e.link_target).unwrap_or_default();
             }
             if opts.overlay_apply {
+                // A redirect on a complete file (renamed, then its data copied up) is
+                // harmless; on a directory or with metacopy, content is missing.
+                let is_dir = mapped.entry_kind() == EntryKind::Dir;
                 if let Some(x) = mapped.xattrs.iter().find(|x| {
-                    x.name.ends_with(b"overlay.redirect") || x.name.ends_with(b"overlay.metacopy")
+                    (is_dir && x.name.ends_with(b"overlay.redirect"))
+                        || x.name.ends_with(b"overlay.metacopy")
                 }) {
+                    // ckstream stores these in full from the merged view when packing;
+                    // an archive still holding one was packed without it (or elsewhere).
                     return Err(Error::Unsupported(format!(
-                        "{:?} uses overlayfs {} (renamed directory or metadata-only copy-up), which a diff cannot carry",
+                        "{:?} uses overlayfs {} (renamed directory or metadata-only copy-up): its content is not in the diff, which was stored without the overlay's merged view",
                         e.path_lossy(),
                         String::from_utf8_lossy(&x.name)
                     )));

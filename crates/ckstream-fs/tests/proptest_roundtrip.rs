@@ -184,7 +184,7 @@ proptest! {
         let boxed: Vec<Box<dyn ShardSink>> = sinks.iter().map(|s| Box::new(MemSink(s.clone())) as Box<dyn ShardSink>).collect();
         let opts = WriterOptions { compression: codec.parse::<Compression>().unwrap(), chunk_size: chunk_kib * 1024, threads: 2, ..Default::default() };
         let mut writer = ArchiveWriter::new(boxed, opts, [1; 16], 0).unwrap();
-        let plan = plan_inputs(&[PackInput { name: Vec::new(), path: src.clone() }]).unwrap();
+        let plan = plan_inputs(&[PackInput::new(Vec::new(), src.clone())]).unwrap();
         pack_inputs(&mut writer, plan).unwrap();
         writer.finish().unwrap();
 

@@ -94,6 +94,12 @@ fn rootfs_item(mut entry: Entry, prefix: &[u8], content: Content) -> Option<Item
 /// walked by the caller (`upper`: [`plan_inputs`] of it under [`CKA_ROOTFS_DIR`], which
 /// the caller also needs for the deletions), and the given deletions.
 ///
+/// Walk the upper directory as an overlay input with the container's merged view
+/// ([`ckstream_fs::rootfs_diff_input`]): metacopy files then carry their merged path
+/// as data source (so the nested tar gets their full data) and redirected
+/// directories are opaque with their complete contents, which
+/// [`crate::diff::deleted_files`] turns into the right `deleted.files`.
+///
 /// # Errors
 /// I/O errors walking the bundle.
 pub fn plan_from_storage(
@@ -103,16 +109,13 @@ pub fn plan_from_storage(
 ) -> Result<ExportPlan> {
     let mut inputs: Vec<PackInput> = BUNDLE_FILES
         .iter()
-        .map(|n| PackInput {
-            name: n.as_bytes().to_vec(),
-            path: bundle.join(n),
-        })
+        .map(|n| PackInput::new(n.as_bytes(), bundle.join(n)))
         .filter(|i| i.path.symlink_metadata().is_ok())
         .collect();
-    inputs.push(PackInput {
-        name: PODMAN_CHECKPOINT_DIR.as_bytes().to_vec(),
-        path: bundle.join(PODMAN_CHECKPOINT_DIR),
-    });
+    inputs.push(PackInput::new(
+        PODMAN_CHECKPOINT_DIR.as_bytes(),
+        bundle.join(PODMAN_CHECKPOINT_DIR),
+    ));
     let mut plan = ExportPlan {
         deleted,
         mtime_ns: now_ns(),

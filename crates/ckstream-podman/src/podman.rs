@@ -20,6 +20,9 @@ pub struct Container {
     pub bundle: PathBuf,
     /// The overlay upper directory: the container's rootfs changes.
     pub upper: PathBuf,
+    /// The overlay's merged mount (`GraphDriver.Data.MergedDir`); mounted while the
+    /// container runs or is mounted (see [`mount`]).
+    pub merged: Option<PathBuf>,
     /// Lower layers, top first.
     pub lowers: Vec<PathBuf>,
     pub image_name: String,
@@ -103,6 +106,9 @@ pub fn inspect(container: &str) -> Result<Container> {
         running: c.pointer("/State/Running").and_then(Value::as_bool) == Some(true),
         bundle: PathBuf::from(s("/StaticDir")),
         upper: PathBuf::from(s("/GraphDriver/Data/UpperDir")),
+        merged: Some(s("/GraphDriver/Data/MergedDir"))
+            .filter(|m| !m.is_empty())
+            .map(PathBuf::from),
         lowers,
         image_name: s("/ImageName"),
         runtime: s("/OCIRuntime"),
@@ -123,6 +129,32 @@ pub fn checkpoint_in_place(id: &str, leave_running: bool) -> Result<()> {
     }
     args.push(id);
     podman(&args).map(|_| ())
+}
+
+/// Mounts a container's root filesystem (`podman mount`; for a running container this
+/// only takes another reference on its mount) and returns the merged directory. The
+/// mount stays until [`unmount`], even across a checkpoint that stops the container.
+///
+/// # Errors
+/// [`Error::Io`] with podman's message.
+pub fn mount(id: &str) -> Result<PathBuf> {
+    let out = podman(&["mount", id])?;
+    let path = out.trim();
+    if path.is_empty() {
+        return Err(podman_error(
+            &format!("podman mount {id}"),
+            "printed no mount point",
+        ));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Drops the reference [`mount`] took (`podman umount`).
+///
+/// # Errors
+/// [`Error::Io`] with podman's message.
+pub fn unmount(id: &str) -> Result<()> {
+    podman(&["umount", id]).map(|_| ())
 }
 
 /// Restores a container from a podman export archive (`podman container restore --import`).

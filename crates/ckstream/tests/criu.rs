@@ -571,6 +571,139 @@ fn dump_carries_a_rootfs_diff_taken_while_frozen_and_restore_applies_it() {
     m.assert_memory_intact(1);
 }
 
+/// An overlay (metacopy=on, redirect_dir=on) whose merged view was changed the way a
+/// container on Fedora/RHEL storage changes it: chmod/chown of lower files and renames
+/// (metadata-only copy-ups, a redirected directory) besides ordinary changes.
+fn metacopy_overlay(base: &Path) -> (PathBuf, PathBuf, OverlayMount) {
+    let (lower, upper, work, merged) = (
+        base.join("lower"),
+        base.join("upper"),
+        base.join("work"),
+        base.join("merged"),
+    );
+    std::fs::create_dir_all(lower.join("etc")).unwrap();
+    std::fs::create_dir_all(lower.join("srv/data/sub")).unwrap();
+    std::fs::write(lower.join("etc/config"), prng_bytes(3, 200_000)).unwrap();
+    std::fs::write(lower.join("etc/owned"), b"chown me").unwrap();
+    std::fs::write(lower.join("rename-me"), b"a renamed lower file").unwrap();
+    std::fs::write(lower.join("srv/data/a"), b"in a renamed directory").unwrap();
+    std::fs::write(lower.join("srv/data/sub/b"), prng_bytes(4, 9000)).unwrap();
+    std::fs::write(lower.join("obsolete"), b"deleted in the container").unwrap();
+    let mount = mount_metacopy_overlay(&lower, &upper, &work, &merged);
+    let m = &merged;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(m.join("etc/config"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    rustix::fs::chown(
+        m.join("etc/owned"),
+        Some(rustix::fs::Uid::from_raw(33)),
+        Some(rustix::fs::Gid::from_raw(33)),
+    )
+    .unwrap();
+    std::fs::rename(m.join("rename-me"), m.join("etc/renamed")).unwrap();
+    std::fs::rename(m.join("srv/data"), m.join("srv/data-v2")).unwrap();
+    std::fs::write(m.join("srv/data-v2/new"), b"written after the rename").unwrap();
+    std::fs::create_dir_all(m.join("app")).unwrap();
+    std::fs::write(m.join("app/state"), b"written by the container").unwrap();
+    std::fs::remove_file(m.join("obsolete")).unwrap();
+    assert!(has_xattr(
+        &upper.join("etc/config"),
+        "trusted.overlay.metacopy"
+    ));
+    assert!(has_xattr(
+        &upper.join("srv/data-v2"),
+        "trusted.overlay.redirect"
+    ));
+    (lower, upper, mount)
+}
+
+/// `dump --rootfs-diff` of an upper dir with metacopy files and a redirected directory
+/// while the overlay is mounted: the merged view is found in mountinfo, the diff is
+/// complete, and `restore --rootfs` rebuilds exactly the merged view from the lower dir.
+#[test]
+fn dump_with_a_metacopy_rootfs_diff_restores_the_merged_view() {
+    if !criu_available("rootfs_metacopy_with_dump") {
+        return;
+    }
+    let m = Memtest::start(32, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let (lower, upper, mount) = metacopy_overlay(tmp.path());
+    let expected = manifest(&mount.0);
+    let archive = tmp.path().join("ckpt.cka");
+    let upper_arg = upper.to_string_lossy().into_owned();
+    ck_ok(&dump_args(
+        m.pid,
+        &archive,
+        "zstd",
+        1,
+        &["--rootfs-diff", &upper_arg],
+    ));
+    m.wait_gone();
+    drop(mount);
+    let target = tmp.path().join("rootfs");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&lower)
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ck_ok(&[
+        "restore".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "--rootfs".as_ref(),
+        target.as_os_str(),
+    ] as &[&OsStr]);
+    let got = manifest(&target);
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in &expected {
+        assert_eq!(v, &got[k], "{} differs", String::from_utf8_lossy(k));
+    }
+    m.assert_beating();
+    m.assert_memory_intact(1);
+}
+
+/// The same upper dir with the overlay unmounted: no merged view, so the dump is
+/// refused before CRIU starts. The process was never frozen (CRIU wrote no log), it
+/// keeps beating with its memory intact, and no archive exists.
+#[test]
+fn dump_refuses_a_metacopy_rootfs_diff_without_merged_view_before_criu_runs() {
+    if !criu_available("rootfs_metacopy_refused") {
+        return;
+    }
+    let m = Memtest::start(32, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_lower, upper, mount) = metacopy_overlay(tmp.path());
+    drop(mount);
+    let archive = tmp.path().join("ckpt.cka");
+    let work = tmp.path().join("work");
+    let upper_arg = upper.to_string_lossy().into_owned();
+    let work_arg = work.to_string_lossy().into_owned();
+    let out = ck(&dump_args(
+        m.pid,
+        &archive,
+        "zstd",
+        1,
+        &["--rootfs-diff", &upper_arg, "--work-dir", &work_arg],
+    ));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("CRIU was not started"), "{err}");
+    assert!(
+        err.contains("metadata-only copy-up") || err.contains("renamed directory"),
+        "{err}"
+    );
+    assert!(err.contains("--rootfs-merged"), "{err}");
+    assert!(!work.join("dump.log").exists(), "CRIU ran");
+    assert!(!archive.exists(), "an archive was written");
+    assert!(m.alive());
+    m.assert_beating();
+    m.assert_memory_intact(1);
+}
+
 #[test]
 fn sigterm_during_dump_leaves_no_archive_and_the_process_running() {
     if !criu_available("sigterm_during_dump") {

@@ -651,3 +651,203 @@ fn checkpoint_to_s3_and_restore_from_it() {
     assert_same_manifest(&before, &manifest(name));
     drop(ctr);
 }
+
+/// A private podman storage (graphroot and runroot under `dir`) with the given overlay
+/// `mountopt`, used by the current test's podman and ckstream commands. On drop its
+/// containers and images are removed and whatever is still mounted below `dir`
+/// (podman's private bind mount of its overlay home) is unmounted.
+struct PrivateStorage {
+    dir: PathBuf,
+}
+
+impl PrivateStorage {
+    fn new(dir: &Path, mountopt: &str) -> PrivateStorage {
+        let conf = dir.join("storage.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{0}/storage\"\nrunroot = \"{0}/run\"\n\
+                 [storage.options.overlay]\nmountopt = \"{mountopt}\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        STORAGE_CONF.with(|s| *s.borrow_mut() = Some(conf));
+        PrivateStorage {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for PrivateStorage {
+    fn drop(&mut self) {
+        let _ = podman(&["rm", "-a", "-f", "-t", "0"]);
+        let _ = podman(&["rmi", "-a", "-f"]);
+        let prefix = format!("{}/", self.dir.display());
+        let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").arg("-l").arg(&p).status();
+        }
+        STORAGE_CONF.with(|s| *s.borrow_mut() = None);
+    }
+}
+
+/// ckstream with the current test's podman storage.
+fn ck_storage(args: &[&str]) -> Output {
+    in_storage(Command::new(bin()).args(args))
+        .output()
+        .expect("run ckstream")
+}
+
+fn ck_storage_ok(args: &[&str]) -> Output {
+    let o = ck_storage(args);
+    assert!(
+        o.status.success(),
+        "ckstream {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Metadata-only copy-ups and renamed directories, as a container on storage with
+/// `metacopy=on` (Fedora/RHEL's default) makes them, besides ordinary changes.
+const METACOPY_CHANGES: &str = "set -e
+chmod 640 /opt/keep.txt
+chown 5:6 /etc/group
+mv /data/delete-me.txt /data/renamed.txt
+mv /opt/gone /moved-gone
+mv /opt/recreate /opt/renamed
+chmod 600 /opt/renamed/old.txt
+echo new > /opt/renamed/new.txt
+echo added > /moved-gone/sub/added.txt
+mkdir -p /new/dir; echo x > /new/dir/f
+";
+
+/// Container storage with `mountopt = "metacopy=on"`: the upper dir holds metacopy
+/// files and redirected directories. ckstream stores them from the container's merged
+/// view (taking a `podman mount` reference across the checkpoint) in both formats; the
+/// `.cka` restores through ckstream, the podman export through `podman container
+/// restore --import`, and the container then sees exactly the filesystem it had. When
+/// podman cannot mount the merged view, the checkpoint is refused before podman
+/// checkpoints anything.
+#[test]
+fn metacopy_storage_checkpoints_in_both_formats() {
+    if !have_podman("metacopy") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ckstream-metacopy-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let storage = PrivateStorage::new(dir.path(), "nodev,metacopy=on");
+    build_image();
+    let name = "ck-metacopy";
+    let ctr = start(name);
+    sh(name, METACOPY_CHANGES);
+    let before = manifest(name);
+    let upper =
+        PathBuf::from(podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", name]).trim());
+    assert!(has_xattr(
+        &upper.join("opt/keep.txt"),
+        "trusted.overlay.metacopy"
+    ));
+    assert!(has_xattr(
+        &upper.join("data/renamed.txt"),
+        "trusted.overlay.redirect"
+    ));
+    assert!(has_xattr(
+        &upper.join("moved-gone"),
+        "trusted.overlay.redirect"
+    ));
+    assert!(has_xattr(
+        &upper.join("opt/renamed"),
+        "trusted.overlay.redirect"
+    ));
+
+    // No merged view (podman cannot mount it): refused, the container never stopped.
+    let wrapper = dir.path().join("podman-without-mount");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\n[ \"$1\" = mount ] && { echo 'mount refused by the test' >&2; exit 125; }\nexec podman \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let refused = dir.path().join("refused.cka");
+    let o = in_storage(
+        Command::new(bin())
+            .env("CKSTREAM_PODMAN", &wrapper)
+            .args(["podman", "checkpoint", name, "-o"])
+            .arg(&refused),
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("was not checkpointed"), "{err}");
+    assert!(err.contains("mount refused by the test"), "{err}");
+    assert!(!refused.exists());
+    assert_eq!(
+        podman_ok(&["inspect", "-f", "{{.State.Running}}", name]).trim(),
+        "true"
+    );
+    assert_alive_and_intact(name);
+
+    let tar = dir.path().join("ckpt.tar");
+    let cka = dir.path().join("ckpt.cka");
+    ck_storage_ok(&[
+        "podman",
+        "checkpoint",
+        name,
+        "--format",
+        "podman",
+        "--leave-running",
+        "-o",
+        tar.to_str().unwrap(),
+    ]);
+    ck_storage_ok(&["podman", "checkpoint", name, "-o", cka.to_str().unwrap()]);
+    // Full data and complete directories, no overlay xattrs, in both.
+    let listing: serde_json::Value =
+        serde_json::from_slice(&ck_storage_ok(&["ls", "--json", cka.to_str().unwrap()]).stdout)
+            .unwrap();
+    let entry = |p: &str| {
+        listing
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == p)
+            .unwrap_or_else(|| panic!("{p} not in the archive"))
+            .clone()
+    };
+    assert_eq!(entry("rootfs/opt/keep.txt")["size"], 11);
+    entry("rootfs/moved-gone/sub/file.txt");
+    let t = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -xOf '{}' rootfs-diff.tar | tar -tv; tar -xOf '{}' deleted.files",
+            tar.display(),
+            tar.display()
+        ))
+        .output()
+        .unwrap();
+    let nested = String::from_utf8_lossy(&t.stdout);
+    assert!(nested.contains("moved-gone/sub/file.txt"), "{nested}");
+    assert!(nested.contains("\"/opt/gone\""), "{nested}");
+
+    podman_ok(&["rm", "-f", name]);
+    ck_storage_ok(&["podman", "restore", cka.to_str().unwrap()]);
+    assert_alive_and_intact(name);
+    assert_same_manifest(&before, &manifest(name));
+    podman_ok(&["rm", "-f", name]);
+    podman_ok(&["container", "restore", "--import", tar.to_str().unwrap()]);
+    assert_alive_and_intact(name);
+    assert_same_manifest(&before, &manifest(name));
+    drop(ctr);
+    drop(storage);
+}

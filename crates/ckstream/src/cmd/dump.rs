@@ -37,8 +37,15 @@ pub struct Args {
     shards: u32,
     /// A container's overlayfs upper dir, stored under `rootfs/` while the process tree
     /// is frozen (after CRIU wrote the images, before the process is killed or resumed).
+    /// Metacopy files and renamed (redirected) directories are read through the
+    /// overlay's merged mount (found in /proc/self/mountinfo, or --rootfs-merged); without
+    /// one, an upper dir holding them is refused before CRIU starts.
     #[arg(long, value_name = "UPPER")]
     rootfs_diff: Option<PathBuf>,
+    /// The merged mount of the overlay whose upper dir is --rootfs-diff (default: found
+    /// by its upperdir= in /proc/self/mountinfo).
+    #[arg(long, value_name = "DIR", requires = "rootfs_diff")]
+    rootfs_merged: Option<PathBuf>,
     /// Also store NAME=PATH (or PATH) in the archive.
     #[arg(long = "include")]
     include: Vec<OsString>,
@@ -91,6 +98,15 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     }
     crate::interrupt::install();
     let started = Instant::now();
+    // Checked before anything else, so that a diff which cannot be stored is refused
+    // before CRIU freezes the process tree. It is walked while the tree is frozen.
+    let rootfs = match &args.rootfs_diff {
+        Some(upper) => Some(
+            super::pack::rootfs_diff_input(upper, args.rootfs_merged.as_deref())
+                .context("refusing --rootfs-diff before checkpointing (CRIU was not started)")?,
+        ),
+        None => None,
+    };
     let mut work = WorkDir::new(args.work_dir.clone(), "ckstream-dump")?;
     let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
     let control = socket::bind(&work.path, HOOK_SOCKET)?;
@@ -139,10 +155,6 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         })?;
         let child = Arc::new(Mutex::new(child));
         let mut frozen_at = Instant::now();
-        let rootfs = match &args.rootfs_diff {
-            Some(upper) => Some(ckstream_fs::rootfs_diff_input(upper)?),
-            None => None,
-        };
         let on_frozen: Option<ckstream_criu::capture::FrozenHook> = rootfs.map(|input| {
             Box::new(move |w: &mut ArchiveWriter| -> ckstream_criu::Result<()> {
                 let plan = ckstream_fs::plan_inputs(&[input])?;

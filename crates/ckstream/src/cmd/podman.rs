@@ -185,10 +185,24 @@ fn checkpoint(a: CheckpointArgs, quiet: bool) -> Result<()> {
             None
         }
     };
+    // Metacopy files and renamed directories are stored from the merged view, which a
+    // checkpoint that stops the container would unmount: take a mount reference first,
+    // and refuse before podman freezes anything if there is no merged view.
+    let mut merged = MergedView::new(&ctr.id);
+    if let Some(found) = ckstream_fs::find_indirect(&ctr.upper)? {
+        merged.pin(&ctr.upper).with_context(|| {
+            format!(
+                "{} is {}; storing it needs the container's merged view, which podman could not \
+                 mount; the container was not checkpointed",
+                found.path.display(),
+                found.kind.describe()
+            )
+        })?;
+    }
     podman::checkpoint_in_place(&ctr.id, a.leave_running)
         .context("podman could not checkpoint the container; it keeps running")?;
     let criu_secs = started.elapsed().as_secs_f64();
-    let written = write_checkpoint(&a, &ctr, cka_opts, quiet);
+    let written = write_checkpoint(&a, &ctr, &mut merged, cka_opts, quiet);
     let summary = match written {
         Ok(s) => s,
         Err(e) => {
@@ -249,9 +263,64 @@ struct Written {
     deleted: usize,
 }
 
+/// A container's merged view, mounted through `podman mount` on demand and released
+/// (`podman umount`) when dropped.
+struct MergedView<'a> {
+    id: &'a str,
+    path: Option<PathBuf>,
+}
+
+impl<'a> MergedView<'a> {
+    fn new(id: &'a str) -> Self {
+        MergedView { id, path: None }
+    }
+
+    /// Mounts the container's root (once) and checks it is the overlay of `upper`.
+    fn pin(&mut self, upper: &Path) -> Result<&Path> {
+        if self.path.is_none() {
+            let path = podman::mount(self.id)?;
+            self.path = Some(path.clone());
+            ckstream_fs::check_merged(upper, &path)?;
+        }
+        Ok(self.path.as_deref().expect("set above"))
+    }
+}
+
+impl Drop for MergedView<'_> {
+    fn drop(&mut self) {
+        if self.path.is_some() {
+            if let Err(e) = podman::unmount(self.id) {
+                eprintln!("ckstream: warning: {e}");
+            }
+        }
+    }
+}
+
+/// The container's rootfs diff under `rootfs/`, metacopy files and redirected
+/// directories read through the merged view. Should the upper dir have gained such
+/// an entry after the pre-checkpoint scan, the view is mounted now.
+fn plan_rootfs(ctr: &Container, merged: &mut MergedView) -> Result<ckstream_fs::PackPlan> {
+    let plan = |m: Option<&Path>| -> Result<ckstream_fs::PackPlan> {
+        let mut input = ckstream_fs::rootfs_diff_input(&ctr.upper, m)?;
+        input.name = CKA_ROOTFS_DIR.as_bytes().to_vec();
+        Ok(ckstream_fs::plan_inputs(&[input])?)
+    };
+    match merged.path.clone() {
+        Some(m) => plan(Some(&m)),
+        None => match plan(None) {
+            Err(e) if ckstream_fs::find_indirect(&ctr.upper)?.is_some() => {
+                let m = merged.pin(&ctr.upper).context(e.to_string())?.to_path_buf();
+                plan(Some(&m))
+            }
+            other => other,
+        },
+    }
+}
+
 fn write_checkpoint(
     a: &CheckpointArgs,
     ctr: &Container,
+    merged: &mut MergedView,
     cka_opts: Option<WriterOptions>,
     quiet: bool,
 ) -> Result<Written> {
@@ -264,10 +333,7 @@ fn write_checkpoint(
     write_bundle_file(&ctr.bundle, ckstream_podman::layout::CONFIG_DUMP, &config)?;
     write_bundle_file(&ctr.bundle, ckstream_podman::layout::SPEC_DUMP, &spec)?;
 
-    let rootfs_plan = ckstream_fs::plan_inputs(&[ckstream_fs::PackInput {
-        name: CKA_ROOTFS_DIR.as_bytes().to_vec(),
-        path: ctr.upper.clone(),
-    }])?;
+    let rootfs_plan = plan_rootfs(ctr, merged)?;
     let upper_entries: Vec<_> = rootfs_plan.entries.iter().map(|p| &p.entry).collect();
     let deleted = ckstream_podman::diff::deleted_files(
         &upper_entries,
@@ -283,18 +349,19 @@ fn write_checkpoint(
             let mut inputs: Vec<ckstream_fs::PackInput> = ckstream_podman::layout::BUNDLE_FILES
                 .iter()
                 .chain(&[ckstream_podman::layout::DELETED_FILES])
-                .map(|n| ckstream_fs::PackInput {
-                    name: format!("{CKA_PODMAN_DIR}/{n}").into_bytes(),
-                    path: ctr.bundle.join(n),
+                .map(|n| {
+                    ckstream_fs::PackInput::new(
+                        format!("{CKA_PODMAN_DIR}/{n}").into_bytes(),
+                        ctr.bundle.join(n),
+                    )
                 })
                 .filter(|i| i.path.symlink_metadata().is_ok())
                 .collect();
-            inputs.push(ckstream_fs::PackInput {
-                name: CKA_CRIU_DIR.as_bytes().to_vec(),
-                path: ctr
-                    .bundle
+            inputs.push(ckstream_fs::PackInput::new(
+                CKA_CRIU_DIR.as_bytes(),
+                ctr.bundle
                     .join(ckstream_podman::layout::PODMAN_CHECKPOINT_DIR),
-            });
+            ));
             let mut plan = ckstream_fs::plan_inputs(&inputs)?;
             let prefix = [CKA_ROOTFS_DIR.as_bytes(), b"/"].concat();
             plan.entries

@@ -508,3 +508,48 @@ pub fn open_archive(archive: &Path) -> ckstream_format::ArchiveReader {
         .open(&std::env::temp_dir())
         .unwrap()
 }
+
+/// True when `p` (not followed) has xattr `name`.
+pub fn has_xattr(p: &Path, name: &str) -> bool {
+    rustix::fs::lgetxattr(p, name, &mut [0u8; 256][..]).is_ok()
+}
+
+/// An overlayfs mount (of the merged view); unmounted on drop, so a failing test leaves no overlay behind.
+pub struct OverlayMount(pub PathBuf);
+
+impl Drop for OverlayMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mounts an overlay of `lower` with `metacopy=on,redirect_dir=on` at `merged`
+/// (creating `upper`, `work` and `merged`): a chmod/chown or rename of a lower file
+/// then copies up only metadata, a renamed lower directory gets `overlay.redirect`.
+pub fn mount_metacopy_overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+) -> OverlayMount {
+    for d in [upper, work, merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let out = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={},metacopy=on,redirect_dir=on",
+            lower.display(),
+            upper.display(),
+            work.display()
+        ))
+        .arg(merged)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mounting an overlay with metacopy=on,redirect_dir=on: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    OverlayMount(merged.to_path_buf())
+}
