@@ -19,8 +19,8 @@ use crate::error::{CriuError, Result};
 use crate::proto::{read_message, RequestEntry};
 use crate::socket::{self, check_stop};
 
-/// Settings of one capture.
-pub struct CaptureOptions {
+/// Settings of one capture; the callbacks may borrow from the caller for `'a`.
+pub struct CaptureOptions<'a> {
     /// How long to wait for CRIU to connect.
     pub accept_timeout: Duration,
     /// Longest time without any data or request before giving up.
@@ -30,11 +30,11 @@ pub struct CaptureOptions {
     /// External files to embed: archive name and the read end of a pipe.
     pub ext_files: Vec<(String, OwnedFd)>,
     /// Called every ~100 ms; an error aborts the capture (e.g. CRIU exited early).
-    pub watch: Option<Box<dyn FnMut() -> Result<()>>>,
+    pub watch: Option<Box<dyn FnMut() -> Result<()> + 'a>>,
     /// Called once at CRIU's post-dump hook, while the process tree is still frozen: the
     /// place to add what must be consistent with the memory image (a container's rootfs
     /// changes).
-    pub on_frozen: Option<FrozenHook>,
+    pub on_frozen: Option<FrozenHook<'a>>,
     /// Called at the post-dump hook after `on_frozen`, once every image pipe reached its
     /// end and before the hook is answered: the place to commit and publish the archive,
     /// so that CRIU kills the process only once its checkpoint is stored for good (an
@@ -43,16 +43,16 @@ pub struct CaptureOptions {
     /// `on_frozen` returns, and the process runs on while the pipes are still drained
     /// (for `--leave-running`: the checkpoint puts nothing at risk, so the freeze
     /// should end as soon as CRIU has handed over the data).
-    pub commit_at_hook: Option<FrozenHook>,
+    pub commit_at_hook: Option<FrozenHook<'a>>,
     /// Polled every ~100 ms: once true the capture ends with [`CriuError::Interrupted`]
     /// (the binary passes its SIGINT/SIGTERM flag).
     pub stop: fn() -> bool,
 }
 
 /// See [`CaptureOptions::on_frozen`].
-pub type FrozenHook = Box<dyn FnOnce(&mut ArchiveWriter) -> Result<()>>;
+pub type FrozenHook<'a> = Box<dyn FnOnce(&mut ArchiveWriter) -> Result<()> + 'a>;
 
-impl Default for CaptureOptions {
+impl Default for CaptureOptions<'_> {
     fn default() -> Self {
         CaptureOptions {
             accept_timeout: Duration::from_secs(120),
@@ -187,7 +187,7 @@ impl Stream {
 pub fn capture(
     listener: &UnixListener,
     writer: &mut ArchiveWriter,
-    mut opts: CaptureOptions,
+    mut opts: CaptureOptions<'_>,
     control: Option<&UnixListener>,
     on_event: &mut dyn FnMut(CaptureEvent),
 ) -> Result<CaptureReport> {
@@ -222,7 +222,7 @@ pub fn capture(
 fn capture_loop(
     listener: &UnixListener,
     writer: &mut ArchiveWriter,
-    opts: &mut CaptureOptions,
+    opts: &mut CaptureOptions<'_>,
     control: Option<&UnixListener>,
     on_event: &mut dyn FnMut(CaptureEvent),
     chunk: usize,

@@ -1,6 +1,7 @@
 //! Errors of the CRIU side.
 
 use std::io;
+use std::path::PathBuf;
 
 /// What can go wrong while capturing, serving or running CRIU.
 #[derive(Debug, thiserror::Error)]
@@ -15,9 +16,17 @@ pub enum CriuError {
     /// CRIU sent something that does not follow the image-streamer protocol.
     #[error("CRIU protocol error: {0}")]
     Protocol(String),
-    /// The archive could not be read or written.
-    #[error(transparent)]
+    /// The archive could not be read or written. (Not transparent: the archive error
+    /// stays in the source chain, where the binary finds bad-archive errors for exit 3.)
+    #[error("{0}")]
     Archive(#[from] ckstream_format::Error),
+    /// Applying a rootfs diff failed.
+    #[error("applying the rootfs diff onto {}", target.display())]
+    Rootfs {
+        target: PathBuf,
+        #[source]
+        source: ckstream_format::Error,
+    },
     /// CRIU itself failed; the message names its exit status and log.
     #[error("{0}")]
     Criu(String),
@@ -27,9 +36,20 @@ pub enum CriuError {
     /// SIGINT or SIGTERM arrived.
     #[error("interrupted by a signal")]
     Interrupted,
+    /// A dump or restore failed: says what became of the archive or the process, and
+    /// where CRIU's log is.
+    #[error("{what}; {outcome} (CRIU work dir kept: {})", work_dir.display())]
+    Failed {
+        what: String,
+        outcome: String,
+        work_dir: PathBuf,
+        #[source]
+        source: Box<CriuError>,
+    },
 }
 
 impl CriuError {
+    /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: impl Into<io::Error>) -> Self {
         CriuError::Io {
             context: context.into(),

@@ -1,4 +1,6 @@
-//! The CRIU side of ckstream: CRIU's image-streamer protocol and running CRIU.
+//! The CRIU side of ckstream: CRIU's image-streamer protocol, running CRIU, and the
+//! two operations built on them, [`dump::dump`] (a live tree into a new archive,
+//! committed before CRIU may kill it) and [`restore::restore`].
 //!
 //! With `criu dump --stream` CRIU connects to `DIR/streamer-capture.sock` and, for each
 //! image file, sends a request (u32 little-endian length + protobuf
@@ -10,12 +12,15 @@
 //! concurrently, in any order, as many times as CRIU asks, never buffering the image.
 
 pub mod capture;
+pub mod dump;
 pub mod error;
 pub mod proto;
+pub mod restore;
 pub mod run;
 pub mod serve;
 pub mod socket;
 pub mod stats;
+pub mod workdir;
 
 pub use error::{CriuError, Result};
 

@@ -141,6 +141,49 @@ pub fn rootfs_diff_input(upper: &Path, merged: Option<&Path>) -> Result<PackInpu
     })
 }
 
+/// The input for overlay upper dir `upper`, ready to be walked later (for `dump`, while
+/// the process tree is frozen): the overlay's merged view is `merged` (checked to be
+/// that overlay) or found by its `upperdir=` in `/proc/self/mountinfo`; without one,
+/// `upper` is scanned (directory listings and xattr names only) and refused if it holds
+/// a metacopy file or a redirected directory, which only the merged view can supply.
+/// Meant to run before anything is frozen, so that what cannot be stored is refused
+/// while refusing costs nothing.
+///
+/// # Errors
+/// [`Error::Usage`] when `upper` is not a directory, `merged` is not its overlay, or
+/// `upper` needs a merged view and none was found; I/O errors of the scan.
+pub fn prepare_rootfs_diff(upper: &Path, merged: Option<&Path>) -> Result<PackInput> {
+    if !upper.is_dir() {
+        return Err(Error::Usage(format!(
+            "{} is not a directory (an overlayfs upper dir)",
+            upper.display()
+        )));
+    }
+    let merged = match merged {
+        Some(m) => {
+            crate::overlay::check_merged(upper, m).map_err(|e| match e {
+                Error::Usage(msg) => Error::Usage(format!("{}: {msg}", m.display())),
+                other => other,
+            })?;
+            Some(m.to_path_buf())
+        }
+        None => crate::overlay::find_merged(upper)?,
+    };
+    if merged.is_none() {
+        if let Some(found) = crate::overlay::find_indirect(upper)? {
+            return Err(Error::Usage(format!(
+                "{} is {}; storing it needs the overlay's merged view, and no mounted overlay \
+                 has upperdir={} (/proc/self/mountinfo): mount the overlay, or pass its merged \
+                 directory with --rootfs-merged DIR",
+                found.path.display(),
+                found.kind.describe(),
+                upper.display()
+            )));
+        }
+    }
+    rootfs_diff_input(upper, merged.as_deref())
+}
+
 /// One planned entry: its metadata and, for files, where the data comes from.
 #[derive(Debug)]
 pub struct Planned {

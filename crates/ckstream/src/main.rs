@@ -7,7 +7,6 @@ mod cmd;
 mod interrupt;
 mod output;
 mod progress;
-mod workdir;
 
 use std::process::ExitCode;
 

@@ -72,7 +72,10 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         .map(|a| ckstream_fs::parse_input(a))
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(upper) = &args.rootfs_diff {
-        inputs.push(rootfs_diff_input(upper, args.rootfs_merged.as_deref())?);
+        inputs.push(ckstream_fs::prepare_rootfs_diff(
+            upper,
+            args.rootfs_merged.as_deref(),
+        )?);
     }
     let started = Instant::now();
     let plan = ckstream_fs::plan_inputs(&inputs)?;
@@ -144,44 +147,6 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The input for `--rootfs-diff UPPER [--rootfs-merged DIR]`: the overlay's merged
-/// view is `merged` (checked to be UPPER's overlay) or found in /proc/self/mountinfo.
-/// Without one, UPPER is scanned (directory listings and xattr names only) and refused
-/// if it holds a metacopy file or a redirected directory — so `dump` can refuse before
-/// CRIU freezes anything.
-pub(crate) fn rootfs_diff_input(
-    upper: &std::path::Path,
-    merged: Option<&std::path::Path>,
-) -> Result<ckstream_fs::PackInput> {
-    if !upper.is_dir() {
-        anyhow::bail!(
-            "{} is not a directory (an overlayfs upper dir)",
-            upper.display()
-        );
-    }
-    let merged = match merged {
-        Some(m) => {
-            ckstream_fs::check_merged(upper, m)
-                .with_context(|| format!("--rootfs-merged {}", m.display()))?;
-            Some(m.to_path_buf())
-        }
-        None => ckstream_fs::find_merged(upper)?,
-    };
-    if merged.is_none() {
-        if let Some(found) = ckstream_fs::find_indirect(upper)? {
-            anyhow::bail!(
-                "{} is {}; storing it needs the overlay's merged view, and no mounted overlay \
-                 has upperdir={} (/proc/self/mountinfo): mount the overlay, or pass its merged \
-                 directory with --rootfs-merged DIR",
-                found.path.display(),
-                found.kind.describe(),
-                upper.display()
-            );
-        }
-    }
-    Ok(ckstream_fs::rootfs_diff_input(upper, merged.as_deref())?)
 }
 
 /// Where and how a command writes a new archive.

@@ -1,19 +1,14 @@
-//! `ckstream restore`: restore a process tree by serving an archive to `criu restore --stream`.
+//! `ckstream restore`: restore a process tree by serving an archive to `criu restore
+//! --stream` ([`ckstream_criu::restore`] does the work).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use ckstream_criu::serve::{serve, ServeOptions};
-use ckstream_criu::{is_metadata_image, run, socket, IMAGES_PREFIX};
-use ckstream_format::{ArchiveReader, EntryKind};
+use anyhow::{Context, Result};
+use ckstream_criu::restore::{restore, RestoreOptions};
 
 use crate::output::human_bytes;
-use crate::workdir::WorkDir;
-
-/// Decoder threads per image file when the archive is in an object store.
-const REMOTE_DECODERS: usize = 6;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -40,123 +35,23 @@ pub struct Args {
     criu_args: Vec<String>,
 }
 
-/// Reads and verifies every CRIU metadata image (everything but pages), so a damaged
-/// archive is refused before CRIU starts. Returns (files, bytes) checked.
-pub fn verify_metadata(reader: &ArchiveReader) -> Result<(u64, u64)> {
-    let prefix = format!("{IMAGES_PREFIX}/");
-    let mut files = 0;
-    let mut bytes = 0;
-    let mut has_inventory = false;
-    for (i, e) in reader.entries().iter().enumerate() {
-        let Some(name) = e.path.strip_prefix(prefix.as_bytes()) else {
-            continue;
-        };
-        let name = String::from_utf8_lossy(name);
-        has_inventory |= name == "inventory.img";
-        if e.entry_kind() == EntryKind::File && is_metadata_image(&name) {
-            for c in reader.chunks_of(i) {
-                bytes += reader.read_chunk(e, c)?.len() as u64;
-            }
-            files += 1;
-        }
-    }
-    if !has_inventory {
-        bail!("the archive holds no CRIU checkpoint ({IMAGES_PREFIX}/inventory.img is missing)");
-    }
-    Ok((files, bytes))
-}
-
 pub fn run(args: Args, quiet: bool) -> Result<()> {
     crate::interrupt::install();
     let started = Instant::now();
     let reader = Arc::new(super::open(&args.archive)?);
-    verify_metadata(&reader)
-        .with_context(|| format!("refusing to restore from {}", args.archive))?;
-    if args.verify_first {
-        reader
-            .verify(super::default_threads(), &|_| {})
-            .with_context(|| format!("refusing to restore from {}", args.archive))?;
-    }
-    if let Some(target) = &args.rootfs {
-        if reader.find(ckstream_fs::ROOTFS_PREFIX).is_none() {
-            bail!("{} holds no rootfs diff", args.archive);
-        }
-        let opts = ckstream_fs::UnpackOptions {
-            strip_prefix: Some(ckstream_fs::ROOTFS_PREFIX.to_vec()),
-            overlay_apply: true,
-            ..Default::default()
-        };
-        ckstream_fs::unpack(
-            &reader,
-            target,
-            &[],
-            &opts,
-            &ckstream_fs::UnpackStats::default(),
-        )
-        .with_context(|| format!("applying the rootfs diff onto {}", target.display()))?;
-    }
-    let mut work = WorkDir::new(args.work_dir.clone(), "ckstream-restore")?;
-    let listener = socket::bind(&work.path, socket::SERVE_SOCKET)?;
-    let log = work.path.join("restore.log");
-    let child = Arc::new(Mutex::new(run::spawn_restore(&work.path, &args.criu_args)?));
-    let watch = {
-        let child = child.clone();
-        let log = log.clone();
-        Box::new(move || -> ckstream_criu::Result<()> {
-            match child.lock().unwrap().try_wait() {
-                Ok(Some(status)) if !status.success() => {
-                    Err(run::criu_failure("restore", status, &log))
-                }
-                _ => Ok(()),
-            }
-        })
-    };
-    // From an object store, each decoder thread has one ranged GET in flight: more of them
-    // read further ahead, so download, decompression and CRIU overlap (memory stays
-    // bounded at about three chunks per decoder and open image).
-    let remote = args.archive.is_remote();
-    if remote {
-        // CRIU reads the page images front to back: fetch large spans ahead.
-        for i in 0..reader.shard_count() {
-            reader.shard(i).expect_sequential();
-        }
-    }
-    let default_decoders = if remote {
-        super::default_threads().max(REMOTE_DECODERS)
-    } else {
-        super::default_threads()
-    };
-    let opts = ServeOptions {
-        decoders: args.threads.unwrap_or(default_decoders),
-        watch: Some(watch),
-        stop: crate::interrupt::requested,
-        ..Default::default()
-    };
-    let served = serve(&listener, reader.clone(), opts);
-    drop(listener);
-    let status = {
-        let mut c = child.lock().unwrap();
-        if served.is_err() {
-            // CRIU may be blocked reading a pipe we could not fill; it must not go on.
-            let _ = c.kill();
-        }
-        run::wait_with_timeout(&mut c, std::time::Duration::from_secs(600))
-            .context("waiting for criu")?
-    };
-    let report = match served {
-        Ok(r) => r,
-        Err(e) => {
-            work.keep();
-            return Err(anyhow::Error::new(e).context(format!(
-                "restore failed (CRIU work dir kept: {})",
-                work.path.display()
-            )));
-        }
-    };
-    if !status.success() {
-        work.keep();
-        return Err(run::criu_failure("restore", status, &log).into());
-    }
+    let report = restore(
+        reader,
+        args.archive.is_remote(),
+        &RestoreOptions {
+            rootfs: args.rootfs.as_deref(),
+            verify_first: args.verify_first,
+            work_dir: args.work_dir.clone(),
+            decoders: args.threads,
+            criu_args: &args.criu_args,
+            stop: crate::interrupt::requested,
+        },
+    )
+    .with_context(|| format!("restoring from {}", args.archive))?;
     let secs = started.elapsed().as_secs_f64();
     if args.json {
         println!(

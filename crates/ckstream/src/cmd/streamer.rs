@@ -16,9 +16,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ckstream_criu::capture::{capture, CaptureEvent, CaptureOptions};
-use ckstream_criu::serve::{serve, stream_entry, ServeOptions};
-use ckstream_criu::{socket, IMAGES_PREFIX};
-use ckstream_format::{ArchiveReader, Compression, EntryKind, WriterOptions};
+use ckstream_criu::serve::{serve, ServeOptions};
+use ckstream_criu::socket;
+use ckstream_format::{ArchiveReader, Compression, WriterOptions};
 use ckstream_store::{take_fd, ArchiveLocation, ArchiveSpec, NewArchive, Writeback};
 
 /// criu-image-streamer's global options.
@@ -225,7 +225,7 @@ pub fn serve_cmd(o: &StreamerOpts) -> Result<()> {
     let mut progress = Progress::new(o.progress_fd);
     let ext = ext_files(&o.ext_file_fds)?;
     let (reader, stats) = open_from_fds(o, dir)?;
-    super::restore::verify_metadata(&reader)?;
+    ckstream_criu::restore::verify_metadata(&reader)?;
     progress.stats(&stats);
     let listener = socket::bind(dir, socket::SERVE_SOCKET)?;
     progress.line("socket-init");
@@ -246,27 +246,6 @@ pub fn extract_cmd(o: &StreamerOpts) -> Result<()> {
     let ext = ext_files(&o.ext_file_fds)?;
     let (reader, stats) = open_from_fds(o, dir)?;
     progress.stats(&stats);
-    let prefix = format!("{IMAGES_PREFIX}/");
-    let counter = std::sync::atomic::AtomicU64::new(0);
-    for (i, e) in reader.entries().iter().enumerate() {
-        let Some(name) = e.path.strip_prefix(prefix.as_bytes()) else {
-            continue;
-        };
-        if e.entry_kind() != EntryKind::File || name.contains(&b'/') {
-            continue;
-        }
-        let path = dir.join(std::ffi::OsStr::new(
-            std::str::from_utf8(name).context("non-UTF-8 image name")?,
-        ));
-        let out = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        stream_entry(&reader, i, &out, super::default_threads(), &counter)?;
-    }
-    for (name, fd) in ext {
-        let i = reader
-            .find(name.as_bytes())
-            .with_context(|| format!("external file {name} is not in the archive"))?;
-        let out = File::from(fd);
-        stream_entry(&reader, i, &out, super::default_threads(), &counter)?;
-    }
+    ckstream_criu::restore::extract(&reader, dir, ext, super::default_threads())?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{CriuError, Result};
 
 /// A work directory: `--work-dir` as given (never removed), or a fresh one in the
 /// temporary directory (removed on drop unless [`WorkDir::keep`] was called).
@@ -13,10 +13,15 @@ pub struct WorkDir {
 }
 
 impl WorkDir {
+    /// Creates (or takes) the directory.
+    ///
+    /// # Errors
+    /// [`CriuError::Io`] when it cannot be created.
     pub fn new(given: Option<PathBuf>, prefix: &str) -> Result<Self> {
         match given {
             Some(p) => {
-                std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+                std::fs::create_dir_all(&p)
+                    .map_err(|e| CriuError::io(format!("creating {}", p.display()), e))?;
                 Ok(WorkDir {
                     path: p,
                     remove: false,
@@ -33,7 +38,10 @@ impl WorkDir {
                         });
                     }
                 }
-                bail!("cannot create a work directory in {}", base.display())
+                Err(CriuError::io(
+                    format!("cannot create a work directory in {}", base.display()),
+                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                ))
             }
         }
     }

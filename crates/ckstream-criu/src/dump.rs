@@ -1,0 +1,270 @@
+//! Checkpointing a live process tree: `criu dump --stream` straight into a new archive.
+//!
+//! The order is what keeps the process safe. Everything that can be refused is checked
+//! before CRIU starts (the output can be created, the extra files planned, the rootfs
+//! diff prepared). While CRIU streams its images, the archive's files are written back
+//! to disk as they grow. At CRIU's post-dump hook — the last moment before CRIU kills
+//! the process — the rootfs diff is walked (the tree is still frozen), and the archive
+//! is committed and published; only then is the hook answered "ok". Any failure answers
+//! it "fail", and CRIU resumes the process instead of killing it. With
+//! `leave_running` the process is never at risk: the hook is answered at once (its
+//! freeze ends when CRIU has handed over the data) and the commit follows.
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ckstream_format::{ArchiveWriter, WriteSummary, WriterOptions};
+use ckstream_fs::PackInput;
+use ckstream_store::{ArchiveLocation, ArchiveSpec, NewArchive, PendingArchive, Writeback};
+
+use crate::capture::{capture, CaptureEvent, CaptureOptions, CaptureReport, FrozenHook};
+use crate::error::{CriuError, Result};
+use crate::run::{self, DumpCommand, HOOK_SOCKET};
+use crate::socket;
+use crate::stats::{read_dump_stats, DumpStats};
+use crate::workdir::WorkDir;
+
+/// What to checkpoint, and where.
+pub struct DumpOptions<'a> {
+    /// Root of the process tree.
+    pub pid: u32,
+    pub output: &'a ArchiveLocation,
+    pub shards: u32,
+    pub writer: WriterOptions,
+    /// Resume the tree after the checkpoint instead of killing it.
+    pub leave_running: bool,
+    /// Files stored beside the images (planned before CRIU starts).
+    pub includes: Vec<PackInput>,
+    /// A container's rootfs diff, from [`ckstream_fs::prepare_rootfs_diff`] (so whatever
+    /// cannot be stored was refused already); walked while the tree is frozen.
+    pub rootfs: Option<PackInput>,
+    /// CRIU's work directory (socket, action script, log); default: a temporary one,
+    /// removed on success and kept (for its log) on failure.
+    pub work_dir: Option<PathBuf>,
+    /// Extra arguments for `criu dump`.
+    pub criu_args: &'a [String],
+    /// Polled while capturing: once true the dump stops (CRIU resumes the process).
+    pub stop: fn() -> bool,
+}
+
+/// What a successful dump did.
+#[derive(Debug)]
+pub struct DumpReport {
+    pub capture: CaptureReport,
+    pub summary: WriteSummary,
+    /// CRIU's own timing (its `stats-dump`), when it wrote one: the exact freeze.
+    pub criu_stats: Option<DumpStats>,
+    /// From the first image CRIU sent to the end: the freeze, give or take, when CRIU's
+    /// statistics are missing.
+    pub since_first_image: Duration,
+}
+
+/// Writes the action script CRIU runs (CRIU execs it directly, without a shell) into
+/// the work directory: it calls back into this binary's post-dump hook (the binary
+/// answers `__criu-hook` with [`run::hook_client`]).
+fn write_hook_script(dir: &Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe()
+        .map_err(|e| CriuError::io("locating the ckstream binary for CRIU's action script", e))?;
+    let exe = exe.to_string_lossy();
+    if exe.contains('\'') {
+        return Err(CriuError::Criu(format!(
+            "the path of the ckstream binary contains a quote: {exe}"
+        )));
+    }
+    let path = dir.join("ckstream-action-script");
+    std::fs::write(&path, format!("#!/bin/sh\nexec '{exe}' __criu-hook\n"))
+        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| CriuError::io(format!("writing {}", path.display()), e))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+/// Watches the CRIU child: an early non-zero exit aborts the capture.
+fn watch_child(child: &Mutex<Child>, log: &Path) -> Result<()> {
+    match child.lock().unwrap().try_wait() {
+        Ok(Some(status)) if !status.success() => Err(run::criu_failure("dump", status, log)),
+        _ => Ok(()),
+    }
+}
+
+/// The new archive and how far it got: committed (and published) inside the hook, or
+/// still pending.
+struct Outcome {
+    pending: Option<PendingArchive>,
+    committed: Option<WriteSummary>,
+}
+
+impl Outcome {
+    fn commit(&mut self, writer: &mut ArchiveWriter) -> Result<()> {
+        let summary = writer.commit()?;
+        if let Some(p) = self.pending.take() {
+            p.publish()?;
+        }
+        self.committed = Some(summary);
+        Ok(())
+    }
+}
+
+/// Checkpoints the tree at `opts.pid` into `opts.output` (see the module documentation).
+///
+/// # Errors
+/// [`CriuError::Failed`] saying whether an archive was written (none was, unless
+/// CRIU failed after the commit) and where CRIU's log is; errors before CRIU started
+/// (the output cannot be created, an include cannot be read) as they are.
+pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
+    let mut work = WorkDir::new(opts.work_dir.clone(), "ckstream-dump")?;
+    let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
+    let control = socket::bind(&work.path, HOOK_SOCKET)?;
+    let includes = ckstream_fs::plan_inputs(&opts.includes)?;
+    let NewArchive {
+        mut writer,
+        pending,
+    } = opts.output.create(&ArchiveSpec {
+        shards: opts.shards,
+        writer: opts.writer.clone(),
+        command: "dump",
+        // Data is pushed to disk while CRIU streams it, so the commit at the post-dump
+        // hook (the end of the freeze) flushes only the tail. A dump that leaves the
+        // process running answers the hook without waiting for the disk at all.
+        writeback: if opts.leave_running {
+            Writeback::Unbounded
+        } else {
+            Writeback::default()
+        },
+    })?;
+    writer.add_meta("criu.pid", opts.pid.to_string());
+    if let Some(v) = run::criu_version() {
+        writer.add_meta("criu.version", v);
+    }
+    let mut outcome = Outcome {
+        pending: Some(pending),
+        committed: None,
+    };
+    let log = work.path.join("dump.log");
+    let mut first_image = Instant::now();
+    let captured = (|| -> Result<CaptureReport> {
+        ckstream_fs::pack_inputs(&mut writer, includes)?;
+        let child = Mutex::new(run::spawn_dump(&DumpCommand {
+            pid: opts.pid,
+            work_dir: &work.path,
+            leave_running: opts.leave_running,
+            hook: Some(write_hook_script(&work.path)?),
+            extra_args: opts.criu_args,
+        })?);
+        let child = Arc::new(child);
+        let on_frozen = opts.rootfs.clone().map(|input| {
+            Box::new(move |w: &mut ArchiveWriter| -> Result<()> {
+                let plan = ckstream_fs::plan_inputs(&[input])?;
+                ckstream_fs::pack_inputs(w, plan)?;
+                Ok(())
+            }) as FrozenHook
+        });
+        let commit_at_hook = (!opts.leave_running)
+            .then(|| Box::new(|w: &mut ArchiveWriter| outcome.commit(w)) as FrozenHook);
+        let capture_opts = CaptureOptions {
+            watch: Some(Box::new({
+                let (child, log) = (child.clone(), log.clone());
+                move || watch_child(&child, &log)
+            })),
+            on_frozen,
+            commit_at_hook,
+            stop: opts.stop,
+            ..Default::default()
+        };
+        let captured = capture(
+            &listener,
+            &mut writer,
+            capture_opts,
+            Some(&control),
+            &mut |e| {
+                if e == CaptureEvent::CheckpointStart {
+                    first_image = Instant::now();
+                }
+            },
+        );
+        // Whatever happened, let CRIU finish on its own: on our failure it sees broken
+        // pipes or a failing hook and resumes the process rather than killing it.
+        let status = run::wait_with_timeout(&mut child.lock().unwrap(), Duration::from_secs(600))
+            .map_err(|e| CriuError::io("waiting for criu", e))?;
+        let report = captured?;
+        if !status.success() {
+            return Err(run::criu_failure("dump", status, &log));
+        }
+        Ok(report)
+    })();
+    drop(listener);
+    let capture = match captured {
+        Ok(r) => r,
+        Err(e) => {
+            work.keep();
+            let (what, outcome) = if outcome.committed.is_some() {
+                (
+                    "CRIU failed after its post-dump hook".to_string(),
+                    format!(
+                        "the checkpoint was complete and is committed to {}",
+                        opts.output
+                    ),
+                )
+            } else {
+                writer.abort();
+                if let Some(p) = outcome.pending.take() {
+                    p.discard();
+                }
+                let what = if matches!(e, CriuError::Interrupted) {
+                    "interrupted"
+                } else {
+                    "checkpoint failed"
+                };
+                (what.to_string(), "no archive was written".to_string())
+            };
+            return Err(CriuError::Failed {
+                what,
+                outcome,
+                work_dir: work.path.clone(),
+                source: Box::new(e),
+            });
+        }
+    };
+    let since_first_image = first_image.elapsed();
+    let criu_stats = read_dump_stats(&work.path).ok();
+    let summary = match outcome.committed.take() {
+        Some(summary) => summary,
+        // --leave-running (or CRIU skipped the hook): commit now, the process runs on.
+        None => {
+            let pending = outcome.pending.take();
+            let committed = writer
+                .finish()
+                .map_err(CriuError::from)
+                .and_then(|summary| {
+                    if let Some(p) = pending {
+                        p.publish()?;
+                    }
+                    Ok(summary)
+                });
+            committed.map_err(|e| {
+                work.keep();
+                CriuError::Failed {
+                    what: format!("committing {} failed", opts.output),
+                    outcome: format!(
+                        "no archive was written{}",
+                        if opts.leave_running {
+                            " (the process was left running)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    work_dir: work.path.clone(),
+                    source: Box::new(e),
+                }
+            })?
+        }
+    };
+    Ok(DumpReport {
+        capture,
+        summary,
+        criu_stats,
+        since_first_image,
+    })
+}
