@@ -84,7 +84,27 @@ impl fmt::Display for Compression {
     }
 }
 
-impl FromStr for Compression {
+/// A compression as written on a command line, before defaults: `zstd` without a level
+/// leaves the level to the command (`pack` and `dump` use 1, the podman commands 3,
+/// podman's own level), so that choice is made by type, not by the spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompressionArg {
+    codec: CodecId,
+    level: Option<i32>,
+}
+
+impl CompressionArg {
+    /// The compression, with `zstd_level` where no zstd level was given.
+    pub fn with_zstd_default(self, zstd_level: i32) -> Compression {
+        match self.codec {
+            CodecId::Zstd => Compression::zstd(self.level.unwrap_or(zstd_level)),
+            CodecId::Lz4 => Compression::LZ4,
+            CodecId::None => Compression::NONE,
+        }
+    }
+}
+
+impl FromStr for CompressionArg {
     type Err = Error;
 
     /// Parses `none`, `lz4`, `zstd` or `zstd:LEVEL`.
@@ -93,10 +113,11 @@ impl FromStr for Compression {
             Some((n, l)) => (n, Some(l)),
             None => (s, None),
         };
+        let arg = |codec, level| CompressionArg { codec, level };
         match (name, level) {
-            ("none" | "raw", None) => Ok(Compression::NONE),
-            ("lz4", None) => Ok(Compression::LZ4),
-            ("zstd", None) => Ok(Compression::zstd(1)),
+            ("none" | "raw", None) => Ok(arg(CodecId::None, None)),
+            ("lz4", None) => Ok(arg(CodecId::Lz4, None)),
+            ("zstd", None) => Ok(arg(CodecId::Zstd, None)),
             ("zstd", Some(l)) => {
                 let level: i32 = l
                     .parse()
@@ -106,12 +127,21 @@ impl FromStr for Compression {
                         "zstd level {level} is out of range (-7..=22, not 0)"
                     )));
                 }
-                Ok(Compression::zstd(level))
+                Ok(arg(CodecId::Zstd, Some(level)))
             }
             _ => Err(Error::Usage(format!(
                 "unknown compression {s:?} (use none, lz4, zstd or zstd:LEVEL)"
             ))),
         }
+    }
+}
+
+impl FromStr for Compression {
+    type Err = Error;
+
+    /// Parses `none`, `lz4`, `zstd` (level 1) or `zstd:LEVEL`.
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(s.parse::<CompressionArg>()?.with_zstd_default(1))
     }
 }
 

@@ -34,6 +34,12 @@ pub const MAX_META_RECORD: u32 = 16 << 20;
 /// Largest decoded index a reader accepts.
 pub const MAX_INDEX_RAW: u64 = 1 << 30;
 
+/// True when `bytes` (the start of a file) begin like a shard: `.cka` rather than,
+/// say, a podman tar.
+pub fn looks_like_shard(bytes: &[u8]) -> bool {
+    bytes.starts_with(&SHARD_MAGIC)
+}
+
 /// Required feature bits. A reader must refuse an archive with a bit it does not know.
 pub mod required {
     /// Shards 1.. are named by the archive id (`NAME.ID.i`, see docs/FORMAT.md), so a

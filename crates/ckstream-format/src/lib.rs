@@ -15,11 +15,13 @@ pub mod codec;
 pub mod error;
 pub mod index;
 pub mod layout;
+pub mod progress;
 pub mod reader;
 pub mod writer;
 
-pub use codec::{CodecId, Compression};
+pub use codec::{CodecId, Compression, CompressionArg};
 pub use error::{Error, Result};
 pub use index::{Chunk, Entry, EntryKind, Index, Xattr};
+pub use progress::{Progress, Stop};
 pub use reader::{ArchiveReader, RecordScanner, ShardSource, VerifyReport};
 pub use writer::{ArchiveWriter, ShardSink, WriteSummary, WriterOptions};

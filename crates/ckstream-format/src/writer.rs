@@ -72,6 +72,8 @@ pub struct WriterOptions {
     /// Set [`required::ID_NAMED_SHARDS`](crate::layout::required::ID_NAMED_SHARDS): the
     /// store names shards 1.. by the archive id. Only meaningful with several shards.
     pub id_named_shards: bool,
+    /// Counts the raw bytes handed to the writer (for the caller's progress display).
+    pub progress: crate::Progress,
 }
 
 impl Default for WriterOptions {
@@ -84,6 +86,7 @@ impl Default for WriterOptions {
                 .unwrap_or(2),
             alignment_log2: 12,
             id_named_shards: false,
+            progress: crate::Progress::default(),
         }
     }
 }
@@ -507,6 +510,7 @@ impl ArchiveWriter {
         self.stats
             .raw_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.opts.progress.add(data.len() as u64);
         let seq = self.seq();
         self.submit(Job::Data {
             seq,
@@ -540,6 +544,7 @@ impl ArchiveWriter {
         self.stats
             .raw_bytes
             .fetch_add(total as u64, Ordering::Relaxed);
+        self.opts.progress.add(total as u64);
         let seq = self.seq();
         self.submit(Job::Bundle { seq, parts })
     }

@@ -47,6 +47,41 @@ fn read_err(what: &str, e: io::Error) -> Error {
     }
 }
 
+/// Converts the podman export at `input` into a new `.cka` at `output` (plain `zstd`
+/// meaning podman's level 3), committed and published only when complete.
+///
+/// # Errors
+/// As [`import_podman_archive`], and the errors of creating or publishing the archive.
+pub fn import(
+    input: &Path,
+    output: &ckstream_store::ArchiveLocation,
+    shards: u32,
+    compression: ckstream_format::CompressionArg,
+    progress: &ckstream_format::Progress,
+    stop: ckstream_format::Stop,
+) -> Result<(ImportStats, ckstream_format::WriteSummary)> {
+    let total = std::fs::metadata(input)
+        .map_err(|e| Error::io(format!("cannot read {}", input.display()), e))?
+        .len();
+    progress.set_total(total);
+    let spec = ckstream_store::ArchiveSpec {
+        shards,
+        writer: ckstream_format::WriterOptions {
+            compression: crate::checkpoint::cka_compression(compression),
+            progress: progress.clone(),
+            ..Default::default()
+        },
+        command: "podman import",
+        writeback: Default::default(),
+    };
+    let mut stats = None;
+    let summary = output.write(&spec, |w| {
+        stats = Some(import_podman_archive(input, w, &move || stop.requested())?);
+        Ok(())
+    })?;
+    Ok((stats.expect("set when the archive was written"), summary))
+}
+
 /// Imports the podman export at `path` into `writer`.
 ///
 /// # Errors

@@ -7,8 +7,9 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use ckstream_format::{Error, Result};
 use serde_json::Value;
+
+use crate::error::{PodmanError, Result};
 
 /// What ckstream needs to know about a container.
 #[derive(Debug, Clone)]
@@ -35,25 +36,28 @@ fn podman_bin() -> String {
     std::env::var("CKSTREAM_PODMAN").unwrap_or_else(|_| "podman".into())
 }
 
-fn podman_error(what: &str, detail: impl std::fmt::Display) -> Error {
-    Error::io(what.to_string(), std::io::Error::other(detail.to_string()))
+fn podman_error(args: &str, detail: impl std::fmt::Display) -> PodmanError {
+    PodmanError::Command {
+        args: args.to_string(),
+        message: detail.to_string(),
+    }
 }
 
 /// Runs podman with `args`, returning its stdout; its stderr is passed through on
 /// failure in the error.
 ///
 /// # Errors
-/// [`Error::Io`] when podman cannot start or exits non-zero (with its message).
+/// [`PodmanError::Command`] when podman cannot start or exits non-zero (with its message).
 pub fn podman(args: &[&str]) -> Result<String> {
     let out = Command::new(podman_bin())
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| Error::io(format!("cannot run {}", podman_bin()), e))?;
+        .map_err(|e| podman_error(&args.join(" "), format!("cannot run {}: {e}", podman_bin())))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         return Err(podman_error(
-            &format!("podman {}", args.join(" ")),
+            &args.join(" "),
             format!("{} ({})", stderr.trim(), out.status),
         ));
     }
@@ -63,15 +67,15 @@ pub fn podman(args: &[&str]) -> Result<String> {
 /// Looks a container up by name or ID.
 ///
 /// # Errors
-/// [`Error::Io`] when podman fails or the container does not exist;
-/// [`Error::Unsupported`] for storage drivers other than overlay.
+/// [`PodmanError::Command`] when podman fails or the container does not exist;
+/// [`PodmanError::Unsupported`] for storage drivers other than overlay.
 pub fn inspect(container: &str) -> Result<Container> {
     let out = podman(&["container", "inspect", container])?;
-    let v: Value =
-        serde_json::from_str(&out).map_err(|e| podman_error("parsing podman inspect output", e))?;
+    let v: Value = serde_json::from_str(&out)
+        .map_err(|e| podman_error("container inspect", format!("unreadable output: {e}")))?;
     let c = v
         .get(0)
-        .ok_or_else(|| podman_error("podman inspect", format!("no container {container}")))?;
+        .ok_or_else(|| podman_error("container inspect", format!("no container {container}")))?;
     let s = |p: &str| {
         c.pointer(p)
             .and_then(Value::as_str)
@@ -80,7 +84,7 @@ pub fn inspect(container: &str) -> Result<Container> {
     };
     let driver = s("/GraphDriver/Name");
     if driver != "overlay" {
-        return Err(Error::Unsupported(format!(
+        return Err(PodmanError::Unsupported(format!(
             "container {container} uses the {driver:?} storage driver; ckstream reads overlay upper directories only"
         )));
     }
@@ -120,7 +124,7 @@ pub fn inspect(container: &str) -> Result<Container> {
 /// `checkpoint/` directory, the container stops unless `leave_running`.
 ///
 /// # Errors
-/// [`Error::Io`] with podman's message when the checkpoint fails (podman and CRIU
+/// [`PodmanError::Command`] with podman's message when the checkpoint fails (podman and CRIU
 /// leave the container running in that case).
 pub fn checkpoint_in_place(id: &str, leave_running: bool) -> Result<()> {
     let mut args = vec!["container", "checkpoint", "--keep"];
@@ -136,13 +140,13 @@ pub fn checkpoint_in_place(id: &str, leave_running: bool) -> Result<()> {
 /// mount stays until [`unmount`], even across a checkpoint that stops the container.
 ///
 /// # Errors
-/// [`Error::Io`] with podman's message.
+/// [`PodmanError::Command`] with podman's message.
 pub fn mount(id: &str) -> Result<PathBuf> {
     let out = podman(&["mount", id])?;
     let path = out.trim();
     if path.is_empty() {
         return Err(podman_error(
-            &format!("podman mount {id}"),
+            &format!("mount {id}"),
             "printed no mount point",
         ));
     }
@@ -152,7 +156,7 @@ pub fn mount(id: &str) -> Result<PathBuf> {
 /// Drops the reference [`mount`] took (`podman umount`).
 ///
 /// # Errors
-/// [`Error::Io`] with podman's message.
+/// [`PodmanError::Command`] with podman's message.
 pub fn unmount(id: &str) -> Result<()> {
     podman(&["umount", id]).map(|_| ())
 }
@@ -160,7 +164,7 @@ pub fn unmount(id: &str) -> Result<()> {
 /// Restores a container from a podman export archive (`podman container restore --import`).
 ///
 /// # Errors
-/// [`Error::Io`] with podman's message.
+/// [`PodmanError::Command`] with podman's message.
 pub fn restore_import(archive: &std::path::Path, name: Option<&str>) -> Result<String> {
     let path = archive.to_string_lossy();
     let mut args = vec!["container", "restore", "--import", &path];
@@ -173,4 +177,21 @@ pub fn restore_import(archive: &std::path::Path, name: Option<&str>) -> Result<S
 /// True when a container with this name or ID exists.
 pub fn container_exists(name: &str) -> bool {
     podman(&["container", "exists", name]).is_ok()
+}
+
+/// Restores a container from the checkpoint podman keeps in its bundle
+/// (`podman container restore`, after a `--keep` checkpoint).
+///
+/// # Errors
+/// [`PodmanError::Command`] with podman's message.
+pub fn restore_in_place(id: &str) -> Result<()> {
+    podman(&["container", "restore", id]).map(|_| ())
+}
+
+/// Removes a container at once (`podman rm -f -t 0`).
+///
+/// # Errors
+/// [`PodmanError::Command`] with podman's message.
+pub fn remove(name: &str) -> Result<()> {
+    podman(&["rm", "-f", "-t", "0", name]).map(|_| ())
 }

@@ -101,6 +101,11 @@ impl TarWriter {
         )
     }
 
+    /// True when file data is aligned (see the module documentation).
+    pub fn is_aligned(&self) -> bool {
+        self.align > 1
+    }
+
     /// Writes to a byte stream (no alignment: it would only cost space).
     pub fn to_stream(w: Box<dyn Write + Send>) -> Self {
         Self::new(Out::Stream(w), false)

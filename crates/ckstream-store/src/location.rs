@@ -14,7 +14,9 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use ckstream_format::layout::{ShardHeader, HEADER_LEN};
-use ckstream_format::{ArchiveReader, ArchiveWriter, Error, Result, ShardSink, WriterOptions};
+use ckstream_format::{
+    ArchiveReader, ArchiveWriter, Error, Result, ShardSink, WriteSummary, WriterOptions,
+};
 
 use crate::local::{self, FdSink, FileSource, StdoutSink};
 use crate::publish::{FilePublish, PendingArchive};
@@ -156,6 +158,28 @@ impl ArchiveLocation {
         writer.add_meta("ckstream.version", env!("CARGO_PKG_VERSION"));
         writer.add_meta("ckstream.command", spec.command);
         Ok(NewArchive { writer, pending })
+    }
+
+    /// Creates an archive here ([`create`](Self::create)), lets `fill` add its entries,
+    /// and commits and publishes it only when `fill` succeeded; otherwise nothing is
+    /// published and an earlier archive of the same name stays as it was.
+    ///
+    /// # Errors
+    /// The errors of [`create`](Self::create), of `fill`, and of
+    /// [`NewArchive::finish`].
+    pub fn write(
+        &self,
+        spec: &ArchiveSpec,
+        fill: impl FnOnce(&mut ArchiveWriter) -> Result<()>,
+    ) -> Result<WriteSummary> {
+        let mut archive = self.create(spec)?;
+        match fill(&mut archive.writer) {
+            Ok(()) => archive.finish(),
+            Err(e) => {
+                archive.abort();
+                Err(e)
+            }
+        }
     }
 
     /// Opens the archive here. A stream (standard input, pipes on fds) is first spooled
@@ -317,7 +341,7 @@ impl NewArchive {
     ///
     /// # Errors
     /// The writer's or the publish step's error.
-    pub fn finish(self) -> Result<ckstream_format::WriteSummary> {
+    pub fn finish(self) -> Result<WriteSummary> {
         let NewArchive { writer, pending } = self;
         match writer.finish() {
             Ok(summary) => {

@@ -9,19 +9,20 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A byte-count bar fed by polling a counter, drawn only when stderr is a terminal.
-pub struct Progress {
+pub struct Bar {
     bar: ProgressBar,
     stop: Arc<AtomicBool>,
     ticker: Option<JoinHandle<()>>,
 }
 
-impl Progress {
-    /// Starts a bar for `total` bytes labelled `label`; `read` returns bytes done so far.
+impl Bar {
+    /// Starts a bar for `total` bytes labelled `label`; `read` returns bytes done so far,
+    /// and the total when it is known only later (0: keep the one given).
     pub fn bytes(
         label: &str,
         total: u64,
         quiet: bool,
-        read: impl Fn() -> u64 + Send + 'static,
+        read: impl Fn() -> (u64, u64) + Send + 'static,
     ) -> Self {
         let visible = !quiet && std::io::stderr().is_terminal();
         let bar = if visible {
@@ -43,12 +44,16 @@ impl Progress {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    bar.set_position(read());
+                    let (done, total) = read();
+                    if total > 0 {
+                        bar.set_length(total);
+                    }
+                    bar.set_position(done);
                     std::thread::sleep(Duration::from_millis(100));
                 }
             })
         });
-        Progress { bar, stop, ticker }
+        Bar { bar, stop, ticker }
     }
 
     /// Removes the bar.
@@ -61,7 +66,7 @@ impl Progress {
     }
 }
 
-impl Drop for Progress {
+impl Drop for Bar {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.bar.finish_and_clear();

@@ -272,7 +272,8 @@ fn pack_to_stdout_and_failures_leave_no_archive() {
         bad.as_os_str(),
         src.as_os_str(),
     ] as &[&std::ffi::OsStr]);
-    assert_eq!(r.status.code(), Some(1));
+    // A bad option value is a usage error (exit 2), reported by the argument parser.
+    assert_eq!(r.status.code(), Some(2));
     assert!(stderr(&r).contains("unknown compression"));
 }
 

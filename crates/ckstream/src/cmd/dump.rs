@@ -25,9 +25,9 @@ pub struct Args {
     leave_running: bool,
     /// none, lz4, zstd or zstd:LEVEL.
     #[arg(short, long, default_value = "zstd:1")]
-    compress: String,
+    compress: Compression,
     /// Number of shard files.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     shards: u32,
     /// A container's overlayfs upper dir, stored under `rootfs/` while the process tree
     /// is frozen (after CRIU wrote the images, before the process is killed or resumed).
@@ -55,7 +55,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let compression: Compression = args.compress.parse()?;
+    let compression = args.compress;
     if args.json && args.output.is_stream() {
         bail!("--json cannot be used when the archive goes to stdout");
     }

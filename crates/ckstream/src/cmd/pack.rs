@@ -2,15 +2,14 @@
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use ckstream_format::{ArchiveWriter, Compression, WriterOptions};
+use ckstream_format::{Compression, Progress, Stop, WriterOptions};
 use ckstream_store::{ArchiveLocation, ArchiveSpec};
 
 use crate::output::human_bytes;
-use crate::progress::Progress;
+use crate::progress::Bar;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -20,15 +19,15 @@ pub struct Args {
     output: ArchiveLocation,
     /// none, lz4, zstd or zstd:LEVEL.
     #[arg(short, long, default_value = "zstd:1")]
-    compress: String,
-    /// Number of shard files to spread the archive over.
-    #[arg(long, default_value_t = 1)]
+    compress: Compression,
+    /// Number of shard files to spread the archive over (1..=256).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     shards: u32,
     /// Worker threads for hashing and compression (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
     /// Chunk size in KiB (64..=16384).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=16384))]
     chunk_kib: u32,
     /// Print a JSON summary on stdout.
     #[arg(long)]
@@ -54,15 +53,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
-    let compression: Compression = args.compress.parse()?;
+    let compression = args.compress;
     // SIGINT/SIGTERM stop the pack cleanly: temporary shards are removed, nothing is published.
     crate::interrupt::install();
-    if !(64..=16384).contains(&args.chunk_kib) {
-        anyhow::bail!("--chunk-kib must be between 64 and 16384");
-    }
-    if args.shards == 0 || args.shards > 256 {
-        anyhow::bail!("--shards must be between 1 and 256");
-    }
     if args.json && args.output.is_stream() {
         anyhow::bail!("--json cannot be used when the archive goes to stdout");
     }
@@ -80,21 +73,6 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let plan = ckstream_fs::plan_inputs(&inputs)?;
     let total = plan.total_bytes;
-    let opts = WriterOptions {
-        compression,
-        chunk_size: args.chunk_kib * 1024,
-        threads: args.threads.unwrap_or_else(super::default_threads),
-        ..Default::default()
-    };
-    let target = NewArchiveSpec {
-        output: &args.output,
-        shards: args.shards,
-        opts,
-        command: "pack",
-        doing: "packing",
-        total_bytes: total,
-        quiet,
-    };
     let hot: Vec<Vec<u8>> = args
         .hot
         .iter()
@@ -103,10 +81,31 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             p.strip_prefix(b"/").unwrap_or(p).to_vec()
         })
         .collect();
-    let summary = write_archive(&target, |writer| {
+    let progress = Progress::new();
+    let bar = Bar::bytes("pack", total, quiet, {
+        let progress = progress.clone();
+        move || (progress.done(), 0)
+    });
+    let spec = ArchiveSpec {
+        shards: args.shards,
+        writer: WriterOptions {
+            compression,
+            chunk_size: args.chunk_kib * 1024,
+            threads: args.threads.unwrap_or_else(super::default_threads),
+            progress,
+            ..Default::default()
+        },
+        command: "pack",
+        writeback: Default::default(),
+    };
+    let stop = Stop::new(crate::interrupt::requested);
+    let summary = args.output.write(&spec, |writer| {
         writer.set_hot_paths(hot);
-        ckstream_fs::pack_inputs_until(writer, plan, &crate::interrupt::requested).map(|_| ())
-    })?;
+        ckstream_fs::pack_inputs_until(writer, plan, &move || stop.requested()).map(|_| ())
+    });
+    bar.finish();
+    let summary = summary
+        .with_context(|| format!("packing {} failed; no archive was written", args.output))?;
     let secs = started.elapsed().as_secs_f64();
     let archive_bytes: u64 = summary.shard_sizes.iter().sum();
     let ratio = if archive_bytes > 0 {
@@ -147,57 +146,4 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Where and how a command writes a new archive.
-pub(crate) struct NewArchiveSpec<'a> {
-    pub output: &'a ArchiveLocation,
-    pub shards: u32,
-    pub opts: WriterOptions,
-    /// Recorded as `ckstream.command`; names the progress bar.
-    pub command: &'a str,
-    /// What failed, for the error message ("packing" → "packing OUT failed; ...").
-    pub doing: &'a str,
-    /// Data bytes expected, for the progress bar.
-    pub total_bytes: u64,
-    pub quiet: bool,
-}
-
-/// Creates the archive, lets `fill` add its entries, and commits it: the footers are
-/// written and the archive published under its name only when `fill` succeeded.
-/// On failure (or SIGINT/SIGTERM noticed by `fill`) nothing is published and an
-/// earlier archive of the same name stays as it was.
-pub(crate) fn write_archive(
-    spec: &NewArchiveSpec,
-    fill: impl FnOnce(&mut ArchiveWriter) -> ckstream_format::Result<()>,
-) -> Result<ckstream_format::WriteSummary> {
-    let failed = || {
-        format!(
-            "{} {} failed; no archive was written",
-            spec.doing, spec.output
-        )
-    };
-    let mut archive = spec
-        .output
-        .create(&ArchiveSpec {
-            shards: spec.shards,
-            writer: spec.opts.clone(),
-            command: spec.command,
-            writeback: Default::default(),
-        })
-        .with_context(failed)?;
-    let stats = archive.writer.stats();
-    let progress = Progress::bytes(spec.command, spec.total_bytes, spec.quiet, move || {
-        stats.raw_bytes.load(Ordering::Relaxed)
-    });
-    let filled = fill(&mut archive.writer);
-    let result = match filled {
-        Ok(()) => archive.finish(),
-        Err(e) => {
-            archive.abort();
-            Err(e)
-        }
-    };
-    progress.finish();
-    result.with_context(failed)
 }

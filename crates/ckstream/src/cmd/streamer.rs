@@ -64,7 +64,7 @@ pub struct StreamerOpts {
 pub struct CaptureArgs {
     /// Compression inside the archive: none (default, like criu-image-streamer), lz4, zstd, zstd:LEVEL.
     #[arg(short, long, default_value = "none")]
-    compress: String,
+    compress: Compression,
 }
 
 fn ext_files(specs: &[String]) -> Result<Vec<(String, OwnedFd)>> {
@@ -120,7 +120,7 @@ fn images_dir(o: &StreamerOpts) -> Result<&Path> {
 
 pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     let dir = images_dir(o)?;
-    let compression: Compression = args.compress.parse()?;
+    let compression = args.compress;
     crate::interrupt::install();
     let mut progress = Progress::new(o.progress_fd);
     let fds = if o.shard_fds.is_empty() {

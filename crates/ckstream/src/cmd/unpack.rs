@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use ckstream_fs::{UnpackOptions, UnpackStats};
 
 use crate::output::human_bytes;
-use crate::progress::Progress;
+use crate::progress::Bar;
 
 /// Worker threads when the archive is in an object store.
 const REMOTE_THREADS: usize = 8;
@@ -90,8 +90,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let stats = Arc::new(UnpackStats::default());
     let progress = {
         let stats = stats.clone();
-        Progress::bytes("unpack", total, quiet, move || {
-            stats.bytes.load(Ordering::Relaxed)
+        Bar::bytes("unpack", total, quiet, move || {
+            (stats.bytes.load(Ordering::Relaxed), 0)
         })
     };
     let result = ckstream_fs::unpack(&reader, &directory, &selection, &opts, &stats);

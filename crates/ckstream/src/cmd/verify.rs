@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::output::human_bytes;
-use crate::progress::Progress;
+use crate::progress::Bar;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -27,7 +27,9 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let progress = {
         let done = done.clone();
-        Progress::bytes("verify", total, quiet, move || done.load(Ordering::Relaxed))
+        Bar::bytes("verify", total, quiet, move || {
+            (done.load(Ordering::Relaxed), 0)
+        })
     };
     let report = reader.verify(args.threads.unwrap_or_else(super::default_threads), &|n| {
         done.fetch_add(n, Ordering::Relaxed);
