@@ -12,7 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ckstream_format::index::entry_flags;
-use ckstream_format::{ArchiveWriter, Entry, EntryKind};
+use ckstream_format::{ArchiveWriter, Entry, EntryKind, Stop};
 use rustix::event::{poll, PollFd, PollFlags};
 
 use crate::error::{CriuError, Result};
@@ -46,7 +46,7 @@ pub struct CaptureOptions<'a> {
     pub commit_at_hook: Option<FrozenHook<'a>>,
     /// Polled every ~100 ms: once true the capture ends with [`CriuError::Interrupted`]
     /// (the binary passes its SIGINT/SIGTERM flag).
-    pub stop: fn() -> bool,
+    pub stop: Stop,
 }
 
 /// See [`CaptureOptions::on_frozen`].
@@ -62,7 +62,7 @@ impl Default for CaptureOptions<'_> {
             watch: None,
             on_frozen: None,
             commit_at_hook: None,
-            stop: || false,
+            stop: Stop::NEVER,
         }
     }
 }
@@ -138,7 +138,7 @@ impl Stream {
         writer: &mut ArchiveWriter,
         chunk: usize,
         bytes: &mut u64,
-        stop: fn() -> bool,
+        stop: Stop,
     ) -> Result<bool> {
         loop {
             // A busy pipe never runs dry: notice signals here, not only between polls.

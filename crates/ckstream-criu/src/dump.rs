@@ -15,7 +15,7 @@ use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ckstream_format::{ArchiveWriter, WriteSummary, WriterOptions};
+use ckstream_format::{ArchiveWriter, Stop, WriteSummary, WriterOptions};
 use ckstream_fs::PackInput;
 use ckstream_store::{ArchiveLocation, ArchiveSpec, NewArchive, PendingArchive, Writeback};
 
@@ -46,7 +46,7 @@ pub struct DumpOptions<'a> {
     /// Extra arguments for `criu dump`.
     pub criu_args: &'a [String],
     /// Polled while capturing: once true the dump stops (CRIU resumes the process).
-    pub stop: fn() -> bool,
+    pub stop: Stop,
 }
 
 /// What a successful dump did.
@@ -145,7 +145,7 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
     let log = work.path.join("dump.log");
     let mut first_image = Instant::now();
     let captured = (|| -> Result<CaptureReport> {
-        ckstream_fs::pack_inputs(&mut writer, includes)?;
+        ckstream_fs::pack_inputs(&mut writer, includes, opts.stop)?;
         let child = Mutex::new(run::spawn_dump(&DumpCommand {
             pid: opts.pid,
             work_dir: &work.path,
@@ -154,10 +154,11 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
             extra_args: opts.criu_args,
         })?);
         let child = Arc::new(child);
+        let stop = opts.stop;
         let on_frozen = opts.rootfs.clone().map(|input| {
             Box::new(move |w: &mut ArchiveWriter| -> Result<()> {
                 let plan = ckstream_fs::plan_inputs(&[input])?;
-                ckstream_fs::pack_inputs(w, plan)?;
+                ckstream_fs::pack_inputs(w, plan, stop)?;
                 Ok(())
             }) as FrozenHook
         });

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ckstream_format::{ArchiveReader, EntryKind};
+use ckstream_format::{ArchiveReader, EntryKind, Stop};
 
 use crate::error::{CriuError, Result};
 use crate::serve::{serve, stream_entry, ServeOptions, ServeReport};
@@ -37,7 +37,7 @@ pub struct RestoreOptions<'a> {
     /// Extra arguments for `criu restore`.
     pub criu_args: &'a [String],
     /// Polled while serving: once true the restore stops (CRIU is killed).
-    pub stop: fn() -> bool,
+    pub stop: Stop,
 }
 
 /// Reads and verifies every CRIU metadata image (everything but pages), so a damaged

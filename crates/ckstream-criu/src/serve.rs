@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ckstream_format::{ArchiveReader, EntryKind};
+use ckstream_format::{ArchiveReader, EntryKind, Stop};
 use crossbeam_channel::bounded;
 
 use crate::error::{CriuError, Result};
@@ -35,7 +35,7 @@ pub struct ServeOptions {
     pub watch: Option<Box<dyn FnMut() -> Result<()> + Send>>,
     /// Polled while waiting for CRIU: once true the serve ends with
     /// [`CriuError::Interrupted`] (the binary passes its SIGINT/SIGTERM flag).
-    pub stop: fn() -> bool,
+    pub stop: Stop,
 }
 
 impl Default for ServeOptions {
@@ -49,7 +49,7 @@ impl Default for ServeOptions {
             pipe_size: 4 << 20,
             ext_files: Vec::new(),
             watch: None,
-            stop: || false,
+            stop: Stop::NEVER,
         }
     }
 }

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 
+use ckstream_format::Stop;
+
 use crate::error::{CriuError, Result};
 
 /// Socket name CRIU uses for `dump --stream`.
@@ -25,8 +27,8 @@ pub const SERVE_SOCKET: &str = "streamer-serve.sock";
 ///
 /// # Errors
 /// [`CriuError::Interrupted`].
-pub fn check_stop(stop: fn() -> bool) -> Result<()> {
-    if stop() {
+pub fn check_stop(stop: Stop) -> Result<()> {
+    if stop.requested() {
         Err(CriuError::Interrupted)
     } else {
         Ok(())
@@ -61,7 +63,7 @@ pub fn wait_readable(
     fd: impl AsFd,
     timeout: Duration,
     what: &str,
-    stop: fn() -> bool,
+    stop: Stop,
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -94,7 +96,7 @@ pub fn wait_readable(
 pub fn accept(
     listener: &UnixListener,
     timeout: Duration,
-    stop: fn() -> bool,
+    stop: Stop,
 ) -> Result<UnixStream> {
     wait_readable(
         listener,
@@ -117,7 +119,7 @@ pub fn accept_watched<W: FnMut() -> Result<()> + ?Sized>(
     listener: &UnixListener,
     timeout: Duration,
     watch: &mut Option<Box<W>>,
-    stop: fn() -> bool,
+    stop: Stop,
 ) -> Result<UnixStream> {
     let deadline = Instant::now() + timeout;
     loop {

@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ckstream_format::{ArchiveWriter, CodecId, Entry, EntryKind, Error, Result};
+use ckstream_format::{ArchiveWriter, CodecId, Entry, EntryKind, Error, Result, Stop};
 
 use crate::overlay::{indirect_kind, overlay_xattr, Indirect};
 
@@ -608,25 +608,14 @@ pub struct PackStats {
 
 /// Adds every planned entry to `writer`, reading file data chunk by chunk (aligned to
 /// the writer's chunk size, holes skipped). Uncompressed chunks carry their source
-/// file so the sink can reflink them.
+/// file so the sink can reflink them. `stop` is checked before every file and chunk;
+/// once it asks, the packing ends with an "interrupted" error (the caller aborts the
+/// archive).
 ///
 /// # Errors
-/// I/O errors naming the file (including a file that shrank while being read) and
-/// any writer error.
-pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan) -> Result<PackStats> {
-    pack_inputs_until(writer, plan, &|| false)
-}
-
-/// As [`pack_inputs`], checking `stop` before every file and chunk; when it turns true
-/// the packing ends with an `Interrupted` I/O error (the caller aborts the archive).
-///
-/// # Errors
-/// As [`pack_inputs`], plus the interruption.
-pub fn pack_inputs_until(
-    writer: &mut ArchiveWriter,
-    plan: PackPlan,
-    stop: &dyn Fn() -> bool,
-) -> Result<PackStats> {
+/// I/O errors naming the file (including a file that shrank while being read), any
+/// writer error, and the interruption.
+pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Result<PackStats> {
     let interrupted = || Error::interrupted("packing");
     let chunk = writer.options().chunk_size as u64;
     let cloneable = writer.options().compression.codec == CodecId::None;
@@ -641,7 +630,7 @@ pub fn pack_inputs_until(
     let mut bundle_bytes = 0u64;
     let mut stats = PackStats::default();
     for planned in plan.entries {
-        if stop() {
+        if stop.requested() {
             return Err(interrupted());
         }
         let is_file = planned.entry.entry_kind() == EntryKind::File;
@@ -692,7 +681,7 @@ pub fn pack_inputs_until(
         for r in ranges {
             let mut off = r.start;
             while off < r.end {
-                if stop() {
+                if stop.requested() {
                     return Err(interrupted());
                 }
                 let next = ((off / chunk) + 1) * chunk;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ckstream_format::index::parent_path;
 use ckstream_format::reader::decode_chunk;
-use ckstream_format::{ArchiveReader, Chunk, CodecId, Entry, EntryKind, Error, Result};
+use ckstream_format::{ArchiveReader, Chunk, CodecId, Entry, EntryKind, Error, Result, Stop};
 use ckstream_store::{clone_or_copy_range, CopyMethod};
 use rustix::fs::{AtFlags, Mode, OFlags, Timestamps};
 use rustix::io::Errno;
@@ -39,7 +39,7 @@ pub struct UnpackOptions {
     pub overlay_apply: bool,
     /// Polled between files and chunks: once it returns true the extraction stops with
     /// an "interrupted" error, removing the files it had not finished.
-    pub stop: fn() -> bool,
+    pub stop: Stop,
 }
 
 impl Default for UnpackOptions {
@@ -52,7 +52,7 @@ impl Default for UnpackOptions {
             reflink: true,
             strip_prefix: None,
             overlay_apply: false,
-            stop: || false,
+            stop: Stop::NEVER,
         }
     }
 }
@@ -432,7 +432,7 @@ fn flush_batch(
                 let Some(group) = groups.get(i) else {
                     return Ok(());
                 };
-                if (opts.stop)() {
+                if opts.stop.requested() {
                     next.store(u64::MAX / 2, Ordering::Relaxed);
                     return Err(Error::interrupted("extracting"));
                 }
@@ -534,7 +534,7 @@ pub fn unpack(
     // the extraction (an error, a signal) removes the ones not yet complete.
     let extracted = (|| -> Result<()> {
         for (i, e) in entries.iter().enumerate() {
-            if (opts.stop)() {
+            if opts.stop.requested() {
                 return Err(Error::interrupted("extracting"));
             }
             let Some(e) = e.as_ref() else { continue };

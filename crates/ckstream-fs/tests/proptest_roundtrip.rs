@@ -185,7 +185,7 @@ proptest! {
         let opts = WriterOptions { compression: codec.parse::<Compression>().unwrap(), chunk_size: chunk_kib * 1024, threads: 2, ..Default::default() };
         let mut writer = ArchiveWriter::new(boxed, opts, [1; 16], 0).unwrap();
         let plan = plan_inputs(&[PackInput::new(Vec::new(), src.clone())]).unwrap();
-        pack_inputs(&mut writer, plan).unwrap();
+        pack_inputs(&mut writer, plan, Default::default()).unwrap();
         writer.finish().unwrap();
 
         let bytes: Vec<Vec<u8>> = sinks.iter().map(|s| s.lock().unwrap().clone()).collect();

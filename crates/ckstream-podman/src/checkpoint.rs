@@ -318,8 +318,7 @@ fn write_checkpoint(
         w.add_meta("podman.container.name", ctr.name.clone());
         w.add_meta("podman.image", ctr.image_name.clone());
         w.add_meta("podman.runtime", ctr.runtime.clone());
-        let stop = opts.stop;
-        ckstream_fs::pack_inputs_until(w, plan, &move || stop.requested()).map(|_| ())
+        ckstream_fs::pack_inputs(w, plan, opts.stop).map(|_| ())
     })?;
     Ok(Written {
         archive_bytes: summary.shard_sizes.iter().sum(),

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ckstream_format::index::{validate_path, Xattr};
-use ckstream_format::{ArchiveWriter, CodecId, Entry, EntryKind, Error, Result};
+use ckstream_format::{ArchiveWriter, CodecId, Entry, EntryKind, Error, Result, Stop};
 
 use crate::layout::{cka_name_of, CKA_PODMAN_DIR, CKA_ROOTFS_DIR, DELETED_FILES, ROOTFS_DIFF_TAR};
 
@@ -76,7 +76,7 @@ pub fn import(
     };
     let mut stats = None;
     let summary = output.write(&spec, |w| {
-        stats = Some(import_podman_archive(input, w, &move || stop.requested())?);
+        stats = Some(import_podman_archive(input, w, stop)?);
         Ok(())
     })?;
     Ok((stats.expect("set when the archive was written"), summary))
@@ -91,7 +91,7 @@ pub fn import(
 pub fn import_podman_archive(
     path: &Path,
     writer: &mut ArchiveWriter,
-    stop: &dyn Fn() -> bool,
+    stop: Stop,
 ) -> Result<ImportStats> {
     scan(path, Some(writer), stop)
 }
@@ -103,13 +103,13 @@ pub fn import_podman_archive(
 /// # Errors
 /// As [`import_podman_archive`].
 pub fn check_podman_archive(path: &Path) -> Result<ImportStats> {
-    scan(path, None, &|| false)
+    scan(path, None, Stop::NEVER)
 }
 
 fn scan(
     path: &Path,
     writer: Option<&mut ArchiveWriter>,
-    stop: &dyn Fn() -> bool,
+    stop: Stop,
 ) -> Result<ImportStats> {
     let file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
@@ -152,7 +152,7 @@ struct Importer<'w> {
     clone: Option<Arc<File>>,
     rootfs_paths: HashSet<Vec<u8>>,
     seen_rootfs_dir: bool,
-    stop: &'w dyn Fn() -> bool,
+    stop: Stop,
     /// The uncompressed input, when only checking: the nested tar is walked by seeking.
     seek_file: Option<File>,
 }
@@ -161,7 +161,7 @@ impl<'w> Importer<'w> {
     fn new(
         writer: Option<&'w mut ArchiveWriter>,
         clone: Option<Arc<File>>,
-        stop: &'w dyn Fn() -> bool,
+        stop: Stop,
     ) -> Self {
         Importer {
             writer,
@@ -372,7 +372,7 @@ impl<'w> Importer<'w> {
         prefetched: Option<Vec<u8>>,
         stats: &mut ImportStats,
     ) -> Result<()> {
-        if (self.stop)() {
+        if self.stop.requested() {
             return Err(Error::interrupted("importing"));
         }
         let h = member.header();
@@ -475,7 +475,7 @@ impl<'w> Importer<'w> {
         let chunk = writer.options().chunk_size as u64;
         let mut off = 0u64;
         while off < size {
-            if (self.stop)() {
+            if self.stop.requested() {
                 return Err(Error::interrupted("importing"));
             }
             let len = chunk.min(size - off) as usize;

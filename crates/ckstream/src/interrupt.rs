@@ -28,3 +28,8 @@ pub fn install() {
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
+
+/// The flag as the libraries' [`Stop`](ckstream_format::Stop).
+pub fn stop() -> ckstream_format::Stop {
+    ckstream_format::Stop::new(requested)
+}

@@ -88,7 +88,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         rootfs,
         work_dir: args.work_dir.clone(),
         criu_args: &args.criu_args,
-        stop: crate::interrupt::requested,
+        stop: crate::interrupt::stop(),
     })?;
     let secs = started.elapsed().as_secs_f64();
     let archive_bytes: u64 = done.summary.shard_sizes.iter().sum();

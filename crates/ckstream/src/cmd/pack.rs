@@ -5,7 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use ckstream_format::{Compression, Progress, Stop, WriterOptions};
+use ckstream_format::{Compression, Progress, WriterOptions};
 use ckstream_store::{ArchiveLocation, ArchiveSpec};
 
 use crate::output::human_bytes;
@@ -98,10 +98,10 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         command: "pack",
         writeback: Default::default(),
     };
-    let stop = Stop::new(crate::interrupt::requested);
+    let stop = crate::interrupt::stop();
     let summary = args.output.write(&spec, |writer| {
         writer.set_hot_paths(hot);
-        ckstream_fs::pack_inputs_until(writer, plan, &move || stop.requested()).map(|_| ())
+        ckstream_fs::pack_inputs(writer, plan, stop).map(|_| ())
     });
     bar.finish();
     let summary = summary

@@ -118,7 +118,7 @@ pub fn run(cmd: Command, quiet: bool) -> Result<()> {
     // SIGINT/SIGTERM stop cleanly: nothing half-written is published, and a container
     // stopped by its checkpoint is restored in place.
     crate::interrupt::install();
-    let stop = Stop::new(crate::interrupt::requested);
+    let stop = crate::interrupt::stop();
     match cmd {
         Command::Checkpoint(a) => checkpoint_cmd(a, stop, quiet),
         Command::Import(a) => import_cmd(a, stop, quiet),

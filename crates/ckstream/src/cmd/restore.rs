@@ -48,7 +48,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             work_dir: args.work_dir.clone(),
             decoders: args.threads,
             criu_args: &args.criu_args,
-            stop: crate::interrupt::requested,
+            stop: crate::interrupt::stop(),
         },
     )
     .with_context(|| format!("restoring from {}", args.archive))?;

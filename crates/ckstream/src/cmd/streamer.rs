@@ -157,7 +157,7 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     progress.line("socket-init");
     let copts = CaptureOptions {
         ext_files: ext,
-        stop: crate::interrupt::requested,
+        stop: crate::interrupt::stop(),
         ..Default::default()
     };
     let result = capture(&listener, &mut writer, copts, None, &mut |e| {
@@ -231,7 +231,7 @@ pub fn serve_cmd(o: &StreamerOpts) -> Result<()> {
     progress.line("socket-init");
     let opts = ServeOptions {
         ext_files: ext,
-        stop: crate::interrupt::requested,
+        stop: crate::interrupt::stop(),
         ..Default::default()
     };
     let result = serve(&listener, Arc::new(reader), opts);

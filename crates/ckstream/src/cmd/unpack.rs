@@ -53,7 +53,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let reader = super::open(&args.archive)?;
     let mut opts = UnpackOptions {
-        stop: crate::interrupt::requested,
+        stop: crate::interrupt::stop(),
         ..UnpackOptions::default()
     };
     opts.same_owner &= !args.no_same_owner;
