@@ -127,9 +127,10 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
         command: "dump",
         // Data is pushed to disk while CRIU streams it, so the commit at the post-dump
         // hook (the end of the freeze) flushes only the tail. A dump that leaves the
-        // process running answers the hook without waiting for the disk at all.
+        // process running answers the hook without waiting for the disk at all, and
+        // writes its data back once the process runs again.
         writeback: if opts.leave_running {
-            Writeback::Unbounded
+            Writeback::Off
         } else {
             Writeback::default()
         },

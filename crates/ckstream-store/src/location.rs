@@ -308,10 +308,10 @@ pub enum Writeback {
     /// under way (bounds dirty memory and the final fsync; the writer slows to the
     /// disk's pace).
     Bounded(u64),
-    /// Start writing back each window but never wait (a checkpoint that leaves the
-    /// process running: its freeze should end as soon as CRIU handed over the data).
-    Unbounded,
-    /// Leave it to the kernel; all data is written at the commit's fsync.
+    /// Leave it to the kernel; all data is written at the commit's fsync. For a
+    /// checkpoint that leaves the process running: its freeze should end as soon as
+    /// CRIU handed over the data, and starting writeback can block on a busy disk
+    /// queue (the data then reaches the disk after the process runs again).
     Off,
 }
 
