@@ -5,7 +5,7 @@
 //! the footer. [`Index::validate`] checks everything a reader later relies on,
 //! so code that walks a validated index can index slices without further checks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::codec::CodecId;
 use crate::error::{Error, Result};
@@ -323,7 +323,51 @@ pub fn parent_path(path: &[u8]) -> Option<&[u8]> {
     path.iter().rposition(|&b| b == b'/').map(|i| &path[..i])
 }
 
+/// Totals over an index: what `ckstream info` reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexSummary {
+    /// Entries per kind name (`file`, `dir`, ...).
+    pub kinds: BTreeMap<&'static str, u64>,
+    /// Logical bytes of all file entries (holes included).
+    pub logical_bytes: u64,
+    /// Raw bytes stored in chunks.
+    pub raw_bytes: u64,
+    /// Stored bytes of all chunks (a shared frame counted once).
+    pub stored_bytes: u64,
+    /// Per codec name: chunks, raw bytes, stored bytes.
+    pub codecs: BTreeMap<&'static str, CodecTotals>,
+}
+
+/// Chunks of one codec (see [`IndexSummary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodecTotals {
+    pub chunks: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
 impl Index {
+    /// Totals of entries and chunks.
+    pub fn summary(&self) -> IndexSummary {
+        let mut s = IndexSummary::default();
+        for e in &self.entries {
+            *s.kinds.entry(e.entry_kind().name()).or_default() += 1;
+            if e.entry_kind() == EntryKind::File {
+                s.logical_bytes += e.size;
+            }
+        }
+        for c in &self.chunks {
+            let name = c.codec_id().map_or("unknown", CodecId::name);
+            let t = s.codecs.entry(name).or_default();
+            t.chunks += 1;
+            t.raw_bytes += u64::from(c.raw_len);
+            t.stored_bytes += c.stored_share();
+            s.raw_bytes += u64::from(c.raw_len);
+            s.stored_bytes += c.stored_share();
+        }
+        s
+    }
+
     /// Validates every entry and chunk; `shard_count` bounds chunk shard numbers.
     /// Returns a map from path to entry position.
     ///

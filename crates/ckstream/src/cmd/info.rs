@@ -19,24 +19,13 @@ pub fn run(args: Args) -> Result<()> {
     let reader = super::open(&args.archive)?;
     let index = reader.index();
     let header = reader.header();
-    let mut kinds: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut logical = 0u64;
-    for e in &index.entries {
-        *kinds.entry(e.entry_kind().name()).or_default() += 1;
-        if e.entry_kind() == ckstream_format::EntryKind::File {
-            logical += e.size;
-        }
-    }
-    let mut codecs: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
-    for c in &index.chunks {
-        let name = c.codec_id().map(|c| c.name()).unwrap_or("unknown");
-        let v = codecs.entry(name).or_default();
-        v.0 += 1;
-        v.1 += c.raw_len as u64;
-        v.2 += c.stored_share();
-    }
-    let raw: u64 = index.chunks.iter().map(|c| c.raw_len as u64).sum();
-    let stored: u64 = index.chunks.iter().map(|c| c.stored_share()).sum();
+    let summary = index.summary();
+    let (kinds, logical, raw, stored) = (
+        &summary.kinds,
+        summary.logical_bytes,
+        summary.raw_bytes,
+        summary.stored_bytes,
+    );
     let shard_sizes = reader.shard_sizes()?;
     let archive_bytes: u64 = shard_sizes.iter().sum();
     let ratio = if archive_bytes > 0 {
@@ -69,7 +58,7 @@ pub fn run(args: Args) -> Result<()> {
             "stored_bytes": stored,
             "index_bytes": index_bytes,
             "ratio": ratio,
-            "codecs": codecs.iter().map(|(k, (n, r, s))| (k.to_string(), serde_json::json!({"chunks": n, "raw_bytes": r, "stored_bytes": s}))).collect::<BTreeMap<_, _>>(),
+            "codecs": summary.codecs.iter().map(|(k, t)| (k.to_string(), serde_json::json!({"chunks": t.chunks, "raw_bytes": t.raw_bytes, "stored_bytes": t.stored_bytes}))).collect::<BTreeMap<_, _>>(),
             "meta": index.meta.iter().map(|m| (m.key.clone(), m.value.clone())).collect::<BTreeMap<_, _>>(),
             "hot_list": hot_paths,
         });
@@ -118,11 +107,12 @@ pub fn run(args: Args) -> Result<()> {
         index.chunks.len(),
         human_bytes(index.chunk_size as u64)
     );
-    for (k, (n, r, s)) in &codecs {
+    for (k, t) in &summary.codecs {
         println!(
-            "  {k:<5} {n} chunks, {} -> {}",
-            human_bytes(*r),
-            human_bytes(*s)
+            "  {k:<5} {} chunks, {} -> {}",
+            t.chunks,
+            human_bytes(t.raw_bytes),
+            human_bytes(t.stored_bytes)
         );
     }
     println!("index:        {}", human_bytes(index_bytes));
