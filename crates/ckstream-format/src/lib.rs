@@ -16,6 +16,8 @@ pub mod error;
 pub mod index;
 pub mod layout;
 pub mod reader;
+pub mod scanner;
+mod verify;
 pub mod writer;
 
 pub use codec::{CodecId, Compression};

@@ -199,8 +199,7 @@ struct FramePart {
     digest: [u8; 32],
 }
 
-/// Record flag: the Data record is a frame shared by several small files.
-pub const RECORD_FLAG_SHARED_FRAME: u16 = 1;
+pub use crate::layout::RECORD_FLAG_SHARED_FRAME;
 
 enum WriteOp {
     Record {
