@@ -17,6 +17,8 @@ pub mod index;
 pub mod layout;
 pub mod reader;
 pub mod scanner;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
 mod verify;
 pub mod writer;
 
