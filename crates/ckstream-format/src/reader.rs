@@ -700,3 +700,6 @@ fn check_footer_matches(f: &Footer, h: &ShardHeader, i: u32, name: &str) -> Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -218,3 +218,109 @@ impl Read for SourceReader<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::EntryKind;
+    use crate::layout::RecordKind;
+    use crate::reader::tests::entry;
+    use crate::testutil::{append_index, craft, index_location, read_index};
+
+    /// A crafted archive: a directory, then two files with one chunk each.
+    fn crafted() -> Vec<u8> {
+        craft(vec![
+            (entry("d", EntryKind::Dir, 0), None),
+            (
+                entry("d/a", EntryKind::File, 0),
+                Some(b"first file".to_vec()),
+            ),
+            (entry("d/b", EntryKind::File, 0), Some(b"second".to_vec())),
+        ])
+    }
+
+    fn scan_all(bytes: &[u8]) -> (Vec<ScannedRecord>, Result<Option<Footer>>) {
+        let mut scanner = RecordScanner::new(bytes, "crafted").unwrap();
+        let mut records = Vec::new();
+        loop {
+            match scanner.next_record() {
+                Ok(Some(rec)) => records.push(rec),
+                Ok(None) => return (records, Ok(scanner.footer().cloned())),
+                Err(e) => return (records, Err(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn records_come_in_order_then_the_footer_ends_the_shard() {
+        let bytes = crafted();
+        let (records, end) = scan_all(&bytes);
+        let footer = end.unwrap().expect("no footer after the last record");
+        let kinds: Vec<RecordKind> = records.iter().map(|r| r.header.kind).collect();
+        use RecordKind::*;
+        assert_eq!(kinds, [Entry, Entry, Data, Entry, Data, Index]);
+        let seqs: Vec<u64> = records.iter().map(|r| r.header.seq).collect();
+        assert_eq!(seqs[..5], [0, 1, 2, 3, 4]);
+        assert_eq!(footer.record_count, records.len() as u64);
+        // Payload offsets are where the index found them.
+        let index = read_index(&bytes);
+        let data: Vec<u64> = records
+            .iter()
+            .filter(|r| r.header.kind == Data)
+            .map(|r| r.payload_offset)
+            .collect();
+        let chunks: Vec<u64> = index.chunks.iter().map(|c| c.offset).collect();
+        assert_eq!(data, chunks);
+        assert_eq!(records[2].stored, b"first file");
+        assert_eq!(records[5].payload_offset, index_location(&bytes).offset);
+    }
+
+    #[test]
+    fn a_damaged_record_header_stops_the_scan() {
+        let mut bytes = crafted();
+        let second_data = read_index(&bytes).chunks[1].offset as usize;
+        // The kind byte of the second file's Data record.
+        bytes[second_data - RECORD_HEADER_LEN + 4] ^= 1;
+        let (records, end) = scan_all(&bytes);
+        assert_eq!(records.len(), 4, "records before the damage are returned");
+        let err = end.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("record header checksum mismatch")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn input_that_ends_before_the_footer_is_incomplete() {
+        let bytes = crafted();
+        let n = bytes.len();
+        let second_data = read_index(&bytes).chunks[1].offset as usize;
+        for cut in [HEADER_LEN, HEADER_LEN + 10, second_data - 1, n - 100, n - 1] {
+            let (_, end) = scan_all(&bytes[..cut]);
+            let err = end.unwrap_err();
+            assert!(matches!(err, Error::Incomplete(_)), "cut at {cut}: {err}");
+        }
+        let err = RecordScanner::new(&bytes[..100], "crafted").err().unwrap();
+        assert!(matches!(err, Error::Incomplete(_)), "{err}");
+    }
+
+    #[test]
+    fn the_footer_must_count_the_records_and_end_the_input() {
+        let bytes = crafted();
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let err = scan_all(&longer).1.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("bytes after the footer")),
+            "{err}"
+        );
+        let loc = index_location(&bytes);
+        let mut miscounted = bytes[..loc.offset as usize - RECORD_HEADER_LEN].to_vec();
+        append_index(&mut miscounted, &read_index(&bytes), 99);
+        let err = scan_all(&miscounted).1.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("footer counts 99 records, found 6")),
+            "{err}"
+        );
+    }
+}

@@ -317,3 +317,127 @@ fn first_error(scanned: Result<()>, checkers: Vec<ScopedJoinHandle<'_, Result<()
     }
     first.map_or(Ok(()), Err)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::codec::Compression;
+    use crate::layout::{Footer, FOOTER_LEN};
+    use crate::reader::tests::{entry, options, write_sample};
+    use crate::testutil::{craft, open_in_memory, read_index, rewrite_index};
+
+    fn verify_err(bytes: Vec<u8>) -> Error {
+        open_in_memory(&[bytes])
+            .unwrap()
+            .verify(2, &|_| {})
+            .unwrap_err()
+    }
+
+    fn corrupt_with(err: &Error, needle: &str) -> bool {
+        matches!(err, Error::Corrupt(m) if m.contains(needle))
+    }
+
+    #[test]
+    fn a_sound_archive_verifies_with_every_record_counted() {
+        for compression in [Compression::NONE, Compression::zstd(1)] {
+            let bytes = write_sample(options(compression), 3, [20; 16]);
+            let r = open_in_memory(&bytes).unwrap();
+            let checked = AtomicU64::new(0);
+            let report = r
+                .verify(2, &|n| {
+                    checked.fetch_add(n, Ordering::Relaxed);
+                })
+                .unwrap();
+            let records: u64 = bytes
+                .iter()
+                .map(|b| {
+                    let at = b.len() - FOOTER_LEN;
+                    Footer::decode(&b[at..], b.len() as u64, "s")
+                        .unwrap()
+                        .record_count
+                })
+                .sum();
+            assert_eq!(report.records, records);
+            assert_eq!(report.chunks, r.index().chunks.len() as u64);
+            assert_eq!(checked.into_inner(), report.stored_bytes);
+            let stored: u64 = r.index().chunks.iter().map(|c| c.stored_share()).sum();
+            // Shares of a shared frame are rounded down.
+            assert!(report.stored_bytes >= stored && report.stored_bytes < stored + 8);
+        }
+    }
+
+    /// A crafted archive of two files with one chunk each.
+    fn two_files() -> Vec<u8> {
+        craft(vec![
+            (entry("a", EntryKind::File, 0), Some(b"first file".to_vec())),
+            (entry("b", EntryKind::File, 0), Some(b"second".to_vec())),
+        ])
+    }
+
+    #[test]
+    fn a_data_record_the_index_does_not_list_is_refused() {
+        let mut bytes = two_files();
+        let mut index = read_index(&bytes);
+        index.chunks.pop();
+        index.entries[1].chunk_count = 0;
+        rewrite_index(&mut bytes, &index);
+        let err = verify_err(bytes);
+        assert!(corrupt_with(&err, "data record not in the index"), "{err}");
+    }
+
+    #[test]
+    fn an_index_chunk_without_its_record_is_refused() {
+        // "b" has no data of its own, but the index gives it a chunk inside "a"'s payload.
+        let mut bytes = craft(vec![
+            (entry("a", EntryKind::File, 0), Some(b"first file".to_vec())),
+            (entry("b", EntryKind::File, 4), None),
+        ]);
+        let mut index = read_index(&bytes);
+        let mut c = index.chunks[0].clone();
+        c.offset += 1;
+        c.raw_len = 4;
+        c.stored_len = 4;
+        c.digest = blake3::hash(b"irst").as_bytes().to_vec();
+        index.entries[1].first_chunk = 1;
+        index.entries[1].chunk_count = 1;
+        index.chunks.push(c.clone());
+        rewrite_index(&mut bytes, &index);
+        // Every read of "b" passes: only a full scan sees that no record holds it.
+        let r = open_in_memory(std::slice::from_ref(&bytes)).unwrap();
+        assert_eq!(r.read_chunk(&r.entries()[1], &c).unwrap(), b"irst");
+        let err = verify_err(bytes);
+        let expected = format!(
+            "index chunk at shard 0 offset {} has no data record",
+            c.offset
+        );
+        assert!(corrupt_with(&err, &expected), "{err}");
+    }
+
+    #[test]
+    fn a_record_and_its_chunk_must_agree() {
+        let mut bytes = two_files();
+        let mut index = read_index(&bytes);
+        // The chunk's digest is not the one its record carries.
+        index.chunks[1].digest = blake3::hash(b"other").as_bytes().to_vec();
+        let at = index.chunks[1].offset;
+        rewrite_index(&mut bytes, &index);
+        let err = verify_err(bytes);
+        let expected = format!("offset {at}: record disagrees with the index");
+        assert!(corrupt_with(&err, &expected), "{err}");
+    }
+
+    #[test]
+    fn an_inline_entry_record_must_agree_with_the_index() {
+        let mut bytes = two_files();
+        let mut index = read_index(&bytes);
+        index.entries[0].mode = 0o600;
+        rewrite_index(&mut bytes, &index);
+        let err = verify_err(bytes);
+        assert!(
+            corrupt_with(&err, "entry record disagrees with the index"),
+            "{err}"
+        );
+    }
+}
