@@ -215,6 +215,10 @@ impl RecordKind {
     }
 }
 
+/// Record flag: the Data record is a frame shared by several small files, each with its own
+/// index chunk (see docs/FORMAT.md, "Data, shared frame").
+pub const RECORD_FLAG_SHARED_FRAME: u16 = 1;
+
 /// The 96-byte header in front of every record's payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordHeader {

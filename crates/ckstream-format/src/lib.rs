@@ -17,6 +17,10 @@ pub mod index;
 pub mod layout;
 pub mod progress;
 pub mod reader;
+pub mod scanner;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
+mod verify;
 pub mod writer;
 
 pub use codec::{CodecId, Compression, CompressionArg};

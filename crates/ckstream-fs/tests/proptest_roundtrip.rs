@@ -5,29 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use ckstream_format::{
-    ArchiveReader, ArchiveWriter, Compression, ShardSink, ShardSource, WriterOptions,
-};
+use ckstream_format::testutil::{open_in_memory, MemSink};
+use ckstream_format::{ArchiveWriter, Compression, WriterOptions};
 use ckstream_fs::{pack_inputs, plan_inputs, unpack, PackInput, UnpackOptions, UnpackStats};
 use proptest::prelude::*;
-
-#[derive(Clone)]
-struct MemSink(Arc<Mutex<Vec<u8>>>);
-
-impl ShardSink for MemSink {
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(())
-    }
-    fn describe(&self) -> String {
-        "memory".into()
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Node {
@@ -180,19 +164,15 @@ proptest! {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
         materialize(&src, &items);
-        let sinks: Vec<Arc<Mutex<Vec<u8>>>> = (0..shards).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
-        let boxed: Vec<Box<dyn ShardSink>> = sinks.iter().map(|s| Box::new(MemSink(s.clone())) as Box<dyn ShardSink>).collect();
+        let (sinks, boxed) = MemSink::many(shards);
         let opts = WriterOptions { compression: codec.parse::<Compression>().unwrap(), chunk_size: chunk_kib * 1024, threads: 2, ..Default::default() };
         let mut writer = ArchiveWriter::new(boxed, opts, [1; 16], 0).unwrap();
         let plan = plan_inputs(&[PackInput::new(Vec::new(), src.clone())]).unwrap();
         pack_inputs(&mut writer, plan, Default::default()).unwrap();
         writer.finish().unwrap();
 
-        let bytes: Vec<Vec<u8>> = sinks.iter().map(|s| s.lock().unwrap().clone()).collect();
-        let reader = ArchiveReader::open(Box::new(bytes[0].clone()), |_, i| {
-            Ok(Box::new(bytes[i as usize].clone()) as Box<dyn ShardSource>)
-        })
-        .unwrap();
+        let bytes: Vec<Vec<u8>> = sinks.iter().map(MemSink::take).collect();
+        let reader = open_in_memory(&bytes).unwrap();
         reader.verify(2, &|_| {}).unwrap();
         // The index records every shard's size but shard 0's.
         let sizes: Vec<u64> = bytes.iter().map(|b| b.len() as u64).collect();

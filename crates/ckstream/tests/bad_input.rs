@@ -6,80 +6,12 @@ mod common;
 use std::ffi::OsStr;
 use std::path::Path;
 
-use ckstream_format::layout::{
-    Footer, IndexLocation, RecordHeader, RecordKind, ShardHeader, HASH_BLAKE3, RECORD_HEADER_LEN,
-};
-use ckstream_format::{Chunk, CodecId, Entry, EntryKind, Index};
+use ckstream_format::layout::IndexLocation;
+use ckstream_format::testutil::{craft, crafted_footer, read_index, rewrite_index};
+use ckstream_format::{Entry, EntryKind};
 use common::*;
-use prost::Message;
 
 const EXIT_BAD_ARCHIVE: i32 = 3;
-
-/// Builds a one-shard archive from entries (with optional content) *without* the
-/// writer's validation, the way a hostile or buggy producer could.
-fn craft(entries: Vec<(Entry, Option<Vec<u8>>)>) -> Vec<u8> {
-    let mut out = ShardHeader {
-        alignment_log2: 12,
-        hash_algo: HASH_BLAKE3,
-        required_features: 0,
-        optional_features: 1,
-        archive_id: [9; 16],
-        shard_index: 0,
-        shard_count: 1,
-        created_unix_ns: 0,
-    }
-    .encode();
-    let mut index = Index::default();
-    let mut seq = 0;
-    let mut push = |out: &mut Vec<u8>, kind, id, off, payload: &[u8]| {
-        let h = RecordHeader {
-            kind,
-            codec: CodecId::None,
-            flags: 0,
-            seq,
-            entry_id: id,
-            file_offset: off,
-            raw_len: payload.len() as u32,
-            stored_len: payload.len() as u32,
-            pad: 0,
-            digest: *blake3::hash(payload).as_bytes(),
-        };
-        seq += 1;
-        out.extend_from_slice(&h.encode());
-        let at = out.len() as u64;
-        out.extend_from_slice(payload);
-        at
-    };
-    for (id, (mut e, data)) in entries.into_iter().enumerate() {
-        e.size = data.as_ref().map_or(e.size, |d| d.len() as u64);
-        push(
-            &mut out,
-            RecordKind::Entry,
-            id as u64,
-            0,
-            &e.encode_to_vec(),
-        );
-        if let Some(d) = data {
-            let at = push(&mut out, RecordKind::Data, id as u64, 0, &d);
-            e.first_chunk = index.chunks.len() as u64;
-            e.chunk_count = 1;
-            e.size = d.len() as u64;
-            index.chunks.push(Chunk {
-                file_offset: 0,
-                raw_len: d.len() as u32,
-                stored_len: d.len() as u32,
-                shard: 0,
-                offset: at,
-                codec: 0,
-                digest: blake3::hash(&d).as_bytes().to_vec(),
-                ..Default::default()
-            });
-        }
-        index.entries.push(e);
-    }
-    append_index(&mut out, &index, seq + 1);
-    out
-}
 
 fn entry(path: &str, kind: EntryKind) -> Entry {
     Entry {
@@ -277,7 +209,7 @@ fn huge_lengths_are_rejected_without_allocating() {
     let mut bytes = craft(vec![(entry("f", EntryKind::File), Some(b"data".to_vec()))]);
     // Footer claims a 2^50-byte index.
     let n = bytes.len();
-    let mut f = Footer::decode(&bytes[n - 128..], n as u64, "t").unwrap();
+    let mut f = crafted_footer(&bytes);
     let loc = f.index.unwrap();
     f.index = Some(IndexLocation {
         raw_len: 1 << 50,
@@ -292,71 +224,12 @@ fn huge_lengths_are_rejected_without_allocating() {
     let mut e = entry("f", EntryKind::File);
     e.size = 1 << 41;
     let mut idx_bytes = craft(vec![(e, Some(b"data".to_vec()))]);
-    // Patch via a fresh index: simplest is to craft with a manual chunk table.
-    let mut index = Index::decode(
-        zstd::bulk::decompress(
-            &idx_bytes[f_loc(&idx_bytes).0 as usize
-                ..(f_loc(&idx_bytes).0 + f_loc(&idx_bytes).1) as usize],
-            1 << 20,
-        )
-        .unwrap()
-        .as_slice(),
-    )
-    .unwrap();
+    let mut index = read_index(&idx_bytes);
     index.chunks[0].raw_len = u32::MAX;
     rewrite_index(&mut idx_bytes, &index);
     let a = tmp.path().join("huge-chunk.cka");
     std::fs::write(&a, &idx_bytes).unwrap();
     assert_refused(tmp.path(), &a, "out of range");
-}
-
-fn f_loc(bytes: &[u8]) -> (u64, u64) {
-    let n = bytes.len();
-    let f = Footer::decode(&bytes[n - 128..], n as u64, "t").unwrap();
-    let l = f.index.unwrap();
-    (l.offset, l.stored_len)
-}
-
-/// Replaces the index of a crafted archive (and its footer) with `index`.
-fn rewrite_index(bytes: &mut Vec<u8>, index: &Index) {
-    let (off, _) = f_loc(bytes);
-    bytes.truncate(off as usize - RECORD_HEADER_LEN);
-    append_index(bytes, index, 1000);
-}
-
-/// Appends the index record and the footer that commits a crafted one-shard archive.
-fn append_index(bytes: &mut Vec<u8>, index: &Index, record_count: u64) {
-    let raw = index.encode_to_vec();
-    let stored = zstd::bulk::compress(&raw, 1).unwrap();
-    let h = RecordHeader {
-        kind: RecordKind::Index,
-        codec: CodecId::Zstd,
-        flags: 0,
-        seq: 999,
-        entry_id: 0,
-        file_offset: 0,
-        raw_len: raw.len() as u32,
-        stored_len: stored.len() as u32,
-        pad: 0,
-        digest: *blake3::hash(&raw).as_bytes(),
-    };
-    bytes.extend_from_slice(&h.encode());
-    let offset = bytes.len() as u64;
-    bytes.extend_from_slice(&stored);
-    let footer = Footer {
-        archive_id: [9; 16],
-        shard_index: 0,
-        shard_count: 1,
-        index: Some(IndexLocation {
-            offset,
-            stored_len: stored.len() as u64,
-            raw_len: raw.len() as u64,
-        }),
-        index_digest: *blake3::hash(&raw).as_bytes(),
-        data_end: bytes.len() as u64,
-        record_count,
-    };
-    bytes.extend_from_slice(&footer.encode());
 }
 
 fn packed_archive(tmp: &Path, codec: &str) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -1,12 +1,22 @@
 //! Single-pass archive writer with parallel chunk encoding and load-balanced shards.
 //!
 //! Data flows one way: the caller adds entries and chunks (in its own thread) →
-//! worker threads hash and compress → a sequencer restores the order and assigns
-//! each record to the shard with the smallest backlog → one writer thread per
-//! shard writes (or clones) the bytes. The footer, the commit record, is written
-//! by [`ArchiveWriter::finish`] only after every shard has been written out.
+//! worker threads hash and compress (`encode`) → a sequencer restores the order and
+//! assigns each record to the shard with the smallest backlog (`sequencer`) → one
+//! writer thread per shard writes (or clones) the bytes (`shard`). The footer, the
+//! commit record, is written by [`ArchiveWriter::finish`] only after every shard has been
+//! written out.
+//!
+//! Every job holds one token from a bounded channel from the moment the caller submits it
+//! until its bytes are in a sink (or it turned out to need none), so the memory between
+//! the caller and the slowest shard is bounded whatever the speeds. The first error of any
+//! thread goes into one `FailFlag`; every thread polls it and stops, and the caller's
+//! next call returns that error.
 
-use std::collections::BTreeMap;
+mod encode;
+mod sequencer;
+mod shard;
+
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,9 +27,12 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use prost::Message;
 
-use crate::codec::{CodecId, Compression, Encoder};
+use self::encode::{encode_worker, Job, Prepared};
+use self::sequencer::{sequencer_thread, SequencerOutput, ShardState};
+use self::shard::{FinishedShard, ShardThread, WriteOp};
+use crate::codec::{CodecId, Compression};
 use crate::error::{Error, Result};
-use crate::index::{Chunk, Entry, Index, MetaItem};
+use crate::index::{Entry, Index, MetaItem};
 use crate::layout::{
     optional, Footer, IndexLocation, RecordHeader, RecordKind, ShardHeader, FOOTER_LEN,
     HASH_BLAKE3, HEADER_LEN, MAX_CHUNK_RAW, RECORD_HEADER_LEN,
@@ -122,110 +135,13 @@ pub struct WriteSummary {
     pub index_bytes: u64,
 }
 
-/// A shard sink handed back by its writer thread with the bytes it wrote.
-type FinishedShard = (Box<dyn ShardSink>, u64);
-
 /// A chunk's optional reflink source: the file and the offset of the chunk in it.
 pub type CloneFrom = Option<(Arc<File>, u64)>;
 
 /// Identifies an entry added to a writer.
 pub type EntryId = u64;
 
-enum Job {
-    /// Several small files' contents compressed as one frame.
-    Bundle {
-        seq: u64,
-        parts: Vec<(EntryId, Vec<u8>)>,
-    },
-    Entry {
-        seq: u64,
-        id: EntryId,
-        entry: Box<Entry>,
-    },
-    Data {
-        seq: u64,
-        id: EntryId,
-        offset: u64,
-        data: Vec<u8>,
-        clone: CloneFrom,
-    },
-    EntryEnd {
-        seq: u64,
-        id: EntryId,
-        size: u64,
-    },
-}
-
-enum Payload {
-    Bytes(Vec<u8>),
-    /// Raw bytes that may be cloned from `file` at `offset`; `bytes` is the fallback.
-    Clone {
-        file: Arc<File>,
-        offset: u64,
-        bytes: Vec<u8>,
-    },
-}
-
-impl Payload {
-    fn len(&self) -> usize {
-        match self {
-            Payload::Bytes(b) | Payload::Clone { bytes: b, .. } => b.len(),
-        }
-    }
-}
-
-struct Prepared {
-    seq: u64,
-    /// `None` for an all-zero chunk, stored as a hole.
-    record: Option<PreparedRecord>,
-    entry: Option<Box<Entry>>,
-}
-
-struct PreparedRecord {
-    kind: RecordKind,
-    codec: CodecId,
-    entry_id: EntryId,
-    file_offset: u64,
-    raw_len: u32,
-    digest: [u8; 32],
-    payload: Payload,
-    align: bool,
-    /// For a shared frame: the entries whose content it holds.
-    parts: Vec<FramePart>,
-}
-
-/// One small file's place inside a shared frame.
-struct FramePart {
-    entry_id: EntryId,
-    offset: u32,
-    len: u32,
-    digest: [u8; 32],
-}
-
-/// Record flag: the Data record is a frame shared by several small files.
-pub const RECORD_FLAG_SHARED_FRAME: u16 = 1;
-
-enum WriteOp {
-    Record {
-        header: [u8; RECORD_HEADER_LEN],
-        pad: u32,
-        payload: Payload,
-    },
-}
-
-struct ShardState {
-    tx: Sender<WriteOp>,
-    assigned: u64,
-    written: Arc<AtomicU64>,
-    records: u64,
-}
-
-struct SequencerOutput {
-    entries: Vec<Entry>,
-    chunks: Vec<Vec<Chunk>>,
-    positions: Vec<u64>,
-    records: Vec<u64>,
-}
+pub use crate::layout::RECORD_FLAG_SHARED_FRAME;
 
 /// Shared first-error slot: the first failing thread records why, everyone stops.
 #[derive(Default)]
@@ -254,6 +170,23 @@ impl FailFlag {
     }
 }
 
+/// What the pipeline's threads share.
+#[derive(Clone)]
+struct Pipeline {
+    fail: Arc<FailFlag>,
+    stats: Arc<WriterStats>,
+    /// The other end of [`ArchiveWriter::submit`]'s tokens.
+    tokens: Receiver<()>,
+}
+
+impl Pipeline {
+    /// Hands back the token of a job whose bytes are written (or that needed none), making
+    /// room for the caller's next one.
+    fn job_done(&self) {
+        let _ = self.tokens.try_recv();
+    }
+}
+
 /// Writes one archive to 1..N shard sinks.
 pub struct ArchiveWriter {
     header: ShardHeader,
@@ -263,8 +196,6 @@ pub struct ArchiveWriter {
     workers: Vec<JoinHandle<()>>,
     sequencer: Option<JoinHandle<Option<SequencerOutput>>>,
     shard_threads: Vec<JoinHandle<Option<FinishedShard>>>,
-    /// Direct lines to the shard threads, for sync barriers (dropped before joining).
-    shard_txs: Vec<Sender<WriteOp>>,
     fail: Arc<FailFlag>,
     stats: Arc<WriterStats>,
     next_seq: u64,
@@ -272,11 +203,6 @@ pub struct ArchiveWriter {
     meta: Vec<MetaItem>,
     /// Paths to record in the index's hot list, resolved to entry ids by `finish`.
     hot_paths: Vec<Vec<u8>>,
-}
-
-fn zero_pad(n: usize) -> &'static [u8] {
-    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-    &ZEROS[..n.min(ZEROS.len())]
 }
 
 impl ArchiveWriter {
@@ -326,10 +252,14 @@ impl ArchiveWriter {
         let threads = opts.threads.max(1);
         let inflight = threads * 4 + sinks.len() * 4;
         let (token_tx, token_rx) = bounded::<()>(inflight);
+        let pipeline = Pipeline {
+            fail: fail.clone(),
+            stats: stats.clone(),
+            tokens: token_rx,
+        };
 
         let mut shard_states = Vec::new();
         let mut shard_threads = Vec::new();
-        let mut shard_txs = Vec::new();
         for (i, mut sink) in sinks.into_iter().enumerate() {
             let h = ShardHeader {
                 shard_index: i as u32,
@@ -339,17 +269,15 @@ impl ArchiveWriter {
                 .map_err(|e| Error::io(format!("writing header of {}", sink.describe()), e))?;
             let (tx, rx) = bounded::<WriteOp>(8);
             let written = Arc::new(AtomicU64::new(HEADER_LEN as u64));
-            let thread = {
-                let written = written.clone();
-                let fail = fail.clone();
-                let stats = stats.clone();
-                let token_rx = token_rx.clone();
-                std::thread::Builder::new()
-                    .name(format!("cka-shard-{i}"))
-                    .spawn(move || shard_thread(sink, rx, written, fail, stats, token_rx))
-                    .map_err(|e| Error::io("spawning shard thread", e))?
+            let writer = ShardThread {
+                sink,
+                written: written.clone(),
+                pipeline: pipeline.clone(),
             };
-            shard_txs.push(tx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("cka-shard-{i}"))
+                .spawn(move || writer.run(rx))
+                .map_err(|e| Error::io("spawning shard thread", e))?;
             shard_states.push(ShardState {
                 tx,
                 assigned: HEADER_LEN as u64,
@@ -379,14 +307,10 @@ impl ArchiveWriter {
         }
         drop(done_tx);
         let alignment = 1u64 << opts.alignment_log2;
-        let sequencer = {
-            let fail = fail.clone();
-            let token_rx = token_rx.clone();
-            std::thread::Builder::new()
-                .name("cka-sequencer".into())
-                .spawn(move || sequencer_thread(done_rx, shard_states, fail, token_rx, alignment))
-                .map_err(|e| Error::io("spawning sequencer thread", e))?
-        };
+        let sequencer = std::thread::Builder::new()
+            .name("cka-sequencer".into())
+            .spawn(move || sequencer_thread(done_rx, shard_states, pipeline, alignment))
+            .map_err(|e| Error::io("spawning sequencer thread", e))?;
         Ok(ArchiveWriter {
             header,
             opts,
@@ -395,7 +319,6 @@ impl ArchiveWriter {
             workers,
             sequencer: Some(sequencer),
             shard_threads,
-            shard_txs,
             fail,
             stats,
             next_seq: 0,
@@ -560,7 +483,6 @@ impl ArchiveWriter {
 
     fn join_pipeline(&mut self) -> Result<(SequencerOutput, Vec<FinishedShard>)> {
         self.job_tx = None;
-        self.shard_txs.clear();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -581,8 +503,10 @@ impl ArchiveWriter {
         Ok((out, sinks))
     }
 
-    /// Waits for all data, writes the index to shard 0 and commits every shard with
-    /// its footer (shard 0 last, so the archive reads as complete only when all is).
+    /// Waits for all data, writes the index to shard 0, then commits every shard with its
+    /// footer and syncs it, all shards at once. The footers are not ordered among
+    /// themselves: the archive becomes visible under its name only when the store
+    /// publishes shard 0, after every sync has returned (docs/FORMAT.md, "Commit order").
     ///
     /// # Errors
     /// Any error from the pipeline or sinks; [`Error::Usage`] for a hot-list path that
@@ -626,26 +550,7 @@ impl ArchiveWriter {
             }
             chunks.extend(list);
         }
-        let hot_list = if self.hot_paths.is_empty() {
-            Vec::new()
-        } else {
-            let by_path: std::collections::HashMap<&[u8], u64> = entries
-                .iter()
-                .enumerate()
-                .map(|(i, e)| (e.path.as_slice(), i as u64))
-                .collect();
-            self.hot_paths
-                .iter()
-                .map(|p| {
-                    by_path.get(p.as_slice()).copied().ok_or_else(|| {
-                        Error::Usage(format!(
-                            "hot-list path {:?} is not in the archive",
-                            String::from_utf8_lossy(p)
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<u64>>>()?
-        };
+        let hot_list = resolve_hot_list(&entries, &self.hot_paths)?;
         let index = Index {
             entries,
             chunks,
@@ -714,26 +619,7 @@ impl ArchiveWriter {
             bytes.extend_from_slice(&footer.encode());
             tails.push((bytes, pos + FOOTER_LEN as u64));
         }
-        std::thread::scope(|scope| {
-            let running: Vec<_> = sinks
-                .iter_mut()
-                .zip(&tails)
-                .map(|((sink, _), (bytes, _))| {
-                    scope.spawn(move || {
-                        sink.write_all(bytes)
-                            .and_then(|()| sink.sync())
-                            .map_err(|e| Error::io(format!("committing {}", sink.describe()), e))
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|t| {
-                    t.join()
-                        .unwrap_or_else(|_| Err(Error::Usage("commit thread panicked".into())))
-                })
-                .collect::<Result<Vec<()>>>()
-        })?;
+        write_tails(&mut sinks, &tails)?;
         let shard_sizes: Vec<u64> = tails.iter().map(|(_, size)| *size).collect();
         Ok(WriteSummary {
             archive_id: self.header.archive_id,
@@ -756,6 +642,53 @@ impl ArchiveWriter {
     }
 }
 
+/// The entry ids of `hot_paths`, in their order.
+fn resolve_hot_list(entries: &[Entry], hot_paths: &[Vec<u8>]) -> Result<Vec<u64>> {
+    if hot_paths.is_empty() {
+        return Ok(Vec::new());
+    }
+    let by_path: std::collections::HashMap<&[u8], u64> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.path.as_slice(), i as u64))
+        .collect();
+    hot_paths
+        .iter()
+        .map(|p| {
+            by_path.get(p.as_slice()).copied().ok_or_else(|| {
+                Error::Usage(format!(
+                    "hot-list path {:?} is not in the archive",
+                    String::from_utf8_lossy(p)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Appends each shard's tail (`(bytes, final size)`: shard 0's index record and every
+/// footer) and syncs it, all shards in parallel: a commit waits for one sync, not one per
+/// shard.
+fn write_tails(sinks: &mut [FinishedShard], tails: &[(Vec<u8>, u64)]) -> Result<()> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = sinks
+            .iter_mut()
+            .zip(tails)
+            .map(|((sink, _), (bytes, _))| {
+                scope.spawn(move || {
+                    sink.write_all(bytes)
+                        .and_then(|()| sink.sync())
+                        .map_err(|e| Error::io(format!("committing {}", sink.describe()), e))
+                })
+            })
+            .collect();
+        // The scope joins every thread; the first error (in shard order) is returned.
+        running.into_iter().try_for_each(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err(Error::Usage("commit thread panicked".into())))
+        })
+    })
+}
+
 impl Drop for ArchiveWriter {
     fn drop(&mut self) {
         if self.sequencer.is_some() {
@@ -763,390 +696,5 @@ impl Drop for ArchiveWriter {
                 .set(Error::Usage("archive writer dropped before finish".into()));
             let _ = self.join_pipeline();
         }
-    }
-}
-
-fn encode_worker(
-    jobs: Receiver<Job>,
-    done: Sender<Prepared>,
-    fail: Arc<FailFlag>,
-    compression: Compression,
-) {
-    let mut encoder = match Encoder::new(compression) {
-        Ok(e) => e,
-        Err(e) => return fail.set(e),
-    };
-    for job in jobs {
-        if fail.is_set() {
-            return;
-        }
-        let prepared = match job {
-            Job::Entry { seq, id, entry } => {
-                let mut inline = (*entry).clone();
-                inline.first_chunk = 0;
-                inline.chunk_count = 0;
-                let bytes = inline.encode_to_vec();
-                Prepared {
-                    seq,
-                    record: Some(PreparedRecord {
-                        kind: RecordKind::Entry,
-                        codec: CodecId::None,
-                        entry_id: id,
-                        file_offset: 0,
-                        raw_len: bytes.len() as u32,
-                        digest: *blake3::hash(&bytes).as_bytes(),
-                        payload: Payload::Bytes(bytes),
-                        align: false,
-                        parts: Vec::new(),
-                    }),
-                    entry: Some(entry),
-                }
-            }
-            Job::Bundle { seq, parts } => {
-                let total: usize = parts.iter().map(|(_, d)| d.len()).sum();
-                let mut frame = Vec::with_capacity(total);
-                let mut frame_parts = Vec::with_capacity(parts.len());
-                for (entry_id, data) in &parts {
-                    frame_parts.push(FramePart {
-                        entry_id: *entry_id,
-                        offset: frame.len() as u32,
-                        len: data.len() as u32,
-                        digest: *blake3::hash(data).as_bytes(),
-                    });
-                    frame.extend_from_slice(data);
-                }
-                let digest = *blake3::hash(&frame).as_bytes();
-                let raw_len = frame.len() as u32;
-                let (codec, payload) = match encoder.encode(&frame) {
-                    Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
-                    Ok(None) => (CodecId::None, Payload::Bytes(frame)),
-                    Err(e) => return fail.set(e),
-                };
-                Prepared {
-                    seq,
-                    record: Some(PreparedRecord {
-                        kind: RecordKind::Data,
-                        codec,
-                        entry_id: frame_parts.first().map_or(0, |p| p.entry_id),
-                        file_offset: 0,
-                        raw_len,
-                        digest,
-                        payload,
-                        align: false,
-                        parts: frame_parts,
-                    }),
-                    entry: None,
-                }
-            }
-            Job::EntryEnd { seq, id, size } => Prepared {
-                seq,
-                record: Some(PreparedRecord {
-                    kind: RecordKind::EntryEnd,
-                    codec: CodecId::None,
-                    entry_id: id,
-                    file_offset: size,
-                    raw_len: 0,
-                    digest: *blake3::hash(&[]).as_bytes(),
-                    payload: Payload::Bytes(Vec::new()),
-                    align: false,
-                    parts: Vec::new(),
-                }),
-                entry: None,
-            },
-            Job::Data {
-                seq,
-                id,
-                offset,
-                data,
-                clone,
-            } => {
-                if is_all_zero(&data) {
-                    Prepared {
-                        seq,
-                        record: None,
-                        entry: None,
-                    }
-                } else {
-                    let digest = *blake3::hash(&data).as_bytes();
-                    let raw_len = data.len() as u32;
-                    let (codec, payload) = match encoder.encode(&data) {
-                        Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
-                        Ok(None) => match clone {
-                            Some((file, off)) => (
-                                CodecId::None,
-                                Payload::Clone {
-                                    file,
-                                    offset: off,
-                                    bytes: data,
-                                },
-                            ),
-                            None => (CodecId::None, Payload::Bytes(data)),
-                        },
-                        Err(e) => return fail.set(e),
-                    };
-                    let align = codec == CodecId::None && compression.codec == CodecId::None;
-                    Prepared {
-                        seq,
-                        record: Some(PreparedRecord {
-                            kind: RecordKind::Data,
-                            codec,
-                            entry_id: id,
-                            file_offset: offset,
-                            raw_len,
-                            digest,
-                            payload,
-                            align,
-                            parts: Vec::new(),
-                        }),
-                        entry: None,
-                    }
-                }
-            }
-        };
-        if done.send(prepared).is_err() {
-            return;
-        }
-    }
-}
-
-fn is_all_zero(data: &[u8]) -> bool {
-    let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
-    prefix.iter().all(|&b| b == 0)
-        && words.iter().all(|&w| w == 0)
-        && suffix.iter().all(|&b| b == 0)
-}
-
-/// Smallest offset ≥ `pos` that is congruent to `file_offset` modulo `alignment`.
-pub(crate) fn aligned_position(pos: u64, file_offset: u64, alignment: u64) -> u64 {
-    let want = file_offset % alignment;
-    let have = pos % alignment;
-    pos + (want + alignment - have) % alignment
-}
-
-fn sequencer_thread(
-    done: Receiver<Prepared>,
-    mut shards: Vec<ShardState>,
-    fail: Arc<FailFlag>,
-    token_rx: Receiver<()>,
-    alignment: u64,
-) -> Option<SequencerOutput> {
-    let mut pending: BTreeMap<u64, Prepared> = BTreeMap::new();
-    let mut next = 0u64;
-    let mut entries: Vec<Entry> = Vec::new();
-    let mut chunks: Vec<Vec<Chunk>> = Vec::new();
-    for p in done {
-        pending.insert(p.seq, p);
-        while let Some(p) = pending.remove(&next) {
-            next += 1;
-            if let Some(entry) = p.entry {
-                entries.push(*entry);
-                chunks.push(Vec::new());
-            }
-            let Some(rec) = p.record else {
-                let _ = token_rx.try_recv();
-                continue;
-            };
-            // Least backlog wins: a slow shard (pipe, upload) gets fewer records.
-            let target = (0..shards.len())
-                .min_by_key(|&i| {
-                    shards[i].assigned
-                        - shards[i]
-                            .written
-                            .load(Ordering::Relaxed)
-                            .min(shards[i].assigned)
-                })
-                .unwrap_or(0);
-            let shard = &mut shards[target];
-            let header_end = shard.assigned + RECORD_HEADER_LEN as u64;
-            let payload_start = if rec.align && rec.raw_len as u64 >= alignment {
-                aligned_position(header_end, rec.file_offset, alignment)
-            } else {
-                header_end
-            };
-            let pad = (payload_start - header_end) as u32;
-            let stored_len = rec.payload.len() as u32;
-            let header = RecordHeader {
-                kind: rec.kind,
-                codec: rec.codec,
-                flags: if rec.parts.is_empty() {
-                    0
-                } else {
-                    RECORD_FLAG_SHARED_FRAME
-                },
-                seq: p.seq,
-                entry_id: rec.entry_id,
-                file_offset: rec.file_offset,
-                raw_len: rec.raw_len,
-                stored_len,
-                pad,
-                digest: rec.digest,
-            };
-            match rec.kind {
-                RecordKind::Data if !rec.parts.is_empty() => {
-                    for part in &rec.parts {
-                        let Some(list) = chunks.get_mut(part.entry_id as usize) else {
-                            fail.set(Error::Usage(format!(
-                                "data for unknown entry {}",
-                                part.entry_id
-                            )));
-                            return None;
-                        };
-                        list.push(Chunk {
-                            file_offset: 0,
-                            raw_len: part.len,
-                            stored_len,
-                            shard: target as u32,
-                            offset: payload_start,
-                            codec: rec.codec as u32,
-                            digest: part.digest.to_vec(),
-                            archive: 0,
-                            frame_raw_len: rec.raw_len,
-                            frame_offset: part.offset,
-                        });
-                    }
-                }
-                RecordKind::Data => {
-                    let list = match chunks.get_mut(rec.entry_id as usize) {
-                        Some(l) => l,
-                        None => {
-                            fail.set(Error::Usage(format!(
-                                "data for unknown entry {}",
-                                rec.entry_id
-                            )));
-                            return None;
-                        }
-                    };
-                    list.push(Chunk {
-                        file_offset: rec.file_offset,
-                        raw_len: rec.raw_len,
-                        stored_len,
-                        shard: target as u32,
-                        offset: payload_start,
-                        codec: rec.codec as u32,
-                        digest: rec.digest.to_vec(),
-                        archive: 0,
-                        frame_raw_len: 0,
-                        frame_offset: 0,
-                    });
-                }
-                RecordKind::EntryEnd => {
-                    if let Some(e) = entries.get_mut(rec.entry_id as usize) {
-                        e.size = rec.file_offset;
-                    }
-                }
-                _ => {}
-            }
-            shard.assigned = payload_start + stored_len as u64;
-            shard.records += 1;
-            let op = WriteOp::Record {
-                header: header.encode(),
-                pad,
-                payload: rec.payload,
-            };
-            if shard.tx.send(op).is_err() {
-                return None;
-            }
-        }
-        if fail.is_set() {
-            return None;
-        }
-    }
-    if fail.is_set() {
-        return None;
-    }
-    Some(SequencerOutput {
-        entries,
-        chunks,
-        positions: shards.iter().map(|s| s.assigned).collect(),
-        records: shards.iter().map(|s| s.records).collect(),
-    })
-}
-
-fn shard_thread(
-    mut sink: Box<dyn ShardSink>,
-    ops: Receiver<WriteOp>,
-    written: Arc<AtomicU64>,
-    fail: Arc<FailFlag>,
-    stats: Arc<WriterStats>,
-    token_rx: Receiver<()>,
-) -> Option<FinishedShard> {
-    for op in ops {
-        if fail.is_set() {
-            return None;
-        }
-        let (header, pad, payload) = match op {
-            WriteOp::Record {
-                header,
-                pad,
-                payload,
-            } => (header, pad, payload),
-        };
-        let result = (|| -> io::Result<u64> {
-            sink.write_all(&header)?;
-            let mut left = pad as usize;
-            while left > 0 {
-                let z = zero_pad(left);
-                sink.write_all(z)?;
-                left -= z.len();
-            }
-            let n = match &payload {
-                Payload::Bytes(b) => {
-                    sink.write_all(b)?;
-                    b.len()
-                }
-                Payload::Clone {
-                    file,
-                    offset,
-                    bytes,
-                } => {
-                    if sink.clone_from(file, *offset, bytes.len() as u64)? {
-                        stats
-                            .cloned_bytes
-                            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    } else {
-                        sink.write_all(bytes)?;
-                    }
-                    bytes.len()
-                }
-            };
-            Ok((RECORD_HEADER_LEN + pad as usize + n) as u64)
-        })();
-        match result {
-            Ok(n) => {
-                written.fetch_add(n, Ordering::Relaxed);
-                stats.written_bytes.fetch_add(n, Ordering::Relaxed);
-                let _ = token_rx.try_recv();
-            }
-            Err(e) => {
-                fail.set(Error::io(format!("writing {}", sink.describe()), e));
-                return None;
-            }
-        }
-    }
-    let pos = written.load(Ordering::Relaxed);
-    Some((sink, pos))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn alignment_math() {
-        assert_eq!(aligned_position(4096 + 96, 0, 4096), 8192);
-        assert_eq!(aligned_position(8192, 0, 4096), 8192);
-        assert_eq!(aligned_position(8200, 4096 * 3 + 10, 4096), 8202);
-        assert_eq!(aligned_position(8203, 10, 4096), 12298);
-    }
-
-    #[test]
-    fn zero_detection() {
-        assert!(is_all_zero(&[0u8; 1000]));
-        let mut v = vec![0u8; 1000];
-        v[999] = 1;
-        assert!(!is_all_zero(&v));
-        v[999] = 0;
-        v[3] = 1;
-        assert!(!is_all_zero(&v));
     }
 }

@@ -1,0 +1,326 @@
+//! Sequential scanning of one shard, record by record, from any `Read`: a shard read front
+//! to back by [`ArchiveReader::verify`](crate::ArchiveReader::verify) (through
+//! [`SourceReader`]), or bytes a fuzzer made up.
+//!
+//! The scanner trusts nothing it has not checked: every record header's check value,
+//! zero padding, and at the end the footer (its record count, that nothing follows it).
+//! Until that footer has been read the shard counts as uncommitted, so running out of
+//! input anywhere before it is [`Error::Incomplete`], never a clean end. Payload digests
+//! are left to the caller, which may check them on other threads.
+
+use std::io::{self, Read};
+
+use crate::error::{Error, Result};
+use crate::layout::{
+    Footer, RecordHeader, ShardHeader, FOOTER_LEN, FOOTER_MAGIC, HEADER_LEN, RECORD_HEADER_LEN,
+    RECORD_MAGIC,
+};
+use crate::reader::ShardSource;
+
+/// A record found by [`RecordScanner`].
+#[derive(Debug)]
+pub struct ScannedRecord {
+    pub header: RecordHeader,
+    /// Offset of the payload in the shard.
+    pub payload_offset: u64,
+    /// The payload as stored.
+    pub stored: Vec<u8>,
+}
+
+/// Reads a shard front to back from any `Read` (a file or a pipe), checking every
+/// record header and padding. Payload digests are left to the caller, which may
+/// check them on other threads.
+pub struct RecordScanner<R: Read> {
+    r: R,
+    pos: u64,
+    header: ShardHeader,
+    footer: Option<Footer>,
+    records: u64,
+    what: String,
+}
+
+/// Reads until `buf` is full or the input ends; returns how much it got. A short count is
+/// how the scanner tells a stream cut short from a damaged one.
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+impl<R: Read> RecordScanner<R> {
+    /// Reads and validates the shard header.
+    ///
+    /// # Errors
+    /// [`Error::NotAnArchive`], [`Error::Incomplete`], [`Error::Unsupported`], I/O errors.
+    pub fn new(mut r: R, what: impl Into<String>) -> Result<Self> {
+        let what = what.into();
+        let mut buf = vec![0u8; HEADER_LEN];
+        let n = read_full(&mut r, &mut buf).map_err(|e| Error::io(format!("reading {what}"), e))?;
+        let header = ShardHeader::decode(&buf, &what);
+        let header = match header {
+            Ok(h) if n == HEADER_LEN => h,
+            Ok(_) => return Err(Error::Incomplete(format!("{what} ends inside its header"))),
+            Err(e) => return Err(e),
+        };
+        Ok(RecordScanner {
+            r,
+            pos: HEADER_LEN as u64,
+            header,
+            footer: None,
+            records: 0,
+            what,
+        })
+    }
+
+    pub fn header(&self) -> &ShardHeader {
+        &self.header
+    }
+
+    /// The footer, once [`next_record`](Self::next_record) has returned `None`.
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+
+    /// The next record, or `None` after a valid footer that ends the shard.
+    ///
+    /// # Errors
+    /// [`Error::Incomplete`] when the input ends before a footer; [`Error::Corrupt`]
+    /// for damaged headers, non-zero padding, trailing bytes or a wrong record count.
+    pub fn next_record(&mut self) -> Result<Option<ScannedRecord>> {
+        if self.footer.is_some() {
+            return Ok(None);
+        }
+        let at = format!("{} at offset {}", self.what, self.pos);
+        let mut hb = [0u8; RECORD_HEADER_LEN];
+        let n =
+            read_full(&mut self.r, &mut hb).map_err(|e| Error::io(format!("reading {at}"), e))?;
+        if n >= 8 && hb[0..8] == FOOTER_MAGIC {
+            let mut fb = [0u8; FOOTER_LEN];
+            fb[..n].copy_from_slice(&hb[..n]);
+            let m = read_full(&mut self.r, &mut fb[n..])
+                .map_err(|e| Error::io(format!("reading {at}"), e))?;
+            if n + m < FOOTER_LEN {
+                return Err(Error::Incomplete(format!(
+                    "{} ends inside its footer",
+                    self.what
+                )));
+            }
+            let footer = Footer::decode(&fb, self.pos + FOOTER_LEN as u64, &self.what)?;
+            if footer.archive_id != self.header.archive_id
+                || footer.shard_index != self.header.shard_index
+            {
+                return Err(Error::Corrupt(format!(
+                    "{}: footer belongs to another shard",
+                    self.what
+                )));
+            }
+            if footer.record_count != self.records {
+                return Err(Error::Corrupt(format!(
+                    "{}: footer counts {} records, found {}",
+                    self.what, footer.record_count, self.records
+                )));
+            }
+            let mut extra = [0u8; 1];
+            if read_full(&mut self.r, &mut extra)
+                .map_err(|e| Error::io(format!("reading {at}"), e))?
+                != 0
+            {
+                return Err(Error::Corrupt(format!(
+                    "{}: bytes after the footer",
+                    self.what
+                )));
+            }
+            self.footer = Some(footer);
+            return Ok(None);
+        }
+        if n < RECORD_HEADER_LEN {
+            if n == 0 || hb[..n.min(4)] == RECORD_MAGIC[..n.min(4)] {
+                return Err(Error::Incomplete(format!(
+                    "{} ends after {} bytes without a commit footer",
+                    self.what,
+                    self.pos + n as u64
+                )));
+            }
+            return Err(Error::Corrupt(format!("{at}: garbage instead of a record")));
+        }
+        if hb[0..4] != RECORD_MAGIC {
+            return Err(Error::Corrupt(format!("{at}: garbage instead of a record")));
+        }
+        let header = RecordHeader::decode(&hb, &at)?;
+        let mut pad = vec![0u8; header.pad as usize];
+        let short = |got: usize, want: usize, this: &Self| {
+            if got < want {
+                Err(Error::Incomplete(format!(
+                    "{} ends inside a record at offset {} without a commit footer",
+                    this.what, this.pos
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let got =
+            read_full(&mut self.r, &mut pad).map_err(|e| Error::io(format!("reading {at}"), e))?;
+        short(got, pad.len(), self)?;
+        if pad.iter().any(|&b| b != 0) {
+            return Err(Error::Corrupt(format!("{at}: non-zero padding")));
+        }
+        let mut stored = vec![0u8; header.stored_len as usize];
+        let got = read_full(&mut self.r, &mut stored)
+            .map_err(|e| Error::io(format!("reading {at}"), e))?;
+        short(got, stored.len(), self)?;
+        let payload_offset = self.pos + RECORD_HEADER_LEN as u64 + header.pad as u64;
+        self.pos = payload_offset + header.stored_len as u64;
+        self.records += 1;
+        Ok(Some(ScannedRecord {
+            header,
+            payload_offset,
+            stored,
+        }))
+    }
+}
+
+/// Adapts a [`ShardSource`] to `Read` for sequential scans.
+pub struct SourceReader<'a> {
+    src: &'a dyn ShardSource,
+    pos: u64,
+    len: u64,
+}
+
+impl<'a> SourceReader<'a> {
+    /// A reader from offset 0 to the source's length as it is now.
+    ///
+    /// # Errors
+    /// The I/O error of the size query.
+    pub fn new(src: &'a dyn ShardSource) -> io::Result<Self> {
+        Ok(SourceReader {
+            len: src.len()?,
+            src,
+            pos: 0,
+        })
+    }
+}
+
+impl Read for SourceReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.len.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.src.read_exact_at(self.pos, &mut buf[..n])?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::EntryKind;
+    use crate::layout::RecordKind;
+    use crate::reader::tests::entry;
+    use crate::testutil::{append_index, craft, index_location, read_index};
+
+    /// A crafted archive: a directory, then two files with one chunk each.
+    fn crafted() -> Vec<u8> {
+        craft(vec![
+            (entry("d", EntryKind::Dir, 0), None),
+            (
+                entry("d/a", EntryKind::File, 0),
+                Some(b"first file".to_vec()),
+            ),
+            (entry("d/b", EntryKind::File, 0), Some(b"second".to_vec())),
+        ])
+    }
+
+    fn scan_all(bytes: &[u8]) -> (Vec<ScannedRecord>, Result<Option<Footer>>) {
+        let mut scanner = RecordScanner::new(bytes, "crafted").unwrap();
+        let mut records = Vec::new();
+        loop {
+            match scanner.next_record() {
+                Ok(Some(rec)) => records.push(rec),
+                Ok(None) => return (records, Ok(scanner.footer().cloned())),
+                Err(e) => return (records, Err(e)),
+            }
+        }
+    }
+
+    #[test]
+    fn records_come_in_order_then_the_footer_ends_the_shard() {
+        let bytes = crafted();
+        let (records, end) = scan_all(&bytes);
+        let footer = end.unwrap().expect("no footer after the last record");
+        let kinds: Vec<RecordKind> = records.iter().map(|r| r.header.kind).collect();
+        use RecordKind::*;
+        assert_eq!(kinds, [Entry, Entry, Data, Entry, Data, Index]);
+        let seqs: Vec<u64> = records.iter().map(|r| r.header.seq).collect();
+        assert_eq!(seqs[..5], [0, 1, 2, 3, 4]);
+        assert_eq!(footer.record_count, records.len() as u64);
+        // Payload offsets are where the index found them.
+        let index = read_index(&bytes);
+        let data: Vec<u64> = records
+            .iter()
+            .filter(|r| r.header.kind == Data)
+            .map(|r| r.payload_offset)
+            .collect();
+        let chunks: Vec<u64> = index.chunks.iter().map(|c| c.offset).collect();
+        assert_eq!(data, chunks);
+        assert_eq!(records[2].stored, b"first file");
+        assert_eq!(records[5].payload_offset, index_location(&bytes).offset);
+    }
+
+    #[test]
+    fn a_damaged_record_header_stops_the_scan() {
+        let mut bytes = crafted();
+        let second_data = read_index(&bytes).chunks[1].offset as usize;
+        // The kind byte of the second file's Data record.
+        bytes[second_data - RECORD_HEADER_LEN + 4] ^= 1;
+        let (records, end) = scan_all(&bytes);
+        assert_eq!(records.len(), 4, "records before the damage are returned");
+        let err = end.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("record header checksum mismatch")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn input_that_ends_before_the_footer_is_incomplete() {
+        let bytes = crafted();
+        let n = bytes.len();
+        let second_data = read_index(&bytes).chunks[1].offset as usize;
+        for cut in [HEADER_LEN, HEADER_LEN + 10, second_data - 1, n - 100, n - 1] {
+            let (_, end) = scan_all(&bytes[..cut]);
+            let err = end.unwrap_err();
+            assert!(matches!(err, Error::Incomplete(_)), "cut at {cut}: {err}");
+        }
+        let err = RecordScanner::new(&bytes[..100], "crafted").err().unwrap();
+        assert!(matches!(err, Error::Incomplete(_)), "{err}");
+    }
+
+    #[test]
+    fn the_footer_must_count_the_records_and_end_the_input() {
+        let bytes = crafted();
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let err = scan_all(&longer).1.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("bytes after the footer")),
+            "{err}"
+        );
+        let loc = index_location(&bytes);
+        let mut miscounted = bytes[..loc.offset as usize - RECORD_HEADER_LEN].to_vec();
+        append_index(&mut miscounted, &read_index(&bytes), 99);
+        let err = scan_all(&miscounted).1.unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("footer counts 99 records, found 6")),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The encoding workers: hash and compress each job into a record, on `threads` threads.
+//!
+//! Workers take jobs in any order and finish them in any order; every job carries its
+//! sequence number so the sequencer can restore the order. A job's digest is always of
+//! its raw bytes (for a shared frame, of the whole frame and of each file in it), taken
+//! before compression, so what the reader checks is what the caller handed in. An
+//! all-zero chunk becomes no record at all (a hole), but still yields a [`Prepared`], so
+//! the sequence has no gaps.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use prost::Message;
+
+use super::{CloneFrom, EntryId, FailFlag};
+use crate::codec::{CodecId, Compression, Encoder};
+use crate::index::Entry;
+use crate::layout::RecordKind;
+
+/// What the caller's thread hands to the workers: one [`ArchiveWriter`](super::ArchiveWriter)
+/// call each, numbered in call order.
+pub(super) enum Job {
+    /// Several small files' contents compressed as one frame.
+    Bundle {
+        seq: u64,
+        parts: Vec<(EntryId, Vec<u8>)>,
+    },
+    /// An entry's metadata, stored inline and kept for the index.
+    Entry {
+        seq: u64,
+        id: EntryId,
+        entry: Box<Entry>,
+    },
+    /// One chunk of an entry's content.
+    Data {
+        seq: u64,
+        id: EntryId,
+        offset: u64,
+        data: Vec<u8>,
+        clone: CloneFrom,
+    },
+    /// The final size of a streamed entry.
+    EntryEnd { seq: u64, id: EntryId, size: u64 },
+}
+
+/// A record's payload as the shard thread writes it.
+pub(super) enum Payload {
+    /// Bytes to write (stored bytes, or raw bytes for codec none).
+    Bytes(Vec<u8>),
+    /// Raw bytes that may be cloned from `file` at `offset`; `bytes` is the fallback.
+    Clone {
+        file: Arc<File>,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+}
+
+impl Payload {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) | Payload::Clone { bytes: b, .. } => b.len(),
+        }
+    }
+}
+
+/// A finished job, for the sequencer.
+pub(super) struct Prepared {
+    pub(super) seq: u64,
+    /// `None` for an all-zero chunk, stored as a hole.
+    pub(super) record: Option<PreparedRecord>,
+    /// The entry to add to the index (for an Entry job).
+    pub(super) entry: Option<Box<Entry>>,
+}
+
+/// A record ready to be placed: all but its shard, offset and padding.
+pub(super) struct PreparedRecord {
+    pub(super) kind: RecordKind,
+    pub(super) codec: CodecId,
+    pub(super) entry_id: EntryId,
+    pub(super) file_offset: u64,
+    pub(super) raw_len: u32,
+    pub(super) digest: [u8; 32],
+    pub(super) payload: Payload,
+    /// Place the payload at an offset congruent to `file_offset` (uncompressed archives).
+    pub(super) align: bool,
+    /// For a shared frame: the entries whose content it holds.
+    pub(super) parts: Vec<FramePart>,
+}
+
+/// One small file's place inside a shared frame.
+pub(super) struct FramePart {
+    pub(super) entry_id: EntryId,
+    pub(super) offset: u32,
+    pub(super) len: u32,
+    pub(super) digest: [u8; 32],
+}
+
+/// One worker: runs until `jobs` closes, `done` closes (the sequencer stopped) or another
+/// thread failed. Its own failure (a codec error) goes into `fail`.
+pub(super) fn encode_worker(
+    jobs: Receiver<Job>,
+    done: Sender<Prepared>,
+    fail: Arc<FailFlag>,
+    compression: Compression,
+) {
+    let mut encoder = match Encoder::new(compression) {
+        Ok(e) => e,
+        Err(e) => return fail.set(e),
+    };
+    for job in jobs {
+        if fail.is_set() {
+            return;
+        }
+        let prepared = match job {
+            Job::Entry { seq, id, entry } => {
+                let mut inline = (*entry).clone();
+                inline.first_chunk = 0;
+                inline.chunk_count = 0;
+                let bytes = inline.encode_to_vec();
+                Prepared {
+                    seq,
+                    record: Some(PreparedRecord {
+                        kind: RecordKind::Entry,
+                        codec: CodecId::None,
+                        entry_id: id,
+                        file_offset: 0,
+                        raw_len: bytes.len() as u32,
+                        digest: *blake3::hash(&bytes).as_bytes(),
+                        payload: Payload::Bytes(bytes),
+                        align: false,
+                        parts: Vec::new(),
+                    }),
+                    entry: Some(entry),
+                }
+            }
+            Job::Bundle { seq, parts } => {
+                let total: usize = parts.iter().map(|(_, d)| d.len()).sum();
+                let mut frame = Vec::with_capacity(total);
+                let mut frame_parts = Vec::with_capacity(parts.len());
+                for (entry_id, data) in &parts {
+                    frame_parts.push(FramePart {
+                        entry_id: *entry_id,
+                        offset: frame.len() as u32,
+                        len: data.len() as u32,
+                        digest: *blake3::hash(data).as_bytes(),
+                    });
+                    frame.extend_from_slice(data);
+                }
+                let digest = *blake3::hash(&frame).as_bytes();
+                let raw_len = frame.len() as u32;
+                let (codec, payload) = match encoder.encode(&frame) {
+                    Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
+                    Ok(None) => (CodecId::None, Payload::Bytes(frame)),
+                    Err(e) => return fail.set(e),
+                };
+                Prepared {
+                    seq,
+                    record: Some(PreparedRecord {
+                        kind: RecordKind::Data,
+                        codec,
+                        entry_id: frame_parts.first().map_or(0, |p| p.entry_id),
+                        file_offset: 0,
+                        raw_len,
+                        digest,
+                        payload,
+                        align: false,
+                        parts: frame_parts,
+                    }),
+                    entry: None,
+                }
+            }
+            Job::EntryEnd { seq, id, size } => Prepared {
+                seq,
+                record: Some(PreparedRecord {
+                    kind: RecordKind::EntryEnd,
+                    codec: CodecId::None,
+                    entry_id: id,
+                    file_offset: size,
+                    raw_len: 0,
+                    digest: *blake3::hash(&[]).as_bytes(),
+                    payload: Payload::Bytes(Vec::new()),
+                    align: false,
+                    parts: Vec::new(),
+                }),
+                entry: None,
+            },
+            Job::Data {
+                seq,
+                id,
+                offset,
+                data,
+                clone,
+            } => {
+                if is_all_zero(&data) {
+                    Prepared {
+                        seq,
+                        record: None,
+                        entry: None,
+                    }
+                } else {
+                    let digest = *blake3::hash(&data).as_bytes();
+                    let raw_len = data.len() as u32;
+                    let (codec, payload) = match encoder.encode(&data) {
+                        Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
+                        Ok(None) => match clone {
+                            Some((file, off)) => (
+                                CodecId::None,
+                                Payload::Clone {
+                                    file,
+                                    offset: off,
+                                    bytes: data,
+                                },
+                            ),
+                            None => (CodecId::None, Payload::Bytes(data)),
+                        },
+                        Err(e) => return fail.set(e),
+                    };
+                    let align = codec == CodecId::None && compression.codec == CodecId::None;
+                    Prepared {
+                        seq,
+                        record: Some(PreparedRecord {
+                            kind: RecordKind::Data,
+                            codec,
+                            entry_id: id,
+                            file_offset: offset,
+                            raw_len,
+                            digest,
+                            payload,
+                            align,
+                            parts: Vec::new(),
+                        }),
+                        entry: None,
+                    }
+                }
+            }
+        };
+        if done.send(prepared).is_err() {
+            return;
+        }
+    }
+}
+
+/// True when `data` holds only zero bytes, compared 16 at a time (every chunk of a sparse
+/// image passes through here).
+fn is_all_zero(data: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u128, and align_to keeps the unaligned ends
+    // as bytes.
+    let (prefix, words, suffix) = unsafe { data.align_to::<u128>() };
+    prefix.iter().all(|&b| b == 0)
+        && words.iter().all(|&w| w == 0)
+        && suffix.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_all_zero(&[0u8; 1000]));
+        let mut v = vec![0u8; 1000];
+        v[999] = 1;
+        assert!(!is_all_zero(&v));
+        v[999] = 0;
+        v[3] = 1;
+        assert!(!is_all_zero(&v));
+    }
+}

@@ -1,0 +1,226 @@
+//! The sequencer: puts the workers' records back in call order, places each one in a
+//! shard, and builds the index's entry and chunk tables as it goes.
+//!
+//! It is the only thread that decides where bytes go, so the positions it records in the
+//! index are exactly where the shard threads will write (each shard thread writes its
+//! records in the order received, with the padding chosen here). Records are placed in
+//! `seq` order, the order of the caller's calls, and carry their `seq`, so a reader of
+//! several shards can merge them back into that order (an entry's Entry record before its
+//! Data). Each record goes to the shard with the smallest backlog (placed minus written), which
+//! lets a fast shard (a local file) take more than a slow one (a pipe, an upload).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::encode::{Prepared, PreparedRecord};
+use super::shard::WriteOp;
+use super::{Pipeline, RECORD_FLAG_SHARED_FRAME};
+use crate::error::{Error, Result};
+use crate::index::{Chunk, Entry};
+use crate::layout::{RecordHeader, RecordKind, RECORD_HEADER_LEN};
+
+/// The sequencer's view of one shard.
+pub(super) struct ShardState {
+    /// Records for the shard's writer thread.
+    pub(super) tx: Sender<WriteOp>,
+    /// Bytes placed in the shard so far: where its next record starts.
+    pub(super) assigned: u64,
+    /// Bytes its writer thread has written so far.
+    pub(super) written: Arc<AtomicU64>,
+    pub(super) records: u64,
+}
+
+/// What the sequencer hands to the commit: the index tables and where each shard ends.
+pub(super) struct SequencerOutput {
+    pub(super) entries: Vec<Entry>,
+    /// Each entry's chunks, in the order they were placed.
+    pub(super) chunks: Vec<Vec<Chunk>>,
+    /// Each shard's length so far (its data region's end).
+    pub(super) positions: Vec<u64>,
+    pub(super) records: Vec<u64>,
+}
+
+/// Smallest offset ≥ `pos` that is congruent to `file_offset` modulo `alignment`.
+fn aligned_position(pos: u64, file_offset: u64, alignment: u64) -> u64 {
+    let want = file_offset % alignment;
+    let have = pos % alignment;
+    pos + (want + alignment - have) % alignment
+}
+
+/// Runs until the workers are done or a thread failed; `None` after a failure (the error
+/// is in the pipeline's fail flag) or when a shard thread has gone.
+pub(super) fn sequencer_thread(
+    done: Receiver<Prepared>,
+    mut shards: Vec<ShardState>,
+    pipeline: Pipeline,
+    alignment: u64,
+) -> Option<SequencerOutput> {
+    let mut pending: BTreeMap<u64, Prepared> = BTreeMap::new();
+    let mut next = 0u64;
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut chunks: Vec<Vec<Chunk>> = Vec::new();
+    for p in done {
+        pending.insert(p.seq, p);
+        while let Some(p) = pending.remove(&next) {
+            next += 1;
+            if let Some(entry) = p.entry {
+                entries.push(*entry);
+                chunks.push(Vec::new());
+            }
+            let Some(rec) = p.record else {
+                // A hole: nothing to write, so the job is done here.
+                pipeline.job_done();
+                continue;
+            };
+            let target = least_backlog(&shards);
+            let shard = &mut shards[target];
+            let header_end = shard.assigned + RECORD_HEADER_LEN as u64;
+            let payload_start = if rec.align && rec.raw_len as u64 >= alignment {
+                aligned_position(header_end, rec.file_offset, alignment)
+            } else {
+                header_end
+            };
+            let pad = (payload_start - header_end) as u32;
+            let stored_len = rec.payload.len() as u32;
+            let header = RecordHeader {
+                kind: rec.kind,
+                codec: rec.codec,
+                flags: if rec.parts.is_empty() {
+                    0
+                } else {
+                    RECORD_FLAG_SHARED_FRAME
+                },
+                seq: p.seq,
+                entry_id: rec.entry_id,
+                file_offset: rec.file_offset,
+                raw_len: rec.raw_len,
+                stored_len,
+                pad,
+                digest: rec.digest,
+            };
+            let placed = Placed {
+                shard: target as u32,
+                offset: payload_start,
+                stored_len,
+            };
+            if let Err(e) = index_record(&mut entries, &mut chunks, &rec, &placed) {
+                pipeline.fail.set(e);
+                return None;
+            }
+            shard.assigned = payload_start + stored_len as u64;
+            shard.records += 1;
+            let op = WriteOp {
+                header: header.encode(),
+                pad,
+                payload: rec.payload,
+            };
+            if shard.tx.send(op).is_err() {
+                return None;
+            }
+        }
+        if pipeline.fail.is_set() {
+            return None;
+        }
+    }
+    if pipeline.fail.is_set() {
+        return None;
+    }
+    Some(SequencerOutput {
+        entries,
+        chunks,
+        positions: shards.iter().map(|s| s.assigned).collect(),
+        records: shards.iter().map(|s| s.records).collect(),
+    })
+}
+
+/// The shard with the fewest bytes placed but not yet written.
+fn least_backlog(shards: &[ShardState]) -> usize {
+    (0..shards.len())
+        .min_by_key(|&i| {
+            shards[i].assigned
+                - shards[i]
+                    .written
+                    .load(Ordering::Relaxed)
+                    .min(shards[i].assigned)
+        })
+        .unwrap_or(0)
+}
+
+/// Where a record's payload was placed.
+struct Placed {
+    shard: u32,
+    offset: u64,
+    stored_len: u32,
+}
+
+/// Adds what a record means for the index: a chunk for each file whose data it holds,
+/// or a streamed entry's final size.
+fn index_record(
+    entries: &mut [Entry],
+    chunks: &mut [Vec<Chunk>],
+    rec: &PreparedRecord,
+    at: &Placed,
+) -> Result<()> {
+    let unknown = |id: u64| Error::Usage(format!("data for unknown entry {id}"));
+    match rec.kind {
+        RecordKind::Data if !rec.parts.is_empty() => {
+            for part in &rec.parts {
+                let list = chunks
+                    .get_mut(part.entry_id as usize)
+                    .ok_or_else(|| unknown(part.entry_id))?;
+                list.push(Chunk {
+                    file_offset: 0,
+                    raw_len: part.len,
+                    stored_len: at.stored_len,
+                    shard: at.shard,
+                    offset: at.offset,
+                    codec: rec.codec as u32,
+                    digest: part.digest.to_vec(),
+                    archive: 0,
+                    frame_raw_len: rec.raw_len,
+                    frame_offset: part.offset,
+                });
+            }
+        }
+        RecordKind::Data => {
+            let list = chunks
+                .get_mut(rec.entry_id as usize)
+                .ok_or_else(|| unknown(rec.entry_id))?;
+            list.push(Chunk {
+                file_offset: rec.file_offset,
+                raw_len: rec.raw_len,
+                stored_len: at.stored_len,
+                shard: at.shard,
+                offset: at.offset,
+                codec: rec.codec as u32,
+                digest: rec.digest.to_vec(),
+                archive: 0,
+                frame_raw_len: 0,
+                frame_offset: 0,
+            });
+        }
+        RecordKind::EntryEnd => {
+            if let Some(e) = entries.get_mut(rec.entry_id as usize) {
+                e.size = rec.file_offset;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alignment_math() {
+        assert_eq!(aligned_position(4096 + 96, 0, 4096), 8192);
+        assert_eq!(aligned_position(8192, 0, 4096), 8192);
+        assert_eq!(aligned_position(8200, 4096 * 3 + 10, 4096), 8202);
+        assert_eq!(aligned_position(8203, 10, 4096), 12298);
+    }
+}
