@@ -106,7 +106,7 @@ pub fn restore(
 ) -> Result<ServeReport> {
     verify_metadata(&reader)?;
     if opts.verify_first {
-        reader.verify(default_threads(), &|_| {})?;
+        reader.verify(default_threads(), &Default::default())?;
     }
     if let Some(target) = opts.rootfs {
         apply_rootfs(&reader, target)?;

@@ -55,11 +55,11 @@ impl ArchiveReader {
     /// Reads every shard front to back and checks every record: header checksums,
     /// padding, every payload's digest, that inline entry records agree with the index,
     /// and that the index's chunk table matches the data records exactly.
-    /// `progress` is called with stored bytes as they are checked.
+    /// `progress` counts the stored bytes as they are checked.
     ///
     /// # Errors
     /// The first problem found.
-    pub fn verify(&self, threads: usize, progress: &(dyn Fn(u64) + Sync)) -> Result<VerifyReport> {
+    pub fn verify(&self, threads: usize, progress: &crate::Progress) -> Result<VerifyReport> {
         let mut expected = self.expected_records()?;
         let mut report = VerifyReport::default();
         let threads = threads.max(1);
@@ -72,7 +72,7 @@ impl ArchiveReader {
                         for payload in rx {
                             let stored_len = payload.stored.len() as u64;
                             self.check_payload(payload)?;
-                            progress(stored_len);
+                            progress.add(stored_len);
                         }
                         Ok(())
                     })
@@ -320,7 +320,6 @@ fn first_error(scanned: Result<()>, checkers: Vec<ScopedJoinHandle<'_, Result<()
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
     use crate::codec::Compression;
@@ -331,7 +330,7 @@ mod tests {
     fn verify_err(bytes: Vec<u8>) -> Error {
         open_in_memory(&[bytes])
             .unwrap()
-            .verify(2, &|_| {})
+            .verify(2, &Default::default())
             .unwrap_err()
     }
 
@@ -344,12 +343,8 @@ mod tests {
         for compression in [Compression::NONE, Compression::zstd(1)] {
             let bytes = write_sample(options(compression), 3, [20; 16]);
             let r = open_in_memory(&bytes).unwrap();
-            let checked = AtomicU64::new(0);
-            let report = r
-                .verify(2, &|n| {
-                    checked.fetch_add(n, Ordering::Relaxed);
-                })
-                .unwrap();
+            let checked = crate::Progress::new();
+            let report = r.verify(2, &checked).unwrap();
             let records: u64 = bytes
                 .iter()
                 .map(|b| {
@@ -361,7 +356,7 @@ mod tests {
                 .sum();
             assert_eq!(report.records, records);
             assert_eq!(report.chunks, r.index().chunks.len() as u64);
-            assert_eq!(checked.into_inner(), report.stored_bytes);
+            assert_eq!(checked.done(), report.stored_bytes);
             let stored: u64 = r.index().chunks.iter().map(|c| c.stored_share()).sum();
             // Shares of a shared frame are rounded down.
             assert!(report.stored_bytes >= stored && report.stored_bytes < stored + 8);

@@ -1,10 +1,9 @@
 //! `ckstream verify`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
+use ckstream_format::Progress;
 
 use crate::output::human_bytes;
 use crate::progress::Bar;
@@ -24,17 +23,16 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let started = Instant::now();
     let reader = super::open(&args.archive)?;
     let total: u64 = reader.index().chunks.iter().map(|c| c.stored_share()).sum();
-    let done = Arc::new(AtomicU64::new(0));
-    let progress = {
-        let done = done.clone();
-        Bar::bytes("verify", total, quiet, move || {
-            (done.load(Ordering::Relaxed), 0)
-        })
-    };
-    let report = reader.verify(args.threads.unwrap_or_else(super::default_threads), &|n| {
-        done.fetch_add(n, Ordering::Relaxed);
+    let progress = Progress::new();
+    let bar = Bar::bytes("verify", total, quiet, {
+        let progress = progress.clone();
+        move || (progress.done(), 0)
     });
-    progress.finish();
+    let report = reader.verify(
+        args.threads.unwrap_or_else(super::default_threads),
+        &progress,
+    );
+    bar.finish();
     let report = report?;
     let secs = started.elapsed().as_secs_f64();
     if args.json {
