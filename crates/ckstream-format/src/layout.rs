@@ -294,7 +294,9 @@ impl RecordHeader {
         let limit = match kind {
             RecordKind::Data => MAX_CHUNK_RAW,
             RecordKind::Entry | RecordKind::EntryEnd => MAX_META_RECORD,
-            RecordKind::Index => u32::MAX,
+            // The footer bounds the decoded index at MAX_INDEX_RAW; a record header must
+            // not let a scanner allocate more than that either.
+            RecordKind::Index => MAX_INDEX_RAW as u32,
         };
         if h.raw_len > limit || h.stored_len > limit.saturating_add(limit / 8 + 4096) {
             return Err(Error::Corrupt(format!(
@@ -483,5 +485,13 @@ mod tests {
         assert_eq!(RecordHeader::decode(&h.encode(), "r").unwrap(), h);
         h.raw_len = MAX_CHUNK_RAW + 1;
         assert!(RecordHeader::decode(&h.encode(), "r").is_err());
+        // An index record is bounded by the largest index a reader accepts, so a scanner
+        // never allocates gigabytes for a crafted header.
+        h.kind = RecordKind::Index;
+        h.raw_len = 1000;
+        h.stored_len = u32::MAX;
+        assert!(RecordHeader::decode(&h.encode(), "r").is_err());
+        h.stored_len = 1000;
+        assert!(RecordHeader::decode(&h.encode(), "r").is_ok());
     }
 }

@@ -141,7 +141,9 @@ impl<R: Read> RecordScanner<R> {
             return Ok(None);
         }
         if n < RECORD_HEADER_LEN {
-            if n == 0 || hb[..n.min(4)] == RECORD_MAGIC[..n.min(4)] {
+            // Cut inside a record header, or inside the footer's magic: incomplete.
+            let cut_short = |magic: &[u8]| hb[..n.min(magic.len())] == magic[..n.min(magic.len())];
+            if n == 0 || cut_short(&RECORD_MAGIC) || cut_short(&FOOTER_MAGIC) {
                 return Err(Error::Incomplete(format!(
                     "{} ends after {} bytes without a commit footer",
                     self.what,
@@ -295,7 +297,18 @@ mod tests {
         let bytes = crafted();
         let n = bytes.len();
         let second_data = read_index(&bytes).chunks[1].offset as usize;
-        for cut in [HEADER_LEN, HEADER_LEN + 10, second_data - 1, n - 100, n - 1] {
+        // The footer starts at n - 128: cuts 3..7 bytes into its magic are incomplete
+        // too, not "garbage".
+        let footer = n - FOOTER_LEN;
+        for cut in [
+            HEADER_LEN,
+            HEADER_LEN + 10,
+            second_data - 1,
+            n - 100,
+            n - 1,
+            footer + 3,
+            footer + 7,
+        ] {
             let (_, end) = scan_all(&bytes[..cut]);
             let err = end.unwrap_err();
             assert!(matches!(err, Error::Incomplete(_)), "cut at {cut}: {err}");

@@ -418,3 +418,45 @@ fn will_read_entry_announces_each_shards_ranges_in_order() {
     }
     assert!(r.chunks_of(r.find(b"d/random").unwrap()).len() > 1);
 }
+
+#[test]
+fn the_write_summary_counts_a_shared_frame_once_like_verify() {
+    let (sinks, boxed) = MemSink::many(1);
+    let mut w = ArchiveWriter::new(boxed, options(Compression::zstd(1)), [30; 16], 0).unwrap();
+    let mut bundle = Vec::new();
+    for k in 0..4u8 {
+        let content = vec![b'a' + k; 3000];
+        let id = w
+            .add_entry(entry(&format!("small-{k}"), EntryKind::File, 3000))
+            .unwrap();
+        bundle.push((id, content));
+    }
+    w.add_bundle(bundle).unwrap();
+    let summary = w.finish().unwrap();
+    let r = open_in_memory(&[sinks[0].bytes()]).unwrap();
+    let report = r.verify(2, &Default::default()).unwrap();
+    assert_eq!(
+        r.index().chunks.len(),
+        4,
+        "one chunk per file, one shared frame"
+    );
+    assert_eq!(summary.stored_bytes, report.stored_bytes);
+    assert_eq!(summary.stored_bytes, r.index().summary().stored_bytes);
+}
+
+#[test]
+fn end_entry_accepts_only_a_streamed_entry_waiting_for_its_size() {
+    let (_, boxed) = MemSink::many(1);
+    let mut w = ArchiveWriter::new(boxed, options(Compression::NONE), [31; 16], 0).unwrap();
+    let plain = w.add_entry(entry("plain", EntryKind::File, 3)).unwrap();
+    let mut streamed = entry("streamed", EntryKind::File, 0);
+    streamed.flags = crate::index::entry_flags::STREAMED;
+    let streamed = w.add_entry(streamed).unwrap();
+    for (id, what) in [(plain, "not streamed"), (99, "unknown")] {
+        let err = w.end_entry(id, 3).unwrap_err();
+        assert!(matches!(err, Error::Usage(_)), "{what}: {err}");
+    }
+    w.end_entry(streamed, 0).unwrap();
+    let err = w.end_entry(streamed, 0).unwrap_err();
+    assert!(matches!(err, Error::Usage(_)), "ended twice: {err}");
+}

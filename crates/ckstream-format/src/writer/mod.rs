@@ -203,6 +203,8 @@ pub struct ArchiveWriter {
     meta: Vec<MetaItem>,
     /// Paths to record in the index's hot list, resolved to entry ids by `finish`.
     hot_paths: Vec<Vec<u8>>,
+    /// Streamed entries whose final size ([`ArchiveWriter::end_entry`]) is still due.
+    open_streams: std::collections::HashSet<EntryId>,
 }
 
 impl ArchiveWriter {
@@ -325,6 +327,7 @@ impl ArchiveWriter {
             next_entry: 0,
             meta: Vec::new(),
             hot_paths: Vec::new(),
+            open_streams: std::collections::HashSet::new(),
         })
     }
 
@@ -396,6 +399,9 @@ impl ArchiveWriter {
         crate::index::validate_path(&entry.path)?;
         let id = self.next_entry;
         self.next_entry += 1;
+        if entry.flags & crate::index::entry_flags::STREAMED != 0 {
+            self.open_streams.insert(id);
+        }
         let seq = self.seq();
         self.submit(Job::Entry {
             seq,
@@ -475,8 +481,14 @@ impl ArchiveWriter {
     /// Records the final size of a streamed entry (one added with `entry_flags::STREAMED`).
     ///
     /// # Errors
-    /// The error of a failed worker or shard.
+    /// [`Error::Usage`] for an id that is no streamed entry still waiting for its size;
+    /// the error of a failed worker or shard.
     pub fn end_entry(&mut self, id: EntryId, size: u64) -> Result<()> {
+        if !self.open_streams.remove(&id) {
+            return Err(Error::Usage(format!(
+                "entry {id} is not a streamed entry waiting for its size"
+            )));
+        }
         let seq = self.seq();
         self.submit(Job::EntryEnd { seq, id, size })
     }
@@ -546,7 +558,7 @@ impl ArchiveWriter {
             }
             for c in &list {
                 raw += c.raw_len as u64;
-                stored += c.stored_len as u64;
+                stored += c.stored_share();
             }
             chunks.extend(list);
         }
