@@ -1,4 +1,27 @@
-//! Errors returned by every reader and writer in this crate.
+//! Errors returned by every reader and writer in this crate, and the error policy of
+//! the whole workspace.
+//!
+//! # Error policy
+//!
+//! - **Each crate owns its errors.** `ckstream_format::Error` describes archives and the
+//!   I/O around them; `ckstream-store`, `ckstream-fs` (both move archive bytes) return it
+//!   too. `ckstream-criu` has `CriuError` (CRIU, its protocol, its process) and
+//!   `ckstream-podman` has `PodmanError` (podman, containers); both wrap an archive error
+//!   as a *source* (never `transparent`), so it stays visible in the error chain.
+//! - **Archive classes are for archives only.** `NotAnArchive`, `Incomplete`, `Corrupt`,
+//!   `DigestMismatch`, `UnsafeEntry` and `Unsupported` (a newer format or feature) mean the
+//!   archive is bad ([`Error::is_bad_archive`]); a container or machine ckstream cannot
+//!   handle uses its own crate's error, never these.
+//! - **Exit codes** (the binary, `main.rs`): 0 success (also when the reader of stdout
+//!   went away); 3 when any error in the chain is a bad archive; 1 for every other
+//!   failure; 2 for a command line the argument parser refused (bad option values are
+//!   parsed into typed values there, so they exit 2 too).
+//! - **I/O errors say what was being done** (`Error::io(context, e)`); an archive error
+//!   that had to travel through an `io::Error` (a `ShardSource` method) comes back
+//!   unchanged through [`Error::into_io`] / [`Error::io`].
+//! - **Libraries never print errors and never exit**; warnings about leftovers that
+//!   cannot be cleaned up (an upload that could not be aborted) go to stderr, naming the
+//!   object.
 
 use std::io;
 
