@@ -6,10 +6,18 @@
 //! to disk as they grow. At CRIU's post-dump hook — the last moment before CRIU kills
 //! the process — the rootfs diff is walked (the tree is still frozen), and the archive
 //! is committed and published; only then is the hook answered "ok". Any failure answers
-//! it "fail", and CRIU resumes the process instead of killing it. With
-//! `leave_running` the process is never at risk: the hook is answered at once (its
-//! freeze ends when CRIU has handed over the data) and the commit follows.
+//! it "fail", and CRIU resumes the process instead of killing it.
+//!
+//! With `leave_running` the process is never at risk, so the freeze should be no longer
+//! than plain `criu dump --leave-running`'s: CRIU writes its images into a *spool*
+//! directory itself (at page-cache speed, exactly as without ckstream), the hook is
+//! answered as soon as the rootfs diff is walked, and the images are packed into the
+//! archive — hashed, compressed, reflinked where the spool and the archive share a
+//! filesystem — once the process runs again. Streaming them instead would keep the
+//! process frozen while every byte is read, hashed (and compressed) by ckstream.
 
+use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::{Arc, Mutex};
@@ -43,6 +51,10 @@ pub struct DumpOptions<'a> {
     /// CRIU's work directory (socket, action script, log); default: a temporary one,
     /// removed on success and kept (for its log) on failure.
     pub work_dir: Option<PathBuf>,
+    /// Where CRIU writes its images for a `leave_running` dump (removed afterwards);
+    /// default: beside a local archive (so they can be reflinked into it), else the
+    /// temporary directory.
+    pub spool_dir: Option<PathBuf>,
     /// Extra arguments for `criu dump`.
     pub criu_args: &'a [String],
     /// Polled while capturing: once true the dump stops (CRIU resumes the process).
@@ -115,9 +127,13 @@ impl Outcome {
 /// (the output cannot be created, an include cannot be read) as they are.
 pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
     let mut work = WorkDir::new(opts.work_dir.clone(), "ckstream-dump")?;
-    let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
     let control = socket::bind(&work.path, HOOK_SOCKET)?;
     let includes = ckstream_fs::plan_inputs(&opts.includes)?;
+    let spool = if opts.leave_running {
+        Some(Spool::create(&opts)?)
+    } else {
+        None
+    };
     let NewArchive {
         mut writer,
         pending,
@@ -126,14 +142,8 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
         writer: opts.writer.clone(),
         command: "dump",
         // Data is pushed to disk while CRIU streams it, so the commit at the post-dump
-        // hook (the end of the freeze) flushes only the tail. A dump that leaves the
-        // process running answers the hook without waiting for the disk at all, and
-        // writes its data back once the process runs again.
-        writeback: if opts.leave_running {
-            Writeback::Off
-        } else {
-            Writeback::default()
-        },
+        // hook (the end of the freeze) flushes only the tail.
+        writeback: Writeback::default(),
     })?;
     writer.add_meta("criu.pid", opts.pid.to_string());
     if let Some(v) = run::criu_version() {
@@ -145,58 +155,62 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
     };
     let log = work.path.join("dump.log");
     let mut first_image = Instant::now();
+    let stop = opts.stop;
+    let on_frozen = opts.rootfs.clone().map(|input| {
+        Box::new(move |w: &mut ArchiveWriter| -> Result<()> {
+            let plan = ckstream_fs::plan_inputs(&[input])?;
+            ckstream_fs::pack_inputs(w, plan, stop)?;
+            Ok(())
+        }) as FrozenHook
+    });
     let captured = (|| -> Result<CaptureReport> {
         ckstream_fs::pack_inputs(&mut writer, includes, opts.stop)?;
-        let child = Mutex::new(run::spawn_dump(&DumpCommand {
+        let child = Arc::new(Mutex::new(run::spawn_dump(&DumpCommand {
             pid: opts.pid,
             work_dir: &work.path,
+            images_dir: spool.as_ref().map(|s| s.path.as_path()),
             leave_running: opts.leave_running,
             hook: Some(write_hook_script(&work.path)?),
             extra_args: opts.criu_args,
-        })?);
-        let child = Arc::new(child);
-        let stop = opts.stop;
-        let on_frozen = opts.rootfs.clone().map(|input| {
-            Box::new(move |w: &mut ArchiveWriter| -> Result<()> {
-                let plan = ckstream_fs::plan_inputs(&[input])?;
-                ckstream_fs::pack_inputs(w, plan, stop)?;
-                Ok(())
-            }) as FrozenHook
-        });
-        let commit_at_hook = (!opts.leave_running)
-            .then(|| Box::new(|w: &mut ArchiveWriter| outcome.commit(w)) as FrozenHook);
-        let capture_opts = CaptureOptions {
-            watch: Some(Box::new({
-                let (child, log) = (child.clone(), log.clone());
-                move || watch_child(&child, &log)
-            })),
-            on_frozen,
-            commit_at_hook,
-            stop: opts.stop,
-            ..Default::default()
+        })?));
+        let result = match &spool {
+            Some(spool) => answer_hook(&control, &child, &log, opts.stop, on_frozen, &mut writer)
+                .map(|()| spool.report()),
+            None => {
+                let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
+                let capture_opts = CaptureOptions {
+                    watch: Some(Box::new({
+                        let (child, log) = (child.clone(), log.clone());
+                        move || watch_child(&child, &log)
+                    })),
+                    on_frozen,
+                    commit_at_hook: Some(Box::new(|w: &mut ArchiveWriter| outcome.commit(w))),
+                    stop: opts.stop,
+                    ..Default::default()
+                };
+                capture(
+                    &listener,
+                    &mut writer,
+                    capture_opts,
+                    Some(&control),
+                    &mut |e| {
+                        if e == CaptureEvent::CheckpointStart {
+                            first_image = Instant::now();
+                        }
+                    },
+                )
+            }
         };
-        let captured = capture(
-            &listener,
-            &mut writer,
-            capture_opts,
-            Some(&control),
-            &mut |e| {
-                if e == CaptureEvent::CheckpointStart {
-                    first_image = Instant::now();
-                }
-            },
-        );
         // Whatever happened, let CRIU finish on its own: on our failure it sees broken
         // pipes or a failing hook and resumes the process rather than killing it.
         let status = run::wait_with_timeout(&mut child.lock().unwrap(), Duration::from_secs(600))
             .map_err(|e| CriuError::io("waiting for criu", e))?;
-        let report = captured?;
+        let report = result?;
         if !status.success() {
             return Err(run::criu_failure("dump", status, &log));
         }
         Ok(report)
     })();
-    drop(listener);
     let capture = match captured {
         Ok(r) => r,
         Err(e) => {
@@ -230,7 +244,24 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
         }
     };
     let since_first_image = first_image.elapsed();
+    // CRIU writes its statistics into its working directory, streaming or not.
     let criu_stats = read_dump_stats(&work.path).ok();
+    if let Some(spool) = &spool {
+        // The process runs again: now the images go into the archive.
+        if let Err(e) = spool.pack_into(&mut writer, opts.stop) {
+            work.keep();
+            writer.abort();
+            if let Some(p) = outcome.pending.take() {
+                p.discard();
+            }
+            return Err(CriuError::Failed {
+                what: "packing CRIU's images failed".into(),
+                outcome: "no archive was written (the process was left running)".into(),
+                work_dir: work.path.clone(),
+                source: Box::new(e),
+            });
+        }
+    }
     let summary = match outcome.committed.take() {
         Some(summary) => summary,
         // --leave-running (or CRIU skipped the hook): commit now, the process runs on.
@@ -270,3 +301,115 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
         since_first_image,
     })
 }
+
+/// Waits for CRIU's post-dump action script while CRIU runs a dump into an images
+/// directory; walks `on_frozen` (the tree is frozen until the answer) and answers `ok`,
+/// or `fail` when that failed. Returns when answered, or when CRIU ended without asking.
+fn answer_hook(
+    control: &UnixListener,
+    child: &Mutex<Child>,
+    log: &Path,
+    stop: Stop,
+    on_frozen: Option<FrozenHook>,
+    writer: &mut ArchiveWriter,
+) -> Result<()> {
+    loop {
+        match socket::wait_readable(
+            control,
+            Duration::from_millis(100),
+            "CRIU's post-dump hook",
+            stop,
+        ) {
+            Ok(()) => break,
+            Err(CriuError::Timeout(_)) => match child.lock().unwrap().try_wait() {
+                Ok(Some(status)) if !status.success() => {
+                    return Err(run::criu_failure("dump", status, log))
+                }
+                Ok(Some(_)) => return Ok(()),
+                _ => {}
+            },
+            Err(e) => return Err(e),
+        }
+    }
+    let (mut hook, _) = control
+        .accept()
+        .map_err(|e| CriuError::io("accepting the post-dump hook", e))?;
+    let walked = on_frozen.map_or(Ok(()), |f| f(writer));
+    let answer: &[u8] = if walked.is_ok() { b"ok\n" } else { b"fail\n" };
+    let _ = hook.write_all(answer);
+    walked
+}
+
+/// The directory CRIU writes the images of a `leave_running` dump into; removed on drop.
+struct Spool {
+    path: PathBuf,
+}
+
+impl Spool {
+    /// Creates the spool directory (mode 0700: the images hold process memory).
+    fn create(opts: &DumpOptions) -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let (dir, name) = match (&opts.spool_dir, opts.output) {
+            (Some(d), _) => (d.clone(), "ckstream-dump".to_string()),
+            (None, ArchiveLocation::Path(p)) => (
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+                p.file_name().map_or_else(
+                    || "ckstream-dump".into(),
+                    |n| n.to_string_lossy().into_owned(),
+                ),
+            ),
+            (None, _) => (std::env::temp_dir(), "ckstream-dump".to_string()),
+        };
+        let path = dir.join(format!(".{name}.{}.images", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| {
+                CriuError::io(format!("creating the image spool {}", path.display()), e)
+            })?;
+        Ok(Spool { path })
+    }
+
+    /// What CRIU wrote, in the shape of a capture's report.
+    fn report(&self) -> CaptureReport {
+        let mut report = CaptureReport::default();
+        if let Ok(dir) = std::fs::read_dir(&self.path) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name == STATS_DUMP {
+                    continue;
+                }
+                report.images += 1;
+                report.bytes += e.metadata().map_or(0, |m| m.len());
+                report.image_names.push(name);
+            }
+        }
+        report.image_names.sort();
+        report
+    }
+
+    /// Adds every image under [`crate::IMAGES_PREFIX`] (CRIU's statistics, not an image
+    /// CRIU streams, excepted should a CRIU put them here).
+    fn pack_into(&self, writer: &mut ArchiveWriter, stop: Stop) -> Result<()> {
+        match std::fs::remove_file(self.path.join(STATS_DUMP)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(CriuError::io("removing stats-dump from the spool", e)),
+        }
+        let input = PackInput::new(crate::IMAGES_PREFIX.as_bytes(), &self.path);
+        let plan = ckstream_fs::plan_inputs(&[input])?;
+        ckstream_fs::pack_inputs(writer, plan, stop)?;
+        Ok(())
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// CRIU's statistics file in its images directory.
+const STATS_DUMP: &str = "stats-dump";

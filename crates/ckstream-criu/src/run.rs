@@ -39,28 +39,30 @@ pub fn criu_version() -> Option<String> {
 /// How to run `criu dump`.
 pub struct DumpCommand<'a> {
     pub pid: u32,
+    /// CRIU's work directory: its log, and the streamer socket.
     pub work_dir: &'a Path,
+    /// `None`: stream the images (`--stream`) to the capture socket in `work_dir`;
+    /// `Some(dir)`: let CRIU write them into `dir` itself.
+    pub images_dir: Option<&'a Path>,
     pub leave_running: bool,
     /// Shell command CRIU runs as its action script (the post-dump hook).
     pub hook: Option<String>,
     pub extra_args: &'a [String],
 }
 
-/// Starts `criu dump --stream`; its log goes to `work_dir/dump.log`.
+/// Starts `criu dump` (`--stream`, or into an images directory); its log goes to
+/// `work_dir/dump.log`.
 ///
 /// # Errors
 /// When criu cannot be started.
 pub fn spawn_dump(cmd: &DumpCommand) -> Result<Child> {
     let mut c = Command::new(criu_binary());
-    c.arg("dump")
-        .arg("--stream")
-        .arg("-t")
-        .arg(cmd.pid.to_string())
-        .arg("-D")
-        .arg(cmd.work_dir)
-        .arg("-o")
-        .arg("dump.log")
-        .arg("-v4");
+    c.arg("dump").arg("-t").arg(cmd.pid.to_string());
+    match cmd.images_dir {
+        None => c.arg("--stream").arg("-D").arg(cmd.work_dir),
+        Some(dir) => c.arg("-D").arg(dir).arg("-W").arg(cmd.work_dir),
+    };
+    c.arg("-o").arg("dump.log").arg("-v4");
     if cmd.leave_running {
         c.arg("--leave-running");
     }

@@ -320,15 +320,34 @@ fn leave_running_keeps_the_process_and_the_archive_restores_later() {
     let extra = tmp.path().join("note.txt");
     std::fs::write(&extra, b"included next to the images").unwrap();
     let include = format!("notes/note.txt={}", extra.display());
-    ck_ok(&dump_args(
+    let out = ck_ok(&dump_args(
         m.pid,
         &archive,
         "zstd",
         1,
-        &["--leave-running", "--include", &include],
+        &["--leave-running", "--include", &include, "--json"],
     ));
     m.assert_beating();
     m.assert_memory_intact(1);
+    // CRIU wrote its images into a spool beside the archive, which is gone again.
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["ckpt.cka", "note.txt"],
+        "files left beside the archive"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let freeze = summary["freeze_seconds"]
+        .as_f64()
+        .expect("CRIU's freeze time");
+    assert!(freeze > 0.0 && freeze < summary["seconds"].as_f64().unwrap());
+    assert!(summary["images"].as_u64().unwrap() >= 5, "{summary}");
+    ck_ok(&["verify".as_ref(), archive.as_os_str()] as &[&OsStr]);
     let cat = ck_ok(&[
         "cat".as_ref(),
         archive.as_os_str(),

@@ -46,6 +46,11 @@ pub struct Args {
     /// Directory for CRIU's socket and log (default: a new temporary directory, removed on success).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// With --leave-running: where CRIU writes its images before they are packed, while
+    /// the process runs again (default: beside the archive, so they can be reflinked
+    /// into it; removed afterwards).
+    #[arg(long, value_name = "DIR", requires = "leave_running")]
+    spool_dir: Option<PathBuf>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -87,6 +92,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         includes,
         rootfs,
         work_dir: args.work_dir.clone(),
+        spool_dir: args.spool_dir.clone(),
         criu_args: &args.criu_args,
         stop: crate::interrupt::stop(),
     })?;
