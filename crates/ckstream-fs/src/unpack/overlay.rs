@@ -8,14 +8,18 @@
 //! and entries whose content the diff does not hold (redirected directories, metadata-only
 //! copy-ups) are refused before anything is touched.
 
+use std::borrow::Cow;
 use std::os::fd::OwnedFd;
 
 use ckstream_format::{Entry, EntryKind, Error, Result};
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
-use super::dirs::{ferr, os, DirCache};
-use super::{selected, UnpackOptions};
+use super::dirs::{ferr, os};
+use super::{selected, UnpackOptions, Unpacker};
+
+/// An entry as it lands in the target, `None` when it does not (see [`target_view`]).
+pub(super) type TargetEntry<'a> = Option<Cow<'a, Entry>>;
 
 /// The entries as they will land in the target: paths relative to `strip_prefix`
 /// (entries outside it, and the prefix directory itself, are `None`), and in overlay
@@ -23,8 +27,7 @@ use super::{selected, UnpackOptions};
 pub(super) fn target_view<'a>(
     entries: &'a [Entry],
     opts: &UnpackOptions,
-) -> Result<Vec<Option<std::borrow::Cow<'a, Entry>>>> {
-    use std::borrow::Cow;
+) -> Result<Vec<TargetEntry<'a>>> {
     let strip = |p: &[u8]| -> Option<Vec<u8>> {
         match &opts.strip_prefix {
             None => Some(p.to_vec()),
@@ -125,41 +128,41 @@ fn empty_dir(fd: &OwnedFd, path: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// First step of applying an overlay diff: whiteouts delete their path, opaque
-/// directories lose their old contents (they replace what the lower layers had).
-pub(super) fn apply_deletions(
-    originals: &[Entry],
-    view: &[Option<std::borrow::Cow<Entry>>],
-    selection: &[Vec<u8>],
-    cache: &mut DirCache,
-) -> Result<()> {
-    for (original, e) in originals.iter().zip(view) {
-        let Some(e) = e else { continue };
-        if !selected(&e.path, selection) {
-            continue;
-        }
-        if !is_whiteout(e) && !is_opaque(original) {
-            continue;
-        }
-        // Nothing to delete where the target lacks the parent directory.
-        let Some((pfd, name)) = cache.existing_parent_of(&e.path)? else {
-            continue;
-        };
-        let pfd = &pfd;
-        if is_whiteout(e) {
-            remove_tree_at(pfd, name, &e.path)?;
-        } else {
-            match rustix::fs::openat(
-                pfd,
-                os(name),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => empty_dir(&fd, &e.path)?,
-                Err(Errno::NOENT) => {}
-                Err(_) => remove_tree_at(pfd, name, &e.path)?,
+impl Unpacker<'_> {
+    /// First step of applying an overlay diff: whiteouts delete their path, opaque
+    /// directories lose their old contents (they replace what the lower layers had).
+    pub(super) fn apply_deletions(&mut self) -> Result<()> {
+        let originals = self.reader.entries();
+        for (original, e) in originals.iter().zip(self.view) {
+            let Some(e) = e else { continue };
+            if !selected(&e.path, self.selection) {
+                continue;
+            }
+            // Opaqueness is an overlay xattr, which the view no longer has.
+            if !is_whiteout(e) && !is_opaque(original) {
+                continue;
+            }
+            // Nothing to delete where the target lacks the parent directory.
+            let Some((pfd, name)) = self.cache.existing_parent_of(&e.path)? else {
+                continue;
+            };
+            let pfd = &pfd;
+            if is_whiteout(e) {
+                remove_tree_at(pfd, name, &e.path)?;
+            } else {
+                match rustix::fs::openat(
+                    pfd,
+                    os(name),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    Ok(fd) => empty_dir(&fd, &e.path)?,
+                    Err(Errno::NOENT) => {}
+                    // Not a directory (or a symlink to one): the opaque directory replaces it.
+                    Err(_) => remove_tree_at(pfd, name, &e.path)?,
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
