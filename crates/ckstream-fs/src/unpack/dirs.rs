@@ -29,6 +29,7 @@ pub(super) fn last_component(path: &[u8]) -> &[u8] {
     }
 }
 
+/// An I/O error naming the archive path, which says more than the handle it happened on.
 pub(super) fn ferr(path: &[u8], what: &str, e: impl Into<io::Error>) -> Error {
     Error::io(
         format!("{what} {}", String::from_utf8_lossy(path)),
@@ -131,8 +132,9 @@ impl DirCache {
     }
 }
 
-/// Removes whatever non-directory is at `name` so a new entry can take its place
-/// (like tar's default). Never follows a symlink.
+/// Removes whatever is at `name` (a non-directory, or an empty directory) so a new entry
+/// can take its place, like tar's default; a non-empty directory is an error. Never
+/// follows a symlink.
 pub(super) fn remove_existing(dir: &OwnedFd, name: &[u8], path: &[u8]) -> Result<()> {
     match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => {

@@ -11,12 +11,13 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use ckstream_format::{Entry, EntryKind, Result};
+use ckstream_format::{Entry, EntryKind, Error, Result};
 use rustix::fs::{AtFlags, Mode, Timestamps};
 
 use super::dirs::{ferr, os};
 use super::UnpackOptions;
 
+/// The archive keeps no access time: both times become the mtime.
 fn timestamps(mtime_ns: i64) -> Timestamps {
     let t = rustix::fs::Timespec {
         tv_sec: mtime_ns.div_euclid(1_000_000_000),
@@ -28,6 +29,9 @@ fn timestamps(mtime_ns: i64) -> Timestamps {
     }
 }
 
+/// A path naming `name` under the handle `dir`, for the xattr calls that have no `*at`
+/// form: the kernel resolves the directory through the handle, and `lsetxattr` leaves
+/// the final name unfollowed.
 fn proc_path(dir: &OwnedFd, name: &[u8]) -> std::path::PathBuf {
     let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
     p.extend_from_slice(name);
@@ -53,6 +57,7 @@ pub(super) fn apply_meta_at(
         )
         .map_err(|er| ferr(path, "cannot chown", er))?;
     }
+    // Linux symlinks have no mode of their own, and chmodat would follow the link.
     if e.entry_kind() != EntryKind::Symlink {
         rustix::fs::chmodat(
             dir,
@@ -66,13 +71,7 @@ pub(super) fn apply_meta_at(
         let p = proc_path(dir, name);
         for x in &e.xattrs {
             rustix::fs::lsetxattr(&p, os(&x.name), &x.value, rustix::fs::XattrFlags::empty())
-                .map_err(|er| {
-                    ferr(
-                        path,
-                        &format!("cannot set xattr {} on", String::from_utf8_lossy(&x.name)),
-                        er,
-                    )
-                })?;
+                .map_err(|er| xattr_error(path, &x.name, er))?;
         }
     }
     rustix::fs::utimensat(
@@ -100,14 +99,16 @@ pub(super) fn apply_meta_fd(fd: impl AsFd, e: &Entry, opts: &UnpackOptions) -> R
         .map_err(|er| ferr(path, "cannot chmod", er))?;
     for x in &e.xattrs {
         rustix::fs::fsetxattr(&fd, os(&x.name), &x.value, rustix::fs::XattrFlags::empty())
-            .map_err(|er| {
-                ferr(
-                    path,
-                    &format!("cannot set xattr {} on", String::from_utf8_lossy(&x.name)),
-                    er,
-                )
-            })?;
+            .map_err(|er| xattr_error(path, &x.name, er))?;
     }
     rustix::fs::futimens(&fd, &timestamps(e.mtime_ns))
         .map_err(|er| ferr(path, "cannot set times of", er))
+}
+
+fn xattr_error(path: &[u8], name: &[u8], e: rustix::io::Errno) -> Error {
+    ferr(
+        path,
+        &format!("cannot set xattr {} on", String::from_utf8_lossy(name)),
+        e,
+    )
 }
