@@ -1,0 +1,256 @@
+//! Restoring file data, a batch of open files at a time.
+//!
+//! Files are created at their full size before any data is written and join a batch; a
+//! batch's chunks are restored in parallel, then each file gets its metadata. Every chunk
+//! is read and verified against its digest *before* anything reaches the output, so a
+//! corrupt archive never leaves wrong bytes behind: when any chunk of a batch fails (or
+//! the extraction is interrupted), every file of the batch is removed, complete or not,
+//! and only files whose data was all written and verified remain.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ckstream_format::index::parent_path;
+use ckstream_format::reader::decode_chunk;
+use ckstream_format::{Chunk, CodecId, Entry, Error, Result};
+use ckstream_store::{clone_or_copy_range, CopyMethod};
+use rustix::fs::AtFlags;
+
+use super::dirs::{ferr, last_component, os};
+use super::meta::apply_meta_fd;
+use super::Unpacker;
+
+/// A batch is restored once it holds this many files or chunks: enough work for every
+/// thread, little to remove when it fails.
+const MAX_BATCH_FILES: usize = 128;
+const MAX_BATCH_CHUNKS: usize = 512;
+
+/// Extents are shared (or copied in the kernel) a whole block at a time.
+const BLOCK: u64 = 4096;
+
+/// Files created at their full size whose data is not restored yet, and their chunks.
+#[derive(Default)]
+pub(super) struct Batch<'a> {
+    files: Vec<OpenFile<'a>>,
+    jobs: Vec<ChunkJob<'a>>,
+}
+
+struct OpenFile<'a> {
+    file: File,
+    /// Metadata to apply: the entry itself, or for a hard link whose target was not
+    /// extracted, the target's metadata under the link's path.
+    entry: Cow<'a, Entry>,
+    dir: Vec<u8>,
+}
+
+/// One chunk to restore into an open output file.
+struct ChunkJob<'a> {
+    /// The file's position in [`Batch::files`].
+    slot: usize,
+    /// The entry holding the data (the hard link's target for a materialized link).
+    entry: &'a Entry,
+    chunk: &'a Chunk,
+}
+
+impl<'a> Unpacker<'a> {
+    /// Adds `file`, just created at its full size, to the batch with the chunks of entry
+    /// `data_entry`, and restores the batch once it is full.
+    pub(super) fn queue_file(
+        &mut self,
+        file: File,
+        meta: Cow<'a, Entry>,
+        data_entry: usize,
+    ) -> Result<()> {
+        let reader = self.reader;
+        let slot = self.batch.files.len();
+        let dir = parent_path(&meta.path).unwrap_or(b"").to_vec();
+        self.batch.files.push(OpenFile {
+            file,
+            entry: meta,
+            dir,
+        });
+        let entry = &reader.entries()[data_entry];
+        for chunk in reader.chunks_of(data_entry) {
+            self.batch.jobs.push(ChunkJob { slot, entry, chunk });
+        }
+        if self.batch.files.len() >= MAX_BATCH_FILES || self.batch.jobs.len() >= MAX_BATCH_CHUNKS {
+            self.flush_batch()?;
+        }
+        Ok(())
+    }
+
+    /// Restores the batch: all its chunks in parallel, then each file's metadata. Leaves
+    /// the batch empty; on failure its files are removed.
+    pub(super) fn flush_batch(&mut self) -> Result<()> {
+        let result = self.restore_batch_data().and_then(|()| {
+            for f in &self.batch.files {
+                apply_meta_fd(&f.file, &f.entry, self.opts)?;
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            // A file whose data could not be verified is not left behind looking complete.
+            self.discard_batch();
+        }
+        self.batch.files.clear();
+        self.batch.jobs.clear();
+        result
+    }
+
+    /// Removes the files of the batch (created, their data not all written).
+    pub(super) fn discard_batch(&mut self) {
+        for f in self.batch.files.drain(..) {
+            if let Ok(dir) = self.cache.dir(&f.dir) {
+                let _ =
+                    rustix::fs::unlinkat(dir, os(last_component(&f.entry.path)), AtFlags::empty());
+            }
+        }
+    }
+
+    /// Restores the batch's chunks on up to `threads` threads; the first error (or an
+    /// interruption) stops the others after the chunk they are on.
+    fn restore_batch_data(&self) -> Result<()> {
+        let groups = frame_groups(&self.batch.jobs);
+        let next = AtomicU64::new(0);
+        let threads = self.opts.threads.max(1).min(groups.len().max(1));
+        std::thread::scope(|s| -> Result<()> {
+            let work = || -> Result<()> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(group) = groups.get(i) else {
+                        return Ok(());
+                    };
+                    let restored = if self.opts.stop.requested() {
+                        Err(Error::interrupted("extracting"))
+                    } else {
+                        self.restore_group(group)
+                    };
+                    if restored.is_err() {
+                        // Past the end of `groups`: every worker stops at its next fetch.
+                        next.store(u64::MAX / 2, Ordering::Relaxed);
+                        return restored;
+                    }
+                }
+            };
+            let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+            let mut first = work().err();
+            for h in handles {
+                if let Ok(Err(e)) = h.join() {
+                    first.get_or_insert(e);
+                }
+            }
+            first.map_or(Ok(()), Err)
+        })
+    }
+
+    /// Restores one group of [`frame_groups`]: a chunk of its own, or the files sharing
+    /// one frame.
+    fn restore_group(&self, group: &[usize]) -> Result<()> {
+        if group.len() == 1 {
+            self.restore_chunk(&self.batch.jobs[group[0]])
+        } else {
+            self.restore_shared_frame(group)
+        }
+    }
+
+    /// Reads, verifies and writes one chunk: reflink from the archive when the chunk is
+    /// uncompressed and aligned, else copy_file_range, else pwrite of the verified bytes.
+    /// Bytes are verified *before* anything reaches the output.
+    fn restore_chunk(&self, job: &ChunkJob) -> Result<()> {
+        let c = job.chunk;
+        let out = &self.batch.files[job.slot].file;
+        let stored = self.reader.read_stored(c)?;
+        let data = decode_chunk(job.entry, c, stored)?;
+        let werr = |e: io::Error| ferr(&job.entry.path, "cannot write", e);
+        let done = self.clone_blocks(c, out).map_err(werr)?;
+        if done < data.len() as u64 {
+            out.write_all_at(&data[done as usize..], c.file_offset + done)
+                .map_err(werr)?;
+        }
+        self.stats
+            .bytes
+            .fetch_add(c.raw_len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Shares (or copies in the kernel) the whole blocks of chunk `c` from the archive
+    /// into `out`, when reflinks are wanted and the chunk's bytes sit in the archive as
+    /// they are in the file, block-aligned on both sides. Returns the bytes done, 0 when
+    /// nothing applied.
+    fn clone_blocks(&self, c: &Chunk, out: &File) -> io::Result<u64> {
+        let src = self.reader.shard(c.shard).as_file();
+        let (true, Some(src), Some(CodecId::None), false) =
+            (self.opts.reflink, src, c.codec_id(), c.in_shared_frame())
+        else {
+            return Ok(0);
+        };
+        let whole = c.raw_len as u64 - c.raw_len as u64 % BLOCK;
+        if c.offset % BLOCK != 0 || c.file_offset % BLOCK != 0 || whole == 0 {
+            return Ok(0);
+        }
+        let counter = match clone_or_copy_range(src, c.offset, out, c.file_offset, whole, BLOCK)? {
+            CopyMethod::Cloned => &self.stats.cloned_bytes,
+            CopyMethod::KernelCopy => &self.stats.kernel_copied_bytes,
+            CopyMethod::NotDone => return Ok(0),
+        };
+        counter.fetch_add(whole, Ordering::Relaxed);
+        Ok(whole)
+    }
+
+    /// Restores several small files from one shared frame: one read, one decode, a digest
+    /// check per file, then one write per file.
+    fn restore_shared_frame(&self, group: &[usize]) -> Result<()> {
+        let jobs = &self.batch.jobs;
+        let first = jobs[group[0]].chunk;
+        let what = || {
+            format!(
+                "shared frame at shard {} offset {}",
+                first.shard, first.offset
+            )
+        };
+        let stored = self.reader.read_stored(first)?;
+        let codec = first.codec_id().ok_or_else(|| Error::Unsupported(what()))?;
+        let frame =
+            ckstream_format::codec::decode(codec, &stored, first.frame_raw_len as usize, &what())?;
+        for &j in group {
+            let job = &jobs[j];
+            let c = job.chunk;
+            let part = &frame[c.frame_offset as usize..(c.frame_offset + c.raw_len) as usize];
+            ckstream_format::reader::verify_digest(part, &c.digest, || {
+                format!("{:?}", job.entry.path_lossy())
+            })?;
+            self.batch.files[job.slot]
+                .file
+                .write_all_at(part, c.file_offset)
+                .map_err(|e| ferr(&job.entry.path, "cannot write", e))?;
+            self.stats
+                .bytes
+                .fetch_add(c.raw_len as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// The batch's jobs (indices into `jobs`) in groups restored as one: small files that
+/// share one compressed frame together, so the frame is read and decoded once; every
+/// other chunk alone.
+fn frame_groups(jobs: &[ChunkJob]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
+    let mut frame_group: HashMap<(u32, u64), usize> = HashMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let c = job.chunk;
+        if c.in_shared_frame() {
+            if let Some(&g) = frame_group.get(&(c.shard, c.offset)) {
+                groups[g].push(i);
+                continue;
+            }
+            frame_group.insert((c.shard, c.offset), groups.len());
+        }
+        groups.push(vec![i]);
+    }
+    groups
+}
