@@ -459,3 +459,51 @@ fn interrupted_unpack_leaves_only_complete_files() {
     }
     assert!((128..FILES).contains(&kept), "{kept} files kept");
 }
+
+#[test]
+fn a_rootfs_diff_unpack_selects_paths_inside_the_diff() {
+    let tmp = tempfile::tempdir().unwrap();
+    let upper = tmp.path().join("upper");
+    std::fs::create_dir_all(upper.join("sub")).unwrap();
+    std::fs::write(upper.join("sub/a"), b"in sub").unwrap();
+    std::fs::write(upper.join("top"), b"at the top").unwrap();
+    let archive = tmp.path().join("diff.cka");
+    ck_ok(&[
+        "pack".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        archive.as_os_str(),
+        "--rootfs-diff".as_ref(),
+        upper.as_os_str(),
+    ] as &[&std::ffi::OsStr]);
+    let target = tmp.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    // Paths are named as they land in the target: inside the diff, without `rootfs/`.
+    ck_ok(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "--rootfs-diff".as_ref(),
+        target.as_os_str(),
+        "sub".as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    assert_eq!(std::fs::read(target.join("sub/a")).unwrap(), b"in sub");
+    assert!(
+        !target.join("top").exists(),
+        "an unselected file was extracted"
+    );
+    let r = ck(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "--rootfs-diff".as_ref(),
+        target.as_os_str(),
+        "rootfs/top".as_ref(),
+    ] as &[&std::ffi::OsStr]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        stderr(&r).contains("is not in the archive"),
+        "{}",
+        stderr(&r)
+    );
+}

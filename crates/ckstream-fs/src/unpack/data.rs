@@ -139,8 +139,16 @@ impl<'a> Unpacker<'a> {
             let handles: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
             let mut first = work().err();
             for h in handles {
-                if let Ok(Err(e)) = h.join() {
-                    first.get_or_insert(e);
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        first.get_or_insert(e);
+                    }
+                    // A worker that panicked wrote only part of its chunks: the batch
+                    // must fail (and its files be removed), not pass as complete.
+                    Err(_) => {
+                        first.get_or_insert(Error::Usage("an unpack worker panicked".into()));
+                    }
                 }
             }
             first.map_or(Ok(()), Err)

@@ -115,9 +115,9 @@ pub fn unpack(
     opts: &UnpackOptions,
     stats: &UnpackStats,
 ) -> Result<()> {
-    check_selection(reader, selection)?;
-    let root = open_target(dest)?;
     let view = target_view(reader.entries(), opts)?;
+    check_selection(&view, selection)?;
+    let root = open_target(dest)?;
     let mut unpacker = Unpacker {
         reader,
         view: &view,
@@ -137,14 +137,14 @@ pub fn unpack(
 }
 
 /// Refuses a selected path that is neither an entry nor a directory implied by the
-/// entries below it: a typo must not look like a successful, empty extraction.
-fn check_selection(reader: &ArchiveReader, selection: &[Vec<u8>]) -> Result<()> {
+/// entries below it: a typo must not look like a successful, empty extraction. Paths
+/// are those of the target (after `strip_prefix`), as the selection applies to them.
+fn check_selection(view: &[TargetEntry], selection: &[Vec<u8>]) -> Result<()> {
     for s in selection {
-        if reader.find(s).is_none()
-            && !reader
-                .entries()
-                .iter()
-                .any(|e| selected(&e.path, std::slice::from_ref(s)))
+        if !view
+            .iter()
+            .flatten()
+            .any(|e| selected(&e.path, std::slice::from_ref(s)))
         {
             return Err(Error::Usage(format!(
                 "{:?} is not in the archive",
@@ -277,9 +277,16 @@ impl<'a> Unpacker<'a> {
         )
         .map_err(|er| ferr(&e.path, "cannot create", er))?;
         let file = File::from(fd);
-        let src = &self.reader.entries()[data_entry];
-        file.set_len(src.size)
-            .map_err(|er| ferr(&e.path, "cannot size", er))?;
+        // The target's view of the data entry: without overlay xattrs in overlay mode.
+        let src: &Entry = self.view[data_entry]
+            .as_deref()
+            .unwrap_or(&self.reader.entries()[data_entry]);
+        if let Err(er) = file.set_len(src.size) {
+            // Not in the batch yet, so nothing else would remove it: no file may be left
+            // looking complete without its data.
+            let _ = rustix::fs::unlinkat(pfd, os(name), AtFlags::empty());
+            return Err(ferr(&e.path, "cannot size", er));
+        }
         self.stats.files.fetch_add(1, Ordering::Relaxed);
         self.extracted_files.insert(&e.path);
         // A materialized hard link gets its target's metadata under its own path.
