@@ -1,118 +1,21 @@
 //! `ckstream podman checkpoint|import|export|restore`: podman containers in and out
 //! of `.cka` archives and podman's own export format.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use ckstream_format::{CompressionArg, Progress, Stop};
+use ckstream_format::{Progress, Stop};
 use ckstream_podman::checkpoint::{checkpoint, CheckpointOptions};
 use ckstream_podman::restore::{restore, RestoreOptions};
 use ckstream_store::ArchiveLocation;
 
 use crate::output::human_bytes;
 
-#[derive(Debug, clap::Subcommand)]
-pub enum Command {
-    /// Checkpoint a running container (podman drives CRIU in place) and write its
-    /// CRIU images, rootfs changes and podman metadata in one pass.
-    Checkpoint(CheckpointArgs),
-    /// Convert a podman export (`podman container checkpoint -e`, tar or tar.zst) to `.cka`.
-    Import(ImportArgs),
-    /// Convert a `.cka` made by `ckstream podman checkpoint|import` to podman's export format.
-    Export(ExportArgs),
-    /// Restore a container through `podman container restore --import` from either format.
-    Restore(RestoreArgs),
-}
+mod args;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// ckstream's archive: indexed, checksummed, shardable.
-    Cka,
-    /// podman's export layout, readable by `podman container restore --import` and GNU tar.
-    Podman,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct CheckpointArgs {
-    /// Container name or ID.
-    container: String,
-    /// Output archive (`-` for stdout; `s3://BUCKET/KEY` for the cka format).
-    #[arg(short, long)]
-    output: ArchiveLocation,
-    #[arg(long, value_enum, default_value = "cka")]
-    format: Format,
-    /// none (reflinks on btrfs/XFS), lz4 (cka only), zstd (level 3, as podman) or zstd:LEVEL.
-    #[arg(short, long, default_value = "none")]
-    compress: CompressionArg,
-    /// Keep the container running after the checkpoint.
-    #[arg(long)]
-    leave_running: bool,
-    /// Shards for the cka format.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
-    shards: u32,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct ImportArgs {
-    /// podman export archive (tar or tar.zst).
-    input: PathBuf,
-    #[arg(short, long)]
-    output: ArchiveLocation,
-    #[arg(short, long, default_value = "none")]
-    compress: CompressionArg,
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
-    shards: u32,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct ExportArgs {
-    /// `.cka` archive.
-    input: ArchiveLocation,
-    /// podman archive to write (`-` for stdout).
-    #[arg(short, long)]
-    output: ArchiveLocation,
-    /// none or zstd[:LEVEL] (podman reads both).
-    #[arg(short, long, default_value = "none")]
-    compress: CompressionArg,
-    #[arg(long)]
-    json: bool,
-}
-
-/// Who applies the rootfs diff of a `.cka` on restore.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ApplyDiff {
-    /// ckstream, from the archive, in a one-shot OCI prestart hook that runc runs after
-    /// mounting the new container's root and before CRIU opens files: one pass, no
-    /// nested tar for podman to read three times and untar.
-    Ckstream,
-    /// podman, from a `rootfs-diff.tar` in the converted archive (its own code path).
-    Podman,
-}
-
-#[derive(Debug, clap::Args)]
-pub struct RestoreArgs {
-    /// `.cka` or podman export archive.
-    input: ArchiveLocation,
-    /// Restore under a new name (podman then also drops the static IP/MAC).
-    #[arg(long)]
-    name: Option<String>,
-    /// Where the temporary podman archive goes when restoring a `.cka`
-    /// (default: beside the archive, so its data can be reflinked).
-    #[arg(long)]
-    temp_dir: Option<PathBuf>,
-    /// Who applies a `.cka`'s rootfs diff (default: ckstream for local archives,
-    /// podman for object-store ones, whose credentials the hook would not have).
-    #[arg(long, value_enum)]
-    apply_diff: Option<ApplyDiff>,
-    #[arg(long)]
-    json: bool,
-}
+pub use args::Command;
+use args::{ApplyDiff, CheckpointArgs, ExportArgs, Format, ImportArgs, RestoreArgs};
 
 pub fn run(cmd: Command, quiet: bool) -> Result<()> {
     // SIGINT/SIGTERM stop cleanly: nothing half-written is published, and a container

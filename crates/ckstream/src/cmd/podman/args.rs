@@ -1,0 +1,108 @@
+//! The command line of `ckstream podman`: what each subcommand takes.
+
+use std::path::PathBuf;
+
+use ckstream_format::CompressionArg;
+use ckstream_store::ArchiveLocation;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Checkpoint a running container (podman drives CRIU in place) and write its
+    /// CRIU images, rootfs changes and podman metadata in one pass.
+    Checkpoint(CheckpointArgs),
+    /// Convert a podman export (`podman container checkpoint -e`, tar or tar.zst) to `.cka`.
+    Import(ImportArgs),
+    /// Convert a `.cka` made by `ckstream podman checkpoint|import` to podman's export format.
+    Export(ExportArgs),
+    /// Restore a container through `podman container restore --import` from either format.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// ckstream's archive: indexed, checksummed, shardable.
+    Cka,
+    /// podman's export layout, readable by `podman container restore --import` and GNU tar.
+    Podman,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckpointArgs {
+    /// Container name or ID.
+    pub(super) container: String,
+    /// Output archive (`-` for stdout; `s3://BUCKET/KEY` for the cka format).
+    #[arg(short, long)]
+    pub(super) output: ArchiveLocation,
+    #[arg(long, value_enum, default_value = "cka")]
+    pub(super) format: Format,
+    /// none (reflinks on btrfs/XFS), lz4 (cka only), zstd (level 3, as podman) or zstd:LEVEL.
+    #[arg(short, long, default_value = "none")]
+    pub(super) compress: CompressionArg,
+    /// Keep the container running after the checkpoint.
+    #[arg(long)]
+    pub(super) leave_running: bool,
+    /// Shards for the cka format.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub(super) shards: u32,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub(super) json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// podman export archive (tar or tar.zst).
+    pub(super) input: PathBuf,
+    #[arg(short, long)]
+    pub(super) output: ArchiveLocation,
+    #[arg(short, long, default_value = "none")]
+    pub(super) compress: CompressionArg,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub(super) shards: u32,
+    #[arg(long)]
+    pub(super) json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// `.cka` archive.
+    pub(super) input: ArchiveLocation,
+    /// podman archive to write (`-` for stdout).
+    #[arg(short, long)]
+    pub(super) output: ArchiveLocation,
+    /// none or zstd[:LEVEL] (podman reads both).
+    #[arg(short, long, default_value = "none")]
+    pub(super) compress: CompressionArg,
+    #[arg(long)]
+    pub(super) json: bool,
+}
+
+/// Who applies the rootfs diff of a `.cka` on restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApplyDiff {
+    /// ckstream, from the archive, in a one-shot OCI prestart hook that runc runs after
+    /// mounting the new container's root and before CRIU opens files: one pass, no
+    /// nested tar for podman to read three times and untar.
+    Ckstream,
+    /// podman, from a `rootfs-diff.tar` in the converted archive (its own code path).
+    Podman,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// `.cka` or podman export archive.
+    pub(super) input: ArchiveLocation,
+    /// Restore under a new name (podman then also drops the static IP/MAC).
+    #[arg(long)]
+    pub(super) name: Option<String>,
+    /// Where the temporary podman archive goes when restoring a `.cka`
+    /// (default: beside the archive, so its data can be reflinked).
+    #[arg(long)]
+    pub(super) temp_dir: Option<PathBuf>,
+    /// Who applies a `.cka`'s rootfs diff (default: ckstream for local archives,
+    /// podman for object-store ones, whose credentials the hook would not have).
+    #[arg(long, value_enum)]
+    pub(super) apply_diff: Option<ApplyDiff>,
+    #[arg(long)]
+    pub(super) json: bool,
+}
