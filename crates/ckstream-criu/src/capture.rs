@@ -70,6 +70,8 @@ impl Default for CaptureOptions<'_> {
 /// Milestones reported while capturing (for criu-image-streamer style progress).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureEvent {
+    /// The capture socket is listening ([`capture_archive`] only).
+    Listening,
     /// CRIU connected.
     Connected,
     /// CRIU asked for its first image other than `cpuinfo.img`: the tree is frozen.
@@ -360,4 +362,56 @@ fn capture_loop(
             }
         }
     }
+}
+
+/// criu-image-streamer's `capture`: CRIU (started by someone else) streams its images
+/// into a new archive at `output`, which is committed only when CRIU completed the dump.
+/// Without running CRIU, completion is recognised by the `stats-dump` file CRIU writes
+/// into `images_dir` only on success (a stale one is removed first). `on_event` sees the
+/// milestones (criu-image-streamer prints them).
+///
+/// # Errors
+/// Capture errors; [`CriuError::Criu`] when CRIU did not complete the dump. The archive
+/// is not committed in either case.
+pub fn capture_archive(
+    images_dir: &std::path::Path,
+    output: &ckstream_store::ArchiveLocation,
+    spec: &ckstream_store::ArchiveSpec,
+    opts: CaptureOptions<'_>,
+    on_event: &mut dyn FnMut(CaptureEvent),
+) -> Result<ckstream_format::WriteSummary> {
+    let stats_file = images_dir.join("stats-dump");
+    let listener = socket::bind(images_dir, socket::CAPTURE_SOCKET)?;
+    match std::fs::remove_file(&stats_file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(CriuError::io(
+                format!("removing the stale {}", stats_file.display()),
+                e,
+            ))
+        }
+    }
+    let mut archive = output.create(spec)?;
+    let stop = opts.stop;
+    on_event(CaptureEvent::Listening);
+    let captured = capture(&listener, &mut archive.writer, opts, None, on_event);
+    let _ = std::fs::remove_file(images_dir.join(socket::CAPTURE_SOCKET));
+    if let Err(e) = captured {
+        archive.abort();
+        return Err(e);
+    }
+    // CRIU writes the stats file just after it closes the socket: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stats_file.exists() && Instant::now() < deadline && !stop.requested() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !stats_file.exists() {
+        archive.abort();
+        return Err(CriuError::Criu(format!(
+            "CRIU did not complete the dump ({} was not written)",
+            stats_file.display()
+        )));
+    }
+    Ok(archive.finish()?)
 }

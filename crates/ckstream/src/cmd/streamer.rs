@@ -8,18 +8,18 @@
 //! JSON; serve writes the stats JSON, then `socket-init`; extract writes the stats JSON.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ckstream_criu::capture::{capture, CaptureEvent, CaptureOptions};
+use ckstream_criu::capture::{capture_archive, CaptureEvent, CaptureOptions};
 use ckstream_criu::serve::{serve, ServeOptions};
 use ckstream_criu::socket;
 use ckstream_format::{ArchiveReader, Compression, WriterOptions};
-use ckstream_store::{take_fd, ArchiveLocation, ArchiveSpec, NewArchive, Writeback};
+use ckstream_store::{take_fd, ArchiveLocation, ArchiveSpec, Writeback};
 
 /// criu-image-streamer's global options.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -120,7 +120,6 @@ fn images_dir(o: &StreamerOpts) -> Result<&Path> {
 
 pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     let dir = images_dir(o)?;
-    let compression = args.compress;
     crate::interrupt::install();
     let mut progress = Progress::new(o.progress_fd);
     let fds = if o.shard_fds.is_empty() {
@@ -128,64 +127,33 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
     } else {
         o.shard_fds.clone()
     };
-    let shard_count = u32::try_from(fds.len()).context("too many shard fds")?;
-    let ext = ext_files(&o.ext_file_fds)?;
-    let clock = Instant::now();
-    let listener = socket::bind(dir, socket::CAPTURE_SOCKET)?;
-    // A stale stats file from an earlier dump must not vouch for this one.
-    match std::fs::remove_file(dir.join("stats-dump")) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!("removing the stale {}", dir.join("stats-dump").display())
-            })
-        }
-    }
-    let NewArchive {
-        mut writer,
-        pending,
-    } = ArchiveLocation::Fds(fds).create(&ArchiveSpec {
-        shards: shard_count,
+    let spec = ArchiveSpec {
+        shards: u32::try_from(fds.len()).context("too many shard fds")?,
         writer: WriterOptions {
-            compression,
+            compression: args.compress,
             ..Default::default()
         },
         command: "capture",
         writeback: Writeback::Off,
-    })?;
-    progress.line("socket-init");
-    let copts = CaptureOptions {
-        ext_files: ext,
+    };
+    let opts = CaptureOptions {
+        ext_files: ext_files(&o.ext_file_fds)?,
         stop: crate::interrupt::stop(),
         ..Default::default()
     };
-    let result = capture(&listener, &mut writer, copts, None, &mut |e| {
-        if e == CaptureEvent::CheckpointStart {
-            progress.line("checkpoint-start");
-        }
-    });
-    let _ = std::fs::remove_file(dir.join(socket::CAPTURE_SOCKET));
-    if let Err(e) = result {
-        writer.abort();
-        return Err(anyhow::Error::new(e).context("capture failed; the archive was not committed"));
-    }
-    // Without running CRIU ourselves, a successful dump is recognised by the stats file
-    // CRIU writes to the images dir only when it completes — just after it closes the
-    // socket, so give it a moment to appear.
-    let stats_file = dir.join("stats-dump");
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while !stats_file.exists() && Instant::now() < deadline && !crate::interrupt::requested() {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    if !stats_file.exists() {
-        writer.abort();
-        bail!(
-            "CRIU did not complete the dump ({} was not written); the archive was not committed",
-            stats_file.display()
-        );
-    }
-    let summary = NewArchive { writer, pending }.finish()?;
+    let clock = Instant::now();
+    let summary = capture_archive(
+        dir,
+        &ArchiveLocation::Fds(fds),
+        &spec,
+        opts,
+        &mut |e| match e {
+            CaptureEvent::Listening => progress.line("socket-init"),
+            CaptureEvent::CheckpointStart => progress.line("checkpoint-start"),
+            _ => {}
+        },
+    )
+    .context("capture failed; the archive was not committed")?;
     let ms = clock.elapsed().as_millis();
     progress.stats(
         &summary
