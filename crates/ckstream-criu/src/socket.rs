@@ -59,12 +59,7 @@ pub fn bind(dir: &Path, name: &str) -> Result<UnixListener> {
 ///
 /// # Errors
 /// [`CriuError::Timeout`] naming `what`, [`CriuError::Interrupted`], poll errors.
-pub fn wait_readable(
-    fd: impl AsFd,
-    timeout: Duration,
-    what: &str,
-    stop: Stop,
-) -> Result<()> {
+pub fn wait_readable(fd: impl AsFd, timeout: Duration, what: &str, stop: Stop) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         check_stop(stop)?;
@@ -93,11 +88,7 @@ pub fn wait_readable(
 /// # Errors
 /// [`CriuError::Timeout`] when CRIU never connects; [`CriuError::Interrupted`]; I/O
 /// errors.
-pub fn accept(
-    listener: &UnixListener,
-    timeout: Duration,
-    stop: Stop,
-) -> Result<UnixStream> {
+pub fn accept(listener: &UnixListener, timeout: Duration, stop: Stop) -> Result<UnixStream> {
     wait_readable(
         listener,
         timeout,

@@ -14,7 +14,7 @@ mod xattr;
 
 pub use overlay::{check_merged, find_indirect, find_merged, Indirect, IndirectEntry};
 pub use pack::{
-    pack_inputs, parse_input, plan_inputs, prepare_rootfs_diff,
-    rootfs_diff_input, Overlay, PackInput, PackPlan, PackStats, ROOTFS_PREFIX,
+    pack_inputs, parse_input, plan_inputs, prepare_rootfs_diff, rootfs_diff_input, Overlay,
+    PackInput, PackPlan, PackStats, ROOTFS_PREFIX,
 };
 pub use unpack::{is_opaque, is_whiteout, unpack, UnpackOptions, UnpackStats};

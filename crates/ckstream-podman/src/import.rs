@@ -106,11 +106,7 @@ pub fn check_podman_archive(path: &Path) -> Result<ImportStats> {
     scan(path, None, Stop::NEVER)
 }
 
-fn scan(
-    path: &Path,
-    writer: Option<&mut ArchiveWriter>,
-    stop: Stop,
-) -> Result<ImportStats> {
+fn scan(path: &Path, writer: Option<&mut ArchiveWriter>, stop: Stop) -> Result<ImportStats> {
     let file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let mut magic = [0u8; 4];
@@ -158,11 +154,7 @@ struct Importer<'w> {
 }
 
 impl<'w> Importer<'w> {
-    fn new(
-        writer: Option<&'w mut ArchiveWriter>,
-        clone: Option<Arc<File>>,
-        stop: Stop,
-    ) -> Self {
+    fn new(writer: Option<&'w mut ArchiveWriter>, clone: Option<Arc<File>>, stop: Stop) -> Self {
         Importer {
             writer,
             clone,
