@@ -43,10 +43,19 @@ fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
 /// Reads one framed message; `None` at a clean end of stream.
 ///
 /// # Errors
-/// [`CriuError::Protocol`] for oversized or undecodable messages; I/O errors.
+/// [`CriuError::Protocol`] for oversized or undecodable messages and for a stream that
+/// ends inside a frame; I/O errors.
 pub fn read_message<M: Message + Default>(r: &mut impl Read) -> Result<Option<M>> {
+    let truncated = |what: &str| CriuError::Protocol(format!("stream ended inside {what}"));
+    let failed = |e: io::Error, what: &str| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            truncated(what)
+        } else {
+            CriuError::io("reading from CRIU", e)
+        }
+    };
     let mut len = [0u8; 4];
-    if !read_exact_or_eof(r, &mut len).map_err(|e| CriuError::io("reading from CRIU", e))? {
+    if !read_exact_or_eof(r, &mut len).map_err(|e| failed(e, "a message length"))? {
         return Ok(None);
     }
     let len = u32::from_le_bytes(len);
@@ -54,10 +63,8 @@ pub fn read_message<M: Message + Default>(r: &mut impl Read) -> Result<Option<M>
         return Err(CriuError::Protocol(format!("message of {len} bytes")));
     }
     let mut buf = vec![0u8; len as usize];
-    if !read_exact_or_eof(r, &mut buf).map_err(|e| CriuError::io("reading from CRIU", e))?
-        && len > 0
-    {
-        return Err(CriuError::Protocol("stream ended inside a message".into()));
+    if !read_exact_or_eof(r, &mut buf).map_err(|e| failed(e, "a message"))? && len > 0 {
+        return Err(truncated("a message"));
     }
     M::decode(buf.as_slice())
         .map(Some)
@@ -99,5 +106,13 @@ mod tests {
         assert!(read_message::<RequestEntry>(&mut r).unwrap().is_none());
         let mut huge = &[0xff, 0xff, 0xff, 0x7f][..];
         assert!(read_message::<RequestEntry>(&mut huge).is_err());
+        // A frame cut anywhere is a protocol error, not an I/O error.
+        for cut in 1..buf.len() {
+            let mut r = &buf[..cut];
+            match read_message::<RequestEntry>(&mut r) {
+                Err(CriuError::Protocol(m)) => assert!(m.starts_with("stream ended inside")),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
     }
 }
