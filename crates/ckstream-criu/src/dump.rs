@@ -127,7 +127,7 @@ impl Outcome {
 /// (the output cannot be created, an include cannot be read) as they are.
 pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
     let mut work = WorkDir::new(opts.work_dir.clone(), "ckstream-dump")?;
-    let control = socket::bind(&work.path, HOOK_SOCKET)?;
+    let mut control = Some(socket::bind(&work.path, HOOK_SOCKET)?);
     let includes = ckstream_fs::plan_inputs(&opts.includes)?;
     let spool = if opts.leave_running {
         Some(Spool::create(&opts)?)
@@ -173,9 +173,12 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
             hook: Some(write_hook_script(&work.path)?),
             extra_args: opts.criu_args,
         })?));
+        let hook_socket = control.as_ref().expect("bound above");
         let result = match &spool {
-            Some(spool) => answer_hook(&control, &child, &log, opts.stop, on_frozen, &mut writer)
-                .map(|()| spool.report()),
+            Some(spool) => {
+                answer_hook(hook_socket, &child, &log, opts.stop, on_frozen, &mut writer)
+                    .map(|()| spool.report())
+            }
             None => {
                 let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
                 let capture_opts = CaptureOptions {
@@ -192,7 +195,7 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
                     &listener,
                     &mut writer,
                     capture_opts,
-                    Some(&control),
+                    Some(hook_socket),
                     &mut |e| {
                         if e == CaptureEvent::CheckpointStart {
                             first_image = Instant::now();
@@ -202,7 +205,10 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
             }
         };
         // Whatever happened, let CRIU finish on its own: on our failure it sees broken
-        // pipes or a failing hook and resumes the process rather than killing it.
+        // pipes or a failing hook and resumes the process rather than killing it. The
+        // hook socket closes first, so a hook that comes only now is refused at once
+        // (and CRIU resumes the tree) instead of waiting, frozen, for an answer.
+        control = None;
         let status = run::wait_with_timeout(&mut child.lock().unwrap(), Duration::from_secs(600))
             .map_err(|e| CriuError::io("waiting for criu", e))?;
         let report = result?;
