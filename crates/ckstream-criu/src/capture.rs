@@ -84,11 +84,15 @@ pub enum CaptureEvent {
 /// What a capture did.
 #[derive(Debug, Default, Clone)]
 pub struct CaptureReport {
+    /// Image files CRIU sent.
     pub images: u64,
+    /// External files stored.
     pub ext_files: u64,
+    /// Bytes received from CRIU and external files.
     pub bytes: u64,
     /// Smallest pipe size obtained for CRIU's pipes.
     pub pipe_size: usize,
+    /// From start to end of the capture.
     pub duration: Duration,
     /// Names of the image files, in the order CRIU wrote them.
     pub image_names: Vec<String>,

@@ -38,8 +38,11 @@ use crate::workdir::WorkDir;
 pub struct DumpOptions<'a> {
     /// Root of the process tree.
     pub pid: u32,
+    /// Where the archive goes.
     pub output: &'a ArchiveLocation,
+    /// Number of shards (1..=4096).
     pub shards: u32,
+    /// Compression, chunk size, threads, progress.
     pub writer: WriterOptions,
     /// Resume the tree after the checkpoint instead of killing it.
     pub leave_running: bool,
@@ -64,7 +67,9 @@ pub struct DumpOptions<'a> {
 /// What a successful dump did.
 #[derive(Debug)]
 pub struct DumpReport {
+    /// What CRIU sent (or, spooled, what it wrote).
     pub capture: CaptureReport,
+    /// The committed archive.
     pub summary: WriteSummary,
     /// CRIU's own timing (its `stats-dump`), when it wrote one: the exact freeze.
     pub criu_stats: Option<DumpStats>,

@@ -9,7 +9,9 @@ pub enum CriuError {
     /// A socket, pipe or process operation failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The I/O error.
         #[source]
         source: io::Error,
     },
@@ -23,7 +25,9 @@ pub enum CriuError {
     /// Applying a rootfs diff failed.
     #[error("applying the rootfs diff onto {}", target.display())]
     Rootfs {
+        /// The directory the diff was applied onto.
         target: PathBuf,
+        /// The archive or extraction error.
         #[source]
         source: ckstream_format::Error,
     },
@@ -40,9 +44,13 @@ pub enum CriuError {
     /// where CRIU's log is.
     #[error("{what}; {outcome} (CRIU work dir kept: {})", work_dir.display())]
     Failed {
+        /// What failed.
         what: String,
+        /// What became of the archive or the process.
         outcome: String,
+        /// CRIU's work directory, kept for its log.
         work_dir: PathBuf,
+        /// The cause.
         #[source]
         source: Box<CriuError>,
     },
@@ -58,4 +66,5 @@ impl CriuError {
     }
 }
 
+/// Result of the CRIU side.
 pub type Result<T, E = CriuError> = std::result::Result<T, E>;

@@ -10,6 +10,7 @@ use crate::error::{CriuError, Result};
 /// `message img_streamer_request_entry { required string filename = 1; }`
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RequestEntry {
+    /// Image file name, without a directory.
     #[prost(string, required, tag = "1")]
     pub filename: String,
 }
@@ -17,6 +18,7 @@ pub struct RequestEntry {
 /// `message img_streamer_reply_entry { required bool exists = 1; }`
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ReplyEntry {
+    /// Whether the file exists in the image set.
     #[prost(bool, required, tag = "1")]
     pub exists: bool,
 }

@@ -38,15 +38,18 @@ pub fn criu_version() -> Option<String> {
 
 /// How to run `criu dump`.
 pub struct DumpCommand<'a> {
+    /// Root of the process tree.
     pub pid: u32,
     /// CRIU's work directory: its log, and the streamer socket.
     pub work_dir: &'a Path,
     /// `None`: stream the images (`--stream`) to the capture socket in `work_dir`;
     /// `Some(dir)`: let CRIU write them into `dir` itself.
     pub images_dir: Option<&'a Path>,
+    /// Resume the tree after the dump (`--leave-running`).
     pub leave_running: bool,
     /// Shell command CRIU runs as its action script (the post-dump hook).
     pub hook: Option<String>,
+    /// Extra arguments given to `criu dump`.
     pub extra_args: &'a [String],
 }
 
@@ -145,6 +148,9 @@ pub fn criu_failure(what: &str, status: ExitStatus, log: &Path) -> CriuError {
 }
 
 /// Waits for `child` up to `timeout`, then kills it.
+///
+/// # Errors
+/// The I/O error of waiting for or killing the child.
 pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> std::io::Result<ExitStatus> {
     let deadline = std::time::Instant::now() + timeout;
     loop {

@@ -23,11 +23,13 @@ use crate::socket::{self, check_stop};
 
 /// Settings of one serve.
 pub struct ServeOptions {
+    /// How long to wait for CRIU to connect.
     pub accept_timeout: Duration,
     /// Longest wait for CRIU's next request.
     pub idle_timeout: Duration,
     /// Decoder threads per file.
     pub decoders: usize,
+    /// Pipe size to ask for (F_SETPIPE_SZ).
     pub pipe_size: usize,
     /// External files to send out: archive name and the write end of a pipe/file.
     pub ext_files: Vec<(String, OwnedFd)>,
@@ -57,10 +59,15 @@ impl Default for ServeOptions {
 /// What a serve did.
 #[derive(Debug, Default, Clone)]
 pub struct ServeReport {
+    /// Requests CRIU made.
     pub requests: u64,
+    /// Files sent.
     pub served: u64,
+    /// Files CRIU asked for that the archive does not hold (CRIU asks for optional ones).
     pub missing: Vec<String>,
+    /// Bytes sent to CRIU.
     pub bytes: u64,
+    /// From start to end of the serve.
     pub duration: Duration,
 }
 

@@ -31,10 +31,13 @@ pub struct DumpStats {
     /// Microseconds spent writing memory pages.
     #[prost(uint32, required, tag = "4")]
     pub memwrite_time: u32,
+    /// Memory pages CRIU looked at.
     #[prost(uint64, required, tag = "5")]
     pub pages_scanned: u64,
+    /// Pages skipped because a parent image holds them.
     #[prost(uint64, required, tag = "6")]
     pub pages_skipped_parent: u64,
+    /// Pages written to the image.
     #[prost(uint64, required, tag = "7")]
     pub pages_written: u64,
 }

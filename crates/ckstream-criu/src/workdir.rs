@@ -8,6 +8,7 @@ use crate::error::{CriuError, Result};
 /// A work directory: `--work-dir` as given (never removed), or a fresh one in the
 /// temporary directory (removed on drop unless [`WorkDir::keep`] was called).
 pub struct WorkDir {
+    /// The directory.
     pub path: PathBuf,
     remove: bool,
 }

@@ -40,22 +40,26 @@ unsafe impl GlobalAlloc for CountingAlloc {
         if layout.size() >= HUGE {
             HUGE_ALLOCS.fetch_add(1, Ordering::SeqCst);
         }
-        System.alloc(layout)
+        // SAFETY: the caller upholds GlobalAlloc's contract, which System shares.
+        unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if layout.size() >= HUGE {
             HUGE_ALLOCS.fetch_add(1, Ordering::SeqCst);
         }
-        System.alloc_zeroed(layout)
+        // SAFETY: the caller upholds GlobalAlloc's contract, which System shares.
+        unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if new_size >= HUGE {
             HUGE_ALLOCS.fetch_add(1, Ordering::SeqCst);
         }
-        System.realloc(ptr, layout, new_size)
+        // SAFETY: the caller upholds GlobalAlloc's contract, which System shares.
+        unsafe { System.realloc(ptr, layout, new_size) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
+        // SAFETY: the caller upholds GlobalAlloc's contract, which System shares.
+        unsafe { System.dealloc(ptr, layout) }
     }
 }
 

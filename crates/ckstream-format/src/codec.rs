@@ -44,15 +44,19 @@ impl CodecId {
 /// What the writer does to chunks: a codec and, for zstd, a level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compression {
+    /// The codec.
     pub codec: CodecId,
+    /// zstd level (0 for the other codecs).
     pub level: i32,
 }
 
 impl Compression {
+    /// Stored as it is.
     pub const NONE: Compression = Compression {
         codec: CodecId::None,
         level: 0,
     };
+    /// LZ4 blocks.
     pub const LZ4: Compression = Compression {
         codec: CodecId::Lz4,
         level: 0,
@@ -152,6 +156,10 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// An encoder for `compression`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when zstd cannot create a compression context.
     pub fn new(compression: Compression) -> Result<Self> {
         let zstd = match compression.codec {
             CodecId::Zstd => Some(
@@ -165,6 +173,9 @@ impl Encoder {
 
     /// Compresses `raw`. Returns `None` when compression is off or does not make the
     /// chunk smaller, in which case the caller stores it raw.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the compressor fails.
     pub fn encode(&mut self, raw: &[u8]) -> Result<Option<(CodecId, Vec<u8>)>> {
         if self.compression.codec == CodecId::None || self.looks_incompressible(raw)? {
             return Ok(None);

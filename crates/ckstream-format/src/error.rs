@@ -34,7 +34,9 @@ pub enum Error {
     /// An I/O error from a shard source or sink.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The I/O error.
         #[source]
         source: io::Error,
     },
@@ -54,7 +56,10 @@ pub enum Error {
     Corrupt(String),
     /// A chunk's content does not match the BLAKE3 digest recorded for it.
     #[error("corrupt archive: digest mismatch for {what}")]
-    DigestMismatch { what: String },
+    DigestMismatch {
+        /// The chunk (entry path and offset) or structure that failed.
+        what: String,
+    },
     /// An entry that could write outside the target or is otherwise unsafe.
     #[error("unsafe entry rejected: {0}")]
     UnsafeEntry(String),

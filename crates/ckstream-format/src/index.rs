@@ -15,15 +15,23 @@ use crate::layout::{FOOTER_LEN, HEADER_LEN, MAX_CHUNK_RAW, MAX_SHARDS};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
 pub enum EntryKind {
+    /// Not set: a reader refuses it.
     Unspecified = 0,
+    /// A regular file.
     File = 1,
+    /// A directory.
     Dir = 2,
+    /// A symbolic link (`link_target` is the target).
     Symlink = 3,
     /// A hard link to an earlier `File` entry named by `link_target`.
     Hardlink = 4,
+    /// A character device (`rdev_*`); 0/0 is an overlay whiteout.
     CharDevice = 5,
+    /// A block device (`rdev_*`).
     BlockDevice = 6,
+    /// A named pipe.
     Fifo = 7,
+    /// A Unix socket (its name only).
     Socket = 8,
 }
 
@@ -42,6 +50,7 @@ impl EntryKind {
         }
     }
 
+    /// Lower-case name for listings and reports (`file`, `dir`, ...).
     pub fn name(self) -> &'static str {
         match self {
             EntryKind::Unspecified => "unspecified",
@@ -60,8 +69,10 @@ impl EntryKind {
 /// One extended attribute.
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct Xattr {
+    /// Attribute name, with its namespace (`user.`, `trusted.`, `security.`).
     #[prost(bytes = "vec", tag = "1")]
     pub name: Vec<u8>,
+    /// Attribute value.
     #[prost(bytes = "vec", tag = "2")]
     pub value: Vec<u8>,
 }
@@ -72,13 +83,16 @@ pub struct Entry {
     /// Relative path, `/`-separated, validated by [`validate_path`].
     #[prost(bytes = "vec", tag = "1")]
     pub path: Vec<u8>,
+    /// [`EntryKind`] as its protobuf number.
     #[prost(enumeration = "EntryKind", tag = "2")]
     pub kind: i32,
     /// Permission bits including setuid/setgid/sticky (`mode & 0o7777`).
     #[prost(uint32, tag = "3")]
     pub mode: u32,
+    /// Owner user id.
     #[prost(uint32, tag = "4")]
     pub uid: u32,
+    /// Owner group id.
     #[prost(uint32, tag = "5")]
     pub gid: u32,
     /// Modification time in nanoseconds since the Unix epoch.
@@ -87,18 +101,22 @@ pub struct Entry {
     /// Logical size of a file; bytes not covered by chunks read as zeros (holes).
     #[prost(uint64, tag = "7")]
     pub size: u64,
+    /// Device major number (devices only).
     #[prost(uint32, tag = "8")]
     pub rdev_major: u32,
+    /// Device minor number (devices only).
     #[prost(uint32, tag = "9")]
     pub rdev_minor: u32,
     /// Symlink target, or the path of the `File` entry a `Hardlink` points to.
     #[prost(bytes = "vec", tag = "10")]
     pub link_target: Vec<u8>,
+    /// Extended attributes, in the order they were read.
     #[prost(message, repeated, tag = "11")]
     pub xattrs: Vec<Xattr>,
     /// First chunk of this entry in [`Index::chunks`].
     #[prost(uint64, tag = "12")]
     pub first_chunk: u64,
+    /// Number of chunks of this entry (from `first_chunk`).
     #[prost(uint64, tag = "13")]
     pub chunk_count: u64,
     /// Entry flags ([`entry_flags`]).
@@ -131,10 +149,13 @@ pub struct Chunk {
     /// Offset of the chunk's first byte in the entry.
     #[prost(uint64, tag = "1")]
     pub file_offset: u64,
+    /// Length once decoded (within its shared frame, for a bundled small file).
     #[prost(uint32, tag = "2")]
     pub raw_len: u32,
+    /// Stored payload length (the whole frame, for a bundled small file).
     #[prost(uint32, tag = "3")]
     pub stored_len: u32,
+    /// Shard holding the payload.
     #[prost(uint32, tag = "4")]
     pub shard: u32,
     /// Offset of the stored payload in its shard.
@@ -154,15 +175,18 @@ pub struct Chunk {
     /// `[frame_offset, frame_offset + raw_len)`.
     #[prost(uint32, tag = "9")]
     pub frame_raw_len: u32,
+    /// With `frame_raw_len`: where this chunk starts inside the decoded frame.
     #[prost(uint32, tag = "10")]
     pub frame_offset: u32,
 }
 
 impl Chunk {
+    /// The codec, if this reader knows it.
     pub fn codec_id(&self) -> Option<CodecId> {
         u8::try_from(self.codec).ok().and_then(CodecId::from_u8)
     }
 
+    /// File offset just past this chunk.
     pub fn file_end(&self) -> u64 {
         self.file_offset + self.raw_len as u64
     }
@@ -196,10 +220,13 @@ impl Chunk {
 /// Another archive whose chunks this one references (reserved for incremental checkpoints).
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct ParentArchive {
+    /// The parent's archive id.
     #[prost(bytes = "vec", tag = "1")]
     pub archive_id: Vec<u8>,
+    /// Where to find the parent (relative to this archive when both are local).
     #[prost(string, tag = "2")]
     pub location: String,
+    /// BLAKE3 of the parent's decoded index, checked before it is used.
     #[prost(bytes = "vec", tag = "3")]
     pub index_digest: Vec<u8>,
 }
@@ -207,8 +234,10 @@ pub struct ParentArchive {
 /// Free-form key/value metadata (tool versions, CRIU version, source host...).
 #[derive(Clone, PartialEq, Eq, prost::Message)]
 pub struct MetaItem {
+    /// Metadata key (`ckstream.version`, `criu.version`, `podman.container.id`, ...).
     #[prost(string, tag = "1")]
     pub key: String,
+    /// Its value.
     #[prost(string, tag = "2")]
     pub value: String,
 }
@@ -216,12 +245,16 @@ pub struct MetaItem {
 /// The whole index.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Index {
+    /// Every entry; its position is its id.
     #[prost(message, repeated, tag = "1")]
     pub entries: Vec<Entry>,
+    /// Every chunk, grouped by entry and sorted by file offset.
     #[prost(message, repeated, tag = "2")]
     pub chunks: Vec<Chunk>,
+    /// Parent archives (reserved for incremental checkpoints).
     #[prost(message, repeated, tag = "3")]
     pub parents: Vec<ParentArchive>,
+    /// Tool versions and other facts about the archive.
     #[prost(message, repeated, tag = "4")]
     pub meta: Vec<MetaItem>,
     /// Nominal chunk size the writer used.
@@ -341,8 +374,11 @@ pub struct IndexSummary {
 /// Chunks of one codec (see [`IndexSummary`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CodecTotals {
+    /// Number of chunks.
     pub chunks: u64,
+    /// Raw bytes they hold.
     pub raw_bytes: u64,
+    /// Stored bytes (a shared frame counted once).
     pub stored_bytes: u64,
 }
 

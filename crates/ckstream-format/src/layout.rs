@@ -128,6 +128,10 @@ impl ShardHeader {
     }
 
     /// Parses and validates a header block. `what` names the shard in error messages.
+    ///
+    /// # Errors
+    /// [`Error::NotAnArchive`] for a wrong magic; [`Error::Unsupported`] for another
+    /// version, hash or unknown required feature; [`Error::Corrupt`] for a bad check.
     pub fn decode(b: &[u8], what: &str) -> Result<Self> {
         if b.len() < HEADER_LEN || b[0..8] != SHARD_MAGIC {
             if b.len() >= 4 && b[0..4] == [0x28, 0xb5, 0x2f, 0xfd] {
@@ -222,8 +226,11 @@ pub const RECORD_FLAG_SHARED_FRAME: u16 = 1;
 /// The 96-byte header in front of every record's payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordHeader {
+    /// What the record holds.
     pub kind: RecordKind,
+    /// How its payload is encoded.
     pub codec: CodecId,
+    /// Record flags (bit 0: a shared frame).
     pub flags: u16,
     /// Global sequence number across all shards: the order the writer produced records in.
     pub seq: u64,
@@ -247,6 +254,7 @@ impl RecordHeader {
         RECORD_HEADER_LEN as u64 + self.pad as u64 + self.stored_len as u64
     }
 
+    /// The 96 bytes, check value included.
     pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
         let mut b = [0u8; RECORD_HEADER_LEN];
         b[0..4].copy_from_slice(&RECORD_MAGIC);
@@ -266,6 +274,10 @@ impl RecordHeader {
     }
 
     /// Parses a record header; `at` describes its position for error messages.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] for a wrong magic or check, an unknown kind or codec, or a
+    /// length or padding over its bound.
     pub fn decode(b: &[u8], at: &str) -> Result<Self> {
         if b.len() < RECORD_HEADER_LEN || b[0..4] != RECORD_MAGIC {
             return Err(Error::Corrupt(format!("{at}: no record header")));
@@ -328,8 +340,11 @@ pub struct IndexLocation {
 /// The fixed 128-byte footer: the commit record of a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Footer {
+    /// The archive id, identical in every shard.
     pub archive_id: [u8; 16],
+    /// This shard's position (0 holds the index).
     pub shard_index: u32,
+    /// How many shards the archive has.
     pub shard_count: u32,
     /// Present in shard 0 only.
     pub index: Option<IndexLocation>,
@@ -342,6 +357,7 @@ pub struct Footer {
 }
 
 impl Footer {
+    /// The 128 bytes, check value and end magic included.
     pub fn encode(&self) -> [u8; FOOTER_LEN] {
         let mut b = [0u8; FOOTER_LEN];
         b[0..8].copy_from_slice(&FOOTER_MAGIC);
@@ -369,6 +385,10 @@ impl Footer {
     }
 
     /// Parses the last 128 bytes of a shard of `shard_len` bytes.
+    ///
+    /// # Errors
+    /// [`Error::Incomplete`] when they are no footer (the shard was never committed);
+    /// [`Error::Corrupt`] for a bad check or a footer that contradicts the shard's size.
     pub fn decode(b: &[u8], shard_len: u64, what: &str) -> Result<Self> {
         if b.len() < FOOTER_LEN || b[120..128] != END_MAGIC || b[0..8] != FOOTER_MAGIC {
             return Err(Error::Incomplete(format!("{what} has no commit footer")));

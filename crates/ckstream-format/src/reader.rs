@@ -455,18 +455,22 @@ impl ArchiveReader {
         })
     }
 
+    /// Shard 0's header.
     pub fn header(&self) -> &ShardHeader {
         &self.header
     }
 
+    /// Shard 0's footer.
     pub fn footer(&self) -> &Footer {
         &self.footer
     }
 
+    /// The validated index.
     pub fn index(&self) -> &Index {
         &self.index
     }
 
+    /// Every entry, by id.
     pub fn entries(&self) -> &[Entry] {
         &self.index.entries
     }
@@ -482,6 +486,7 @@ impl ArchiveReader {
         &self.index.chunks[e.first_chunk as usize..(e.first_chunk + e.chunk_count) as usize]
     }
 
+    /// Number of shards.
     pub fn shard_count(&self) -> u32 {
         self.header.shard_count
     }

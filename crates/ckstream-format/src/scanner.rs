@@ -20,6 +20,7 @@ use crate::reader::ShardSource;
 /// A record found by [`RecordScanner`].
 #[derive(Debug)]
 pub struct ScannedRecord {
+    /// The record's header (checked).
     pub header: RecordHeader,
     /// Offset of the payload in the shard.
     pub payload_offset: u64,
@@ -79,6 +80,7 @@ impl<R: Read> RecordScanner<R> {
         })
     }
 
+    /// The shard's header (checked).
     pub fn header(&self) -> &ShardHeader {
         &self.header
     }

@@ -27,6 +27,7 @@ use crate::writer::ShardSink;
 pub struct MemSink(Arc<Mutex<Vec<u8>>>);
 
 impl MemSink {
+    /// An empty sink.
     pub fn new() -> Self {
         Self::default()
     }

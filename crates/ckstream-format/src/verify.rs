@@ -29,9 +29,13 @@ use crate::scanner::{RecordScanner, ScannedRecord, SourceReader};
 /// Result of [`ArchiveReader::verify`].
 #[derive(Debug, Default, Clone)]
 pub struct VerifyReport {
+    /// Records scanned in every shard.
     pub records: u64,
+    /// Chunks checked against the index.
     pub chunks: u64,
+    /// Raw bytes of those chunks.
     pub raw_bytes: u64,
+    /// Stored bytes read and digest-checked.
     pub stored_bytes: u64,
 }
 

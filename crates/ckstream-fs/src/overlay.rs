@@ -59,6 +59,7 @@ impl Indirect {
 pub struct IndirectEntry {
     /// Its path (the upper directory joined with its relative path).
     pub path: PathBuf,
+    /// Which of the two it is.
     pub kind: Indirect,
 }
 
@@ -160,7 +161,9 @@ pub struct MountInfo {
     pub dev: (u32, u32),
     /// The directory of the filesystem mounted here (`/` unless a bind mount of a subtree).
     pub root: PathBuf,
+    /// Where it is mounted.
     pub mount_point: PathBuf,
+    /// Filesystem type (`overlay`, ...).
     pub fs_type: String,
     /// Superblock options (`upperdir=...` for overlayfs): name and value, unescaped.
     pub super_options: Vec<(Vec<u8>, Option<Vec<u8>>)>,

@@ -20,6 +20,7 @@ use crate::overlay::{indirect_kind, overlay_xattr, Indirect};
 pub struct PackInput {
     /// Archive path prefix; empty for the root.
     pub name: Vec<u8>,
+    /// Where it is read from.
     pub path: PathBuf,
     /// Set when `path` is an overlayfs upper directory (a rootfs diff, see
     /// [`rootfs_diff_input`]): how to store its entries that are not complete on
@@ -187,14 +188,18 @@ pub fn prepare_rootfs_diff(upper: &Path, merged: Option<&Path>) -> Result<PackIn
 /// One planned entry: its metadata and, for files, where the data comes from.
 #[derive(Debug)]
 pub struct Planned {
+    /// The entry, with its final metadata.
     pub entry: Entry,
+    /// Where its data is read from (files only).
     pub source: PathBuf,
 }
 
 /// Every entry to pack, in archive order, with the total bytes of file data.
 #[derive(Debug, Default)]
 pub struct PackPlan {
+    /// Every entry, in archive order.
     pub entries: Vec<Planned>,
+    /// Bytes of file data to read.
     pub total_bytes: u64,
 }
 
@@ -601,8 +606,11 @@ fn data_ranges(file: &File, size: u64, blocks: u64) -> io::Result<Vec<Range<u64>
 /// Counters of a pack run.
 #[derive(Debug, Default, Clone)]
 pub struct PackStats {
+    /// Files whose data was read.
     pub files: u64,
+    /// Entries added.
     pub entries: u64,
+    /// Bytes of file data read.
     pub bytes_read: u64,
 }
 

@@ -62,25 +62,34 @@ pub fn cka_compression(compression: CompressionArg) -> Compression {
 
 /// How to checkpoint.
 pub struct CheckpointOptions<'a> {
+    /// Where the archive goes.
     pub output: &'a ArchiveLocation,
+    /// `.cka` or podman's export layout.
     pub format: Format,
+    /// As given: plain `zstd` means [`PODMAN_ZSTD_LEVEL`].
     pub compression: CompressionArg,
+    /// Keep the container running after the checkpoint.
     pub leave_running: bool,
     /// Shards of a `.cka`.
     pub shards: u32,
     /// Counts the bytes of data written.
     pub progress: Progress,
+    /// Polled: once it asks, nothing is published and the container is restored in place.
     pub stop: Stop,
 }
 
 /// What a checkpoint did.
 #[derive(Debug)]
 pub struct CheckpointReport {
+    /// The container, as inspected before the checkpoint.
     pub container: Container,
     /// podman's own checkpoint in place (runc + CRIU).
     pub podman_seconds: f64,
+    /// Bytes of the archive.
     pub archive_bytes: u64,
+    /// Bytes of file data in it.
     pub data_bytes: u64,
+    /// Bytes shared by reflink instead of copied.
     pub cloned_bytes: u64,
     /// Paths in `deleted.files`.
     pub deleted: usize,

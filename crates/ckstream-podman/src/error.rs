@@ -11,7 +11,12 @@ use crate::config_dump::ConfigDumpError;
 pub enum PodmanError {
     /// `podman` could not be started or exited non-zero; its own message.
     #[error("podman {args}: {message}")]
-    Command { args: String, message: String },
+    Command {
+        /// The arguments given to `podman`.
+        args: String,
+        /// What podman said (or why it could not run).
+        message: String,
+    },
     /// The container is in a state or configuration ckstream does not handle.
     #[error("{0}")]
     Unsupported(String),
@@ -22,21 +27,27 @@ pub enum PodmanError {
     /// Deriving `config.dump` / `spec.dump` from podman's state failed.
     #[error("reading podman's state for container {container}")]
     State {
+        /// The container.
         container: String,
+        /// What failed.
         #[source]
         source: ConfigDumpError,
     },
     /// A file of the container's bundle could not be written.
     #[error("writing {}", path.display())]
     Bundle {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// A step failed; the message says what became of the container.
     #[error("{context}")]
     Step {
+        /// What became of the container.
         context: String,
+        /// The cause.
         #[source]
         source: Box<PodmanError>,
     },
@@ -52,4 +63,5 @@ impl PodmanError {
     }
 }
 
+/// Result of the podman side.
 pub type Result<T, E = PodmanError> = std::result::Result<T, E>;

@@ -36,7 +36,9 @@ pub enum Content {
 /// One tar member: its metadata (path relative to the tar it lands in) and content.
 #[derive(Debug)]
 pub struct Item {
+    /// Its metadata and place in the tar.
     pub entry: Entry,
+    /// Where its data comes from.
     pub content: Content,
 }
 

@@ -49,9 +49,17 @@ pub enum HookOutcome {
     /// The runtime never ran the hook: the container would run without its changes.
     NotRun,
     /// The diff was applied, taking this long.
-    Applied { seconds: f64 },
+    Applied {
+        /// How long applying took.
+        seconds: f64,
+    },
     /// Applying failed; `bad_archive` when the archive itself was at fault.
-    Failed { message: String, bad_archive: bool },
+    Failed {
+        /// The hook's error.
+        message: String,
+        /// The archive itself was at fault.
+        bad_archive: bool,
+    },
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -20,10 +20,15 @@ use crate::layout::{cka_name_of, CKA_PODMAN_DIR, CKA_ROOTFS_DIR, DELETED_FILES, 
 /// What an import did.
 #[derive(Debug, Default, Clone)]
 pub struct ImportStats {
+    /// Entries added.
     pub entries: u64,
+    /// Of them, entries of the rootfs diff.
     pub rootfs_entries: u64,
+    /// Paths in `deleted.files`.
     pub deleted_paths: u64,
+    /// Bytes of file data.
     pub bytes: u64,
+    /// The export was zstd-compressed.
     pub compressed_input: bool,
     /// The container name recorded in `config.dump`.
     pub container_name: Option<String>,

@@ -13,7 +13,9 @@ pub const PODMAN_CHECKPOINT_DIR: &str = "checkpoint";
 pub const ROOTFS_DIFF_TAR: &str = "rootfs-diff.tar";
 /// Podman's JSON list of deleted container paths.
 pub const DELETED_FILES: &str = "deleted.files";
+/// podman's container config in an export.
 pub const CONFIG_DUMP: &str = "config.dump";
+/// The container's OCI spec in an export.
 pub const SPEC_DUMP: &str = "spec.dump";
 
 /// Where CRIU images live in a `.cka` (as `ckstream dump` stores them).

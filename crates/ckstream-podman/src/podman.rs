@@ -14,8 +14,11 @@ use crate::error::{PodmanError, Result};
 /// What ckstream needs to know about a container.
 #[derive(Debug, Clone)]
 pub struct Container {
+    /// Full container ID.
     pub id: String,
+    /// Container name.
     pub name: String,
+    /// Whether it runs now.
     pub running: bool,
     /// Podman's per-container bundle directory (`userdata`): CRIU images, dumps, logs.
     pub bundle: PathBuf,
@@ -26,7 +29,9 @@ pub struct Container {
     pub merged: Option<PathBuf>,
     /// Lower layers, top first.
     pub lowers: Vec<PathBuf>,
+    /// Image it was created from.
     pub image_name: String,
+    /// OCI runtime (`runc`, `crun`).
     pub runtime: String,
     /// Named volumes (podman exports them as `volumes/NAME.tar`; not supported yet).
     pub named_volumes: Vec<String>,

@@ -40,7 +40,9 @@ pub struct RestoreOptions<'a> {
     /// Default: ckstream for local archives, podman for remote ones (the hook runs
     /// without the object-store credentials).
     pub apply_diff: Option<ApplyDiff>,
+    /// Counts the bytes converted.
     pub progress: Progress,
+    /// Polled while converting.
     pub stop: Stop,
 }
 

@@ -29,15 +29,21 @@ pub const DATA_ALIGN: u64 = 4096;
 pub struct Member<'a> {
     /// Relative path without a leading `/` (directories without a trailing one).
     pub path: &'a [u8],
+    /// What the member is.
     pub kind: EntryKind,
+    /// Permission bits.
     pub mode: u32,
+    /// Owner user id.
     pub uid: u32,
+    /// Owner group id.
     pub gid: u32,
+    /// Modification time, ns since the epoch.
     pub mtime_ns: i64,
     /// Data bytes that follow the header (regular files only).
     pub size: u64,
     /// Symlink target, or the member path a hard link points to.
     pub link_target: &'a [u8],
+    /// Device numbers (devices only).
     pub rdev: (u32, u32),
     /// Extended attributes, stored as `SCHILY.xattr.NAME` pax records.
     pub xattrs: Vec<(&'a [u8], &'a [u8])>,
@@ -46,6 +52,7 @@ pub struct Member<'a> {
 /// How many bytes reached the archive, and how.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TarStats {
+    /// Members written.
     pub members: u64,
     /// File data shared by reflink.
     pub cloned_bytes: u64,
@@ -132,6 +139,7 @@ impl TarWriter {
         self.pos
     }
 
+    /// What was written so far.
     pub fn stats(&self) -> TarStats {
         self.stats
     }

@@ -217,6 +217,7 @@ pub struct FdSink {
 }
 
 impl FdSink {
+    /// Wraps an inherited descriptor (`name` is for messages).
     pub fn new(file: File, name: impl Into<String>) -> Self {
         FdSink {
             out: io::BufWriter::with_capacity(1 << 20, file),

@@ -289,6 +289,7 @@ impl std::str::FromStr for ArchiveLocation {
 pub struct ArchiveSpec<'a> {
     /// Number of shards (1..=4096).
     pub shards: u32,
+    /// How the writer encodes (compression, chunk size, threads, progress).
     pub writer: WriterOptions,
     /// Recorded as index metadata `ckstream.command` (`pack`, `dump`, ...).
     pub command: &'a str,
@@ -330,7 +331,9 @@ impl Default for Writeback {
 
 /// A new archive: its writer, and what makes it visible once the writer committed.
 pub struct NewArchive {
+    /// Adds entries and commits.
     pub writer: ArchiveWriter,
+    /// Makes the committed archive visible under its name.
     pub pending: PendingArchive,
 }
 

@@ -106,8 +106,9 @@ pub fn hex(b: &[u8]) -> String {
 /// waited-for children, for `--json` reports.
 pub fn rusage_json() -> serde_json::Value {
     fn get(who: libc::c_int) -> (f64, i64) {
-        // SAFETY: getrusage fills the zeroed struct it is given.
+        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
         let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct it is given, which outlives the call.
         unsafe { libc::getrusage(who, &mut u) };
         let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         (secs(u.ru_utime) + secs(u.ru_stime), u.ru_maxrss)

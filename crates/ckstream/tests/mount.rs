@@ -239,6 +239,7 @@ fn mount_matches_source(codec: &str, shards: u32) {
         // SAFETY: lseek on an open descriptor.
         let data = unsafe { libc::lseek(f.as_raw_fd(), 1 << 20, libc::SEEK_DATA) };
         assert_eq!(data, 9 << 20);
+        // SAFETY: lseek on an open descriptor.
         let hole = unsafe { libc::lseek(f.as_raw_fd(), 9 << 20, libc::SEEK_HOLE) };
         // The 70 000 bytes written at 9 MiB, rounded up to the source's allocation.
         assert!(
@@ -635,10 +636,9 @@ fn hot_list_is_prefetched_and_small_cache_stays_correct() {
         let f = fs::File::open(m.mp.join("big-8m")).unwrap();
         use std::os::fd::AsRawFd;
         // SAFETY: fadvise on an open descriptor.
-        assert_eq!(
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) },
-            0
-        );
+        let advised =
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(advised, 0);
     }
     let (status, out, err) = m.umount();
     assert!(status.success(), "{err}");

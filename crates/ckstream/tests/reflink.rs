@@ -45,11 +45,13 @@ fn shared_bytes(path: &Path) -> (u64, u64) {
     let mut total = 0;
     let mut start = 0u64;
     loop {
+        // SAFETY: an all-zero Fiemap is a valid value of this plain C struct.
         let mut fm: Box<Fiemap> = Box::new(unsafe { std::mem::zeroed() });
         fm.start = start;
         fm.length = u64::MAX - start;
         fm.flags = FIEMAP_FLAG_SYNC;
         fm.extent_count = 512;
+        // SAFETY: FIEMAP fills the struct it is given, sized for `extent_count` extents.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP as _, &mut *fm as *mut Fiemap) };
         assert_eq!(r, 0, "FIEMAP failed: {}", std::io::Error::last_os_error());
         if fm.mapped_extents == 0 {

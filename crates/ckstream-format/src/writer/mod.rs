@@ -75,6 +75,7 @@ pub trait ShardSink: Send {
 /// How the writer encodes and lays out data.
 #[derive(Debug, Clone)]
 pub struct WriterOptions {
+    /// Codec (and level) for data chunks.
     pub compression: Compression,
     /// Nominal chunk size; callers pass chunks of at most this many bytes.
     pub chunk_size: u32,
@@ -118,8 +119,11 @@ pub struct WriterStats {
 /// What [`ArchiveWriter::finish`] reports.
 #[derive(Debug, Clone)]
 pub struct WriteSummary {
+    /// The new archive's id.
     pub archive_id: [u8; 16],
+    /// Entries in the index.
     pub entries: usize,
+    /// Chunks in the index.
     pub chunks: usize,
     /// Logical bytes of all file entries (holes included).
     pub logical_bytes: u64,

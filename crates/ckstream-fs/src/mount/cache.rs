@@ -31,9 +31,13 @@ struct Inner<K> {
 /// Counters of one cache, for statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheCounters {
+    /// Reads served from the cache.
     pub hits: u64,
+    /// Reads that had to fetch.
     pub misses: u64,
+    /// Chunks evicted to stay within the budget.
     pub evictions: u64,
+    /// Bytes held now.
     pub bytes: u64,
 }
 

@@ -82,7 +82,9 @@ impl Default for UnpackOptions {
 /// Counters of an unpack run; the atomics let a progress bar watch them.
 #[derive(Debug, Default)]
 pub struct UnpackStats {
+    /// Entries created or updated.
     pub entries: AtomicU64,
+    /// Regular files written.
     pub files: AtomicU64,
     /// Raw bytes of file data restored (holes excluded).
     pub bytes: AtomicU64,

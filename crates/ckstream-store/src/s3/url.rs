@@ -10,7 +10,9 @@ use object_store::path::Path as ObjectPath;
 /// An object named by `s3://BUCKET/KEY`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct S3Url {
+    /// Bucket name.
     pub bucket: String,
+    /// Object key of shard 0.
     pub key: String,
 }
 
