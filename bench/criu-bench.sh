@@ -28,8 +28,9 @@
 # dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every dump, restore and write:
 # cold. Steps (order rotates each rep, dd comes last; every restore verified as above,
 # and the process left running by a --leave-running dump re-checked the same way):
-#   dd          the disk's own limit: `dd bs=4M conv=fdatasync` of a file of the archive's
-#               size (the largest archive/image of this size+fill so far) from a random
+#   dd          the disk's own limit: the faster of two `dd bs=4M conv=fdatasync` runs into a
+#               fresh file of the archive's size (the largest archive/image of this
+#               size+fill so far) from a random
 #               source pre-generated on $SHM (max MIBS + 64 MiB of RAM) -> seconds, MB/s
 #   plain       `criu dump -t PID -D DIR`, then a timed `sync`; `criu restore -D DIR -d`
 #   plain-lr    `criu dump --leave-running -t PID -D DIR` (+ timed sync)
@@ -354,21 +355,28 @@ disk_ck() {
 		"$CKSTREAM" restore "$arch" -q --json --work-dir "$d/wd-restore"
 }
 
-# disk_dd REP MIB FILL: the disk's write limit for a file of the archive's size.
+# disk_dd REP MIB FILL: the disk's write limit for a file of the archive's size: the
+# faster of two `dd conv=fdatasync` runs into a fresh file (this virtio disk varies 2-6x
+# between back-to-back writes: freed blocks are discarded (ext4 `discard`) and the host
+# cache comes and goes; the faster run is the limit a durable checkpoint must respect).
 disk_dd() {
-	local rep=$1 mib=$2 fill=$3 bytes t0 t1
+	local rep=$1 mib=$2 fill=$3 bytes t0 t1 best="" secs
 	bytes=$(awk -F'\t' -v m="$mib" -v f="$fill" 'NR > 1 && $2 == m && $3 == f && $5 == "dump" && $11 > b { b = $11 }
 		END { print b + 0 }' "$DTSV")
 	((bytes > 0)) || bytes=$((mib * 1048576))
 	((bytes <= $(stat -c %s "$DDSRC"))) || die "dd source $DDSRC is smaller than $bytes B"
+	for _ in 1 2; do
+		rm -f "$DDIR/dd.out"
+		drop_caches
+		t0=$(now)
+		dd if="$DDSRC" of="$DDIR/dd.out" bs=4M count="$bytes" iflag=count_bytes conv=fdatasync status=none
+		t1=$(now)
+		secs=$(fsub "$t1" "$t0")
+		if [[ -z $best ]] || awk -v a="$secs" -v b="$best" 'BEGIN { exit !(a < b) }'; then best=$secs; fi
+	done
 	rm -f "$DDIR/dd.out"
-	drop_caches
-	t0=$(now)
-	dd if="$DDSRC" of="$DDIR/dd.out" bs=4M count="$bytes" iflag=count_bytes conv=fdatasync status=none
-	t1=$(now)
-	rm -f "$DDIR/dd.out"
-	drow "$rep" "$mib" "$fill" dd write "$(fsub "$t1" "$t0")" "" "" "" "" "$bytes"
-	log "disk $mib MiB $fill rep $rep dd: $bytes B in $(fsub "$t1" "$t0")s ($(mb_s "$bytes" "$(fsub "$t1" "$t0")") MB/s)"
+	drow "$rep" "$mib" "$fill" dd write "$best" "" "" "" "" "$bytes"
+	log "disk $mib MiB $fill rep $rep dd (faster of 2): $bytes B in ${best}s ($(mb_s "$bytes" "$best") MB/s)"
 }
 
 read -ra MIB_LIST <<<"$MIBS"
