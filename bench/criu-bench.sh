@@ -362,7 +362,7 @@ disk_ck() {
 disk_dd() {
 	local rep=$1 mib=$2 fill=$3 bytes t0 t1 best="" secs
 	bytes=$(awk -F'\t' -v m="$mib" -v f="$fill" 'NR > 1 && $2 == m && $3 == f && $5 == "dump" && $11 > b { b = $11 }
-		END { print b + 0 }' "$DTSV")
+		END { printf "%d\n", b }' "$DTSV")
 	((bytes > 0)) || bytes=$((mib * 1048576))
 	((bytes <= $(stat -c %s "$DDSRC"))) || die "dd source $DDSRC is smaller than $bytes B"
 	for _ in 1 2; do
