@@ -98,6 +98,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     let mut work = WorkDir::new(args.work_dir.clone(), "ckstream-restore")?;
     let listener = socket::bind(&work.path, socket::SERVE_SOCKET)?;
     let log = work.path.join("restore.log");
+    adopt_orphans();
     let child = Arc::new(Mutex::new(run::spawn_restore(&work.path, &args.criu_args)?));
     let watch = {
         let child = child.clone();
@@ -143,19 +144,30 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         run::wait_with_timeout(&mut c, std::time::Duration::from_secs(600))
             .context("waiting for criu")?
     };
+    // CRIU that did not finish (killed by us above, or by anyone) may leave the tasks it
+    // forked frozen in its restorer, waiting for it forever: they are ours now, and die.
+    let killed = if status.success() { 0 } else { kill_adopted() };
+    let killed_note = if killed > 0 {
+        format!("; killed {killed} half-restored processes CRIU left behind")
+    } else {
+        String::new()
+    };
     let report = match served {
         Ok(r) => r,
         Err(e) => {
             work.keep();
             return Err(anyhow::Error::new(e).context(format!(
-                "restore failed (CRIU work dir kept: {})",
+                "restore failed (CRIU work dir kept: {}){killed_note}",
                 work.path.display()
             )));
         }
     };
     if !status.success() {
         work.keep();
-        return Err(run::criu_failure("restore", status, &log).into());
+        return Err(
+            anyhow::Error::new(run::criu_failure("restore", status, &log))
+                .context(format!("restore failed{killed_note}")),
+        );
     }
     let secs = started.elapsed().as_secs_f64();
     if args.json {
@@ -180,4 +192,49 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Makes this process the child subreaper of what CRIU forks, so that the restored
+/// tasks come to us, not to init, if CRIU dies before it let them go.
+fn adopt_orphans() {
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+}
+
+/// After CRIU failed and was waited for, SIGKILLs and reaps every child left (tasks
+/// CRIU forked and abandoned; their children come to us as their parents die).
+/// Returns how many were killed.
+fn kill_adopted() -> usize {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let mut killed = std::collections::BTreeSet::new();
+    loop {
+        // SAFETY: waitpid with a null status pointer only reaps.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        let children = own_children();
+        if children.is_empty() || Instant::now() > deadline {
+            return killed.len();
+        }
+        for pid in children {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.insert(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The children of every thread of this process (/proc/self/task/*/children).
+fn own_children() -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
