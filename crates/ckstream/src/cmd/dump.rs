@@ -214,8 +214,18 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             } else {
                 "checkpoint failed"
             };
+            let written = if e.chain().any(ckstream_store::may_be_in_place) {
+                // Publishing failed after the rename: CRIU resumed the process, since the
+                // checkpoint may not survive a crash, but the name may hold it.
+                format!(
+                    "the new archive may be in place at {} (the process was resumed)",
+                    args.output
+                )
+            } else {
+                "no archive was written".to_string()
+            };
             return Err(e.context(format!(
-                "{hint}; no archive was written (CRIU work dir kept: {})",
+                "{hint}; {written} (CRIU work dir kept: {})",
                 work.path.display()
             )));
         }

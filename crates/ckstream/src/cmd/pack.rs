@@ -190,5 +190,16 @@ pub(crate) fn write_archive(
         }
     };
     progress.finish();
-    result.with_context(failed)
+    result.map_err(|e| {
+        let context = if ckstream_store::may_be_in_place(&e) {
+            // Publishing failed after the rename (or an unanswered S3 completion).
+            format!(
+                "{} {} failed; the new archive may be in place under that name",
+                spec.doing, spec.output
+            )
+        } else {
+            failed()
+        };
+        anyhow::Error::new(e).context(context)
+    })
 }
