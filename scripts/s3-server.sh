@@ -111,6 +111,9 @@ EOF
     # A watchdog, so a test process that dies without cleaning up takes its server along.
     ( trap '' HUP INT TERM
       while kill -0 "$CKSTREAM_S3_WATCH_PID" 2>/dev/null && kill -0 "$pid" 2>/dev/null; do sleep 1; done
+      # The server died while its watcher lives (a test killed it, to start it again on
+      # the same data): keep the data.
+      kill -0 "$CKSTREAM_S3_WATCH_PID" 2>/dev/null && exit 0
       kill "$pid" 2>/dev/null || true
       if [[ ${CKSTREAM_S3_REMOVE_DIR:-0} == 1 ]]; then
         while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done

@@ -244,7 +244,7 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
                 } else {
                     "checkpoint failed"
                 };
-                (what.to_string(), "no archive was written".to_string())
+                (what.to_string(), nothing_written(&e, opts.output))
             };
             return Err(CriuError::Failed {
                 what,
@@ -292,7 +292,8 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
                 CriuError::Failed {
                     what: format!("committing {} failed", opts.output),
                     outcome: format!(
-                        "no archive was written{}",
+                        "{}{}",
+                        nothing_written(&e, opts.output),
                         if opts.leave_running {
                             " (the process was left running)"
                         } else {
@@ -424,3 +425,15 @@ impl Drop for Spool {
 
 /// CRIU's statistics file in its images directory.
 const STATS_DUMP: &str = "stats-dump";
+
+/// What a failed dump left under the archive's name: nothing, unless publishing failed
+/// only after the new archive was put in place (its directory could not be synced, or
+/// an object store's answer was lost), in which case CRIU resumed the process, since the
+/// checkpoint might not survive a crash.
+fn nothing_written(e: &CriuError, output: &ArchiveLocation) -> String {
+    if ckstream_store::may_be_in_place(e) {
+        format!("the new archive may be in place at {output} (the process was resumed)")
+    } else {
+        "no archive was written".into()
+    }
+}

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ckstream_format::{ArchiveReader, EntryKind, Stop};
 
@@ -114,6 +114,7 @@ pub fn restore(
     let mut work = WorkDir::new(opts.work_dir.clone(), "ckstream-restore")?;
     let listener = socket::bind(&work.path, socket::SERVE_SOCKET)?;
     let log = work.path.join("restore.log");
+    adopt_orphans();
     let child = Arc::new(Mutex::new(run::spawn_restore(&work.path, opts.criu_args)?));
     let watch = {
         let (child, log) = (child.clone(), log.clone());
@@ -157,11 +158,18 @@ pub fn restore(
         run::wait_with_timeout(&mut c, Duration::from_secs(600))
             .map_err(|e| CriuError::io("waiting for criu", e))?
     };
+    // A CRIU that did not finish (killed by us above, or by anyone) may leave the tasks
+    // it forked frozen in its restorer, waiting for it forever: they are ours now, and die.
+    let killed = if status.success() { 0 } else { kill_adopted() };
     let failed = |work: &mut WorkDir, e: CriuError| {
         work.keep();
         CriuError::Failed {
             what: "restore failed".into(),
-            outcome: "no process was restored".into(),
+            outcome: if killed > 0 {
+                format!("no process was restored (killed {killed} half-restored processes CRIU left behind)")
+            } else {
+                "no process was restored".into()
+            },
             work_dir: work.path.clone(),
             source: Box::new(e),
         }
@@ -211,6 +219,53 @@ pub fn extract(
         stream_entry(reader, i, &File::from(fd), decoders, &counter)?;
     }
     Ok(counter.into_inner())
+}
+
+/// Makes this process the child subreaper of what CRIU forks, so that the restored tasks
+/// come to it, not to init, if CRIU dies before it let them go. (A process-wide setting:
+/// a restoring process adopts its orphaned descendants for the rest of its life.)
+fn adopt_orphans() {
+    let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
+}
+
+/// After CRIU failed and was waited for, SIGKILLs and reaps every child left: tasks CRIU
+/// forked and abandoned (their own children come to us as their parents die). Returns how
+/// many were killed.
+fn kill_adopted() -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut killed = std::collections::BTreeSet::new();
+    loop {
+        while let Ok(Some(_)) = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG)
+        {
+        }
+        let children = own_children();
+        if children.is_empty() || Instant::now() > deadline {
+            return killed.len();
+        }
+        for pid in children {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                killed.insert(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The children of every thread of this process (`/proc/self/task/*/children`).
+fn own_children() -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
 
 fn default_threads() -> usize {

@@ -21,4 +21,6 @@ pub use location::{
     local_shard_paths, new_archive_id, shard_path, ArchiveLocation, ArchiveSpec, NewArchive,
     ShardNames, Writeback,
 };
-pub use publish::{create_file_atomically, AtomicFile, PendingArchive};
+pub use publish::{
+    create_file_atomically, may_be_in_place, AtomicFile, MayBeInPlace, PendingArchive,
+};

@@ -131,12 +131,19 @@ impl FilePublish {
                         "{} is in place but its directory could not be synced, so it may not survive a crash",
                         self.dst.display()
                     ),
-                    e,
+                    MayBeInPlace::wrap(e),
                 )
             })?;
-        failpoint::hit("publish.remove-old").map_err(|e| Error::io("removing old shards", e))?;
+        // The new archive is durable under the name: failing to remove an old shard only
+        // leaves an unreferenced file, so it is a warning, never a failed publish (the
+        // failpoint's `error` makes every removal fail, as a real failure would).
+        let injected = failpoint::hit("publish.remove-old").err();
         for p in old_shards {
-            if let Err(e) = std::fs::remove_file(&p) {
+            let removed = match &injected {
+                Some(e) => Err(io::Error::other(e.to_string())),
+                None => std::fs::remove_file(&p),
+            };
+            if let Err(e) = removed {
                 if e.kind() != io::ErrorKind::NotFound {
                     eprintln!(
                         "ckstream: warning: could not remove {}, a shard of the archive replaced: {e}",
@@ -154,6 +161,51 @@ impl FilePublish {
             let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// The cause of a publish error raised when the new archive may already have replaced
+/// the old one under its name (the directory could not be synced after the rename; an
+/// object store's answer to completing shard 0 was lost and could not be checked). A
+/// caller must then not report that nothing was written: see [`may_be_in_place`].
+#[derive(Debug)]
+pub struct MayBeInPlace(io::Error);
+
+impl MayBeInPlace {
+    /// `e`, marked (same kind, same message).
+    pub(crate) fn wrap(e: io::Error) -> io::Error {
+        io::Error::new(e.kind(), MayBeInPlace(e))
+    }
+}
+
+impl std::fmt::Display for MayBeInPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for MayBeInPlace {}
+
+/// True when `e` or one of its causes says the new archive may be in place under its
+/// name although publishing failed ([`MayBeInPlace`]).
+pub fn may_be_in_place(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let io = c
+            .downcast_ref::<io::Error>()
+            .or(match c.downcast_ref::<Error>() {
+                Some(Error::Io { source, .. }) => Some(source),
+                _ => None,
+            });
+        if c.is::<MayBeInPlace>()
+            || io
+                .and_then(|i| i.get_ref())
+                .is_some_and(|i| i.is::<MayBeInPlace>())
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Shards 1.. of the committed archive now at `dst`, found by the names its shard 0

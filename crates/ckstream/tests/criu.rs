@@ -6,214 +6,18 @@
 //! required (CI installs CRIU with scripts/install-criu.sh).
 
 mod common;
+#[path = "common/memtest.rs"]
+mod memtest;
 #[path = "common/s3server.rs"]
 mod s3server;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn criu_available(test: &str) -> bool {
-    if !need_root(test) {
-        return false;
-    }
-    let criu = ckstream_criu_binary();
-    need_tool(test, &criu, "scripts/install-criu.sh installs it")
-}
-
-fn ckstream_criu_binary() -> PathBuf {
-    let local = Path::new("/usr/local/sbin/criu");
-    if local.exists() {
-        local.to_path_buf()
-    } else {
-        PathBuf::from("criu")
-    }
-}
-
-/// Compiles tests/progs/memtest.c once per test binary.
-fn memtest_binary() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/progs/memtest.c");
-        let out = std::env::temp_dir().join(format!("ckstream-memtest-{}", std::process::id()));
-        let st = Command::new("gcc")
-            .args(["-O2", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("gcc");
-        assert!(st.success(), "compiling memtest failed");
-        out
-    })
-}
-
-/// A running memtest process tree, killed on drop.
-struct Memtest {
-    dir: tempfile::TempDir,
-    pid: u32,
-}
-
-fn read_trim(p: &Path) -> Option<String> {
-    std::fs::read_to_string(p)
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// PIDs of every process in session `sid` (the memtest tree).
-fn session_members(sid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split(' ').collect();
-        if fields.get(3).and_then(|s| s.parse::<u32>().ok()) == Some(sid) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-impl Memtest {
-    fn start(mib: u32, children: u32) -> Memtest {
-        Memtest::start_with_fill(mib, children, "random")
-    }
-
-    /// `fill`: memtest's MEMTEST_FILL (random, or mixed for compressible memory).
-    fn start_with_fill(mib: u32, children: u32, fill: &str) -> Memtest {
-        let dir = tempfile::Builder::new()
-            .prefix("ckstream-memtest-")
-            .tempdir()
-            .unwrap();
-        let hb = dir.path().join("hb");
-        // -f: always fork, so the tree runs in its own session and we do not wait for it.
-        Command::new("setsid")
-            .env("MEMTEST_FILL", fill)
-            .arg("-f")
-            .arg(memtest_binary())
-            .arg(mib.to_string())
-            .arg(&hb)
-            .arg(children.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-            .wait()
-            .unwrap();
-        wait_for("memtest to start", Duration::from_secs(60), || {
-            read_trim(&hb).is_some_and(|s| !s.is_empty())
-        });
-        let pid = read_trim(&dir.path().join("hb.pid"))
-            .unwrap()
-            .parse()
-            .unwrap();
-        Memtest { dir, pid }
-    }
-
-    fn heartbeat(&self) -> u64 {
-        read_trim(&self.dir.path().join("hb"))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0)
-    }
-
-    fn assert_beating(&self) {
-        let before = self.heartbeat();
-        wait_for("the heartbeat to advance", Duration::from_secs(10), || {
-            self.heartbeat() > before + 2
-        });
-    }
-
-    /// Asks the tree to re-checksum all its memory and checks the answer.
-    fn assert_memory_intact(&self, children: u32) {
-        let verify = self.dir.path().join("hb.verify");
-        let _ = std::fs::remove_file(&verify);
-        signal(self.pid, rustix::process::Signal::USR1);
-        wait_for("memory verification", Duration::from_secs(30), || {
-            verify.exists()
-        });
-        let text = std::fs::read_to_string(&verify).unwrap();
-        assert_eq!(
-            text.lines().next(),
-            Some("verify=ok"),
-            "memory check failed: {text}"
-        );
-        assert!(
-            text.contains(&format!("children_ok={children}/{children}")),
-            "children check failed: {text}"
-        );
-    }
-
-    fn wait_gone(&self) {
-        wait_for(
-            "the checkpointed tree to exit",
-            Duration::from_secs(20),
-            || session_members(self.pid).is_empty(),
-        );
-    }
-
-    fn alive(&self) -> bool {
-        !session_members(self.pid).is_empty()
-    }
-}
-
-impl Memtest {
-    /// SIGKILLs every process of the tree.
-    fn kill(&self) {
-        for pid in session_members(self.pid) {
-            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-            }
-        }
-    }
-}
-
-impl Drop for Memtest {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn dump_args(
-    pid: u32,
-    archive: &Path,
-    codec: &str,
-    shards: u32,
-    extra: &[&str],
-) -> Vec<std::ffi::OsString> {
-    let mut v: Vec<std::ffi::OsString> = vec![
-        "dump".into(),
-        "-q".into(),
-        "--pid".into(),
-        pid.to_string().into(),
-        "-o".into(),
-        archive.into(),
-        "-c".into(),
-        codec.into(),
-        "--shards".into(),
-        shards.to_string().into(),
-    ];
-    v.extend(extra.iter().map(|s| s.into()));
-    v
-}
+use memtest::*;
 
 fn dump_restore_cycle(codec: &str, shards: u32) {
     if !criu_available("dump_restore_cycle") {
@@ -524,7 +328,7 @@ fn criu_image_streamer_readme_pipelines_work_with_ckstream() {
         .arg(&script)
         .env("CKSTREAM", bin())
         .env("MEMTEST", memtest_binary())
-        .env("CRIU", ckstream_criu_binary())
+        .env("CRIU", criu_binary())
         .output()
         .unwrap();
     let all = format!(

@@ -38,13 +38,17 @@ fn round_trip(codec: &str, shards: u32) {
         "pack", "-q", "-c", codec, "--shards", &shards_s, "-o", &url, &tree,
     ]);
     let keys = s3.objects(&format!("roundtrip/{codec}-{shards}/"));
+    // Shards 1.. are named by the first 8 bytes of the archive id.
+    let info: serde_json::Value =
+        serde_json::from_slice(&s3.ck_ok(&["info", "--json", &url]).stdout).unwrap();
+    let id = info["archive_id"].as_str().unwrap()[..16].to_string();
     let want: Vec<String> = (0..shards)
         .map(|i| {
             let k = format!("roundtrip/{codec}-{shards}/a.cka");
             if i == 0 {
                 k
             } else {
-                format!("{k}.{i}")
+                format!("{k}.{id}.{i}")
             }
         })
         .collect();
@@ -379,7 +383,11 @@ fn missing_shard_object_is_named() {
         return;
     };
     let (_tmp, url) = pack_counted(s3, "missing/a.cka", "zstd", 4);
-    let object = format!("{url}.2");
+    // Shards 1.. are named by the archive id: KEY.<first 8 id bytes in hex>.i.
+    let info: serde_json::Value =
+        serde_json::from_slice(&s3.ck_ok(&["info", "--json", &url]).stdout).unwrap();
+    let id = info["archive_id"].as_str().unwrap();
+    let object = format!("{url}.{}.2", &id[..16]);
     s3.aws_ok(&["s3", "rm", "--quiet", &object]);
     let out_dir = tempfile::tempdir().unwrap();
     let out_dir = out_dir.path().to_str().unwrap();

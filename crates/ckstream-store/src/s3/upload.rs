@@ -275,7 +275,9 @@ impl S3PendingArchive {
                             self.base,
                             if keys.is_empty() { "nothing else".into() } else { keys.join(", ") }
                         ),
-                        io::Error::other("completion unknown"),
+                        crate::publish::MayBeInPlace::wrap(io::Error::other(
+                            "completion unknown",
+                        )),
                     ));
                 }
             }

@@ -4,7 +4,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ckstream_format::{Compression, Progress, WriterOptions};
 use ckstream_store::{ArchiveLocation, ArchiveSpec};
 
@@ -104,8 +104,15 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         ckstream_fs::pack_inputs(writer, plan, stop).map(|_| ())
     });
     bar.finish();
-    let summary = summary
-        .with_context(|| format!("packing {} failed; no archive was written", args.output))?;
+    let summary = summary.map_err(|e| {
+        let outcome = if ckstream_store::may_be_in_place(&e) {
+            // Publishing failed after the rename (or an unanswered S3 completion).
+            "the new archive may be in place under that name"
+        } else {
+            "no archive was written"
+        };
+        anyhow::Error::new(e).context(format!("packing {} failed; {outcome}", args.output))
+    })?;
     let secs = started.elapsed().as_secs_f64();
     let archive_bytes: u64 = summary.shard_sizes.iter().sum();
     let ratio = if archive_bytes > 0 {

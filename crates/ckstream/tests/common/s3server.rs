@@ -234,7 +234,8 @@ impl S3Server {
         }
     }
 
-    /// Starts the server again on the same directory and port.
+    /// Starts the server again on the same directory and port (the data written before
+    /// it was killed is still there).
     pub fn restart(&self) {
         let out = Command::new("bash")
             .arg(script())
@@ -243,6 +244,7 @@ impl S3Server {
             .env("CKSTREAM_S3_PORT", self.port.to_string())
             .env("CKSTREAM_S3_BUCKET", &self.bucket)
             .env("CKSTREAM_S3_WATCH_PID", std::process::id().to_string())
+            .env("CKSTREAM_S3_REMOVE_DIR", if self.owned { "1" } else { "0" })
             .output()
             .expect("run scripts/s3-server.sh");
         assert!(
