@@ -1,9 +1,7 @@
 //! Pack → verify → unpack round trips of a tree with every file type, for every codec
 //! and for 1 and 4 shards, through the real binary.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 
 fn round_trip(codec: &str, shards: u32) {
     let tmp = tempfile::tempdir().unwrap();
@@ -54,35 +52,14 @@ fn round_trip(codec: &str, shards: u32) {
     assert!(leftovers.is_empty());
 }
 
-#[test]
-fn round_trip_none_1_shard() {
-    round_trip("none", 1);
-}
-
-#[test]
-fn round_trip_none_4_shards() {
-    round_trip("none", 4);
-}
-
-#[test]
-fn round_trip_lz4_1_shard() {
-    round_trip("lz4", 1);
-}
-
-#[test]
-fn round_trip_lz4_4_shards() {
-    round_trip("lz4", 4);
-}
-
-#[test]
-fn round_trip_zstd_1_shard() {
-    round_trip("zstd", 1);
-}
-
-#[test]
-fn round_trip_zstd_4_shards() {
-    round_trip("zstd:3", 4);
-}
+cases!(round_trip:
+    round_trip_none_1_shard("none", 1),
+    round_trip_none_4_shards("none", 4),
+    round_trip_lz4_1_shard("lz4", 1),
+    round_trip_lz4_4_shards("lz4", 4),
+    round_trip_zstd_1_shard("zstd", 1),
+    round_trip_zstd_4_shards("zstd:3", 4),
+);
 
 #[test]
 fn ownership_is_restored_as_root() {
@@ -165,18 +142,7 @@ fn pack_stores_names_and_unpack_selects_paths() {
 #[test]
 fn cat_reads_one_file_and_ls_json_describes_entries() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    make_tree(&src);
-    let archive = tmp.path().join("a.cka");
-    ck_ok(&[
-        "pack".as_ref(),
-        "-q".as_ref(),
-        "-c".as_ref(),
-        "zstd".as_ref(),
-        "-o".as_ref(),
-        archive.as_os_str(),
-        format!(".={}", src.display()).as_ref(),
-    ] as &[&std::ffi::OsStr]);
+    let (src, archive) = packed_tree(tmp.path(), &["-c", "zstd"]);
     for name in [
         "dir/nested/random-3.5m",
         "sparse",
@@ -280,16 +246,7 @@ fn pack_to_stdout_and_failures_leave_no_archive() {
 #[test]
 fn manifest_comparison_detects_a_one_nanosecond_change() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    make_tree(&src);
-    let archive = tmp.path().join("a.cka");
-    ck_ok(&[
-        "pack".as_ref(),
-        "-q".as_ref(),
-        "-o".as_ref(),
-        archive.as_os_str(),
-        format!(".={}", src.display()).as_ref(),
-    ] as &[&std::ffi::OsStr]);
+    let (src, archive) = packed_tree(tmp.path(), &[]);
     let out = tmp.path().join("out");
     ck_ok(&[
         "unpack".as_ref(),

@@ -4,7 +4,6 @@
 //! exits; tests that kill their server start a private one ([`S3Server::start`]).
 //! Without a server the tests skip, except under `CKSTREAM_REQUIRE_PRIVILEGED=1` (CI),
 //! where they fail.
-#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::net::TcpListener;

@@ -4,17 +4,13 @@
 //! interrupted upload, a tampered shard object, a missing shard object, wrong
 //! credentials.
 
-mod common;
-#[path = "common/s3server.rs"]
-mod s3server;
-
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use s3server::{s3_stats, S3Server};
+use crate::support::s3server::{s3_stats, S3Server};
+use crate::support::*;
 
 fn osv(args: &[&str]) -> Vec<std::ffi::OsString> {
     args.iter().map(|s| s.into()).collect()
@@ -25,7 +21,7 @@ fn stat(v: &serde_json::Value, key: &str) -> u64 {
 }
 
 fn round_trip(codec: &str, shards: u32) {
-    let Some(s3) = s3server::shared("round_trip") else {
+    let Some(s3) = crate::support::s3server::shared("round_trip") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -93,25 +89,12 @@ fn round_trip(codec: &str, shards: u32) {
     assert_same_tree(&src, &out);
 }
 
-#[test]
-fn round_trip_none_1_shard() {
-    round_trip("none", 1);
-}
-
-#[test]
-fn round_trip_none_4_shards() {
-    round_trip("none", 4);
-}
-
-#[test]
-fn round_trip_zstd_1_shard() {
-    round_trip("zstd", 1);
-}
-
-#[test]
-fn round_trip_zstd_4_shards() {
-    round_trip("zstd", 4);
-}
+cases!(round_trip:
+    round_trip_none_1_shard("none", 1),
+    round_trip_none_4_shards("none", 4),
+    round_trip_zstd_1_shard("zstd", 1),
+    round_trip_zstd_4_shards("zstd", 4),
+);
 
 /// A tree with a 1 MiB file among 40 MiB of other data, packed into `shards` shards.
 fn pack_counted(s3: &S3Server, key: &str, codec: &str, shards: u32) -> (tempfile::TempDir, String) {
@@ -137,7 +120,8 @@ fn pack_counted(s3: &S3Server, key: &str, codec: &str, shards: u32) -> (tempfile
 
 #[test]
 fn ls_info_and_cat_fetch_only_what_they_need() {
-    let Some(s3) = s3server::shared("ls_info_and_cat_fetch_only_what_they_need") else {
+    let Some(s3) = crate::support::s3server::shared("ls_info_and_cat_fetch_only_what_they_need")
+    else {
         return;
     };
     for shards in [1u32, 4] {
@@ -305,7 +289,8 @@ fn killed_server_mid_upload_leaves_no_archive() {
 
 #[test]
 fn interrupted_upload_is_aborted_completely() {
-    let Some(s3) = s3server::shared("interrupted_upload_is_aborted_completely") else {
+    let Some(s3) = crate::support::s3server::shared("interrupted_upload_is_aborted_completely")
+    else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -341,7 +326,8 @@ fn tamper(s3: &S3Server, dir: &Path, key: &str, at: i64) {
 
 #[test]
 fn tampered_shard_object_is_refused_with_exit_3() {
-    let Some(s3) = s3server::shared("tampered_shard_object_is_refused_with_exit_3") else {
+    let Some(s3) = crate::support::s3server::shared("tampered_shard_object_is_refused_with_exit_3")
+    else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -379,7 +365,7 @@ fn tampered_shard_object_is_refused_with_exit_3() {
 
 #[test]
 fn missing_shard_object_is_named() {
-    let Some(s3) = s3server::shared("missing_shard_object_is_named") else {
+    let Some(s3) = crate::support::s3server::shared("missing_shard_object_is_named") else {
         return;
     };
     let (_tmp, url) = pack_counted(s3, "missing/a.cka", "zstd", 4);
@@ -411,7 +397,9 @@ fn missing_shard_object_is_named() {
 
 #[test]
 fn wrong_credentials_are_reported_without_the_secret() {
-    let Some(s3) = s3server::shared("wrong_credentials_are_reported_without_the_secret") else {
+    let Some(s3) =
+        crate::support::s3server::shared("wrong_credentials_are_reported_without_the_secret")
+    else {
         return;
     };
     let (_tmp, url) = pack_counted(s3, "creds/a.cka", "zstd", 1);
@@ -452,7 +440,9 @@ fn wrong_credentials_are_reported_without_the_secret() {
 
 #[test]
 fn credentials_and_endpoint_from_aws_config_files() {
-    let Some(s3) = s3server::shared("credentials_and_endpoint_from_aws_config_files") else {
+    let Some(s3) =
+        crate::support::s3server::shared("credentials_and_endpoint_from_aws_config_files")
+    else {
         return;
     };
     let (_tmp, url) = pack_counted(s3, "profile/a.cka", "zstd", 1);

@@ -2,17 +2,13 @@
 //! install scripts): checkpoint with ckstream in both formats, restore with podman,
 //! and compare the container's filesystem and memory with what they were.
 
-mod common;
-#[path = "common/s3server.rs"]
-mod s3server;
-
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 const IMAGE: &str = "localhost/ckstream-memtest";
 
@@ -619,7 +615,7 @@ fn checkpoint_to_s3_and_restore_from_it() {
     if !have_podman("s3") {
         return;
     }
-    let Some(s3) = s3server::S3Server::start("podman_s3") else {
+    let Some(s3) = crate::support::s3server::S3Server::start("podman_s3") else {
         return;
     };
     let name = "ck-s3";

@@ -5,19 +5,13 @@
 //! failing or killed mid-dump, truncated and corrupted archives. Root and CRIU ≥ 4 are
 //! required (CI installs CRIU with scripts/install-criu.sh).
 
-mod common;
-#[path = "common/memtest.rs"]
-mod memtest;
-#[path = "common/s3server.rs"]
-mod s3server;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
-use memtest::*;
+use crate::support::memtest::*;
+use crate::support::*;
 
 fn dump_restore_cycle(codec: &str, shards: u32) {
     if !criu_available("dump_restore_cycle") {
@@ -47,35 +41,14 @@ fn dump_restore_cycle(codec: &str, shards: u32) {
     m.assert_memory_intact(children);
 }
 
-#[test]
-fn dump_restore_raw_1_shard() {
-    dump_restore_cycle("none", 1);
-}
-
-#[test]
-fn dump_restore_raw_3_shards() {
-    dump_restore_cycle("none", 3);
-}
-
-#[test]
-fn dump_restore_lz4_1_shard() {
-    dump_restore_cycle("lz4", 1);
-}
-
-#[test]
-fn dump_restore_lz4_3_shards() {
-    dump_restore_cycle("lz4", 3);
-}
-
-#[test]
-fn dump_restore_zstd_1_shard() {
-    dump_restore_cycle("zstd", 1);
-}
-
-#[test]
-fn dump_restore_zstd_3_shards() {
-    dump_restore_cycle("zstd", 3);
-}
+cases!(dump_restore_cycle:
+    dump_restore_raw_1_shard("none", 1),
+    dump_restore_raw_3_shards("none", 3),
+    dump_restore_lz4_1_shard("lz4", 1),
+    dump_restore_lz4_3_shards("lz4", 3),
+    dump_restore_zstd_1_shard("zstd", 1),
+    dump_restore_zstd_3_shards("zstd", 3),
+);
 
 /// Dump straight into an object store and restore straight from it (2 shards, zstd):
 /// the restored tree beats and its memory checks out, and the restore fetched each
@@ -85,7 +58,8 @@ fn dump_to_s3_and_restore_from_s3() {
     if !criu_available("dump_to_s3_and_restore_from_s3") {
         return;
     }
-    let Some(s3) = s3server::S3Server::start("dump_to_s3_and_restore_from_s3") else {
+    let Some(s3) = crate::support::s3server::S3Server::start("dump_to_s3_and_restore_from_s3")
+    else {
         return;
     };
     let children = 2;
@@ -101,7 +75,7 @@ fn dump_to_s3_and_restore_from_s3() {
     let restore = s3.ck_ok(&["restore", "-q", &url]);
     m.assert_beating();
     m.assert_memory_intact(children);
-    let st = s3server::s3_stats(&restore);
+    let st = crate::support::s3server::s3_stats(&restore);
     let fetched = st["get_bytes"].as_u64().unwrap();
     // Metadata images are read twice (checked before CRIU starts, then served); read-ahead
     // fetches only the bytes of files being served, so nothing else is fetched twice (it
@@ -134,14 +108,8 @@ fn leave_running_keeps_the_process_and_the_archive_restores_later() {
     m.assert_beating();
     m.assert_memory_intact(1);
     // CRIU wrote its images into a spool beside the archive, which is gone again.
-    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
     assert_eq!(
-        left,
+        dir_names(tmp.path()),
         ["ckpt.cka", "note.txt"],
         "files left beside the archive"
     );
@@ -229,14 +197,8 @@ fn failed_publish_leaves_the_process_running() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("renaming"), "{err}");
     assert!(err.contains("no archive was written"), "{err}");
-    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    left.sort();
     // Only the directory in the way: both new shards were removed again.
-    assert_eq!(left, ["ckpt.cka"], "files left");
+    assert_eq!(dir_names(tmp.path()), ["ckpt.cka"], "files left");
     assert!(
         m.alive(),
         "the process was killed although its checkpoint was not stored"

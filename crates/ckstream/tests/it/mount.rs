@@ -3,8 +3,6 @@
 //! files, every way of stopping leaves no mount behind, and a damaged archive is never
 //! mounted.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
@@ -14,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 /// Generous: a mount appears in milliseconds; this only stops a broken test from hanging.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -267,35 +265,14 @@ fn mount_matches_source(codec: &str, shards: u32) {
     assert_eq!(stats["cache_evictions"], 0, "{stats}");
 }
 
-#[test]
-fn mount_none_1_shard() {
-    mount_matches_source("none", 1);
-}
-
-#[test]
-fn mount_none_3_shards() {
-    mount_matches_source("none", 3);
-}
-
-#[test]
-fn mount_lz4_1_shard() {
-    mount_matches_source("lz4", 1);
-}
-
-#[test]
-fn mount_lz4_3_shards() {
-    mount_matches_source("lz4", 3);
-}
-
-#[test]
-fn mount_zstd_1_shard() {
-    mount_matches_source("zstd", 1);
-}
-
-#[test]
-fn mount_zstd_3_shards() {
-    mount_matches_source("zstd", 3);
-}
+cases!(mount_matches_source:
+    mount_none_1_shard("none", 1),
+    mount_none_3_shards("none", 3),
+    mount_lz4_1_shard("lz4", 1),
+    mount_lz4_3_shards("lz4", 3),
+    mount_zstd_1_shard("zstd", 1),
+    mount_zstd_3_shards("zstd", 3),
+);
 
 /// Flips one byte in the payload of chunk `pos` of `path`.
 fn corrupt_chunk(archive: &Path, path: &str, pos: usize) {

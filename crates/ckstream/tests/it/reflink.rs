@@ -2,15 +2,13 @@
 //! uncompressed archive shares extents with the source files, and unpacking shares
 //! extents with the archive. Checked with FIEMAP's SHARED flag and full content hashes.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Instant;
 
-use common::*;
+use crate::support::*;
 
 #[repr(C)]
 struct FiemapExtent {

@@ -4,15 +4,13 @@
 //! the upper directory and applied onto a copy of the lower layer, which must then equal
 //! the merged view exactly. These are the cases podman's rootfs-diff gets wrong.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::support::*;
 
 fn sh(cmd: &str) {
     let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
@@ -78,6 +76,38 @@ fn change_through_merged(m: &Path) {
     }
 }
 
+/// `ckstream unpack --rootfs-diff TARGET` of `archive`, then TARGET must equal the
+/// manifest of the merged view (paths first, for a readable failure).
+fn apply_and_compare(
+    archive: &Path,
+    target: &Path,
+    expected: &std::collections::BTreeMap<Vec<u8>, Record>,
+    codec: &str,
+) {
+    ck_ok(&[
+        "unpack".as_ref(),
+        "-q".as_ref(),
+        archive.as_os_str(),
+        "--rootfs-diff".as_ref(),
+        target.as_os_str(),
+    ] as &[&OsStr]);
+    let got = manifest(target);
+    let keys = |m: &std::collections::BTreeMap<Vec<u8>, Record>| {
+        m.keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(expected), keys(&got));
+    for (k, v) in expected {
+        assert_eq!(
+            v,
+            &got[k],
+            "{codec}: {} differs from the merged view",
+            String::from_utf8_lossy(k)
+        );
+    }
+}
+
 fn rootfs_round_trip(codec: &str) {
     if !need_root("rootfs_diff") {
         return;
@@ -128,28 +158,7 @@ fn rootfs_round_trip(codec: &str) {
     ] as &[&OsStr]);
     let target = tmp.path().join("target");
     sh(&format!("cp -a {} {}", lower.display(), target.display()));
-    ck_ok(&[
-        "unpack".as_ref(),
-        "-q".as_ref(),
-        archive.as_os_str(),
-        "--rootfs-diff".as_ref(),
-        target.as_os_str(),
-    ] as &[&OsStr]);
-    let got = manifest(&target);
-    let keys = |m: &std::collections::BTreeMap<Vec<u8>, Record>| {
-        m.keys()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(keys(&expected), keys(&got));
-    for (k, v) in &expected {
-        assert_eq!(
-            v,
-            &got[k],
-            "{codec}: {} differs from the merged view",
-            String::from_utf8_lossy(k)
-        );
-    }
+    apply_and_compare(&archive, &target, &expected, codec);
     assert!(
         allocated(&target.join("data/sparse")) < 1 << 20,
         "sparse file came back allocated"
@@ -157,15 +166,10 @@ fn rootfs_round_trip(codec: &str) {
     assert!(!target.join("opt/recreate/old.txt").exists());
 }
 
-#[test]
-fn rootfs_diff_applies_like_the_merged_view_zstd() {
-    rootfs_round_trip("zstd");
-}
-
-#[test]
-fn rootfs_diff_applies_like_the_merged_view_raw() {
-    rootfs_round_trip("none");
-}
+cases!(rootfs_round_trip:
+    rootfs_diff_applies_like_the_merged_view_zstd("zstd"),
+    rootfs_diff_applies_like_the_merged_view_raw("none"),
+);
 
 #[test]
 fn rootfs_diff_refuses_to_delete_through_a_symlink_in_the_target() {
@@ -420,28 +424,7 @@ fn metacopy_round_trip(codec: &str) {
         lower.display(),
         target.display()
     )));
-    ck_ok(&[
-        "unpack".as_ref(),
-        "-q".as_ref(),
-        archive.as_os_str(),
-        "--rootfs-diff".as_ref(),
-        target.as_os_str(),
-    ] as &[&OsStr]);
-    let got = manifest(&target);
-    let keys = |m: &std::collections::BTreeMap<Vec<u8>, Record>| {
-        m.keys()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(keys(&expected), keys(&got));
-    for (k, v) in &expected {
-        assert_eq!(
-            v,
-            &got[k],
-            "{codec}: {} differs from the merged view",
-            String::from_utf8_lossy(k)
-        );
-    }
+    apply_and_compare(&archive, &target, &expected, codec);
 
     // The overlay is unmounted now: no merged view, so pack refuses.
     let refused = tmp.path().join("refused.cka");

@@ -6,20 +6,14 @@
 //! ckstream's temporary directory and the archive's directory, the mount table, and
 //! unfinished multipart uploads (none, ever). Per-cycle timings go to stderr.
 
-mod common;
-#[path = "common/memtest.rs"]
-mod memtest;
-#[path = "common/s3server.rs"]
-mod s3server;
-
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::Output;
 use std::time::Instant;
 
-use common::*;
-use memtest::*;
+use crate::support::memtest::*;
+use crate::support::*;
 
 const CYCLES: usize = 100;
 const CHILDREN: u32 = 2;
@@ -45,16 +39,6 @@ fn mount_count() -> usize {
         .count()
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// One cycle's measurements.
 struct Cycle {
     kind: String,
@@ -68,7 +52,7 @@ fn hundred_dump_restore_cycles_keep_memory_intact_and_resources_flat() {
     if !criu_available("soak") {
         return;
     }
-    let Some(s3) = s3server::shared("soak") else {
+    let Some(s3) = crate::support::s3server::shared("soak") else {
         return;
     };
     let started = Instant::now();
@@ -129,7 +113,7 @@ fn hundred_dump_restore_cycles_keep_memory_intact_and_resources_flat() {
                 "cycle {i} ({kind}): uploads left: {uploads:?}"
             );
         } else {
-            let files = entries(&local_dir);
+            let files = dir_names(&local_dir);
             assert_eq!(
                 files.len(),
                 shards as usize,
@@ -150,7 +134,7 @@ fn hundred_dump_restore_cycles_keep_memory_intact_and_resources_flat() {
             "cycle {i} ({kind}): restored tree {members:?}"
         );
         let fds: usize = members.iter().map(|&p| fd_count(p)).sum();
-        let left = entries(&ck_tmp);
+        let left = dir_names(&ck_tmp);
         assert!(
             left.is_empty(),
             "cycle {i} ({kind}): left in TMPDIR: {left:?}"

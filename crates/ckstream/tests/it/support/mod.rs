@@ -1,6 +1,35 @@
-//! Shared helpers for the CLI integration tests: running the real binary, building
-//! trees with every file type, and comparing trees by a full metadata manifest.
-#![allow(dead_code)]
+//! Shared helpers for the integration tests: running the real binary, building trees
+//! with every file type, comparing trees by a full metadata manifest, loopback
+//! filesystems, and (submodules) the memtest workload, the local S3 server and the
+//! EIO-injecting FUSE filesystem.
+
+pub mod eiofs;
+pub mod memtest;
+pub mod s3server;
+
+/// One `#[test]` per case of a parameterized test:
+/// `cases!(round_trip: round_trip_none_1_shard("none", 1), ...)`.
+macro_rules! cases {
+    ($f:ident: $($name:ident($($arg:expr),*)),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                $f($($arg),*)
+            }
+        )*
+    };
+}
+
+/// The names in `dir`, sorted (what a test expects to be left there).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -552,4 +581,18 @@ pub fn mount_metacopy_overlay(
         String::from_utf8_lossy(&out.stderr)
     );
     OverlayMount(merged.to_path_buf())
+}
+
+/// A [`make_tree`] at `dir/src` packed into `dir/a.cka` with `ckstream pack -q ARGS`
+/// (`.=src`: its contents at the archive root). Returns (src, archive).
+pub fn packed_tree(dir: &Path, args: &[&str]) -> (PathBuf, PathBuf) {
+    let src = dir.join("src");
+    make_tree(&src);
+    let archive = dir.join("a.cka");
+    let mut cmd: Vec<std::ffi::OsString> = vec!["pack".into(), "-q".into()];
+    cmd.extend(args.iter().map(|a| a.into()));
+    cmd.extend(["-o".into(), archive.clone().into_os_string()]);
+    cmd.push(format!(".={}", src.display()).into());
+    ck_ok(&cmd);
+    (src, archive)
 }

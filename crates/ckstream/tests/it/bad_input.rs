@@ -1,15 +1,13 @@
 //! Truncated, corrupt and hostile archives: every case gets a clear error, a non-zero
 //! exit code, and nothing is written outside the target directory.
 
-mod common;
-
 use std::ffi::OsStr;
 use std::path::Path;
 
+use crate::support::*;
 use ckstream_format::layout::IndexLocation;
 use ckstream_format::testutil::{craft, crafted_footer, read_index, rewrite_index};
 use ckstream_format::{Entry, EntryKind};
-use common::*;
 
 const EXIT_BAD_ARCHIVE: i32 = 3;
 

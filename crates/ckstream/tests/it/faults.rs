@@ -9,14 +9,6 @@
 //! crates/ckstream-store/src/failpoint.rs). Root, CRIU, loop devices, FUSE and the local
 //! S3 server are needed; under `CKSTREAM_REQUIRE_PRIVILEGED=1` their absence fails.
 
-mod common;
-#[path = "common/eiofs.rs"]
-mod eiofs;
-#[path = "common/memtest.rs"]
-mod memtest;
-#[path = "common/s3server.rs"]
-mod s3server;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::process::ExitStatusExt;
@@ -25,9 +17,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
-use memtest::*;
-use s3server::S3Server;
+use crate::support::memtest::*;
+use crate::support::s3server::S3Server;
+use crate::support::*;
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -322,10 +314,10 @@ fn local_shard_paths(name: &Path) -> Vec<PathBuf> {
     (0..n).map(|i| shard_file(name, i)).collect()
 }
 
-#[test]
-fn local_overwrite_failing_or_crashing_before_the_rename_keeps_the_old_archive_byte_for_byte() {
+/// Every failpoint in `points`, failing and crashing, for more and for fewer shards.
+fn local_overwrite_cases(points: &[&str]) {
     for (old, new) in [(3, 2), (2, 3)] {
-        for point in BEFORE_RENAME {
+        for point in points {
             for action in ["error", "kill"] {
                 local_overwrite_case(point, action, old, new);
             }
@@ -334,14 +326,13 @@ fn local_overwrite_failing_or_crashing_before_the_rename_keeps_the_old_archive_b
 }
 
 #[test]
+fn local_overwrite_failing_or_crashing_before_the_rename_keeps_the_old_archive_byte_for_byte() {
+    local_overwrite_cases(&BEFORE_RENAME);
+}
+
+#[test]
 fn local_overwrite_failing_or_crashing_after_the_rename_leaves_the_new_archive_whole() {
-    for (old, new) in [(3, 2), (2, 3)] {
-        for point in AFTER_RENAME {
-            for action in ["error", "kill"] {
-                local_overwrite_case(point, action, old, new);
-            }
-        }
-    }
+    local_overwrite_cases(&AFTER_RENAME);
 }
 
 /// The reproduction: the old archive's shard 0 cannot be replaced (immutable).
@@ -435,7 +426,7 @@ fn s3_pack(s3: &S3Server, url: &str, src: &Path, shards: u32, env: &[(&str, &str
 
 #[test]
 fn s3_overwrite_keeps_the_old_archive_until_shard_0_completes() {
-    let Some(s3) = s3server::shared("s3_overwrite") else {
+    let Some(s3) = crate::support::s3server::shared("s3_overwrite") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -920,10 +911,10 @@ fn read_errors_during_restore_fail_it_and_leave_no_process_behind() {
     ck_ok(&dump_args(m.pid, &archive, "none", 1, &["--leave-running"]));
     m.assert_alive_and_intact("after the dump");
     let (pages, metadata) = pages_and_metadata_ranges(&archive);
-    let bad = eiofs::BadRange::new("ckpt.cka");
+    let bad = crate::support::eiofs::BadRange::new("ckpt.cka");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let _fuse = eiofs::EioMount::new(&src, &mnt, bad.clone());
+    let _fuse = crate::support::eiofs::EioMount::new(&src, &mnt, bad.clone());
     let served = mnt.join("ckpt.cka");
     for (what, range) in [("a metadata image", metadata), ("memory pages", pages)] {
         bad.arm(range.0, range.1);
@@ -1140,12 +1131,12 @@ fn killed_mid_restore(test: &str, victim: &str) {
     ck_ok(&dump_args(m.pid, &archive, "none", 1, &[]));
     m.wait_gone();
     let (pages, _) = pages_and_metadata_ranges(&archive);
-    let bad = eiofs::BadRange::new("ckpt.cka");
+    let bad = crate::support::eiofs::BadRange::new("ckpt.cka");
     bad.stall.store(true, Ordering::SeqCst);
     bad.arm(pages.0, pages.1);
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let fuse = eiofs::EioMount::new(&src, &mnt, bad.clone());
+    let fuse = crate::support::eiofs::EioMount::new(&src, &mnt, bad.clone());
     let work = tmp.path().join("work");
     let child = Command::new(bin())
         .args([

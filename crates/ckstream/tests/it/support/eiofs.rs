@@ -4,7 +4,6 @@
 //! this filesystem (direct I/O, no page cache), so the bad range is hit each time. In
 //! stall mode, reads of the range wait until the test opens the gate instead: a reader
 //! is then certainly in the middle of that range when the test injects another fault.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};

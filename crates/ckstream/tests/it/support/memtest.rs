@@ -4,7 +4,6 @@
 //! parent died (the memtest root after `setsid -f`, restored trees after CRIU exited,
 //! processes orphaned by a killed ckstream) are reaped at once. PID 1 on some machines
 //! reaps late, and a zombie keeps its PID: a restore that needs the same PIDs would fail.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -13,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::common::{need_root, need_tool, signal};
+use crate::support::{need_root, need_tool, signal};
 
 /// True when root and CRIU are there; otherwise skips (or fails in CI).
 pub fn criu_available(test: &str) -> bool {
