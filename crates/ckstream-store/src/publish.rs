@@ -68,6 +68,10 @@ pub struct FilePublish {
     /// Shards 1.., already under their final (id-derived) names.
     others: Vec<PathBuf>,
     archive_id: [u8; 16],
+    /// An exclusive `flock` on every file above, held until published or discarded: a
+    /// file under these names that nobody holds locked was left by a writer that died,
+    /// and the next write to the name sweeps it ([`sweep_stale`]).
+    _locks: Vec<File>,
 }
 
 impl FilePublish {
@@ -80,13 +84,16 @@ impl FilePublish {
         shards: u32,
         writeback: Writeback,
     ) -> Result<(Vec<Box<dyn ShardSink>>, FilePublish)> {
+        sweep_stale(dst);
         let (file0, tmp0) = create_partial(dst)?;
         let mut publish = FilePublish {
             dst: dst.to_path_buf(),
             tmp0,
             others: Vec::new(),
             archive_id,
+            _locks: Vec::new(),
         };
+        publish.lock(&file0)?;
         let mut sinks: Vec<Box<dyn ShardSink>> = vec![Box::new(FileSink::new(
             file0,
             dst.display().to_string(),
@@ -94,7 +101,7 @@ impl FilePublish {
         ))];
         for i in 1..shards {
             let path = shard_path(dst, names, i);
-            match create_private(&path) {
+            match create_private(&path).and_then(|file| publish.lock(&file).map(|()| file)) {
                 Ok(file) => {
                     sinks.push(Box::new(FileSink::new(
                         file,
@@ -110,6 +117,19 @@ impl FilePublish {
             }
         }
         Ok((sinks, publish))
+    }
+
+    /// Holds an exclusive lock on `file` (through its own descriptor) until published.
+    fn lock(&mut self, file: &File) -> Result<()> {
+        let held = file
+            .try_clone()
+            .and_then(|f| {
+                rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+                Ok(f)
+            })
+            .map_err(|e| Error::io("locking a new shard file", e))?;
+        self._locks.push(held);
+        Ok(())
     }
 
     fn publish(self) -> Result<()> {
@@ -225,6 +245,73 @@ fn old_archive_shards(dst: &Path, new_id: [u8; 16]) -> Vec<PathBuf> {
             read_shard_header(p).is_ok_and(|h| h.archive_id == old.archive_id && h.shard_index != 0)
         })
         .collect()
+}
+
+/// Removes what writers of an archive named `dst` left when they died (SIGKILL, a power
+/// cut): temporary shard 0s (`.NAME.RANDOM.partial`) and id-named shards 1.. that no
+/// living writer holds locked and that the archive now at `dst` does not name. Best
+/// effort: whatever cannot be checked is left.
+fn sweep_stale(dst: &Path) {
+    let (Some(dir), Some(name)) = (dst.parent(), dst.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = name.to_string_lossy();
+    let current = read_shard_header(dst).ok().filter(|h| h.shard_index == 0);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let partial_prefix = format!(".{name}.");
+    let shard_prefix = format!("{name}.");
+    for e in entries.flatten() {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let stale_partial = file_name
+            .strip_prefix(&partial_prefix)
+            .and_then(|rest| rest.strip_suffix(".partial"))
+            .is_some_and(|random| {
+                random.len() == 12 && random.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+        let id_named_shard = file_name.strip_prefix(&shard_prefix).is_some_and(|rest| {
+            rest.split_once('.').is_some_and(|(id, i)| {
+                id.len() == 16
+                    && id.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !i.is_empty()
+                    && i.bytes().all(|b| b.is_ascii_digit())
+            })
+        });
+        if !stale_partial && !id_named_shard {
+            continue;
+        }
+        let path = e.path();
+        if id_named_shard {
+            // Shards of the archive now under the name are in use, locked or not.
+            let in_use = read_shard_header(&path).is_ok_and(|h| {
+                current
+                    .as_ref()
+                    .is_some_and(|c| h.archive_id == c.archive_id)
+            });
+            if in_use {
+                continue;
+            }
+        }
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        else {
+            continue;
+        };
+        // A living writer holds its files locked; only an abandoned file can be taken.
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+            && file.metadata().is_ok_and(|m| m.is_file())
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// fsyncs the directory holding `path`, so a rename or creation in it is durable.

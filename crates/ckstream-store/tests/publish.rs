@@ -224,3 +224,36 @@ fn an_aborted_archive_leaves_nothing() {
     archive.abort();
     assert!(listing(dir.path()).is_empty());
 }
+
+#[test]
+fn files_left_by_a_writer_that_died_are_swept_by_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("a.cka");
+    pack(&dst, 3, 1);
+    let current = local_shard_paths(&dst).unwrap();
+    // A writer that died: its temporary shard 0 and one id-named shard, unlocked.
+    let dead_partial = dir.path().join(".a.cka.0123456789ab.partial");
+    let dead_shard = dir.path().join("a.cka.00112233445566ff.1");
+    std::fs::write(&dead_partial, b"half an archive").unwrap();
+    std::fs::write(&dead_shard, b"").unwrap();
+    // A writer still at work: its files are locked.
+    let live_partial = dir.path().join(".a.cka.abcdefabcdef.partial");
+    let live = File::create(&live_partial).unwrap();
+    rustix::fs::flock(&live, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    // Not ours at all.
+    let stranger = dir.path().join("a.cka.notes");
+    std::fs::write(&stranger, b"keep me").unwrap();
+    pack(&dst, 2, 2);
+    assert!(!dead_partial.exists(), "a dead writer's partial was left");
+    assert!(!dead_shard.exists(), "a dead writer's shard was left");
+    assert!(live_partial.exists(), "a living writer's file was removed");
+    assert!(stranger.exists());
+    for p in &current[1..] {
+        assert!(
+            !p.exists(),
+            "the replaced archive's shard {} was left",
+            p.display()
+        );
+    }
+    assert_eq!(content(&dst), vec![2u8; 1 << 20]);
+}
