@@ -42,6 +42,12 @@ pub enum PodmanError {
         #[source]
         source: std::io::Error,
     },
+    /// The archive asks for security-relevant container settings (OCI hooks, privileged
+    /// mode, host mounts, added capabilities, devices, host namespaces) and neither a
+    /// trusted signature nor `--trust-config` vouches for it. An archive class: the
+    /// binary exits 3, as for an unsafe archive.
+    #[error("{0}")]
+    Untrusted(String),
     /// A step failed; the message says what became of the container.
     #[error("{context}")]
     Step {
@@ -54,6 +60,11 @@ pub enum PodmanError {
 }
 
 impl PodmanError {
+    /// True for [`PodmanError::Untrusted`]: the archive itself was refused (exit code 3).
+    pub fn is_untrusted_archive(&self) -> bool {
+        matches!(self, PodmanError::Untrusted(_))
+    }
+
     /// Wraps `self` with what it means for the container (e.g. "it keeps running").
     pub fn context(self, context: impl Into<String>) -> Self {
         PodmanError::Step {

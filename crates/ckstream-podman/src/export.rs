@@ -480,7 +480,8 @@ pub fn replace_member(plan: &mut ExportPlan, name: &str, bytes: Vec<u8>) -> Resu
     Ok(())
 }
 
-/// Adds an OCI `prestart` hook to a runtime spec (podman's `spec.dump`). runc runs
+/// Adds an OCI `prestart` hook to a runtime spec (podman's `spec.dump`), dropping the
+/// hooks earlier ckstream restores left there ([`crate::hook::is_own_hook`]). runc runs
 /// prestart hooks during a restore too, after the container's root is mounted and
 /// before CRIU opens any file in it.
 ///
@@ -499,10 +500,13 @@ pub fn add_prestart_hook(spec: &[u8], hook: serde_json::Value) -> Result<Vec<u8>
         .ok_or_else(|| Error::Corrupt("spec.dump hooks is not an object".into()))?
         .entry("prestart")
         .or_insert_with(|| serde_json::json!([]));
-    prestart
+    let prestart = prestart
         .as_array_mut()
-        .ok_or_else(|| Error::Corrupt("spec.dump prestart hooks is not a list".into()))?
-        .push(hook);
+        .ok_or_else(|| Error::Corrupt("spec.dump prestart hooks is not a list".into()))?;
+    // The hooks of earlier ckstream restores of this container, inert without their
+    // tickets, would pile up from one generation of checkpoints to the next.
+    prestart.retain(|h| !crate::hook::is_own_hook(h));
+    prestart.push(hook);
     serde_json::to_vec_pretty(&v).map_err(|e| Error::io("encoding spec.dump", io::Error::other(e)))
 }
 

@@ -22,6 +22,64 @@ use crate::layout::CKA_ROOTFS_DIR;
 /// Where tickets live (root-only).
 pub const TICKET_DIR: &str = "/run/ckstream";
 
+/// The shell of ckstream's restore hook.
+const HOOK_SHELL: &str = "/bin/sh";
+/// The script of ckstream's restore hook: nothing without its ticket (`$0`), else
+/// `$1 __podman-rootfs-hook TICKET`.
+const HOOK_SCRIPT: &str = "[ -e \"$0\" ] || exit 0; exec \"$1\" __podman-rootfs-hook \"$0\"";
+
+/// True when `hook` (an entry of an OCI spec's `hooks.prestart`) is exactly the hook a
+/// ckstream restore adds ([`RootfsTicket::hook`]): `/bin/sh` with ckstream's script, a
+/// ticket path of the form ckstream creates under [`TICKET_DIR`] and an absolute
+/// ckstream path, nothing else (no environment, no timeout). It stays in the spec of a
+/// restored container, so a later checkpoint of that container carries it; without its
+/// one-shot ticket (root-only, random name) it does nothing.
+pub fn is_own_hook(hook: &serde_json::Value) -> bool {
+    let Some(obj) = hook.as_object() else {
+        return false;
+    };
+    if obj.len() != 2 || obj.get("path").and_then(|p| p.as_str()) != Some(HOOK_SHELL) {
+        return false;
+    }
+    let Some(args) = obj.get("args").and_then(|a| a.as_array()) else {
+        return false;
+    };
+    let args: Vec<&str> = args.iter().filter_map(|a| a.as_str()).collect();
+    match args[..] {
+        ["sh", "-c", script, ticket, exe] => {
+            script == HOOK_SCRIPT
+                && is_ticket_path(ticket)
+                && exe.starts_with('/')
+                && !exe.contains('\n')
+        }
+        _ => false,
+    }
+}
+
+/// ckstream's hook for `ticket` and `exe`, as [`RootfsTicket::hook`] writes it.
+#[cfg(test)]
+pub(crate) fn own_hook_for_test(ticket: &str, exe: &str) -> serde_json::Value {
+    serde_json::json!({"path": HOOK_SHELL, "args": ["sh", "-c", HOOK_SCRIPT, ticket, exe]})
+}
+
+/// `TICKET_DIR/rootfs-PID-HEX16.json`, as [`RootfsTicket::create`] names tickets.
+fn is_ticket_path(p: &str) -> bool {
+    let Some(rest) = p
+        .strip_prefix(TICKET_DIR)
+        .and_then(|r| r.strip_prefix("/rootfs-"))
+        .and_then(|r| r.strip_suffix(".json"))
+    else {
+        return false;
+    };
+    let Some((pid, id)) = rest.split_once('-') else {
+        return false;
+    };
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && id.len() == 16
+        && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// A one-shot permission for the hook to apply one archive's rootfs diff; removed
 /// (with its outcome) on drop.
 pub struct RootfsTicket {
@@ -109,12 +167,8 @@ impl RootfsTicket {
     /// over to `exe __podman-rootfs-hook TICKET`.
     pub fn hook(&self, exe: &Path) -> serde_json::Value {
         serde_json::json!({
-            "path": "/bin/sh",
-            "args": [
-                "sh", "-c",
-                "[ -e \"$0\" ] || exit 0; exec \"$1\" __podman-rootfs-hook \"$0\"",
-                self.path, exe,
-            ],
+            "path": HOOK_SHELL,
+            "args": ["sh", "-c", HOOK_SCRIPT, self.path, exe],
         })
     }
 
@@ -234,4 +288,38 @@ fn apply(ticket: &[u8], state: impl Read) -> Result<()> {
         PodmanError::Archive(e).context(format!("applying the rootfs diff onto {}", root.display()))
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own(ticket: &str, exe: &str) -> serde_json::Value {
+        own_hook_for_test(ticket, exe)
+    }
+
+    #[test]
+    fn recognises_exactly_its_own_hook() {
+        let t = "/run/ckstream/rootfs-4242-0123456789abcdef.json";
+        assert!(is_own_hook(&own(t, "/usr/local/bin/ckstream")));
+        for bad in [
+            own("/run/ckstream/rootfs-4242-0123456789abcdeg.json", "/x"),
+            own("/tmp/rootfs-4242-0123456789abcdef.json", "/x"),
+            own("/run/ckstream/rootfs--0123456789abcdef.json", "/x"),
+            own("/run/ckstream/../rootfs-1-0123456789abcdef.json", "/x"),
+            own(t, "relative/ckstream"),
+            serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", "true", t, "/x"]}),
+            serde_json::json!({"path": "/bin/bash", "args": ["sh", "-c", HOOK_SCRIPT, t, "/x"]}),
+            serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", HOOK_SCRIPT, t, "/x", "more"]}),
+            serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", HOOK_SCRIPT, t, "/x"], "env": ["LD_PRELOAD=/x.so"]}),
+        ] {
+            assert!(!is_own_hook(&bad), "{bad}");
+        }
+        // What create() writes is recognised.
+        let ticket = RootfsTicket {
+            path: PathBuf::from(format!("{TICKET_DIR}/rootfs-7-{}.json", hex(&[0xab; 8]))),
+        };
+        assert!(is_own_hook(&ticket.hook(Path::new("/usr/bin/ckstream"))));
+        std::mem::forget(ticket);
+    }
 }

@@ -19,6 +19,8 @@ pub mod import;
 pub mod layout;
 pub mod podman;
 pub mod restore;
+pub mod symlinks;
 pub mod tar;
+pub mod trust;
 
 pub use error::{PodmanError, Result};

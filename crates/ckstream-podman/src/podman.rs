@@ -200,3 +200,71 @@ pub fn restore_in_place(id: &str) -> Result<()> {
 pub fn remove(name: &str) -> Result<()> {
     podman(&["rm", "-f", "-t", "0", name]).map(|_| ())
 }
+
+/// podman's storage roots on this host (`podman info`: `store.graphRoot`,
+/// `store.runRoot`).
+///
+/// # Errors
+/// [`PodmanError::Command`] when podman fails or does not report them.
+pub fn storage_roots() -> Result<crate::trust::StorageRoots> {
+    let out = podman(&["info", "--format", "json"])?;
+    let v: Value = serde_json::from_str(&out)
+        .map_err(|e| podman_error("info", format!("unreadable output: {e}")))?;
+    let root = |p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .ok_or_else(|| podman_error("info", format!("no {p} in its output")))
+    };
+    Ok(crate::trust::StorageRoots {
+        graph_root: root("/store/graphRoot")?,
+        run_root: root("/store/runRoot")?,
+    })
+}
+
+/// The overlay layer directories of the local image `id` (a full image ID), top first;
+/// `None` when there is no such image here.
+///
+/// # Errors
+/// [`PodmanError::Command`] when podman fails; [`PodmanError::Unsupported`] for an image
+/// on another storage driver than overlay.
+pub fn image_layers(id: &str) -> Result<Option<Vec<PathBuf>>> {
+    if podman(&["image", "exists", id]).is_err() {
+        return Ok(None);
+    }
+    let out = podman(&["image", "inspect", "--format", "json", id])?;
+    let v: Value = serde_json::from_str(&out)
+        .map_err(|e| podman_error("image inspect", format!("unreadable output: {e}")))?;
+    let driver = v.pointer("/0/GraphDriver/Name").and_then(Value::as_str);
+    if driver != Some("overlay") {
+        return Err(PodmanError::Unsupported(format!(
+            "image {id} uses the {driver:?} storage driver; ckstream reads overlay layers only"
+        )));
+    }
+    let data = |k: &str| {
+        v.pointer(&format!("/0/GraphDriver/Data/{k}"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut layers: Vec<PathBuf> = Vec::new();
+    layers.extend(
+        Some(data("UpperDir"))
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
+    );
+    layers.extend(
+        data("LowerDir")
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+    );
+    if layers.is_empty() {
+        return Err(podman_error(
+            "image inspect",
+            format!("no layers for image {id}"),
+        ));
+    }
+    Ok(Some(layers))
+}
