@@ -13,7 +13,8 @@
 //!   archive is bad ([`Error::is_bad_archive`]); a container or machine ckstream cannot
 //!   handle uses its own crate's error, never these.
 //! - **Exit codes** (the binary, `main.rs`): 0 success (also when the reader of stdout
-//!   went away); 3 when any error in the chain is a bad archive; 1 for every other
+//!   went away); 3 when any error in the chain is a bad archive (or `ckstream-podman`'s
+//!   refusal of an archive's untrusted container settings); 1 for every other
 //!   failure; 2 for a command line the argument parser refused (bad option values are
 //!   parsed into typed values there, so they exit 2 too).
 //! - **I/O errors say what was being done** (`Error::io(context, e)`); an archive error

@@ -152,7 +152,8 @@ fn disk_content(e: &Entry, source: PathBuf) -> Content {
 /// # Errors
 /// [`Error::Usage`] when the archive lacks podman's `config.dump`/`spec.dump` or
 /// CRIU images; [`Error::Corrupt`] when its `deleted.files` is not a JSON list of
-/// safe absolute paths.
+/// safe absolute paths; [`Error::UnsafeEntry`] for anything but files and directories
+/// under `podman/` and `criu/`.
 pub fn plan_from_cka(reader: &ArchiveReader) -> Result<ExportPlan> {
     let mut plan = ExportPlan {
         mtime_ns: reader.header().created_unix_ns as i64,
@@ -165,6 +166,18 @@ pub fn plan_from_cka(reader: &ArchiveReader) -> Result<ExportPlan> {
     let mut checkpoint = Vec::new();
     let mut deleted_json = None;
     let mut whiteouts = Vec::new();
+    // podman extracts podman/ and criu/ into the container's bundle directory, where
+    // a link would redirect what podman later writes or bind-mounts there. (CRIU
+    // images have no hard links; one is left out below.)
+    let outer_kind_ok = |e: &Entry, hardlink_ok: bool| match e.entry_kind() {
+        EntryKind::File | EntryKind::Dir => Ok(()),
+        EntryKind::Hardlink if hardlink_ok => Ok(()),
+        kind => Err(Error::UnsafeEntry(format!(
+            "{} is a {}; only files and directories belong in podman/ and criu/",
+            e.path_lossy(),
+            kind.name()
+        ))),
+    };
     for (i, e) in reader.entries().iter().enumerate() {
         let content = || {
             if e.entry_kind() == EntryKind::File && e.size > 0 {
@@ -177,6 +190,7 @@ pub fn plan_from_cka(reader: &ArchiveReader) -> Result<ExportPlan> {
             if rel.is_empty() {
                 continue;
             }
+            outer_kind_ok(e, false)?;
             if rel == DELETED_FILES.as_bytes() {
                 deleted_json = Some(i);
                 continue;
@@ -196,6 +210,7 @@ pub fn plan_from_cka(reader: &ArchiveReader) -> Result<ExportPlan> {
                 },
             ));
         } else if let Some(rel) = strip(&e.path, criu) {
+            outer_kind_ok(e, true)?;
             let mut entry = e.clone();
             entry.path = if rel.is_empty() {
                 PODMAN_CHECKPOINT_DIR.as_bytes().to_vec()

@@ -98,20 +98,44 @@ pub fn import_podman_archive(
     writer: &mut ArchiveWriter,
     stop: Stop,
 ) -> Result<ImportStats> {
-    scan(path, Some(writer), stop)
+    scan(path, Some(writer), stop, None)
+}
+
+/// A podman export read by [`check_podman_archive`]: what a restore decides on.
+#[derive(Debug, Default)]
+pub struct CheckedArchive {
+    /// Counts and the container name.
+    pub stats: ImportStats,
+    /// `config.dump`.
+    pub config_dump: Vec<u8>,
+    /// `spec.dump`, if the archive has one.
+    pub spec_dump: Option<Vec<u8>>,
+    /// The members of `rootfs-diff.tar`, in order.
+    pub diff: Vec<crate::symlinks::DiffMember>,
+    /// `deleted.files`.
+    pub deleted: Vec<String>,
 }
 
 /// Reads the whole podman export at `path` and checks everything
 /// [`import_podman_archive`] checks, writing nothing: run before handing an archive
 /// to podman, whose restore would follow `..` in `deleted.files` (podman ≤ 5.8).
+/// Returns what a restore needs to decide further (see [`crate::symlinks`] and
+/// [`crate::trust`]).
 ///
 /// # Errors
 /// As [`import_podman_archive`].
-pub fn check_podman_archive(path: &Path) -> Result<ImportStats> {
-    scan(path, None, Stop::NEVER)
+pub fn check_podman_archive(path: &Path) -> Result<CheckedArchive> {
+    let mut checked = CheckedArchive::default();
+    checked.stats = scan(path, None, Stop::NEVER, Some(&mut checked))?;
+    Ok(checked)
 }
 
-fn scan(path: &Path, writer: Option<&mut ArchiveWriter>, stop: Stop) -> Result<ImportStats> {
+fn scan(
+    path: &Path,
+    writer: Option<&mut ArchiveWriter>,
+    stop: Stop,
+    collect: Option<&mut CheckedArchive>,
+) -> Result<ImportStats> {
     let file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let mut magic = [0u8; 4];
@@ -122,7 +146,9 @@ fn scan(path: &Path, writer: Option<&mut ArchiveWriter>, stop: Stop) -> Result<I
     if n >= 4 && magic == ZSTD_MAGIC {
         stats.compressed_input = true;
         let dec = zstd::Decoder::new(file).map_err(|e| read_err("zstd", e))?;
-        Importer::new(writer, None, stop).run(NoSeek(dec), false, stats)
+        let mut importer = Importer::new(writer, None, stop);
+        importer.collect = collect;
+        importer.run(NoSeek(dec), false, stats)
     } else if n >= 2 && magic[..2] == GZIP_MAGIC {
         Err(Error::Unsupported(
             "gzip-compressed podman archives are not supported; decompress it first (gunzip) or export with --compress zstd|none".into(),
@@ -139,6 +165,7 @@ fn scan(path: &Path, writer: Option<&mut ArchiveWriter>, stop: Stop) -> Result<I
         // checked in well under a second instead of being read whole).
         let check_only = writer.is_none();
         let mut importer = Importer::new(writer, clone, stop);
+        importer.collect = collect;
         if check_only {
             importer.seek_file = Some(file.try_clone().map_err(|e| read_err("tar", e))?);
         }
@@ -156,6 +183,8 @@ struct Importer<'w> {
     stop: Stop,
     /// The uncompressed input, when only checking: the nested tar is walked by seeking.
     seek_file: Option<File>,
+    /// Where a check keeps what a restore decides on.
+    collect: Option<&'w mut CheckedArchive>,
 }
 
 impl<'w> Importer<'w> {
@@ -167,6 +196,7 @@ impl<'w> Importer<'w> {
             seen_rootfs_dir: false,
             stop,
             seek_file: None,
+            collect: None,
         }
     }
 
@@ -205,7 +235,22 @@ impl<'w> Importer<'w> {
                     .read_to_end(&mut buf)
                     .map_err(|e| read_err("config.dump", e))?;
                 stats.container_name = container_name(&buf);
+                if let Some(c) = self.collect.as_deref_mut() {
+                    c.config_dump = buf.clone();
+                }
                 prefetched = Some(buf);
+            }
+            if name_str == crate::layout::SPEC_DUMP {
+                if let Some(c) = self.collect.as_deref_mut() {
+                    let mut buf = Vec::new();
+                    member
+                        .by_ref()
+                        .take(64 << 20)
+                        .read_to_end(&mut buf)
+                        .map_err(|e| read_err("spec.dump", e))?;
+                    c.spec_dump = Some(buf.clone());
+                    prefetched = Some(buf);
+                }
             }
             if name_str == DELETED_FILES {
                 let mut buf = Vec::new();
@@ -243,6 +288,9 @@ impl<'w> Importer<'w> {
         if let Some(paths) = deleted {
             stats.deleted_paths = paths.len() as u64;
             self.add_deletions(&paths)?;
+            if let Some(c) = self.collect.as_deref_mut() {
+                c.deleted = paths;
+            }
         }
         Ok(stats)
     }
@@ -308,6 +356,24 @@ impl<'w> Importer<'w> {
             let rel = member_path(&member)?;
             let path = [CKA_ROOTFS_DIR.as_bytes(), b"/", &rel].concat();
             let pos = base + member.raw_file_position();
+            if let Some(c) = self.collect.as_deref_mut() {
+                let kind = match member.header().entry_type() {
+                    tar::EntryType::Directory => EntryKind::Dir,
+                    tar::EntryType::Symlink => EntryKind::Symlink,
+                    tar::EntryType::Link => EntryKind::Hardlink,
+                    _ => EntryKind::File,
+                };
+                let target = member.link_name_bytes().unwrap_or_default();
+                c.diff.push(crate::symlinks::DiffMember {
+                    path: rel.clone(),
+                    kind,
+                    link_target: if kind == EntryKind::Hardlink {
+                        trim_dir_slash(&target)
+                    } else {
+                        target.into_owned()
+                    },
+                });
+            }
             self.rootfs_paths.insert(rel);
             self.add_member(
                 &mut member,
@@ -390,6 +456,15 @@ impl<'w> Importer<'w> {
                 )))
             }
         };
+        if link_prefix.is_none() && !matches!(kind, EntryKind::File | EntryKind::Dir) {
+            // podman extracts these members into the container's bundle directory,
+            // where a link would redirect what podman later writes or bind-mounts there.
+            return Err(Error::UnsafeEntry(format!(
+                "podman archive member {} is a {}; podman exports hold only files and directories outside rootfs-diff.tar",
+                String::from_utf8_lossy(&path),
+                kind.name()
+            )));
+        }
         let size = member.size();
         let mut entry = Entry {
             path: path.clone(),

@@ -5,7 +5,8 @@
 //! commands onto are [`checkpoint::checkpoint`], [`restore::restore`],
 //! [`import::import`] and [`export::write_podman_archive`] (with
 //! [`export::plan_from_cka`]); [`hook::run_hook`] is the OCI prestart hook of a
-//! restore.
+//! restore; [`trust`] and [`symlinks`] are what a restore checks in an archive it cannot
+//! trust (the container settings it asks for, rootfs changes through symlinks).
 
 pub mod boltdb;
 pub mod checkpoint;

@@ -6,8 +6,11 @@
 //! the filesystem shares extents, no rootfs tar by default): its rootfs diff is applied
 //! by an OCI prestart hook ([`crate::hook`]) straight from the archive, every chunk
 //! verified. A podman export is read whole and refused before podman sees it when a
-//! member or deletion could leave the container's root. A failed restore leaves no new
-//! container behind (never removing one that existed before).
+//! member or deletion could leave the container's root. Before podman runs, the
+//! archive's container settings are shown and checked ([`crate::trust`]), and a diff
+//! podman applies itself is checked for paths through symlinks ([`crate::symlinks`]).
+//! A failed restore leaves no new container behind (never removing one that existed
+//! before).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,6 +23,8 @@ use crate::export::{add_prestart_hook, plan_from_cka, replace_member, write_podm
 use crate::hook::{HookOutcome, RootfsTicket};
 use crate::layout::{CKA_PODMAN_DIR, CONFIG_DUMP, SPEC_DUMP};
 use crate::podman;
+use crate::symlinks::{DiffMember, Lower};
+use crate::trust::{Trust, TrustReport};
 
 /// Who applies a `.cka`'s rootfs diff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,14 @@ pub struct RestoreOptions<'a> {
     pub progress: Progress,
     /// Polled while converting.
     pub stop: Stop,
+    /// Restore even when the archive asks for security-relevant settings (the user's
+    /// `--trust-config`).
+    pub trust_config: bool,
+    /// The archive is signed by a trusted key (same effect as `trust_config`).
+    pub trusted_signature: bool,
+    /// Called with the archive's container settings before anything is decided on
+    /// them, so that they are shown on every restore, refused or not.
+    pub on_config: Option<&'a dyn Fn(&TrustReport)>,
 }
 
 /// What a restore did.
@@ -55,6 +68,10 @@ pub struct RestoreReport {
     pub convert_seconds: f64,
     /// The hook applying the rootfs diff, when it did.
     pub rootfs_apply_seconds: Option<f64>,
+    /// The archive's security-relevant container settings.
+    pub config: TrustReport,
+    /// Why they were accepted.
+    pub trust: Trust,
 }
 
 /// True when the local file at `path` is a `.cka` (not a podman tar).
@@ -90,23 +107,57 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
     let mut name = opts.name.map(str::to_string);
     let mut ticket = None;
     let mut temp = None;
+    let decided;
     let podman_archive = match local {
         Some(path) if !is_cka(path)? => {
-            let stats = crate::import::check_podman_archive(path)?;
-            name = name.or(stats.container_name);
+            let checked = crate::import::check_podman_archive(path)?;
+            name = name.or(checked.stats.container_name.clone());
+            let spec = checked
+                .spec_dump
+                .as_deref()
+                .ok_or_else(|| Error::Corrupt("the podman archive has no spec.dump".into()))?;
+            decided = decide(spec, &checked.config_dump, opts)?;
+            crate::symlinks::check(&checked.diff, &checked.deleted, &mut || {
+                lower_of(&checked.config_dump)
+            })?;
             path.to_path_buf()
         }
         _ => {
             let reader = input.open(&std::env::temp_dir())?;
+            let dump = |name: &str| -> Result<Vec<u8>> {
+                let i = reader
+                    .find(format!("{CKA_PODMAN_DIR}/{name}").as_bytes())
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "the archive has no {CKA_PODMAN_DIR}/{name}: it was not written by `ckstream podman checkpoint` or `ckstream podman import`"
+                        ))
+                    })?;
+                let mut bytes = Vec::new();
+                reader.copy_entry(i, &mut bytes)?;
+                Ok(bytes)
+            };
+            let config = dump(CONFIG_DUMP)?;
+            let spec = dump(SPEC_DUMP)?;
             if name.is_none() {
-                if let Some(i) = reader.find(format!("{CKA_PODMAN_DIR}/{CONFIG_DUMP}").as_bytes()) {
-                    let mut config = Vec::new();
-                    reader.copy_entry(i, &mut config)?;
-                    name = crate::import::container_name(&config);
-                }
+                name = crate::import::container_name(&config);
             }
+            decided = decide(&spec, &config, opts)?;
             let mut plan = plan_from_cka(&reader)?;
             let has_diff = !plan.rootfs.is_empty() || !plan.deleted.is_empty();
+            if apply_diff == ApplyDiff::Podman && has_diff {
+                // podman applies these on the host itself (the hook below never follows
+                // a symlink: ckstream_fs::unpack opens every component O_NOFOLLOW).
+                let diff: Vec<DiffMember> = plan
+                    .rootfs
+                    .iter()
+                    .map(|it| DiffMember {
+                        path: it.entry.path.clone(),
+                        kind: it.entry.entry_kind(),
+                        link_target: it.entry.link_target.clone(),
+                    })
+                    .collect();
+                crate::symlinks::check(&diff, &plan.deleted, &mut || lower_of(&config))?;
+            }
             if apply_diff == ApplyDiff::Ckstream && has_diff {
                 let archive = local.ok_or_else(|| {
                     PodmanError::Unsupported(
@@ -114,11 +165,6 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                     )
                 })?;
                 let t = RootfsTicket::create(archive, &reader)?;
-                let spec_i = reader
-                    .find(format!("{CKA_PODMAN_DIR}/{SPEC_DUMP}").as_bytes())
-                    .ok_or_else(|| Error::Corrupt("the archive has no podman/spec.dump".into()))?;
-                let mut spec = Vec::new();
-                reader.copy_entry(spec_i, &mut spec)?;
                 let exe = std::env::current_exe().map_err(|e| {
                     Error::io("locating the ckstream binary for the restore hook", e)
                 })?;
@@ -195,10 +241,57 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
         }
         _ => None,
     };
+    let (config, trust) = decided;
     Ok(RestoreReport {
         container: id,
         convert_seconds,
         rootfs_apply_seconds,
+        config,
+        trust,
+    })
+}
+
+/// Reads the archive's container settings, shows them ([`RestoreOptions::on_config`])
+/// and decides whether to go on.
+fn decide(spec: &[u8], config: &[u8], opts: &RestoreOptions) -> Result<(TrustReport, Trust)> {
+    let report = crate::trust::check_config(spec, config, &podman::storage_roots()?)?;
+    if let Some(show) = opts.on_config {
+        show(&report);
+    }
+    let trust = report.decide(opts.trusted_signature, opts.trust_config)?;
+    Ok((report, trust))
+}
+
+/// What podman applies the diff onto: the layers of the image `config_dump` names, or the
+/// host directory it uses as root.
+fn lower_of(config_dump: &[u8]) -> Result<Lower> {
+    let v: serde_json::Value = serde_json::from_slice(config_dump)
+        .map_err(|e| Error::Corrupt(format!("config.dump is not JSON: {e}")))?;
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    if !s("rootfs").is_empty() {
+        return Ok(Lower::Layers {
+            image: format!("(host directory {})", s("rootfs")),
+            layers: vec![PathBuf::from(s("rootfs"))],
+        });
+    }
+    let (id, image_name) = (s("rootfsImageID"), s("rootfsImageName"));
+    let image = if image_name.is_empty() {
+        id.clone()
+    } else {
+        image_name
+    };
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(Lower::Unavailable {
+            image: if image.is_empty() {
+                "(none named)".into()
+            } else {
+                image
+            },
+        });
+    }
+    Ok(match podman::image_layers(&id)? {
+        Some(layers) => Lower::Layers { image, layers },
+        None => Lower::Unavailable { image },
     })
 }
 

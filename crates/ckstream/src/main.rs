@@ -12,7 +12,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Exit code for an archive that is corrupt, incomplete, unsafe or unsupported.
+/// Exit code for an archive that is corrupt, incomplete, unsafe or unsupported (or a
+/// podman archive refused for the container settings it asks for).
 const EXIT_BAD_ARCHIVE: u8 = 3;
 /// Exit code for any other failure.
 const EXIT_FAILURE: u8 = 1;
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
             let bad_archive = err.chain().any(|c| {
                 c.downcast_ref::<ckstream_format::Error>()
                     .is_some_and(|e| e.is_bad_archive())
+                    || c.downcast_ref::<ckstream_podman::PodmanError>()
+                        .is_some_and(|e| e.is_untrusted_archive())
             });
             ExitCode::from(if bad_archive {
                 EXIT_BAD_ARCHIVE

@@ -103,6 +103,11 @@ pub struct RestoreArgs {
     /// podman for object-store ones, whose credentials the hook would not have).
     #[arg(long, value_enum)]
     pub(super) apply_diff: Option<ApplyDiff>,
+    /// Restore even if the archive's container config asks for OCI hooks, privileged
+    /// mode, host mounts, added capabilities or devices, or host namespaces (shown on
+    /// every restore; refused otherwise). Only for archives whose origin you trust.
+    #[arg(long)]
+    pub(super) trust_config: bool,
     #[arg(long)]
     pub(super) json: bool,
 }

@@ -1,6 +1,7 @@
 //! `ckstream podman checkpoint|import|export|restore`: podman containers in and out
 //! of `.cka` archives and podman's own export format.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::time::Instant;
 
@@ -8,6 +9,7 @@ use anyhow::{bail, Result};
 use ckstream_format::{Progress, Stop};
 use ckstream_podman::checkpoint::{checkpoint, CheckpointOptions};
 use ckstream_podman::restore::{restore, RestoreOptions};
+use ckstream_podman::trust::TrustReport;
 use ckstream_store::ArchiveLocation;
 
 use crate::output::human_bytes;
@@ -190,7 +192,11 @@ fn export_cmd(a: ExportArgs, stop: Stop, quiet: bool) -> Result<()> {
 
 fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
     let started = Instant::now();
-    let done = with_progress("podman restore", quiet, |progress| {
+    // The container settings the archive asks for, shown on every restore (after the
+    // progress bar, before any refusal).
+    let config: RefCell<Option<TrustReport>> = RefCell::new(None);
+    let on_config = |r: &TrustReport| *config.borrow_mut() = Some(r.clone());
+    let restored = with_progress("podman restore", quiet, |progress| {
         restore(
             &a.input,
             &RestoreOptions {
@@ -202,11 +208,35 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
                 }),
                 progress: progress.clone(),
                 stop,
+                trust_config: a.trust_config,
+                // TODO(signing): true when the archive's signature verifies against a
+                // trusted key; the lead wires it here once signing lands.
+                trusted_signature: false,
+                on_config: Some(&on_config),
             },
         )
-    })?;
+    });
+    if let Some(r) = config.borrow().as_ref() {
+        if a.json {
+            if let Err(e) = &restored {
+                // Success prints it with the rest; a failure after reading it says
+                // whether the settings were the reason.
+                let refused = e.is_untrusted_archive();
+                println!(
+                    "{}",
+                    serde_json::json!({ "config": r.to_json(), "refused": refused })
+                );
+            }
+        } else if !quiet || restored.is_err() {
+            eprintln!("{}", r.summary());
+        }
+    }
+    let done = restored?;
     let secs = started.elapsed().as_secs_f64();
     let (id, converted) = (&done.container, done.convert_seconds);
+    if !done.config.is_ordinary() && !a.json && !quiet {
+        eprintln!("restoring despite that ({})", done.trust.name());
+    }
     report(
         &ArchiveLocation::Std,
         a.json,
@@ -216,6 +246,8 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
             "convert_seconds": converted,
             "rootfs_apply_seconds": done.rootfs_apply_seconds,
             "seconds": secs,
+            "config": done.config.to_json(),
+            "trust": done.trust.name(),
         }),
         &format!("restored container {id} in {secs:.2}s (conversion {converted:.2}s)"),
     );
