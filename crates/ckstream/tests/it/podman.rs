@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::*;
 
+mod trust;
+
 const IMAGE: &str = "localhost/ckstream-memtest";
 
 thread_local! {
@@ -90,6 +92,15 @@ fn start(name: &str) -> Ctr {
 
 /// As [`start`], on podman's default bridge network (`"podman"`) or none.
 fn start_with_network(name: &str, network: &str) -> Ctr {
+    start_image(name, network, IMAGE)
+}
+
+/// As [`start`], from another image built on the test image.
+fn start_from(name: &str, image: &str) -> Ctr {
+    start_image(name, "none", image)
+}
+
+fn start_image(name: &str, network: &str, image: &str) -> Ctr {
     let _ = podman(&["rm", "-f", "-t", "0", name]);
     podman_ok(&[
         "run",
@@ -102,7 +113,7 @@ fn start_with_network(name: &str, network: &str) -> Ctr {
         "nproc=1024:1024",
         "--network",
         network,
-        IMAGE,
+        image,
         "/bin/memtest",
         "64",
         "/tmp/hb",
