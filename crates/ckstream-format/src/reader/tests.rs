@@ -460,3 +460,26 @@ fn end_entry_accepts_only_a_streamed_entry_waiting_for_its_size() {
     let err = w.end_entry(streamed, 0).unwrap_err();
     assert!(matches!(err, Error::Usage(_)), "ended twice: {err}");
 }
+
+/// The fuzzing bypass of the digest checks must never be in a normal build: a chunk's
+/// digest and the index's digest in the footer are compared.
+#[test]
+fn digests_are_enforced() {
+    let digest = *blake3::hash(b"data").as_bytes();
+    assert!(crate::reader::verify_digest(b"data", &digest, String::new).is_ok());
+    assert!(matches!(
+        crate::reader::verify_digest(b"date", &digest, String::new),
+        Err(Error::DigestMismatch { .. })
+    ));
+    let bytes = crate::testutil::craft(vec![(entry("a", EntryKind::File, 0), Some(b"x".to_vec()))]);
+    let mut footer = crate::testutil::crafted_footer(&bytes);
+    footer.index_digest[31] ^= 1;
+    let mut damaged = bytes.clone();
+    let at = damaged.len() - FOOTER_LEN;
+    damaged[at..].copy_from_slice(&footer.encode());
+    let err = open_err(&[damaged]);
+    assert!(
+        matches!(&err, Error::DigestMismatch { what } if what.contains("index")),
+        "{err}"
+    );
+}
