@@ -125,14 +125,16 @@ impl ArchiveReader {
         report: &mut VerifyReport,
         checkers: &Sender<Payload<'a>>,
     ) -> Result<()> {
+        let index_len = self.footer().index.expect("validated").stored_len;
         for si in 0..self.shard_count() {
             let src = self.shard(si);
             src.expect_sequential();
             let reader = SourceReader::new(src).map_err(|e| Error::io("shard size", e))?;
-            let mut scanner = RecordScanner::new(
-                io::BufReader::with_capacity(1 << 20, reader),
-                src.describe(),
-            )?;
+            let buffer = (1 << 20).min(reader.source_len()).max(1) as usize;
+            let mut scanner =
+                RecordScanner::new(io::BufReader::with_capacity(buffer, reader), src.describe())?;
+            // The index lies in shard 0 only.
+            scanner.limit_index(if si == 0 { index_len } else { 0 });
             while let Some(rec) = scanner.next_record()? {
                 report.records += 1;
                 let at = || format!("{} record at offset {}", src.describe(), rec.payload_offset);
