@@ -19,6 +19,7 @@ use std::thread::ScopedJoinHandle;
 use crossbeam_channel::Sender;
 use prost::Message;
 
+use crate::budget::{chunk_cost, Budget, Lease, CHUNK_MEMORY};
 use crate::codec::{self, CodecId};
 use crate::error::{Error, Result};
 use crate::index::{entry_flags, Chunk, Entry, EntryKind};
@@ -53,6 +54,18 @@ struct Payload<'a> {
     stored: Vec<u8>,
     /// The record header's digest: of the whole frame, for a shared frame.
     frame_digest: [u8; 32],
+    /// Its share of [`CHUNK_MEMORY`], given back once it is checked.
+    _lease: Lease<'a>,
+}
+
+/// Closes the budget when a checking thread stops, however it stops: the scan must not
+/// wait for leases that the payloads still queued for it hold.
+struct CloseOnDrop<'a>(&'a Budget);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 impl ArchiveReader {
@@ -64,6 +77,9 @@ impl ArchiveReader {
     /// # Errors
     /// The first problem found.
     pub fn verify(&self, threads: usize, progress: &crate::Progress) -> Result<VerifyReport> {
+        // Payloads queued and being checked hold at most this much (with one larger
+        // payload alone), however many threads check them and whatever records claim.
+        let budget = Budget::new(CHUNK_MEMORY);
         let mut expected = self.expected_records()?;
         let mut report = VerifyReport::default();
         let threads = threads.max(1);
@@ -72,7 +88,9 @@ impl ArchiveReader {
             let checkers: Vec<_> = (0..threads)
                 .map(|_| {
                     let rx = rx.clone();
+                    let budget = &budget;
                     scope.spawn(move || -> Result<()> {
+                        let _close = CloseOnDrop(budget);
                         for payload in rx {
                             let stored_len = payload.stored.len() as u64;
                             self.check_payload(payload)?;
@@ -83,7 +101,7 @@ impl ArchiveReader {
                 })
                 .collect();
             drop(rx);
-            let scanned = self.scan_shards(&mut expected, &mut report, &tx);
+            let scanned = self.scan_shards(&mut expected, &mut report, &budget, &tx);
             // Lets the checkers finish what is queued and stop.
             drop(tx);
             first_error(scanned, checkers)
@@ -117,12 +135,14 @@ impl ArchiveReader {
     }
 
     /// Scans every shard in order and checks each record against the index, sending Data
-    /// payloads to the checkers. Returns early, without error, when the checkers have all
-    /// stopped (they failed; their error is collected by the caller).
+    /// payloads to the checkers, each with its lease of `budget`. Returns early, without
+    /// error, when a checker has stopped (it failed and closed the budget; its error is
+    /// collected by the caller).
     fn scan_shards<'a>(
         &'a self,
         expected: &mut Expected<'a>,
         report: &mut VerifyReport,
+        budget: &'a Budget,
         checkers: &Sender<Payload<'a>>,
     ) -> Result<()> {
         let index_len = self.footer().index.expect("validated").stored_len;
@@ -145,10 +165,16 @@ impl ArchiveReader {
                         report.chunks += group.len() as u64;
                         report.raw_bytes += h.raw_len as u64;
                         report.stored_bytes += h.stored_len as u64;
+                        // The record agrees with its chunks: their cost is what checking
+                        // it takes (stored bytes, and the decoded ones if they are a copy).
+                        let Some(lease) = budget.take(chunk_cost(group[0].1)) else {
+                            return Ok(());
+                        };
                         let payload = Payload {
                             group,
                             frame_digest: h.digest,
                             stored: rec.stored,
+                            _lease: lease,
                         };
                         if checkers.send(payload).is_err() {
                             return Ok(());
@@ -169,6 +195,7 @@ impl ArchiveReader {
             group,
             stored,
             frame_digest,
+            _lease,
         } = payload;
         if group.len() == 1 && !group[0].1.in_shared_frame() {
             let (ei, c) = group[0];
