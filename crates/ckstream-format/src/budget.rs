@@ -61,6 +61,16 @@ impl Drop for Lease<'_> {
     }
 }
 
+/// Closes its budget when dropped (see [`Budget::close_on_drop`]).
+#[derive(Debug)]
+pub struct CloseOnDrop<'a>(&'a Budget);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 impl Budget {
     /// A budget of `limit` bytes.
     pub fn new(limit: u64) -> Self {
@@ -128,6 +138,12 @@ impl Budget {
     pub fn close(&self) {
         self.lock().closed = true;
         self.freed.notify_all();
+    }
+
+    /// A guard that [closes](Self::close) the budget when it is dropped: held by the
+    /// side that must not leave the other waiting however it stops (an error, a panic).
+    pub fn close_on_drop(&self) -> CloseOnDrop<'_> {
+        CloseOnDrop(self)
     }
 
     /// Bytes held by leases now.

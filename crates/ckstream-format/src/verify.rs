@@ -58,16 +58,6 @@ struct Payload<'a> {
     _lease: Lease<'a>,
 }
 
-/// Closes the budget when a checking thread stops, however it stops: the scan must not
-/// wait for leases that the payloads still queued for it hold.
-struct CloseOnDrop<'a>(&'a Budget);
-
-impl Drop for CloseOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.close();
-    }
-}
-
 impl ArchiveReader {
     /// Reads every shard front to back and checks every record: header checksums,
     /// padding, every payload's digest, that inline entry records agree with the index,
@@ -90,7 +80,9 @@ impl ArchiveReader {
                     let rx = rx.clone();
                     let budget = &budget;
                     scope.spawn(move || -> Result<()> {
-                        let _close = CloseOnDrop(budget);
+                        // However a checker stops, the scan must not wait for the leases
+                        // that payloads still queued for it hold.
+                        let _close = budget.close_on_drop();
                         for payload in rx {
                             let stored_len = payload.stored.len() as u64;
                             self.check_payload(payload)?;

@@ -14,6 +14,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ckstream_format::budget::{chunk_cost, Budget, CHUNK_MEMORY};
 use ckstream_format::index::parent_path;
 use ckstream_format::reader::decode_chunk;
 use ckstream_format::{Chunk, CodecId, Entry, Error, Result};
@@ -117,11 +118,19 @@ impl<'a> Unpacker<'a> {
         let groups = frame_groups(&self.batch.jobs);
         let next = AtomicU64::new(0);
         let threads = self.opts.threads.max(1).min(groups.len().max(1));
+        // The chunks being restored hold at most this much memory together (with one
+        // larger chunk alone), whatever their sizes and the number of threads.
+        let budget = Budget::new(CHUNK_MEMORY);
         std::thread::scope(|s| -> Result<()> {
             let work = || -> Result<()> {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(group) = groups.get(i) else {
+                        return Ok(());
+                    };
+                    let cost = chunk_cost(self.batch.jobs[group[0]].chunk);
+                    let Some(_lease) = budget.take(cost) else {
+                        // Another worker failed and closed the budget.
                         return Ok(());
                     };
                     let restored = if self.opts.stop.requested() {
@@ -130,8 +139,10 @@ impl<'a> Unpacker<'a> {
                         self.restore_group(group)
                     };
                     if restored.is_err() {
-                        // Past the end of `groups`: every worker stops at its next fetch.
+                        // Past the end of `groups`: every worker stops at its next fetch,
+                        // or at once if it waits for memory.
                         next.store(u64::MAX / 2, Ordering::Relaxed);
+                        budget.close();
                         return restored;
                     }
                 }
