@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CKSTREAM_BIN := $(CURDIR)/target/release/ckstream
 
-.PHONY: demo test deps build unit-and-integration fuzz-smoke lint bench install clean
+.PHONY: demo test deps build unit-and-integration fuzz-smoke fuzz lint bench install clean
 
 ## Install what is needed, build, pack and unpack a sample, print what happened.
 demo: deps build
@@ -29,6 +29,11 @@ unit-and-integration:
 
 fuzz-smoke:
 	scripts/fuzz-smoke.sh
+
+## Every fuzz target, one after the other, FUZZ_SECS seconds each (docs/FUZZING.md).
+FUZZ_SECS ?= 300
+fuzz: build
+	scripts/fuzz.sh $(FUZZ_SECS)
 
 ## Every benchmark (root; long: see docs/PERFORMANCE.md for each one's settings).
 bench: build

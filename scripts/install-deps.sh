@@ -26,7 +26,7 @@ log() { printf 'install-deps: %s\n' "$*"; }
 
 PACKAGES=(
   btrfs-progs xfsprogs e2fsprogs attr zstd tar util-linux procps psmisc
-  gcc make libc6-dev time curl
+  gcc make libc6-dev time curl python3
   fuse3   # fusermount3: `ckstream mount` by non-root users, `fusermount3 -u`
 )
 OPTIONAL=(hyperfine)   # installed if the archive has it

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ckstream_format::budget::{chunk_cost, Budget, Lease, CHUNK_MEMORY};
 use ckstream_format::{ArchiveReader, EntryKind, Stop};
 use crossbeam_channel::bounded;
 
@@ -170,14 +171,29 @@ pub fn stream_entry(
         }
         Ok(true)
     };
+    // Decoded chunks waiting to go out hold at most this much (with one larger chunk
+    // alone), however many decoders run and whatever sizes the archive claims. Leases
+    // are taken in chunk order, so the chunk the writer waits for never waits for memory
+    // that only chunks after it hold.
+    let budget = Budget::new(CHUNK_MEMORY);
+    let budget = &budget;
     std::thread::scope(|s| -> Result<u64> {
+        // However the writer stops, decoders waiting for their turn must not wait on.
+        let _close = budget.close_on_drop();
         let mut rxs = Vec::new();
         for t in 0..k {
-            let (tx, rx) = bounded::<ckstream_format::Result<Piece>>(2);
+            let (tx, rx) = bounded::<ckstream_format::Result<(Piece, Option<Lease<'_>>)>>(2);
             rxs.push(rx);
             s.spawn(move || {
-                for c in chunks.iter().skip(t).step_by(k) {
-                    let r = prepare(reader, entry, c, splice_ok);
+                for (i, c) in chunks.iter().enumerate().skip(t).step_by(k) {
+                    let Some(lease) = budget.take_in_turn(i as u64, chunk_cost(c)) else {
+                        return;
+                    };
+                    // A range to splice holds no memory once it is verified.
+                    let r = prepare(reader, entry, c, splice_ok).map(|piece| match piece {
+                        Piece::Bytes(_) => (piece, Some(lease)),
+                        Piece::Splice { .. } => (piece, None),
+                    });
                     let stop = r.is_err();
                     if tx.send(r).is_err() || stop {
                         return;
@@ -187,7 +203,7 @@ pub fn stream_entry(
         }
         let mut pos = 0u64;
         for (i, c) in chunks.iter().enumerate() {
-            let piece = rxs[i % k]
+            let (piece, _lease) = rxs[i % k]
                 .recv()
                 .map_err(|_| CriuError::Protocol("decoder thread stopped".into()))??;
             if !write_zeros(c.file_offset - pos, &mut written)? {
@@ -310,4 +326,82 @@ pub fn serve(
     report.bytes = bytes.load(Ordering::Relaxed);
     report.duration = started.elapsed();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek};
+
+    use ckstream_format::testutil::{open_in_memory, MemSink};
+    use ckstream_format::{ArchiveWriter, Compression, Entry, EntryKind, WriterOptions};
+
+    use super::*;
+
+    const CHUNK: usize = 64 << 10;
+
+    /// One file of 40 chunks (compressible, so decoded chunks are copies that take
+    /// leases), in memory.
+    fn archive() -> (Vec<u8>, Vec<u8>) {
+        let content: Vec<u8> = (0..40 * CHUNK as u64 - 1000)
+            .flat_map(|i| (i / 7).to_le_bytes())
+            .take(40 * CHUNK - 1000)
+            .collect();
+        let (sinks, boxed) = MemSink::many(1);
+        let opts = WriterOptions {
+            compression: Compression::zstd(1),
+            chunk_size: CHUNK as u32,
+            threads: 2,
+            ..Default::default()
+        };
+        let mut w = ArchiveWriter::new(boxed, opts, [4; 16], 0).unwrap();
+        let id = w
+            .add_entry(Entry {
+                path: b"criu/pages-1.img".to_vec(),
+                kind: EntryKind::File as i32,
+                size: content.len() as u64,
+                ..Default::default()
+            })
+            .unwrap();
+        for (k, piece) in content.chunks(CHUNK).enumerate() {
+            w.add_data(id, (k * CHUNK) as u64, piece.to_vec(), None)
+                .unwrap();
+        }
+        w.finish().unwrap();
+        (sinks[0].take(), content)
+    }
+
+    fn stream(bytes: Vec<u8>, decoders: usize) -> (Result<u64>, Vec<u8>) {
+        let reader = open_in_memory(&[bytes]).unwrap();
+        let mut out = tempfile::tempfile().unwrap();
+        let result = stream_entry(&reader, 0, &out, decoders, &AtomicU64::new(0));
+        let mut written = Vec::new();
+        out.rewind().unwrap();
+        out.read_to_end(&mut written).unwrap();
+        (result, written)
+    }
+
+    #[test]
+    fn chunks_go_out_in_order_whatever_the_decoders() {
+        let (bytes, content) = archive();
+        for decoders in [1, 3, 8] {
+            let (result, written) = stream(bytes.clone(), decoders);
+            assert_eq!(result.unwrap(), content.len() as u64);
+            assert!(written == content, "{decoders} decoders");
+        }
+    }
+
+    /// A bad chunk ends the transfer with its error: the decoders that wait for their
+    /// turn behind it are released, nothing hangs, and nothing after it goes out.
+    #[test]
+    fn a_bad_chunk_stops_every_decoder() {
+        let (mut bytes, _) = archive();
+        let reader = open_in_memory(std::slice::from_ref(&bytes)).unwrap();
+        let bad = reader.chunks_of(0)[17].clone();
+        bytes[bad.offset as usize + 3] ^= 0x10;
+        for decoders in [1, 4] {
+            let (result, written) = stream(bytes.clone(), decoders);
+            assert!(result.is_err(), "{decoders} decoders");
+            assert!(written.len() as u64 <= bad.file_offset);
+        }
+    }
 }

@@ -66,6 +66,14 @@ fn check(bytes: &[u8]) -> [u8; 8] {
     out
 }
 
+/// True when `stored` is the check of `bytes`. A fuzzing build (`cfg(fuzzing)`, which only
+/// cargo-fuzz sets) accepts any value, so that mutated input reaches the code behind the
+/// check instead of stopping at it; every other build compares (see the test
+/// `check_values_are_enforced`).
+fn check_matches(bytes: &[u8], stored: &[u8]) -> bool {
+    cfg!(fuzzing) || check(bytes)[..] == stored[..]
+}
+
 fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
 }
@@ -149,7 +157,7 @@ impl ShardHeader {
                 "{what} has format version {version}; this ckstream reads version {FORMAT_VERSION}"
             )));
         }
-        if check(&b[0..64]) != b[64..72] {
+        if !check_matches(&b[0..64], &b[64..72]) {
             return Err(Error::Corrupt(format!(
                 "{what}: shard header checksum mismatch"
             )));
@@ -282,7 +290,7 @@ impl RecordHeader {
         if b.len() < RECORD_HEADER_LEN || b[0..4] != RECORD_MAGIC {
             return Err(Error::Corrupt(format!("{at}: no record header")));
         }
-        if check(&b[0..88]) != b[88..96] {
+        if !check_matches(&b[0..88], &b[88..96]) {
             return Err(Error::Corrupt(format!(
                 "{at}: record header checksum mismatch"
             )));
@@ -393,7 +401,7 @@ impl Footer {
         if b.len() < FOOTER_LEN || b[120..128] != END_MAGIC || b[0..8] != FOOTER_MAGIC {
             return Err(Error::Incomplete(format!("{what} has no commit footer")));
         }
-        if check(&b[0..112]) != b[112..120] {
+        if !check_matches(&b[0..112], &b[112..120]) {
             return Err(Error::Corrupt(format!("{what}: footer checksum mismatch")));
         }
         let version = u16_at(b, 8);
@@ -466,6 +474,58 @@ mod tests {
             ShardHeader::decode(&b, "s"),
             Err(Error::Corrupt(_))
         ));
+    }
+
+    /// The fuzzing bypass of [`check_matches`] must never be in a normal build: a flipped
+    /// check value is refused in the shard header, a record header and the footer.
+    #[test]
+    fn check_values_are_enforced() {
+        let mut header = ShardHeader {
+            alignment_log2: 12,
+            hash_algo: HASH_BLAKE3,
+            required_features: 0,
+            optional_features: 0,
+            archive_id: [7; 16],
+            shard_index: 0,
+            shard_count: 1,
+            created_unix_ns: 42,
+        }
+        .encode();
+        header[64] ^= 1;
+        assert!(
+            matches!(ShardHeader::decode(&header, "s"), Err(Error::Corrupt(m)) if m.contains("checksum"))
+        );
+        let mut record = RecordHeader {
+            kind: RecordKind::Data,
+            codec: CodecId::None,
+            flags: 0,
+            seq: 1,
+            entry_id: 0,
+            file_offset: 0,
+            raw_len: 1,
+            stored_len: 1,
+            pad: 0,
+            digest: [0; 32],
+        }
+        .encode();
+        record[95] ^= 0x80;
+        assert!(
+            matches!(RecordHeader::decode(&record, "r"), Err(Error::Corrupt(m)) if m.contains("checksum"))
+        );
+        let mut footer = Footer {
+            archive_id: [1; 16],
+            shard_index: 0,
+            shard_count: 1,
+            index: None,
+            index_digest: [2; 32],
+            data_end: 5000,
+            record_count: 0,
+        }
+        .encode();
+        footer[112] ^= 1;
+        assert!(
+            matches!(Footer::decode(&footer, 5128, "s"), Err(Error::Corrupt(m)) if m.contains("checksum"))
+        );
     }
 
     #[test]

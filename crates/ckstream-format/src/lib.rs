@@ -11,6 +11,7 @@
 //! traits (writes, positional reads), so it can be fuzzed and reused; files,
 //! pipes and object stores live in `ckstream-store`.
 
+pub mod budget;
 pub mod codec;
 pub mod error;
 pub mod index;

@@ -12,8 +12,8 @@ use std::io::{self, Read};
 
 use crate::error::{Error, Result};
 use crate::layout::{
-    Footer, RecordHeader, ShardHeader, FOOTER_LEN, FOOTER_MAGIC, HEADER_LEN, RECORD_HEADER_LEN,
-    RECORD_MAGIC,
+    Footer, RecordHeader, RecordKind, ShardHeader, FOOTER_LEN, FOOTER_MAGIC, HEADER_LEN,
+    MAX_INDEX_RAW, RECORD_HEADER_LEN, RECORD_MAGIC,
 };
 use crate::reader::ShardSource;
 
@@ -38,6 +38,8 @@ pub struct RecordScanner<R: Read> {
     footer: Option<Footer>,
     records: u64,
     what: String,
+    /// Largest Index record accepted (see [`RecordScanner::limit_index`]).
+    index_limit: u64,
 }
 
 /// Reads until `buf` is full or the input ends; returns how much it got. A short count is
@@ -53,6 +55,28 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// First allocation for a payload; it grows (doubling) only as bytes actually arrive.
+const FIRST_READ: usize = 1 << 20;
+
+/// Reads up to `len` bytes, until the input ends. The buffer grows as bytes arrive, never
+/// past twice what came (nor past `len`): a header that claims more than the input holds
+/// cannot make the reader allocate what it claims.
+pub(crate) fn read_growing<R: Read>(r: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    while buf.len() < len {
+        let start = buf.len();
+        let want = (len - start).min(start.max(FIRST_READ));
+        buf.reserve_exact(want);
+        buf.resize(start + want, 0);
+        let n = read_full(r, &mut buf[start..])?;
+        buf.truncate(start + n);
+        if n < want {
+            break;
+        }
+    }
+    Ok(buf)
 }
 
 impl<R: Read> RecordScanner<R> {
@@ -77,7 +101,15 @@ impl<R: Read> RecordScanner<R> {
             footer: None,
             records: 0,
             what,
+            index_limit: MAX_INDEX_RAW,
         })
+    }
+
+    /// Refuses Index records whose payload is longer than `stored_len`: a verifier that
+    /// knows from the footer how long the index is (and that shards other than 0 hold
+    /// none) never reads a larger one, whatever a record header claims.
+    pub fn limit_index(&mut self, stored_len: u64) {
+        self.index_limit = stored_len;
     }
 
     /// The shard's header (checked).
@@ -158,6 +190,12 @@ impl<R: Read> RecordScanner<R> {
             return Err(Error::Corrupt(format!("{at}: garbage instead of a record")));
         }
         let header = RecordHeader::decode(&hb, &at)?;
+        if header.kind == RecordKind::Index && u64::from(header.stored_len) > self.index_limit {
+            return Err(Error::Corrupt(format!(
+                "{at}: index record of {} bytes, the index is {}",
+                header.stored_len, self.index_limit
+            )));
+        }
         let mut pad = vec![0u8; header.pad as usize];
         let short = |got: usize, want: usize, this: &Self| {
             if got < want {
@@ -175,10 +213,9 @@ impl<R: Read> RecordScanner<R> {
         if pad.iter().any(|&b| b != 0) {
             return Err(Error::Corrupt(format!("{at}: non-zero padding")));
         }
-        let mut stored = vec![0u8; header.stored_len as usize];
-        let got = read_full(&mut self.r, &mut stored)
+        let stored = read_growing(&mut self.r, header.stored_len as usize)
             .map_err(|e| Error::io(format!("reading {at}"), e))?;
-        short(got, stored.len(), self)?;
+        short(stored.len(), header.stored_len as usize, self)?;
         let payload_offset = self.pos + RECORD_HEADER_LEN as u64 + header.pad as u64;
         self.pos = payload_offset + header.stored_len as u64;
         self.records += 1;
@@ -209,6 +246,11 @@ impl<'a> SourceReader<'a> {
             pos: 0,
         })
     }
+
+    /// The source's length when the reader was made: where reading ends.
+    pub fn source_len(&self) -> u64 {
+        self.len
+    }
 }
 
 impl Read for SourceReader<'_> {
@@ -227,7 +269,6 @@ impl Read for SourceReader<'_> {
 mod tests {
     use super::*;
     use crate::index::EntryKind;
-    use crate::layout::RecordKind;
     use crate::reader::tests::entry;
     use crate::testutil::{append_index, craft, index_location, read_index};
 
@@ -335,6 +376,69 @@ mod tests {
         let err = scan_all(&miscounted).1.unwrap_err();
         assert!(
             matches!(&err, Error::Corrupt(m) if m.contains("footer counts 99 records, found 6")),
+            "{err}"
+        );
+    }
+
+    /// A `Read` that remembers the largest buffer it was asked to fill.
+    struct Probe<'a> {
+        bytes: &'a [u8],
+        largest: usize,
+    }
+
+    impl Read for Probe<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.largest = self.largest.max(buf.len());
+            self.bytes.read(buf)
+        }
+    }
+
+    #[test]
+    fn a_record_claiming_more_than_the_input_holds_allocates_what_arrives() {
+        let bytes = crafted();
+        let first_data = read_index(&bytes).chunks[0].offset as usize;
+        let at = first_data - RECORD_HEADER_LEN;
+        let mut h = RecordHeader::decode(&bytes[at..first_data], "h").unwrap();
+        h.raw_len = 60 << 20;
+        h.stored_len = 60 << 20;
+        let mut cut = bytes[..at].to_vec();
+        cut.extend_from_slice(&h.encode());
+        cut.extend_from_slice(&[7; 100]);
+        let mut probe = Probe {
+            bytes: &cut,
+            largest: 0,
+        };
+        let mut scanner = RecordScanner::new(&mut probe, "cut").unwrap();
+        let err = loop {
+            match scanner.next_record() {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("no footer here"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, Error::Incomplete(_)), "{err}");
+        drop(scanner);
+        assert!(
+            probe.largest <= FIRST_READ,
+            "asked for {} bytes",
+            probe.largest
+        );
+    }
+
+    #[test]
+    fn an_index_record_longer_than_the_index_is_refused() {
+        let bytes = crafted();
+        let stored = index_location(&bytes).stored_len;
+        let scan = |limit: u64| {
+            let mut scanner = RecordScanner::new(&bytes[..], "crafted").unwrap();
+            scanner.limit_index(limit);
+            while scanner.next_record()?.is_some() {}
+            Ok::<_, Error>(())
+        };
+        scan(stored).unwrap();
+        let err = scan(stored - 1).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("index record of")),
             "{err}"
         );
     }

@@ -19,6 +19,7 @@ use std::thread::ScopedJoinHandle;
 use crossbeam_channel::Sender;
 use prost::Message;
 
+use crate::budget::{chunk_cost, Budget, Lease, CHUNK_MEMORY};
 use crate::codec::{self, CodecId};
 use crate::error::{Error, Result};
 use crate::index::{entry_flags, Chunk, Entry, EntryKind};
@@ -53,6 +54,8 @@ struct Payload<'a> {
     stored: Vec<u8>,
     /// The record header's digest: of the whole frame, for a shared frame.
     frame_digest: [u8; 32],
+    /// Its share of [`CHUNK_MEMORY`], given back once it is checked.
+    _lease: Lease<'a>,
 }
 
 impl ArchiveReader {
@@ -64,6 +67,9 @@ impl ArchiveReader {
     /// # Errors
     /// The first problem found.
     pub fn verify(&self, threads: usize, progress: &crate::Progress) -> Result<VerifyReport> {
+        // Payloads queued and being checked hold at most this much (with one larger
+        // payload alone), however many threads check them and whatever records claim.
+        let budget = Budget::new(CHUNK_MEMORY);
         let mut expected = self.expected_records()?;
         let mut report = VerifyReport::default();
         let threads = threads.max(1);
@@ -72,7 +78,11 @@ impl ArchiveReader {
             let checkers: Vec<_> = (0..threads)
                 .map(|_| {
                     let rx = rx.clone();
+                    let budget = &budget;
                     scope.spawn(move || -> Result<()> {
+                        // However a checker stops, the scan must not wait for the leases
+                        // that payloads still queued for it hold.
+                        let _close = budget.close_on_drop();
                         for payload in rx {
                             let stored_len = payload.stored.len() as u64;
                             self.check_payload(payload)?;
@@ -83,7 +93,7 @@ impl ArchiveReader {
                 })
                 .collect();
             drop(rx);
-            let scanned = self.scan_shards(&mut expected, &mut report, &tx);
+            let scanned = self.scan_shards(&mut expected, &mut report, &budget, &tx);
             // Lets the checkers finish what is queued and stop.
             drop(tx);
             first_error(scanned, checkers)
@@ -117,22 +127,26 @@ impl ArchiveReader {
     }
 
     /// Scans every shard in order and checks each record against the index, sending Data
-    /// payloads to the checkers. Returns early, without error, when the checkers have all
-    /// stopped (they failed; their error is collected by the caller).
+    /// payloads to the checkers, each with its lease of `budget`. Returns early, without
+    /// error, when a checker has stopped (it failed and closed the budget; its error is
+    /// collected by the caller).
     fn scan_shards<'a>(
         &'a self,
         expected: &mut Expected<'a>,
         report: &mut VerifyReport,
+        budget: &'a Budget,
         checkers: &Sender<Payload<'a>>,
     ) -> Result<()> {
+        let index_len = self.footer().index.expect("validated").stored_len;
         for si in 0..self.shard_count() {
             let src = self.shard(si);
             src.expect_sequential();
             let reader = SourceReader::new(src).map_err(|e| Error::io("shard size", e))?;
-            let mut scanner = RecordScanner::new(
-                io::BufReader::with_capacity(1 << 20, reader),
-                src.describe(),
-            )?;
+            let buffer = (1 << 20).min(reader.source_len()).max(1) as usize;
+            let mut scanner =
+                RecordScanner::new(io::BufReader::with_capacity(buffer, reader), src.describe())?;
+            // The index lies in shard 0 only.
+            scanner.limit_index(if si == 0 { index_len } else { 0 });
             while let Some(rec) = scanner.next_record()? {
                 report.records += 1;
                 let at = || format!("{} record at offset {}", src.describe(), rec.payload_offset);
@@ -143,10 +157,16 @@ impl ArchiveReader {
                         report.chunks += group.len() as u64;
                         report.raw_bytes += h.raw_len as u64;
                         report.stored_bytes += h.stored_len as u64;
+                        // The record agrees with its chunks: their cost is what checking
+                        // it takes (stored bytes, and the decoded ones if they are a copy).
+                        let Some(lease) = budget.take(chunk_cost(group[0].1)) else {
+                            return Ok(());
+                        };
                         let payload = Payload {
                             group,
                             frame_digest: h.digest,
                             stored: rec.stored,
+                            _lease: lease,
                         };
                         if checkers.send(payload).is_err() {
                             return Ok(());
@@ -167,6 +187,7 @@ impl ArchiveReader {
             group,
             stored,
             frame_digest,
+            _lease,
         } = payload;
         if group.len() == 1 && !group[0].1.in_shared_frame() {
             let (ei, c) = group[0];

@@ -460,3 +460,49 @@ fn end_entry_accepts_only_a_streamed_entry_waiting_for_its_size() {
     let err = w.end_entry(streamed, 0).unwrap_err();
     assert!(matches!(err, Error::Usage(_)), "ended twice: {err}");
 }
+
+/// The fuzzing bypass of the digest checks must never be in a normal build: a chunk's
+/// digest and the index's digest in the footer are compared.
+#[test]
+fn digests_are_enforced() {
+    let digest = *blake3::hash(b"data").as_bytes();
+    assert!(crate::reader::verify_digest(b"data", &digest, String::new).is_ok());
+    assert!(matches!(
+        crate::reader::verify_digest(b"date", &digest, String::new),
+        Err(Error::DigestMismatch { .. })
+    ));
+    let bytes = crate::testutil::craft(vec![(entry("a", EntryKind::File, 0), Some(b"x".to_vec()))]);
+    let mut footer = crate::testutil::crafted_footer(&bytes);
+    footer.index_digest[31] ^= 1;
+    let mut damaged = bytes.clone();
+    let at = damaged.len() - FOOTER_LEN;
+    damaged[at..].copy_from_slice(&footer.encode());
+    let err = open_err(&[damaged]);
+    assert!(
+        matches!(&err, Error::DigestMismatch { what } if what.contains("index")),
+        "{err}"
+    );
+}
+
+/// A footer may claim an index of up to 1 GiB; the reader allocates what the index
+/// decompresses to, not what the footer claims, and refuses the difference.
+#[test]
+fn an_index_shorter_than_the_footer_claims_is_refused() {
+    let bytes = crate::testutil::craft(vec![(entry("a", EntryKind::File, 0), Some(b"x".to_vec()))]);
+    let mut footer = crate::testutil::crafted_footer(&bytes);
+    let loc = footer.index.as_mut().unwrap();
+    loc.raw_len = crate::layout::MAX_INDEX_RAW;
+    let mut claimed = bytes.clone();
+    let at = claimed.len() - FOOTER_LEN;
+    claimed[at..].copy_from_slice(&footer.encode());
+    let err = open_err(&[claimed]);
+    assert!(
+        matches!(&err, Error::DigestMismatch { what } if what.contains("index")),
+        "{err}"
+    );
+    let raw = prost::Message::encode_to_vec(&crate::testutil::read_index(&bytes));
+    let decoded =
+        super::decompress_index(&zstd::bulk::compress(&raw, 1).unwrap(), 1 << 30).unwrap();
+    assert_eq!(decoded, raw);
+    assert!(decoded.capacity() <= 1 << 20, "{}", decoded.capacity());
+}

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use ckstream_format::budget::{chunk_cost, Budget, CHUNK_MEMORY};
 use ckstream_format::reader::verify_digest;
 use ckstream_format::{codec, ArchiveReader, Chunk, EntryKind, Error, Result};
 
@@ -113,6 +114,9 @@ pub struct DataOptions {
 struct Shared {
     reader: Arc<ArchiveReader>,
     cache: ChunkCache<Key>,
+    /// Chunks being fetched and decoded (by FUSE threads and workers together) hold at
+    /// most this much besides the cache, whatever sizes an archive claims.
+    in_flight: Budget,
     fetches: AtomicU64,
     fetched_bytes: AtomicU64,
     read_errors: AtomicU64,
@@ -142,6 +146,8 @@ impl Shared {
         let entry = &index.entries[ei];
         if !c.in_shared_frame() {
             return self.cache.get_or_fetch(Key::Chunk(ci), || {
+                // Never closed: always a lease.
+                let _lease = self.in_flight.take(chunk_cost(c));
                 let stored = self.reader.read_stored(c)?;
                 self.fetches.fetch_add(1, Ordering::Relaxed);
                 self.fetched_bytes
@@ -154,6 +160,7 @@ impl Shared {
         let what = || format!("{:?} at offset {}", entry.path_lossy(), c.file_offset);
         self.cache.get_or_fetch(Key::Chunk(ci), || {
             let frame = self.cache.get_or_fetch(Key::Frame(c.shard, c.offset), || {
+                let _lease = self.in_flight.take(chunk_cost(c));
                 let stored = self.reader.read_stored(c)?;
                 self.fetches.fetch_add(1, Ordering::Relaxed);
                 self.fetched_bytes
@@ -234,6 +241,7 @@ impl DataPlane {
         let shared = Arc::new(Shared {
             reader,
             cache: ChunkCache::new(opts.cache_bytes),
+            in_flight: Budget::new(CHUNK_MEMORY),
             fetches: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
             read_errors: AtomicU64::new(0),

@@ -14,6 +14,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ckstream_format::budget::{chunk_cost, Budget, CHUNK_MEMORY};
 use ckstream_format::index::parent_path;
 use ckstream_format::reader::decode_chunk;
 use ckstream_format::{Chunk, CodecId, Entry, Error, Result};
@@ -117,11 +118,19 @@ impl<'a> Unpacker<'a> {
         let groups = frame_groups(&self.batch.jobs);
         let next = AtomicU64::new(0);
         let threads = self.opts.threads.max(1).min(groups.len().max(1));
+        // The chunks being restored hold at most this much memory together (with one
+        // larger chunk alone), whatever their sizes and the number of threads.
+        let budget = Budget::new(CHUNK_MEMORY);
         std::thread::scope(|s| -> Result<()> {
             let work = || -> Result<()> {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some(group) = groups.get(i) else {
+                        return Ok(());
+                    };
+                    let cost = chunk_cost(self.batch.jobs[group[0]].chunk);
+                    let Some(_lease) = budget.take(cost) else {
+                        // Another worker failed and closed the budget.
                         return Ok(());
                     };
                     let restored = if self.opts.stop.requested() {
@@ -130,8 +139,10 @@ impl<'a> Unpacker<'a> {
                         self.restore_group(group)
                     };
                     if restored.is_err() {
-                        // Past the end of `groups`: every worker stops at its next fetch.
+                        // Past the end of `groups`: every worker stops at its next fetch,
+                        // or at once if it waits for memory.
                         next.store(u64::MAX / 2, Ordering::Relaxed);
+                        budget.close();
                         return restored;
                     }
                 }
@@ -243,22 +254,90 @@ impl<'a> Unpacker<'a> {
     }
 }
 
+/// What chunks must agree on to be cut from one decoded frame: where it is, how long it
+/// is stored and decoded, and its codec.
+type FrameKey = (u32, u64, u32, u32, u32);
+
 /// The batch's jobs (indices into `jobs`) in groups restored as one: small files that
 /// share one compressed frame together, so the frame is read and decoded once; every
-/// other chunk alone.
+/// other chunk alone. Chunks at one place that disagree about the frame (a damaged or
+/// crafted index) are not grouped: the frame is decoded to the first chunk's
+/// `frame_raw_len`, and every chunk of the group is cut from it.
 fn frame_groups(jobs: &[ChunkJob]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::with_capacity(jobs.len());
-    let mut frame_group: HashMap<(u32, u64), usize> = HashMap::new();
+    let mut frame_group: HashMap<FrameKey, usize> = HashMap::new();
     for (i, job) in jobs.iter().enumerate() {
         let c = job.chunk;
         if c.in_shared_frame() {
-            if let Some(&g) = frame_group.get(&(c.shard, c.offset)) {
+            let key = (c.shard, c.offset, c.stored_len, c.frame_raw_len, c.codec);
+            if let Some(&g) = frame_group.get(&key) {
                 groups[g].push(i);
                 continue;
             }
-            frame_group.insert((c.shard, c.offset), groups.len());
+            frame_group.insert(key, groups.len());
         }
         groups.push(vec![i]);
     }
     groups
+}
+
+#[cfg(test)]
+mod tests {
+    use ckstream_format::testutil::{craft, open_in_memory, read_index, rewrite_index};
+    use ckstream_format::{CodecId, Entry, EntryKind, Error};
+
+    use crate::unpack::{unpack, UnpackOptions, UnpackStats};
+
+    fn file(path: &str) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::File as i32,
+            mode: 0o644,
+            ..Default::default()
+        }
+    }
+
+    /// Two files whose index chunks point at one zstd frame but disagree about its
+    /// decoded length: the second one's part lies past the end of the frame as the first
+    /// one describes it. Restoring them as one group cut past the frame (a panic); now
+    /// each is decoded on its own and the second one fails its length check.
+    #[test]
+    fn chunks_that_disagree_about_a_shared_frame_are_refused_without_a_panic() {
+        let frame = zstd::bulk::compress(b"hello world", 1).unwrap();
+        let mut bytes = craft(vec![
+            (file("a"), Some(frame.clone())),
+            (
+                Entry {
+                    size: 8,
+                    ..file("b")
+                },
+                None,
+            ),
+        ]);
+        let mut index = read_index(&bytes);
+        let mut a = index.chunks[0].clone();
+        a.codec = CodecId::Zstd as u32;
+        a.frame_raw_len = 11;
+        a.raw_len = 5;
+        a.digest = blake3::hash(b"hello").as_bytes().to_vec();
+        index.entries[0].size = 5;
+        let b = ckstream_format::Chunk {
+            frame_raw_len: 20,
+            frame_offset: 12,
+            raw_len: 8,
+            ..a.clone()
+        };
+        index.chunks = vec![a, b];
+        index.entries[1].first_chunk = 1;
+        index.entries[1].chunk_count = 1;
+        rewrite_index(&mut bytes, &index);
+        let reader = open_in_memory(&[bytes]).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let opts = UnpackOptions {
+            threads: 1,
+            ..Default::default()
+        };
+        let err = unpack(&reader, dest.path(), &[], &opts, &UnpackStats::default()).unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err}");
+    }
 }

@@ -72,13 +72,46 @@ fn endpoint(profile: &HashMap<String, String>) -> Option<String> {
         .or_else(|| profile.get("endpoint_url").cloned())
 }
 
+/// True for a plain-HTTP endpoint on this machine: `localhost`, or a host that parses as
+/// a loopback IP address (`127.0.0.0/8`, `[::1]`, `[::ffff:127.x.y.z]`), with an optional
+/// port. Anything else, `http://127.evil.example` included, must use HTTPS.
 fn is_loopback_http(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Some(scheme) = url.get(..7).filter(|s| s.eq_ignore_ascii_case("http://")) else {
         return false;
     };
-    let host = rest.split('/').next().unwrap_or("");
-    let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-    host == "localhost" || host == "[::1]" || host.starts_with("127.")
+    let rest = &url[scheme.len()..];
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    // user:password@host: the host is after the last '@'.
+    let host_port = authority.rsplit('@').next().unwrap_or("");
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, port)) => (addr, port),
+            None => return false,
+        },
+        // The port keeps its ':' (as after an IPv6 address's ']').
+        None => match host_port.find(':') {
+            Some(colon) => host_port.split_at(colon),
+            None => (host_port, ""),
+        },
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_ok());
+    if !port_ok {
+        return false;
+    }
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let is_v6 = host_port.starts_with('[');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => !is_v6 && ip.is_loopback(),
+        Ok(std::net::IpAddr::V6(ip)) => {
+            is_v6 && (ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+        }
+        Err(_) => false,
+    }
 }
 
 /// A client for `bucket`, configured from the environment and the AWS config files.
@@ -162,9 +195,42 @@ mod tests {
 
     #[test]
     fn only_loopback_endpoints_may_use_plain_http() {
-        assert!(is_loopback_http("http://127.0.0.1:8333"));
-        assert!(is_loopback_http("http://localhost:9000/"));
-        assert!(!is_loopback_http("https://127.0.0.1:8333"));
-        assert!(!is_loopback_http("http://s3.example.com"));
+        for url in [
+            "http://127.0.0.1:8333",
+            "http://127.0.0.1",
+            "http://127.1.2.3:9000/bucket",
+            "http://localhost:9000/",
+            "http://LOCALHOST",
+            "HTTP://127.0.0.1:8333",
+            "http://[::1]",
+            "http://[::1]:8333/",
+            "http://[::ffff:127.0.0.1]:8333",
+            "http://user:secret@127.0.0.1:8333",
+        ] {
+            assert!(is_loopback_http(url), "{url}");
+        }
+        for url in [
+            "https://127.0.0.1:8333",
+            "http://s3.example.com",
+            "http://127.evil.example",
+            "http://127.evil.example:8333",
+            "http://127.0.0.1.evil.example",
+            "http://localhost.evil.example",
+            "http://127.0.0.1@evil.example",
+            "http://[::1].evil.example",
+            "http://[::1",
+            "http://[::2]:8333",
+            "http://10.0.0.1:8333",
+            "http://127.0.0.1:port",
+            "http://127.0.0.1:",
+            "http://127.0.0.1:99999",
+            "http://[127.0.0.1]",
+            "http://::1",
+            "http://0x7f.0.0.1",
+            "http://2130706433",
+            "http://",
+        ] {
+            assert!(!is_loopback_http(url), "{url}");
+        }
     }
 }
