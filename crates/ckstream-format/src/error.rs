@@ -64,6 +64,10 @@ pub enum Error {
     /// An entry that could write outside the target or is otherwise unsafe.
     #[error("unsafe entry rejected: {0}")]
     UnsafeEntry(String),
+    /// The archive is not signed by a key the reader trusts, or its signature does not
+    /// verify.
+    #[error("untrusted archive: {0}")]
+    Untrusted(String),
     /// A caller mistake (bad option, entry added twice, and so on).
     #[error("{0}")]
     Usage(String),
@@ -120,6 +124,7 @@ impl Error {
             Error::Corrupt(m) => Error::Corrupt(m.clone()),
             Error::DigestMismatch { what } => Error::DigestMismatch { what: what.clone() },
             Error::UnsafeEntry(m) => Error::UnsafeEntry(m.clone()),
+            Error::Untrusted(m) => Error::Untrusted(m.clone()),
             Error::Usage(m) => Error::Usage(m.clone()),
         }
     }
@@ -135,6 +140,7 @@ impl Error {
                 | Error::DigestMismatch { .. }
                 | Error::UnsafeEntry(_)
                 | Error::Unsupported(_)
+                | Error::Untrusted(_)
         )
     }
 }

@@ -178,6 +178,10 @@ pub struct Chunk {
     /// With `frame_raw_len`: where this chunk starts inside the decoded frame.
     #[prost(uint32, tag = "10")]
     pub frame_offset: u32,
+    /// In a sealed archive: the sequence number of the record holding the payload, whose
+    /// nonce and associated data it was sealed with (0, and absent, otherwise).
+    #[prost(uint64, tag = "11")]
+    pub seq: u64,
 }
 
 impl Chunk {
@@ -412,6 +416,20 @@ impl Index {
     /// [`Error::Corrupt`] for inconsistent chunk tables or a hot list naming no entry;
     /// [`Error::Unsupported`] for references to parent archives.
     pub fn validate(&self, shard_count: u32) -> Result<HashMap<Vec<u8>, usize>> {
+        self.validate_for(shard_count, false)
+    }
+
+    /// [`validate`](Self::validate) for an archive that is `sealed` (every stored payload
+    /// then carries an AEAD tag of [`crate::crypto::TAG_LEN`] bytes).
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate).
+    pub fn validate_for(&self, shard_count: u32, sealed: bool) -> Result<HashMap<Vec<u8>, usize>> {
+        let tag = if sealed {
+            crate::crypto::TAG_LEN as u64
+        } else {
+            0
+        };
         let mut by_path: HashMap<Vec<u8>, usize> = HashMap::with_capacity(self.entries.len());
         let nchunks = self.chunks.len() as u64;
         for (i, e) in self.entries.iter().enumerate() {
@@ -522,13 +540,13 @@ impl Index {
                     )));
                 }
                 let decoded = c.decoded_len() as u64;
-                if codec == CodecId::None && c.stored_len as u64 != decoded {
+                if codec == CodecId::None && c.stored_len as u64 != decoded + tag {
                     return Err(Error::Corrupt(format!(
                         "{name:?}: raw chunk with stored length {}",
                         c.stored_len
                     )));
                 }
-                if c.stored_len as u64 > decoded + decoded / 8 + 4096 {
+                if c.stored_len as u64 > decoded + decoded / 8 + 4096 + tag {
                     return Err(Error::Corrupt(format!(
                         "{name:?}: stored chunk length out of range"
                     )));

@@ -31,6 +31,10 @@ pub const MAX_SHARDS: u32 = 4096;
 pub const MAX_CHUNK_RAW: u32 = 64 << 20;
 /// Largest inline metadata record (entry records) a reader accepts.
 pub const MAX_META_RECORD: u32 = 16 << 20;
+
+/// Most bytes shard 0 may hold between its index and its footer: a Keys and a Signature
+/// record.
+pub const MAX_TRAILER: u64 = 2 * (RECORD_HEADER_LEN as u64 + MAX_META_RECORD as u64);
 /// Largest decoded index a reader accepts.
 pub const MAX_INDEX_RAW: u64 = 1 << 30;
 
@@ -46,8 +50,12 @@ pub mod required {
     /// new archive never overwrites an older one's shards; a reader that does not know
     /// this would look for them under the old names (`NAME.i`).
     pub const ID_NAMED_SHARDS: u64 = 1 << 0;
+    /// Every record payload and the index are sealed (AES-256-GCM) under an archive key
+    /// that shard 0's Keys record wraps for each recipient; nothing can be read without
+    /// one of their secret keys.
+    pub const SEALED: u64 = 1 << 1;
     /// Mask of every required feature this version understands.
-    pub const KNOWN: u64 = ID_NAMED_SHARDS;
+    pub const KNOWN: u64 = ID_NAMED_SHARDS | SEALED;
 }
 
 /// Optional feature bits. Readers may ignore them.
@@ -57,6 +65,8 @@ pub mod optional {
     /// Uncompressed payloads of at least one alignment unit are placed at
     /// `shard_offset ≡ file_offset (mod alignment)`.
     pub const ALIGNED_RAW: u64 = 1 << 1;
+    /// Shard 0 ends with a Signature record (readers that trust no key ignore it).
+    pub const SIGNED: u64 = 1 << 2;
 }
 
 fn check(bytes: &[u8]) -> [u8; 8] {
@@ -211,8 +221,13 @@ pub enum RecordKind {
     /// End of a streamed entry whose size was unknown when its `Entry` record was written;
     /// `file_offset` holds the final size.
     EntryEnd = 3,
-    /// The index (zstd-compressed prost `Index`), only in shard 0, just before the footer.
+    /// The index (zstd-compressed prost `Index`), only in shard 0, after all data.
     Index = 4,
+    /// How the archive key is wrapped for each recipient (sealed archives; shard 0,
+    /// after the Index record).
+    Keys = 5,
+    /// The archive's signature (signed archives; shard 0, last before the footer).
+    Signature = 6,
 }
 
 impl RecordKind {
@@ -222,6 +237,8 @@ impl RecordKind {
             2 => RecordKind::Data,
             3 => RecordKind::EntryEnd,
             4 => RecordKind::Index,
+            5 => RecordKind::Keys,
+            6 => RecordKind::Signature,
             _ => return None,
         })
     }
@@ -313,7 +330,9 @@ impl RecordHeader {
         };
         let limit = match kind {
             RecordKind::Data => MAX_CHUNK_RAW,
-            RecordKind::Entry | RecordKind::EntryEnd => MAX_META_RECORD,
+            RecordKind::Entry | RecordKind::EntryEnd | RecordKind::Keys | RecordKind::Signature => {
+                MAX_META_RECORD
+            }
             // The footer bounds the decoded index at MAX_INDEX_RAW; a record header must
             // not let a scanner allocate more than that either.
             RecordKind::Index => MAX_INDEX_RAW as u32,
@@ -358,7 +377,8 @@ pub struct Footer {
     pub index: Option<IndexLocation>,
     /// BLAKE3 of the decoded index, identical in every shard of one archive.
     pub index_digest: [u8; 32],
-    /// Offset where the footer starts (= length of header + data region + index record).
+    /// Offset where the footer starts (= length of header + data region + index record
+    /// + in shard 0 of a sealed or signed archive, its Keys and Signature records).
     pub data_end: u64,
     /// Number of records in this shard.
     pub record_count: u64,
@@ -434,8 +454,11 @@ impl Footer {
             )));
         }
         if let Some(loc) = f.index {
+            // Between the index and the footer: nothing, or the Keys and Signature
+            // records of a sealed or signed archive (checked by the reader).
             let end = loc.offset.checked_add(loc.stored_len);
-            if loc.offset < HEADER_LEN as u64 || end != Some(f.data_end) {
+            let trailer = end.and_then(|end| f.data_end.checked_sub(end));
+            if loc.offset < HEADER_LEN as u64 || trailer.is_none_or(|t| t > MAX_TRAILER) {
                 return Err(Error::Corrupt(format!(
                     "{what}: index location is out of bounds"
                 )));

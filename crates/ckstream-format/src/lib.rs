@@ -13,6 +13,7 @@
 
 pub mod budget;
 pub mod codec;
+pub mod crypto;
 pub mod error;
 pub mod index;
 pub mod layout;
@@ -25,6 +26,7 @@ mod verify;
 pub mod writer;
 
 pub use codec::{CodecId, Compression, CompressionArg};
+pub use crypto::{ArchiveKey, PublicKey, SecretKey};
 pub use error::{Error, Result};
 pub use index::{Chunk, Entry, EntryKind, Index, Xattr};
 pub use progress::{Progress, Stop};

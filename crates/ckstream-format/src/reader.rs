@@ -19,9 +19,13 @@ use std::sync::{Arc, OnceLock};
 use prost::Message;
 
 use crate::codec::{self, CodecId};
+use crate::crypto::{self, ArchiveKey, Keyring, SignatureStatus, INDEX_SEQ};
 use crate::error::{Error, Result};
 use crate::index::{Chunk, Entry, Index};
-use crate::layout::{Footer, ShardHeader, FOOTER_LEN, HEADER_LEN, RECORD_HEADER_LEN};
+use crate::layout::{
+    required, Footer, RecordHeader, RecordKind, ShardHeader, FOOTER_LEN, HEADER_LEN, MAX_TRAILER,
+    RECORD_HEADER_LEN,
+};
 
 pub use crate::scanner::{RecordScanner, ScannedRecord, SourceReader};
 pub use crate::verify::VerifyReport;
@@ -305,6 +309,70 @@ pub struct ArchiveReader {
     index: Index,
     by_path: HashMap<Vec<u8>, usize>,
     shards: Vec<OpenShard>,
+    /// The archive key of a sealed archive.
+    key: Option<Arc<ArchiveKey>>,
+    signature: SignatureStatus,
+}
+
+/// The records shard 0 holds between its index and its footer.
+#[derive(Default)]
+struct Trailer {
+    keys: Option<Vec<u8>>,
+    signature: Option<Vec<u8>>,
+}
+
+/// Reads the Keys and Signature records between the index and the footer (each at most
+/// once, in that order, intact); `tail` holds the shard's bytes from `tail_start`.
+fn read_trailer(
+    src: &dyn ShardSource,
+    tail: &[u8],
+    tail_start: u64,
+    start: u64,
+    end: u64,
+) -> Result<Trailer> {
+    let name = src.describe();
+    if start > end || end - start > MAX_TRAILER {
+        return Err(Error::Corrupt(format!(
+            "{name}: {} bytes between the index and the footer",
+            end as i128 - start as i128
+        )));
+    }
+    let bytes = if start >= tail_start {
+        tail[(start - tail_start) as usize..(end - tail_start) as usize].to_vec()
+    } else {
+        let mut b = vec![0u8; (end - start) as usize];
+        read_at(src, start, &mut b, "records after the index")?;
+        b
+    };
+    let mut trailer = Trailer::default();
+    let mut rest = bytes.as_slice();
+    let mut at = start;
+    while !rest.is_empty() {
+        let what = format!("{name}: record at offset {at} after the index");
+        if rest.len() < RECORD_HEADER_LEN {
+            return Err(Error::Corrupt(format!("{what} is cut short")));
+        }
+        let h = RecordHeader::decode(&rest[..RECORD_HEADER_LEN], &what)?;
+        let len = RECORD_HEADER_LEN + h.pad as usize + h.stored_len as usize;
+        if rest.len() < len || h.pad != 0 || h.codec != CodecId::None {
+            return Err(Error::Corrupt(format!("{what} is malformed")));
+        }
+        let payload = rest[RECORD_HEADER_LEN..len].to_vec();
+        if !digest_matches(&payload, &h.digest) {
+            return Err(Error::DigestMismatch { what });
+        }
+        let slot = match h.kind {
+            RecordKind::Keys if trailer.signature.is_none() => &mut trailer.keys,
+            RecordKind::Signature => &mut trailer.signature,
+            _ => return Err(Error::Corrupt(format!("{what}: unexpected {:?}", h.kind))),
+        };
+        if slot.replace(payload).is_some() {
+            return Err(Error::Corrupt(format!("{what}: {:?} twice", h.kind)));
+        }
+        rest = &rest[len..];
+        at += len as u64;
+    }
+    Ok(trailer)
 }
 
 fn read_at(src: &dyn ShardSource, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
@@ -346,9 +414,24 @@ impl ArchiveReader {
     /// of `open_shard` (for example a missing shard file, named in the message).
     pub fn open(
         shard0: Box<dyn ShardSource>,
-        mut open_shard: impl FnMut(&ShardHeader, u32) -> Result<Box<dyn ShardSource>>,
+        open_shard: impl FnMut(&ShardHeader, u32) -> Result<Box<dyn ShardSource>>,
     ) -> Result<Self> {
-        Self::open_with(shard0, OtherShards::Now(&mut open_shard))
+        Self::open_keyed(shard0, open_shard, &Keyring::default())
+    }
+
+    /// [`open`](Self::open) with keys: `keys.secrets` to open a sealed archive, and
+    /// `keys.trusted`, when not empty, the signers to require.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open); [`Error::Usage`] for a sealed archive none of the keys
+    /// opens; [`Error::Untrusted`] for an archive not signed by a trusted key;
+    /// [`Error::DigestMismatch`] for a sealed index that does not authenticate.
+    pub fn open_keyed(
+        shard0: Box<dyn ShardSource>,
+        mut open_shard: impl FnMut(&ShardHeader, u32) -> Result<Box<dyn ShardSource>>,
+        keys: &Keyring,
+    ) -> Result<Self> {
+        Self::open_with(shard0, OtherShards::Now(&mut open_shard), keys)
     }
 
     /// Like [`open`](Self::open), but shards 1.. are opened and checked (header, footer,
@@ -362,10 +445,26 @@ impl ArchiveReader {
         shard0: Box<dyn ShardSource>,
         open_shard: Arc<ShardOpener>,
     ) -> Result<Self> {
-        Self::open_with(shard0, OtherShards::OnFirstUse(open_shard))
+        Self::open_deferred_keyed(shard0, open_shard, &Keyring::default())
     }
 
-    fn open_with(s0: Box<dyn ShardSource>, open_other_shards: OtherShards<'_>) -> Result<Self> {
+    /// [`open_deferred`](Self::open_deferred) with keys, as [`open_keyed`](Self::open_keyed).
+    ///
+    /// # Errors
+    /// As [`open_keyed`](Self::open_keyed), for shard 0.
+    pub fn open_deferred_keyed(
+        shard0: Box<dyn ShardSource>,
+        open_shard: Arc<ShardOpener>,
+        keys: &Keyring,
+    ) -> Result<Self> {
+        Self::open_with(shard0, OtherShards::OnFirstUse(open_shard), keys)
+    }
+
+    fn open_with(
+        s0: Box<dyn ShardSource>,
+        open_other_shards: OtherShards<'_>,
+        keys: &Keyring,
+    ) -> Result<Self> {
         let name0 = s0.describe();
         let len0 = s0
             .len()
@@ -402,6 +501,47 @@ impl ArchiveReader {
             read_at(s0.as_ref(), loc.offset, &mut b, "index")?;
             b
         };
+        let sealed = header.required_features & required::SEALED != 0;
+        let trailer = read_trailer(
+            s0.as_ref(),
+            &tail,
+            tail_start,
+            loc.offset.saturating_add(loc.stored_len),
+            footer.data_end,
+        )?;
+        let key = match (sealed, &trailer.keys) {
+            (false, None) => None,
+            (true, Some(keys_record)) => Some(Arc::new(ArchiveKey::open(
+                header.archive_id,
+                keys_record,
+                &keys.secrets,
+            )?)),
+            (true, None) => {
+                return Err(Error::Corrupt(format!(
+                    "{name0}: the archive is sealed but has no Keys record"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(Error::Corrupt(format!(
+                    "{name0}: a Keys record in an archive that is not sealed"
+                )))
+            }
+        };
+        let stored = match &key {
+            Some(key) => {
+                let raw_len = u32::try_from(loc.raw_len)
+                    .map_err(|_| Error::Corrupt(format!("{name0}: index too large")))?;
+                key.open_payload(
+                    INDEX_SEQ,
+                    RecordKind::Index,
+                    CodecId::Zstd as u8,
+                    raw_len,
+                    stored,
+                    || format!("the index of {name0}"),
+                )?
+            }
+            None => stored,
+        };
         let raw = decompress_index(&stored, loc.raw_len)
             .map_err(|e| Error::Corrupt(format!("{name0}: index does not decompress: {e}")))?;
         if raw.len() as u64 != loc.raw_len || !digest_matches(&raw, &footer.index_digest) {
@@ -411,7 +551,29 @@ impl ArchiveReader {
         }
         let index = Index::decode(raw.as_slice())
             .map_err(|e| Error::Corrupt(format!("{name0}: index does not decode: {e}")))?;
-        let by_path = index.validate(header.shard_count)?;
+        let by_path = index.validate_for(header.shard_count, sealed)?;
+        let signature = match (&trailer.signature, keys.trusted.is_empty()) {
+            (None, true) => SignatureStatus::Unsigned,
+            (None, false) => {
+                return Err(Error::Untrusted(format!(
+                    "{name0} is not signed, and trusted keys were given"
+                )))
+            }
+            (Some(record), true) => SignatureStatus::NotChecked(crypto::signer_id(record)?),
+            (Some(record), false) => SignatureStatus::Verified(
+                crypto::check_signature(
+                    record,
+                    &header.archive_id,
+                    header.shard_count,
+                    &footer.index_digest,
+                    &keys.trusted,
+                )
+                .map_err(|e| match e {
+                    Error::Untrusted(why) => Error::Untrusted(format!("{name0}: {why}")),
+                    other => other,
+                })?,
+            ),
+        };
 
         let mut shards = vec![OpenShard { source: s0 }];
         let extents = chunk_extents(&index, header.shard_count);
@@ -451,7 +613,54 @@ impl ArchiveReader {
             index,
             by_path,
             shards,
+            key,
+            signature,
         })
+    }
+
+    /// True for a sealed (encrypted) archive: chunks are opened with its key as they are
+    /// read, and never reflinked.
+    pub fn is_sealed(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Whether and by whom the archive is signed, and whether that was checked.
+    pub fn signature(&self) -> &SignatureStatus {
+        &self.signature
+    }
+
+    /// The local file behind shard `i` when its stored bytes are the chunks' bytes (an
+    /// unsealed archive), for reflinking or splicing out of it.
+    pub fn raw_file(&self, i: u32) -> Option<&File> {
+        if self.key.is_some() {
+            return None;
+        }
+        self.shard(i).as_file()
+    }
+
+    /// The archive key of a sealed archive.
+    pub(crate) fn key(&self) -> Option<&ArchiveKey> {
+        self.key.as_deref()
+    }
+
+    /// Opens a sealed chunk's stored bytes (for verify, which reads them itself).
+    pub(crate) fn read_sealed(&self, c: &Chunk, stored: Vec<u8>) -> Result<Vec<u8>> {
+        self.unseal(c, stored)
+    }
+
+    /// Opens a sealed chunk's stored bytes; unsealed bytes pass through.
+    fn unseal(&self, c: &Chunk, stored: Vec<u8>) -> Result<Vec<u8>> {
+        let Some(key) = &self.key else {
+            return Ok(stored);
+        };
+        key.open_payload(
+            c.seq,
+            RecordKind::Data,
+            c.codec as u8,
+            c.decoded_len(),
+            stored,
+            || format!("the chunk at shard {} offset {}", c.shard, c.offset),
+        )
     }
 
     /// Shard 0's header.
@@ -528,14 +737,16 @@ impl ArchiveReader {
         }
     }
 
-    /// Reads a chunk's stored bytes without decoding them.
+    /// Reads a chunk's stored bytes without decoding them (for a sealed archive, opened
+    /// with its key: the codec's bytes, without the tag).
     ///
     /// # Errors
-    /// I/O errors and truncation.
+    /// I/O errors and truncation; [`Error::DigestMismatch`] for sealed bytes that do not
+    /// authenticate.
     pub fn read_stored(&self, c: &Chunk) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; c.stored_len as usize];
         read_at(self.shard(c.shard), c.offset, &mut buf, "chunk")?;
-        Ok(buf)
+        self.unseal(c, buf)
     }
 
     /// Reads, decodes and verifies one chunk of `entry`.
@@ -550,10 +761,10 @@ impl ArchiveReader {
 
     /// Reads the stored bytes of several chunks with one [`ShardSource::read_ranges`] call
     /// per shard (shards in parallel), so object stores can merge adjacent chunks into one
-    /// request. Bytes are not decoded or verified here.
+    /// request. Bytes are not decoded or verified here (sealed ones are opened).
     ///
     /// # Errors
-    /// I/O errors and truncation.
+    /// I/O errors and truncation; sealed bytes that do not authenticate.
     pub fn read_stored_many(&self, chunks: &[Chunk]) -> Result<Vec<Vec<u8>>> {
         let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
         for (k, c) in chunks.iter().enumerate() {
@@ -602,7 +813,7 @@ impl ArchiveReader {
         let mut out = vec![Vec::new(); chunks.len()];
         for (&s, bufs) in busy.iter().zip(results) {
             for (&k, buf) in by_shard[s].iter().zip(bufs?) {
-                out[k] = buf;
+                out[k] = self.unseal(&chunks[k], buf)?;
             }
         }
         Ok(out)

@@ -153,7 +153,7 @@ impl ArchiveReader {
                 let h = &rec.header;
                 match h.kind {
                     RecordKind::Data => {
-                        let group = match_data_record(expected, si, &rec, &at)?;
+                        let group = match_data_record(expected, si, &rec, self.is_sealed(), &at)?;
                         report.chunks += group.len() as u64;
                         report.raw_bytes += h.raw_len as u64;
                         report.stored_bytes += h.stored_len as u64;
@@ -175,6 +175,17 @@ impl ArchiveReader {
                     RecordKind::Entry => self.check_entry_record(&rec, &at)?,
                     RecordKind::EntryEnd => self.check_entry_end(h, &at)?,
                     RecordKind::Index => self.check_index_record(si, &rec, &at)?,
+                    // Read and checked when the archive was opened; here only their place.
+                    RecordKind::Keys | RecordKind::Signature => {
+                        if si != 0 || !self.after_index(&rec) {
+                            return Err(Error::Corrupt(format!(
+                                "{}: unexpected {:?} record",
+                                at(),
+                                h.kind
+                            )));
+                        }
+                        verify_digest(&rec.stored, &h.digest, at)?;
+                    }
                 }
             }
         }
@@ -189,6 +200,22 @@ impl ArchiveReader {
             frame_digest,
             _lease,
         } = payload;
+        let sealed = self.is_sealed();
+        let stored = if sealed {
+            // The header's digest is of the sealed bytes; the tag then authenticates them
+            // and the index's digests check what they open to.
+            let first = group[0].1;
+            let what = || {
+                format!(
+                    "sealed chunk at shard {} offset {}",
+                    first.shard, first.offset
+                )
+            };
+            verify_digest(&stored, &frame_digest, what)?;
+            self.read_sealed(first, stored)?
+        } else {
+            stored
+        };
         if group.len() == 1 && !group[0].1.in_shared_frame() {
             let (ei, c) = group[0];
             decode_chunk(&self.entries()[ei], c, stored)?;
@@ -203,7 +230,9 @@ impl ArchiveReader {
         };
         let codec = first.codec_id().ok_or_else(|| Error::Unsupported(what()))?;
         let frame = codec::decode(codec, &stored, first.frame_raw_len as usize, &what())?;
-        verify_digest(&frame, &frame_digest, what)?;
+        if !sealed {
+            verify_digest(&frame, &frame_digest, what)?;
+        }
         for (ei, c) in &group {
             let part = &frame[c.frame_offset as usize..(c.frame_offset + c.raw_len) as usize];
             verify_digest(part, &c.digest, || self.entries()[*ei].path_lossy())?;
@@ -215,8 +244,25 @@ impl ArchiveReader {
     /// size of a streamed entry, known only at its EntryEnd).
     fn check_entry_record(&self, rec: &ScannedRecord, at: &dyn Fn() -> String) -> Result<()> {
         let h = &rec.header;
-        let raw = codec::decode(h.codec, &rec.stored, h.raw_len as usize, &at())?;
-        verify_digest(&raw, &h.digest, at)?;
+        let raw = match self.key() {
+            Some(key) => {
+                verify_digest(&rec.stored, &h.digest, at)?;
+                let opened = key.open_payload(
+                    h.seq,
+                    h.kind,
+                    h.codec as u8,
+                    h.raw_len,
+                    rec.stored.clone(),
+                    at,
+                )?;
+                codec::decode(h.codec, &opened, h.raw_len as usize, &at())?
+            }
+            None => {
+                let raw = codec::decode(h.codec, &rec.stored, h.raw_len as usize, &at())?;
+                verify_digest(&raw, &h.digest, at)?;
+                raw
+            }
+        };
         let inline = Entry::decode(raw.as_slice())
             .map_err(|e| Error::Corrupt(format!("{}: entry does not decode: {e}", at())))?;
         let Some(e) = self.entries().get(h.entry_id as usize) else {
@@ -261,7 +307,17 @@ impl ArchiveReader {
         if shard != 0 || rec.payload_offset != loc.offset || rec.header.codec != CodecId::Zstd {
             return Err(Error::Corrupt(format!("{}: unexpected index record", at())));
         }
+        if self.is_sealed() {
+            verify_digest(&rec.stored, &rec.header.digest, at)?;
+        }
         Ok(())
+    }
+
+    /// A Keys or Signature record lies after the index.
+    fn after_index(&self, rec: &ScannedRecord) -> bool {
+        self.footer()
+            .index
+            .is_some_and(|loc| rec.payload_offset > loc.offset)
     }
 }
 
@@ -271,12 +327,13 @@ fn match_data_record<'a>(
     expected: &mut Expected<'a>,
     shard: u32,
     rec: &ScannedRecord,
+    sealed: bool,
     at: &dyn Fn() -> String,
 ) -> Result<ChunkGroup<'a>> {
     let group = expected
         .remove(&(shard, rec.payload_offset))
         .ok_or_else(|| Error::Corrupt(format!("{}: data record not in the index", at())))?;
-    if !data_record_agrees(&rec.header, &group) {
+    if !data_record_agrees(&rec.header, &group, sealed) {
         return Err(Error::Corrupt(format!(
             "{}: record disagrees with the index",
             at()
@@ -287,8 +344,12 @@ fn match_data_record<'a>(
 
 /// A shared frame's record agrees with each of its chunks on the frame (lengths, codec);
 /// each file's digest is checked once the frame is decoded. Any other record is exactly
-/// one chunk, field for field.
-fn data_record_agrees(h: &RecordHeader, group: &[(usize, &Chunk)]) -> bool {
+/// one chunk, field for field. A sealed record's digest is of its sealed bytes, so it is
+/// not compared; its sequence number (the nonce) is.
+fn data_record_agrees(h: &RecordHeader, group: &[(usize, &Chunk)], sealed: bool) -> bool {
+    if sealed && group.iter().any(|(_, c)| c.seq != h.seq) {
+        return false;
+    }
     if h.flags & RECORD_FLAG_SHARED_FRAME != 0 {
         group.iter().all(|(_, c)| {
             c.in_shared_frame()
@@ -303,7 +364,7 @@ fn data_record_agrees(h: &RecordHeader, group: &[(usize, &Chunk)]) -> bool {
             && c.raw_len == h.raw_len
             && c.stored_len == h.stored_len
             && c.codec == h.codec as u32
-            && c.digest[..] == h.digest
+            && (sealed || c.digest[..] == h.digest)
             && c.file_offset == h.file_offset
             && ei as u64 == h.entry_id
     }

@@ -506,3 +506,5 @@ fn an_index_shorter_than_the_footer_claims_is_refused() {
     assert_eq!(decoded, raw);
     assert!(decoded.capacity() <= 1 << 20, "{}", decoded.capacity());
 }
+
+mod sealed;

@@ -15,6 +15,8 @@ use prost::Message;
 
 use super::{CloneFrom, EntryId, FailFlag};
 use crate::codec::{CodecId, Compression, Encoder};
+use crate::crypto::ArchiveKey;
+use crate::error::Result;
 use crate::index::Entry;
 use crate::layout::RecordKind;
 
@@ -80,7 +82,12 @@ pub(super) struct PreparedRecord {
     pub(super) entry_id: EntryId,
     pub(super) file_offset: u64,
     pub(super) raw_len: u32,
+    /// BLAKE3 of the raw bytes: what the index records for the chunk.
     pub(super) digest: [u8; 32],
+    /// For a sealed payload, BLAKE3 of the sealed bytes: what its record header carries
+    /// instead of `digest` (a digest of the plaintext would let anyone confirm a guess
+    /// of the content).
+    pub(super) sealed_digest: Option<[u8; 32]>,
     pub(super) payload: Payload,
     /// Place the payload at an offset congruent to `file_offset` (uncompressed archives).
     pub(super) align: bool,
@@ -96,13 +103,37 @@ pub(super) struct FramePart {
     pub(super) digest: [u8; 32],
 }
 
+/// Seals `record`'s payload with the archive key when there is one: the payload is then
+/// never cloned (a reflink would share plaintext) and never aligned.
+fn seal_record(key: Option<&ArchiveKey>, seq: u64, record: &mut PreparedRecord) -> Result<()> {
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let mut bytes = match std::mem::replace(&mut record.payload, Payload::Bytes(Vec::new())) {
+        Payload::Bytes(b) | Payload::Clone { bytes: b, .. } => b,
+    };
+    key.seal(
+        seq,
+        record.kind,
+        record.codec as u8,
+        record.raw_len,
+        &mut bytes,
+    )?;
+    record.sealed_digest = Some(*blake3::hash(&bytes).as_bytes());
+    record.payload = Payload::Bytes(bytes);
+    record.align = false;
+    Ok(())
+}
+
 /// One worker: runs until `jobs` closes, `done` closes (the sequencer stopped) or another
-/// thread failed. Its own failure (a codec error) goes into `fail`.
+/// thread failed. Its own failure (a codec error) goes into `fail`. With `key`, every
+/// payload but an EntryEnd's (which has none) is sealed.
 pub(super) fn encode_worker(
     jobs: Receiver<Job>,
     done: Sender<Prepared>,
     fail: Arc<FailFlag>,
     compression: Compression,
+    key: Option<Arc<ArchiveKey>>,
 ) {
     let mut encoder = match Encoder::new(compression) {
         Ok(e) => e,
@@ -127,6 +158,7 @@ pub(super) fn encode_worker(
                         file_offset: 0,
                         raw_len: bytes.len() as u32,
                         digest: *blake3::hash(&bytes).as_bytes(),
+                        sealed_digest: None,
                         payload: Payload::Bytes(bytes),
                         align: false,
                         parts: Vec::new(),
@@ -163,6 +195,7 @@ pub(super) fn encode_worker(
                         file_offset: 0,
                         raw_len,
                         digest,
+                        sealed_digest: None,
                         payload,
                         align: false,
                         parts: frame_parts,
@@ -179,6 +212,7 @@ pub(super) fn encode_worker(
                     file_offset: size,
                     raw_len: 0,
                     digest: *blake3::hash(&[]).as_bytes(),
+                    sealed_digest: None,
                     payload: Payload::Bytes(Vec::new()),
                     align: false,
                     parts: Vec::new(),
@@ -226,6 +260,7 @@ pub(super) fn encode_worker(
                             file_offset: offset,
                             raw_len,
                             digest,
+                            sealed_digest: None,
                             payload,
                             align,
                             parts: Vec::new(),
@@ -235,6 +270,16 @@ pub(super) fn encode_worker(
                 }
             }
         };
+        let mut prepared = prepared;
+        if let Some(record) = prepared
+            .record
+            .as_mut()
+            .filter(|r| r.kind != RecordKind::EntryEnd)
+        {
+            if let Err(e) = seal_record(key.as_deref(), prepared.seq, record) {
+                return fail.set(e);
+            }
+        }
         if done.send(prepared).is_err() {
             return;
         }

@@ -31,6 +31,7 @@ use self::encode::{encode_worker, Job, Prepared};
 use self::sequencer::{sequencer_thread, SequencerOutput, ShardState};
 use self::shard::{FinishedShard, ShardThread, WriteOp};
 use crate::codec::{CodecId, Compression};
+use crate::crypto::{ArchiveKey, INDEX_SEQ};
 use crate::error::{Error, Result};
 use crate::index::{Entry, Index, MetaItem};
 use crate::layout::{
@@ -88,6 +89,11 @@ pub struct WriterOptions {
     pub id_named_shards: bool,
     /// Counts the raw bytes handed to the writer (for the caller's progress display).
     pub progress: crate::Progress,
+    /// Seal every payload and the index for these recipients (empty: not sealed).
+    /// Sealed payloads are never reflinked.
+    pub seal_to: Vec<crate::crypto::PublicKey>,
+    /// Sign the archive with this key.
+    pub sign_with: Option<crate::crypto::SecretKey>,
 }
 
 impl Default for WriterOptions {
@@ -101,6 +107,8 @@ impl Default for WriterOptions {
             alignment_log2: 12,
             id_named_shards: false,
             progress: crate::Progress::default(),
+            seal_to: Vec::new(),
+            sign_with: None,
         }
     }
 }
@@ -181,6 +189,8 @@ struct Pipeline {
     stats: Arc<WriterStats>,
     /// The other end of [`ArchiveWriter::submit`]'s tokens.
     tokens: Receiver<()>,
+    /// Payloads are sealed: chunks record their sequence number.
+    sealed: bool,
 }
 
 impl Pipeline {
@@ -209,6 +219,8 @@ pub struct ArchiveWriter {
     hot_paths: Vec<Vec<u8>>,
     /// Streamed entries whose final size ([`ArchiveWriter::end_entry`]) is still due.
     open_streams: std::collections::HashSet<EntryId>,
+    /// The archive key and the Keys record that wraps it, for a sealed archive.
+    sealing: Option<(Arc<ArchiveKey>, Vec<u8>)>,
 }
 
 impl ArchiveWriter {
@@ -235,18 +247,30 @@ impl ArchiveWriter {
             )));
         }
         let shard_count = sinks.len() as u32;
+        let sealing = if opts.seal_to.is_empty() {
+            None
+        } else {
+            let (key, record) = ArchiveKey::generate(archive_id, &opts.seal_to)?;
+            Some((Arc::new(key), record))
+        };
         let mut optional_features = optional::INLINE_ENTRIES;
-        if opts.compression.codec == CodecId::None {
+        if opts.compression.codec == CodecId::None && sealing.is_none() {
             optional_features |= optional::ALIGNED_RAW;
+        }
+        if opts.sign_with.is_some() {
+            optional_features |= optional::SIGNED;
+        }
+        let mut required_features = 0;
+        if opts.id_named_shards && shard_count > 1 {
+            required_features |= crate::layout::required::ID_NAMED_SHARDS;
+        }
+        if sealing.is_some() {
+            required_features |= crate::layout::required::SEALED;
         }
         let header = ShardHeader {
             alignment_log2: opts.alignment_log2,
             hash_algo: HASH_BLAKE3,
-            required_features: if opts.id_named_shards && shard_count > 1 {
-                crate::layout::required::ID_NAMED_SHARDS
-            } else {
-                0
-            },
+            required_features,
             optional_features,
             archive_id,
             shard_index: 0,
@@ -262,6 +286,7 @@ impl ArchiveWriter {
             fail: fail.clone(),
             stats: stats.clone(),
             tokens: token_rx,
+            sealed: sealing.is_some(),
         };
 
         let mut shard_states = Vec::new();
@@ -304,10 +329,11 @@ impl ArchiveWriter {
             let done_tx = done_tx.clone();
             let fail = fail.clone();
             let compression = opts.compression;
+            let key = sealing.as_ref().map(|(k, _)| k.clone());
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("cka-encode-{i}"))
-                    .spawn(move || encode_worker(job_rx, done_tx, fail, compression))
+                    .spawn(move || encode_worker(job_rx, done_tx, fail, compression, key))
                     .map_err(|e| Error::io("spawning encoder thread", e))?,
             );
         }
@@ -320,6 +346,7 @@ impl ArchiveWriter {
         Ok(ArchiveWriter {
             header,
             opts,
+            sealing,
             job_tx: Some(job_tx),
             token_tx,
             workers,
@@ -581,11 +608,24 @@ impl ArchiveWriter {
                 .map(|(i, &pos)| if i == 0 { 0 } else { pos + FOOTER_LEN as u64 })
                 .collect(),
         };
-        index.validate(self.header.shard_count)?;
+        index.validate_for(self.header.shard_count, self.sealing.is_some())?;
         let index_raw = index.encode_to_vec();
         let index_digest = *blake3::hash(&index_raw).as_bytes();
-        let index_stored =
+        let raw_len =
+            u32::try_from(index_raw.len()).map_err(|_| Error::Usage("index too large".into()))?;
+        let mut index_stored =
             zstd::bulk::compress(&index_raw, 3).map_err(|e| Error::io("compressing index", e))?;
+        let mut index_record_digest = index_digest;
+        if let Some((key, _)) = &self.sealing {
+            key.seal(
+                INDEX_SEQ,
+                RecordKind::Index,
+                CodecId::Zstd as u8,
+                raw_len,
+                &mut index_stored,
+            )?;
+            index_record_digest = *blake3::hash(&index_stored).as_bytes();
+        }
 
         let summary_entries = index.entries.len();
         let summary_chunks = index.chunks.len();
@@ -600,12 +640,25 @@ impl ArchiveWriter {
             seq: self.next_seq,
             entry_id: 0,
             file_offset: 0,
-            raw_len: u32::try_from(index_raw.len())
-                .map_err(|_| Error::Usage("index too large".into()))?,
+            raw_len,
             stored_len: index_stored.len() as u32,
             pad: 0,
-            digest: index_digest,
+            digest: index_record_digest,
         };
+        // After the index, in shard 0: the Keys record of a sealed archive, then the
+        // Signature record of a signed one (docs/FORMAT.md, "Signatures and encryption").
+        let mut trailer: Vec<(RecordKind, Vec<u8>)> = Vec::new();
+        if let Some((_, keys)) = &self.sealing {
+            trailer.push((RecordKind::Keys, keys.clone()));
+        }
+        if let Some(signer) = &self.opts.sign_with {
+            let signature = signer.sign_archive(
+                &self.header.archive_id,
+                self.header.shard_count,
+                &index_digest,
+            )?;
+            trailer.push((RecordKind::Signature, signature));
+        }
         let mut tails = Vec::with_capacity(sinks.len());
         for (i, &position) in positions.iter().enumerate() {
             let mut bytes = Vec::new();
@@ -622,6 +675,24 @@ impl ArchiveWriter {
                 });
                 pos += index_header.record_len();
                 nrec += 1;
+                for (k, (kind, payload)) in trailer.iter().enumerate() {
+                    let header = RecordHeader {
+                        kind: *kind,
+                        codec: CodecId::None,
+                        flags: 0,
+                        seq: self.next_seq + 1 + k as u64,
+                        entry_id: 0,
+                        file_offset: 0,
+                        raw_len: payload.len() as u32,
+                        stored_len: payload.len() as u32,
+                        pad: 0,
+                        digest: *blake3::hash(payload).as_bytes(),
+                    };
+                    bytes.extend_from_slice(&header.encode());
+                    bytes.extend_from_slice(payload);
+                    pos += header.record_len();
+                    nrec += 1;
+                }
             }
             let footer = Footer {
                 archive_id: self.header.archive_id,

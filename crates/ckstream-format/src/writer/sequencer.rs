@@ -99,14 +99,21 @@ pub(super) fn sequencer_thread(
                 raw_len: rec.raw_len,
                 stored_len,
                 pad,
-                digest: rec.digest,
+                digest: rec.sealed_digest.unwrap_or(rec.digest),
             };
             let placed = Placed {
                 shard: target as u32,
                 offset: payload_start,
                 stored_len,
             };
-            if let Err(e) = index_record(&mut entries, &mut chunks, &rec, &placed) {
+            if let Err(e) = index_record(
+                &mut entries,
+                &mut chunks,
+                &rec,
+                &placed,
+                p.seq,
+                pipeline.sealed,
+            ) {
                 pipeline.fail.set(e);
                 return None;
             }
@@ -163,7 +170,11 @@ fn index_record(
     chunks: &mut [Vec<Chunk>],
     rec: &PreparedRecord,
     at: &Placed,
+    seq: u64,
+    sealed: bool,
 ) -> Result<()> {
+    // A sealed payload's nonce is its record's sequence number: the reader needs it.
+    let seq = if sealed { seq } else { 0 };
     let unknown = |id: u64| Error::Usage(format!("data for unknown entry {id}"));
     match rec.kind {
         RecordKind::Data if !rec.parts.is_empty() => {
@@ -182,6 +193,7 @@ fn index_record(
                     archive: 0,
                     frame_raw_len: rec.raw_len,
                     frame_offset: part.offset,
+                    seq,
                 });
             }
         }
@@ -200,6 +212,7 @@ fn index_record(
                 archive: 0,
                 frame_raw_len: 0,
                 frame_offset: 0,
+                seq,
             });
         }
         RecordKind::EntryEnd => {
