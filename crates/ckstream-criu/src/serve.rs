@@ -88,7 +88,7 @@ fn prepare(
     splice_ok: bool,
 ) -> ckstream_format::Result<Piece> {
     let raw = c.codec_id() == Some(ckstream_format::CodecId::None);
-    if splice_ok && raw && !c.in_shared_frame() && reader.shard(c.shard).as_file().is_some() {
+    if splice_ok && raw && !c.in_shared_frame() && reader.raw_file(c.shard).is_some() {
         let stored = reader.read_stored(c)?;
         ckstream_format::reader::verify_digest(&stored, &c.digest, || {
             format!("{:?} at offset {}", entry.path_lossy(), c.file_offset)
@@ -212,7 +212,7 @@ pub fn stream_entry(
             let more = match piece {
                 Piece::Bytes(data) => write(&data, &mut written)?,
                 Piece::Splice { shard, offset, len } => {
-                    let src = reader.shard(shard).as_file().expect("checked in prepare");
+                    let src = reader.raw_file(shard).expect("checked in prepare");
                     let ok = splice_all(src, offset, len, out).map_err(err)?;
                     if ok {
                         sent(len, &mut written);

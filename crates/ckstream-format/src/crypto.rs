@@ -487,6 +487,16 @@ pub fn signing_key_id(signing: &[u8]) -> String {
     hex(&blake3::hash(signing).as_bytes()[..8])
 }
 
+/// The keys a writer seals and signs an archive with.
+#[derive(Clone, Default, Debug)]
+pub struct WriteKeys {
+    /// Seal every payload and the index for these recipients (empty: not sealed).
+    /// Sealed payloads are never reflinked.
+    pub seal_to: Vec<PublicKey>,
+    /// Sign the archive with this key.
+    pub sign_with: Option<SecretKey>,
+}
+
 /// The keys a reader opens archives with.
 #[derive(Clone, Default, Debug)]
 pub struct Keyring {

@@ -26,7 +26,7 @@ mod verify;
 pub mod writer;
 
 pub use codec::{CodecId, Compression, CompressionArg};
-pub use crypto::{ArchiveKey, PublicKey, SecretKey};
+pub use crypto::{ArchiveKey, Keyring, PublicKey, SecretKey, SignatureStatus, WriteKeys};
 pub use error::{Error, Result};
 pub use index::{Chunk, Entry, EntryKind, Index, Xattr};
 pub use progress::{Progress, Stop};

@@ -76,6 +76,8 @@ pub struct CheckpointOptions<'a> {
     pub progress: Progress,
     /// Polled: once it asks, nothing is published and the container is restored in place.
     pub stop: Stop,
+    /// Keys to sign and encrypt a `.cka` with (a podman-format archive takes none).
+    pub keys: ckstream_format::WriteKeys,
 }
 
 /// What a checkpoint did.
@@ -122,6 +124,11 @@ pub fn checkpoint(container: &str, opts: &CheckpointOptions) -> Result<Checkpoin
     let zstd_level = match opts.format {
         Format::Cka => None,
         Format::Podman => {
+            if !opts.keys.seal_to.is_empty() || opts.keys.sign_with.is_some() {
+                return Err(PodmanError::Unsupported(
+                    "podman's archive format cannot be signed or encrypted; write a .cka (--format cka)".into(),
+                ));
+            }
             if !matches!(opts.output, ArchiveLocation::Std | ArchiveLocation::Path(_)) {
                 return Err(PodmanError::Unsupported(format!(
                     "a podman-format archive must be a local file or `-` ({}); write a .cka there instead (--format cka)",
@@ -317,6 +324,7 @@ fn write_checkpoint(
         writer: WriterOptions {
             compression: cka_compression(opts.compression),
             progress: opts.progress.clone(),
+            keys: opts.keys.clone(),
             ..Default::default()
         },
         command: "podman checkpoint",

@@ -90,6 +90,9 @@ pub struct RootfsTicket {
 struct TicketData {
     archive: PathBuf,
     archive_id: String,
+    /// Secret key files that open the archive when it is encrypted.
+    #[serde(default)]
+    keys: Vec<PathBuf>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -129,7 +132,7 @@ impl RootfsTicket {
     ///
     /// # Errors
     /// [`PodmanError::Archive`] (an I/O error) when the ticket cannot be written.
-    pub fn create(archive: &Path, reader: &ArchiveReader) -> Result<Self> {
+    pub fn create(archive: &Path, reader: &ArchiveReader, keys: &[PathBuf]) -> Result<Self> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let io = |what: String, e| PodmanError::Archive(Error::io(what, e));
         std::fs::DirBuilder::new()
@@ -146,6 +149,16 @@ impl RootfsTicket {
             archive: std::fs::canonicalize(archive)
                 .map_err(|e| io(format!("cannot resolve {}", archive.display()), e))?,
             archive_id: hex(&reader.header().archive_id),
+            keys: if reader.is_sealed() {
+                keys.iter()
+                    .map(|k| {
+                        std::fs::canonicalize(k)
+                            .map_err(|e| io(format!("cannot resolve {}", k.display()), e))
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
+            },
         };
         let json = serde_json::to_vec(&data).expect("a ticket serializes");
         std::fs::OpenOptions::new()
@@ -272,7 +285,13 @@ fn apply(ticket: &[u8], state: impl Read) -> Result<()> {
         .as_str()
         .ok_or_else(|| bad("config.json", "has no root.path".into()))?;
     let root = Path::new(bundle).join(root);
-    let reader = ArchiveLocation::Path(t.archive.clone()).open(&std::env::temp_dir())?;
+    let keys = ckstream_store::KeyFiles {
+        secret: t.keys.clone(),
+        trusted: Vec::new(),
+    }
+    .load()?;
+    let reader =
+        ArchiveLocation::Path(t.archive.clone()).open_keyed(&std::env::temp_dir(), &keys)?;
     if hex(&reader.header().archive_id) != t.archive_id {
         return Err(PodmanError::Archive(Error::Corrupt(format!(
             "{} is not the archive the restore started with",

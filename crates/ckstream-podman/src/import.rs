@@ -64,6 +64,7 @@ pub fn import(
     compression: ckstream_format::CompressionArg,
     progress: &ckstream_format::Progress,
     stop: ckstream_format::Stop,
+    keys: &ckstream_format::WriteKeys,
 ) -> Result<(ImportStats, ckstream_format::WriteSummary)> {
     let total = std::fs::metadata(input)
         .map_err(|e| Error::io(format!("cannot read {}", input.display()), e))?
@@ -74,6 +75,7 @@ pub fn import(
         writer: ckstream_format::WriterOptions {
             compression: crate::checkpoint::cka_compression(compression),
             progress: progress.clone(),
+            keys: keys.clone(),
             ..Default::default()
         },
         command: "podman import",

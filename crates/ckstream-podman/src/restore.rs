@@ -52,8 +52,10 @@ pub struct RestoreOptions<'a> {
     /// Restore even when the archive asks for security-relevant settings (the user's
     /// `--trust-config`).
     pub trust_config: bool,
-    /// The archive is signed by a trusted key (same effect as `trust_config`).
-    pub trusted_signature: bool,
+    /// Secret keys that open an encrypted `.cka` (also handed to the restore hook), and
+    /// the keys whose signature to require. An archive signed by a trusted key is
+    /// restored whatever container settings it asks for, as with `trust_config`.
+    pub keys: ckstream_store::KeyFiles,
     /// Called with the archive's container settings before anything is decided on
     /// them, so that they are shown on every restore, refused or not.
     pub on_config: Option<&'a dyn Fn(&TrustReport)>,
@@ -104,26 +106,37 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
         (None, false) => ApplyDiff::Ckstream,
     };
     let local = input.local_path();
+    let keyring = opts.keys.load()?;
     let mut name = opts.name.map(str::to_string);
     let mut ticket = None;
     let mut temp = None;
     let decided;
     let podman_archive = match local {
         Some(path) if !is_cka(path)? => {
+            if !keyring.trusted.is_empty() {
+                return Err(PodmanError::Untrusted(format!(
+                    "{} is a podman export, which carries no signature, and trusted keys were given",
+                    path.display()
+                )));
+            }
             let checked = crate::import::check_podman_archive(path)?;
             name = name.or(checked.stats.container_name.clone());
             let spec = checked
                 .spec_dump
                 .as_deref()
                 .ok_or_else(|| Error::Corrupt("the podman archive has no spec.dump".into()))?;
-            decided = decide(spec, &checked.config_dump, opts)?;
+            decided = decide(spec, &checked.config_dump, false, opts)?;
             crate::symlinks::check(&checked.diff, &checked.deleted, &mut || {
                 lower_of(&checked.config_dump)
             })?;
             path.to_path_buf()
         }
         _ => {
-            let reader = input.open(&std::env::temp_dir())?;
+            let reader = input.open_keyed(&std::env::temp_dir(), &keyring)?;
+            let signed = matches!(
+                reader.signature(),
+                ckstream_format::SignatureStatus::Verified(_)
+            );
             let dump = |name: &str| -> Result<Vec<u8>> {
                 let i = reader
                     .find(format!("{CKA_PODMAN_DIR}/{name}").as_bytes())
@@ -141,7 +154,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
             if name.is_none() {
                 name = crate::import::container_name(&config);
             }
-            decided = decide(&spec, &config, opts)?;
+            decided = decide(&spec, &config, signed, opts)?;
             let mut plan = plan_from_cka(&reader)?;
             let has_diff = !plan.rootfs.is_empty() || !plan.deleted.is_empty();
             if apply_diff == ApplyDiff::Podman && has_diff {
@@ -164,7 +177,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                         "--apply-diff ckstream needs the archive in a local file".into(),
                     )
                 })?;
-                let t = RootfsTicket::create(archive, &reader)?;
+                let t = RootfsTicket::create(archive, &reader, &opts.keys.secret)?;
                 let exe = std::env::current_exe().map_err(|e| {
                     Error::io("locating the ckstream binary for the restore hook", e)
                 })?;
@@ -253,12 +266,17 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
 
 /// Reads the archive's container settings, shows them ([`RestoreOptions::on_config`])
 /// and decides whether to go on.
-fn decide(spec: &[u8], config: &[u8], opts: &RestoreOptions) -> Result<(TrustReport, Trust)> {
+fn decide(
+    spec: &[u8],
+    config: &[u8],
+    trusted_signature: bool,
+    opts: &RestoreOptions,
+) -> Result<(TrustReport, Trust)> {
     let report = crate::trust::check_config(spec, config, &podman::storage_roots()?)?;
     if let Some(show) = opts.on_config {
         show(&report);
     }
-    let trust = report.decide(opts.trusted_signature, opts.trust_config)?;
+    let trust = report.decide(trusted_signature, opts.trust_config)?;
     Ok((report, trust))
 }
 

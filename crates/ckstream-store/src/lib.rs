@@ -9,6 +9,7 @@
 
 pub mod clone;
 pub mod failpoint;
+pub mod keys;
 pub mod local;
 pub mod location;
 pub mod publish;
@@ -16,6 +17,7 @@ pub mod publish;
 pub mod s3;
 
 pub use clone::{clone_or_copy_range, CopyMethod};
+pub use keys::KeyFiles;
 pub use local::{seekable, take_fd, FdSink, FileSink, FileSource, StdoutSink};
 pub use location::{
     local_shard_paths, new_archive_id, shard_path, ArchiveLocation, ArchiveSpec, NewArchive,

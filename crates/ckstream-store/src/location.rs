@@ -13,6 +13,7 @@ use std::fs::File;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
+use ckstream_format::crypto::Keyring;
 use ckstream_format::layout::{ShardHeader, HEADER_LEN};
 use ckstream_format::{
     ArchiveReader, ArchiveWriter, Error, Result, ShardSink, WriteSummary, WriterOptions,
@@ -191,44 +192,61 @@ impl ArchiveLocation {
     /// Everything [`ArchiveReader::open`] reports; a missing shard is an
     /// [`Error::Corrupt`] naming it; a stream with more shards than given is refused.
     pub fn open(&self, spool_dir: &Path) -> Result<ArchiveReader> {
+        self.open_keyed(spool_dir, &Keyring::default())
+    }
+
+    /// [`open`](Self::open) with keys to open a sealed archive and signers to require
+    /// ([`ArchiveReader::open_keyed`]).
+    ///
+    /// # Errors
+    /// As [`open`](Self::open) and [`ArchiveReader::open_keyed`].
+    pub fn open_keyed(&self, spool_dir: &Path, keys: &Keyring) -> Result<ArchiveReader> {
         match self {
             ArchiveLocation::Std => {
                 let stdin = local::take_fd(0, "standard input")?;
-                open_streams(vec![(stdin, "stdin".to_string())], spool_dir)
+                open_streams(vec![(stdin, "stdin".to_string())], spool_dir, keys)
             }
             ArchiveLocation::Fds(fds) => {
                 let files = fds
                     .iter()
                     .map(|&fd| Ok((local::take_fd(fd, "shard")?, format!("shard fd {fd}"))))
                     .collect::<Result<Vec<_>>>()?;
-                open_streams(files, spool_dir)
+                open_streams(files, spool_dir, keys)
             }
             ArchiveLocation::Path(base) => {
                 let s0 = FileSource::open(base)?;
-                ArchiveReader::open(Box::new(s0), |header, i| {
-                    let p = shard_path(base, ShardNames::of(header), i);
-                    let src = FileSource::open(&p).map_err(|e| match e {
-                        Error::Io { source, .. }
-                            if source.kind() == std::io::ErrorKind::NotFound =>
-                        {
-                            Error::Corrupt(format!(
-                                "shard {i} of the archive is missing: {} does not exist",
-                                p.display()
-                            ))
-                        }
-                        e => e,
-                    })?;
-                    Ok(Box::new(src) as Box<dyn ckstream_format::ShardSource>)
-                })
+                ArchiveReader::open_keyed(
+                    Box::new(s0),
+                    |header, i| {
+                        let p = shard_path(base, ShardNames::of(header), i);
+                        let src = FileSource::open(&p).map_err(|e| match e {
+                            Error::Io { source, .. }
+                                if source.kind() == std::io::ErrorKind::NotFound =>
+                            {
+                                Error::Corrupt(format!(
+                                    "shard {i} of the archive is missing: {} does not exist",
+                                    p.display()
+                                ))
+                            }
+                            e => e,
+                        })?;
+                        Ok(Box::new(src) as Box<dyn ckstream_format::ShardSource>)
+                    },
+                    keys,
+                )
             }
             #[cfg(feature = "s3")]
-            ArchiveLocation::S3(url) => crate::s3::open_archive(url),
+            ArchiveLocation::S3(url) => crate::s3::open_archive(url, keys),
         }
     }
 }
 
 /// Opens an archive whose shards are the given streams, in order (spooling pipes).
-fn open_streams(files: Vec<(File, String)>, spool_dir: &Path) -> Result<ArchiveReader> {
+fn open_streams(
+    files: Vec<(File, String)>,
+    spool_dir: &Path,
+    keys: &Keyring,
+) -> Result<ArchiveReader> {
     let given = files.len();
     let mut sources = Vec::new();
     for (file, name) in files {
@@ -243,8 +261,10 @@ fn open_streams(files: Vec<(File, String)>, spool_dir: &Path) -> Result<ArchiveR
         .flatten()
         .ok_or_else(|| Error::Usage("no shard given".into()))?;
     let mut rest: Vec<_> = sources.collect();
-    let reader = ArchiveReader::open(s0, |_, i| {
-        rest.get_mut(i as usize - 1)
+    let reader = ArchiveReader::open_keyed(
+        s0,
+        |_, i| {
+            rest.get_mut(i as usize - 1)
             .and_then(Option::take)
             .ok_or_else(|| {
                 Error::Usage(format!(
@@ -252,7 +272,9 @@ fn open_streams(files: Vec<(File, String)>, spool_dir: &Path) -> Result<ArchiveR
                     if given == 1 { "" } else { "s" }
                 ))
             })
-    })?;
+        },
+        keys,
+    )?;
     if reader.shard_count() as usize != given {
         return Err(Error::Usage(format!(
             "the archive has {} shards but {given} streams were given",

@@ -89,11 +89,8 @@ pub struct WriterOptions {
     pub id_named_shards: bool,
     /// Counts the raw bytes handed to the writer (for the caller's progress display).
     pub progress: crate::Progress,
-    /// Seal every payload and the index for these recipients (empty: not sealed).
-    /// Sealed payloads are never reflinked.
-    pub seal_to: Vec<crate::crypto::PublicKey>,
-    /// Sign the archive with this key.
-    pub sign_with: Option<crate::crypto::SecretKey>,
+    /// Keys to seal the archive for and to sign it with (none by default).
+    pub keys: crate::crypto::WriteKeys,
 }
 
 impl Default for WriterOptions {
@@ -107,8 +104,7 @@ impl Default for WriterOptions {
             alignment_log2: 12,
             id_named_shards: false,
             progress: crate::Progress::default(),
-            seal_to: Vec::new(),
-            sign_with: None,
+            keys: crate::crypto::WriteKeys::default(),
         }
     }
 }
@@ -247,17 +243,17 @@ impl ArchiveWriter {
             )));
         }
         let shard_count = sinks.len() as u32;
-        let sealing = if opts.seal_to.is_empty() {
+        let sealing = if opts.keys.seal_to.is_empty() {
             None
         } else {
-            let (key, record) = ArchiveKey::generate(archive_id, &opts.seal_to)?;
+            let (key, record) = ArchiveKey::generate(archive_id, &opts.keys.seal_to)?;
             Some((Arc::new(key), record))
         };
         let mut optional_features = optional::INLINE_ENTRIES;
         if opts.compression.codec == CodecId::None && sealing.is_none() {
             optional_features |= optional::ALIGNED_RAW;
         }
-        if opts.sign_with.is_some() {
+        if opts.keys.sign_with.is_some() {
             optional_features |= optional::SIGNED;
         }
         let mut required_features = 0;
@@ -651,7 +647,7 @@ impl ArchiveWriter {
         if let Some((_, keys)) = &self.sealing {
             trailer.push((RecordKind::Keys, keys.clone()));
         }
-        if let Some(signer) = &self.opts.sign_with {
+        if let Some(signer) = &self.opts.keys.sign_with {
             let signature = signer.sign_archive(
                 &self.header.archive_id,
                 self.header.shard_count,

@@ -201,7 +201,7 @@ impl<'a> Unpacker<'a> {
     /// they are in the file, block-aligned on both sides. Returns the bytes done, 0 when
     /// nothing applied.
     fn clone_blocks(&self, c: &Chunk, out: &File) -> io::Result<u64> {
-        let src = self.reader.shard(c.shard).as_file();
+        let src = self.reader.raw_file(c.shard);
         let (true, Some(src), Some(CodecId::None), false) =
             (self.opts.reflink, src, c.codec_id(), c.in_shared_frame())
         else {

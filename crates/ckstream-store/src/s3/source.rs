@@ -436,7 +436,10 @@ impl ShardSource for S3Source {
 /// (missing object, refused credentials); everything [`ArchiveReader::open`] reports. A
 /// missing shard 1.. is an [`Error::Corrupt`] naming its object, from the first read
 /// that needs it.
-pub fn open_archive(base: &S3Url) -> Result<ArchiveReader> {
+pub fn open_archive(
+    base: &S3Url,
+    keys: &ckstream_format::crypto::Keyring,
+) -> Result<ArchiveReader> {
     let store: Arc<dyn ObjectStore> = connect(&base.bucket)?;
     let open = {
         let (store, base) = (store.clone(), base.clone());
@@ -460,7 +463,7 @@ pub fn open_archive(base: &S3Url) -> Result<ArchiveReader> {
         }
     };
     let shard0 = open(None, 0)?;
-    ArchiveReader::open_deferred(shard0, Arc::new(move |h, i| open(Some(h), i)))
+    ArchiveReader::open_deferred_keyed(shard0, Arc::new(move |h, i| open(Some(h), i)), keys)
 }
 
 #[cfg(test)]

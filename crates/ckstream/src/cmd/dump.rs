@@ -57,6 +57,8 @@ pub struct Args {
     /// Extra arguments for `criu dump` (after `--`), e.g. `-- --shell-job --tcp-established`.
     #[arg(last = true)]
     criu_args: Vec<String>,
+    #[command(flatten)]
+    keys: super::key::WriteKeyArgs,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -64,6 +66,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
     if args.json && args.output.is_stream() {
         bail!("--json cannot be used when the archive goes to stdout");
     }
+    let keys = args.keys.load()?;
     crate::interrupt::install();
     let started = Instant::now();
     // Checked before anything else, so that a diff which cannot be stored is refused
@@ -86,6 +89,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         shards: args.shards,
         writer: WriterOptions {
             compression,
+            keys,
             ..Default::default()
         },
         leave_running: args.leave_running,

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use ckstream_format::layout::FORMAT_VERSION;
+use ckstream_format::SignatureStatus;
 
 use crate::output::{hex, human_bytes, utc_time};
 
@@ -40,8 +41,29 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .map(|&id| index.entries[id as usize].path_lossy())
         .collect();
+    let (signature, signer, signature_checked) = match reader.signature() {
+        SignatureStatus::Unsigned => ("unsigned".to_string(), None, false),
+        SignatureStatus::NotChecked(id) => (
+            format!("signed by key {id} (not checked: no --trusted-key given)"),
+            Some(id.clone()),
+            false,
+        ),
+        SignatureStatus::Verified(k) => (
+            format!("signed by trusted key {}, verified", k.id()),
+            Some(k.id()),
+            true,
+        ),
+    };
+    let encryption = if reader.is_sealed() {
+        "encrypted (AES-256-GCM; never reflinked)"
+    } else {
+        "none"
+    };
     if args.json {
         let v = serde_json::json!({
+            "encrypted": reader.is_sealed(),
+            "signed_by": signer,
+            "signature_verified": signature_checked,
             "archive_id": hex(&header.archive_id),
             "format_version": FORMAT_VERSION,
             "created_unix_ns": header.created_unix_ns,
@@ -70,6 +92,8 @@ pub fn run(args: Args) -> Result<()> {
         "format:       .cka version {FORMAT_VERSION}, alignment {} bytes, BLAKE3 digests",
         header.alignment()
     );
+    println!("encryption:   {encryption}");
+    println!("signature:    {signature}");
     println!(
         "created:      {} UTC",
         utc_time(header.created_unix_ns as i64)

@@ -3,6 +3,7 @@
 mod cat;
 mod dump;
 mod info;
+pub mod key;
 mod ls;
 mod mount;
 mod pack;
@@ -28,6 +29,9 @@ pub struct Cli {
     #[command(flatten)]
     pub streamer: streamer::StreamerOpts,
 
+    #[command(flatten)]
+    pub keys: key::ReadKeyArgs,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -52,6 +56,9 @@ pub enum Command {
     Dump(dump::Args),
     /// Restore a process tree from an archive, streaming images to CRIU.
     Restore(restore::Args),
+    /// Key pairs for signed and encrypted archives.
+    #[command(subcommand)]
+    Key(key::Command),
     /// Podman containers: checkpoint into `.cka` or podman's format, convert, restore.
     #[command(subcommand)]
     Podman(podman::Command),
@@ -70,7 +77,9 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    key::set_read_keys(&cli.keys);
     match cli.command {
+        Command::Key(c) => key::run(c),
         Command::Pack(a) => pack::run(a, cli.quiet),
         Command::Unpack(a) => unpack::run(a, cli.quiet),
         Command::Ls(a) => ls::run(a),
@@ -92,13 +101,16 @@ pub fn run(cli: Cli) -> Result<()> {
 /// Opens an archive given on the command line (standard input is spooled to an
 /// unlinked file in the temporary directory first: its commit footer comes last).
 pub fn open(location: &ckstream_store::ArchiveLocation) -> Result<ckstream_format::ArchiveReader> {
-    location.open(&std::env::temp_dir()).map_err(|e| {
-        let what = match location {
-            ckstream_store::ArchiveLocation::Std => "the archive on stdin".to_string(),
-            other => other.to_string(),
-        };
-        anyhow::Error::new(e).context(format!("cannot read {what}"))
-    })
+    let keys = key::read_keys()?;
+    location
+        .open_keyed(&std::env::temp_dir(), &keys)
+        .map_err(|e| {
+            let what = match location {
+                ckstream_store::ArchiveLocation::Std => "the archive on stdin".to_string(),
+                other => other.to_string(),
+            };
+            anyhow::Error::new(e).context(format!("cannot read {what}"))
+        })
 }
 
 /// Default number of worker threads: every core.

@@ -50,6 +50,8 @@ pub struct Args {
     /// PATH (stored under its name) or NAME=PATH (stored under NAME; `.=DIR` stores DIR's contents at the root).
     #[arg(required_unless_present = "rootfs_diff")]
     inputs: Vec<OsString>,
+    #[command(flatten)]
+    keys: super::key::WriteKeyArgs,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -70,6 +72,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             args.rootfs_merged.as_deref(),
         )?);
     }
+    let keys = args.keys.load()?;
     let started = Instant::now();
     let plan = ckstream_fs::plan_inputs(&inputs)?;
     let total = plan.total_bytes;
@@ -93,6 +96,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             chunk_size: args.chunk_kib * 1024,
             threads: args.threads.unwrap_or_else(super::default_threads),
             progress,
+            keys,
             ..Default::default()
         },
         command: "pack",

@@ -65,6 +65,8 @@ pub struct CaptureArgs {
     /// Compression inside the archive: none (default, like criu-image-streamer), lz4, zstd, zstd:LEVEL.
     #[arg(short, long, default_value = "none")]
     compress: Compression,
+    #[command(flatten)]
+    keys: super::key::WriteKeyArgs,
 }
 
 fn ext_files(specs: &[String]) -> Result<Vec<(String, OwnedFd)>> {
@@ -131,6 +133,7 @@ pub fn capture_cmd(o: &StreamerOpts, args: CaptureArgs) -> Result<()> {
         shards: u32::try_from(fds.len()).context("too many shard fds")?,
         writer: WriterOptions {
             compression: args.compress,
+            keys: args.keys.load()?,
             ..Default::default()
         },
         command: "capture",
@@ -177,7 +180,7 @@ fn open_from_fds(o: &StreamerOpts, dir: &Path) -> Result<(ArchiveReader, Vec<(u6
     };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let t = Instant::now();
-    let reader = ArchiveLocation::Fds(fds).open(dir)?;
+    let reader = ArchiveLocation::Fds(fds).open_keyed(dir, &super::key::read_keys()?)?;
     let ms = t.elapsed().as_millis();
     let stats = reader
         .shard_sizes()?

@@ -10,6 +10,7 @@ mod support;
 
 // Archives of files.
 mod bad_input;
+mod keys;
 mod mount;
 mod reflink;
 mod roundtrip;

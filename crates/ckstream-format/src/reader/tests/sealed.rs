@@ -6,7 +6,7 @@ use prost::Message;
 
 use super::{noise, options, sample_files, write_sample};
 use crate::codec::Compression;
-use crate::crypto::{Keyring, SecretKey, SignatureStatus};
+use crate::crypto::{Keyring, SecretKey, SignatureStatus, WriteKeys};
 use crate::error::Error;
 use crate::index::Index;
 use crate::layout::{
@@ -53,8 +53,10 @@ fn keys() -> Keys {
 
 fn sealed_options(k: &Keys, compression: Compression, sign: bool) -> WriterOptions {
     WriterOptions {
-        seal_to: vec![k.alice.public(), k.bob.public()],
-        sign_with: sign.then(|| k.alice.clone()),
+        keys: WriteKeys {
+            seal_to: vec![k.alice.public(), k.bob.public()],
+            sign_with: sign.then(|| k.alice.clone()),
+        },
         ..options(compression)
     }
 }
@@ -121,7 +123,10 @@ fn trusted_keys_require_a_signature_by_one_of_them() {
     let k = keys();
     let signed = write_sample(
         WriterOptions {
-            sign_with: Some(k.alice.clone()),
+            keys: WriteKeys {
+                sign_with: Some(k.alice.clone()),
+                ..Default::default()
+            },
             ..options(Compression::LZ4)
         },
         2,
@@ -203,7 +208,10 @@ fn a_signed_archive_changed_after_signing_is_refused() {
     let k = keys();
     let mut bytes = write_sample(
         WriterOptions {
-            sign_with: Some(k.alice.clone()),
+            keys: WriteKeys {
+                sign_with: Some(k.alice.clone()),
+                ..Default::default()
+            },
             ..options(Compression::zstd(3))
         },
         1,

@@ -47,6 +47,8 @@ pub struct CheckpointArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub(super) json: bool,
+    #[command(flatten)]
+    pub(super) keys: crate::cmd::key::WriteKeyArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +63,8 @@ pub struct ImportArgs {
     pub(super) shards: u32,
     #[arg(long)]
     pub(super) json: bool,
+    #[command(flatten)]
+    pub(super) keys: crate::cmd::key::WriteKeyArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -45,6 +45,7 @@ fn with_progress<T>(label: &str, quiet: bool, op: impl FnOnce(&Progress) -> T) -
 }
 
 fn checkpoint_cmd(a: CheckpointArgs, stop: Stop, quiet: bool) -> Result<()> {
+    let keys = a.keys.load()?;
     let started = Instant::now();
     let done = with_progress("podman checkpoint", quiet, |progress| {
         checkpoint(
@@ -60,6 +61,7 @@ fn checkpoint_cmd(a: CheckpointArgs, stop: Stop, quiet: bool) -> Result<()> {
                 shards: a.shards,
                 progress: progress.clone(),
                 stop,
+                keys,
             },
         )
     })?;
@@ -105,8 +107,11 @@ fn import_cmd(a: ImportArgs, stop: Stop, quiet: bool) -> Result<()> {
             a.input.display()
         );
     }
+    let keys = a.keys.load()?;
     let (stats, summary) = with_progress("podman import", quiet, |progress| {
-        ckstream_podman::import::import(&a.input, &a.output, a.shards, a.compress, progress, stop)
+        ckstream_podman::import::import(
+            &a.input, &a.output, a.shards, a.compress, progress, stop, &keys,
+        )
     })
     .map_err(|e| {
         anyhow::Error::new(e).context(format!(
@@ -209,9 +214,7 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
                 progress: progress.clone(),
                 stop,
                 trust_config: a.trust_config,
-                // TODO(signing): true when the archive's signature verifies against a
-                // trusted key; the lead wires it here once signing lands.
-                trusted_signature: false,
+                keys: crate::cmd::key::read_key_files(),
                 on_config: Some(&on_config),
             },
         )

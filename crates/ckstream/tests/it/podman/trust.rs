@@ -519,3 +519,118 @@ fn untrusted_container_settings_need_trust_config() {
     );
     drop(ctr);
 }
+
+/// An encrypted checkpoint restores only with a recipient's key (ckstream's restore hook
+/// opens it with the same key file to apply the rootfs diff), and an archive signed by a
+/// trusted key is restored whatever container settings it asks for, while the same
+/// archive without that key given is refused. A podman export, which has no signature,
+/// is refused when a signature is required.
+#[test]
+fn signed_and_encrypted_checkpoints_restore_with_their_keys() {
+    if !have_podman("signed") {
+        return;
+    }
+    let name = "ck-signed";
+    let ctr = start(name);
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).to_string_lossy().into_owned();
+    for k in ["alice", "bob"] {
+        ck_ok(&["key", "generate", "-o", &s(k)]);
+    }
+    super::sh(name, super::CHANGES);
+    let before = super::manifest(name);
+    ck_ok(&[
+        "podman",
+        "checkpoint",
+        name,
+        "--leave-running",
+        "--format",
+        "podman",
+        "-o",
+        &s("e0.tar"),
+    ]);
+    ck_ok(&[
+        "podman",
+        "checkpoint",
+        name,
+        "-o",
+        &s("enc.cka"),
+        "--encrypt-to",
+        &s("bob.pub"),
+        "--sign",
+        &s("alice"),
+    ]);
+    podman_ok(&["rm", "-f", name]);
+
+    let o = ck(&["podman", "restore", &s("enc.cka")]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("encrypted"), "{}", stderr(&o));
+    assert!(!exists(name));
+    let o = ck_ok(&[
+        "--key",
+        &s("bob"),
+        "--trusted-key",
+        &s("alice.pub"),
+        "podman",
+        "restore",
+        &s("enc.cka"),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["rootfs_apply_seconds"].is_number(),
+        "the hook did not apply the diff: {v}"
+    );
+    assert_alive_and_intact(name);
+    super::assert_same_manifest(&before, &super::manifest(name));
+    podman_ok(&["rm", "-f", name]);
+
+    // Added capabilities, signed: refused unless alice's key is trusted.
+    rewrite_export(&p("e0.tar"), &p("cap.tar"), &[], None, &|n, v| {
+        if n == "spec.dump" {
+            for set in ["bounding", "effective", "permitted"] {
+                v["process"]["capabilities"][set]
+                    .as_array_mut()
+                    .unwrap()
+                    .push("CAP_SYS_ADMIN".into());
+            }
+        }
+    });
+    ck_ok(&[
+        "podman",
+        "import",
+        &s("cap.tar"),
+        "-o",
+        &s("cap.cka"),
+        "--sign",
+        &s("alice"),
+    ]);
+    assert_refused(
+        &[&s("cap.cka")],
+        3,
+        &["added capabilities (CAP_SYS_ADMIN)"],
+        name,
+    );
+    assert_refused(
+        &["--trusted-key", &s("alice.pub"), &s("cap.tar")],
+        3,
+        &["carries no signature"],
+        name,
+    );
+    let o = ck_ok(&[
+        "--trusted-key",
+        &s("alice.pub"),
+        "podman",
+        "restore",
+        &s("cap.cka"),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trust"], "trusted signature", "{v}");
+    assert_alive_and_intact(name);
+    let caps = podman_ok(&["inspect", "-f", "{{.EffectiveCaps}}", name]);
+    assert!(caps.contains("CAP_SYS_ADMIN"), "{caps}");
+    podman_ok(&["rm", "-f", name]);
+    drop(ctr);
+}
