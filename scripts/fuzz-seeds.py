@@ -117,6 +117,32 @@ def archives(work):
     return made
 
 
+def fuzz_key(work):
+    """The key file of fuzz/src/lib.rs's FUZZ_SECRET_KEY (0600, as ckstream wants)."""
+    with open(os.path.join(ROOT, "fuzz/src/lib.rs")) as f:
+        src = f.read()
+    text = src.split('FUZZ_SECRET_KEY: &str = "', 1)[1].split('";', 1)[0]
+    path = f"{work}/fuzz-key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text.replace("\\n", "\n"))
+    return path
+
+
+def sealed_seeds(work):
+    key = fuzz_key(work)
+    tree = f"{work}/tree"
+    for codec in ["none", "zstd"]:
+        out = f"{work}/sealed-{codec}.cka"
+        subprocess.run([BIN, "pack", "-q", "-c", codec, "--chunk-kib", "64", "--sign", key,
+                        "--encrypt-to", key, "-o", out, tree], check=True)
+        with open(out, "rb") as f:
+            data = f.read()
+        add("sealed", data)
+        add("reader", data)
+        add("scanner", data)
+
+
 def archive_seeds(work):
     for path in archives(work):
         shards = []
@@ -192,6 +218,7 @@ def main():
     work = tempfile.mkdtemp(prefix="ckstream-fuzz-seeds.")
     try:
         archive_seeds(work)
+        sealed_seeds(work)
         podman_seeds()
     finally:
         subprocess.run(["chmod", "-R", "u+rwx", work])

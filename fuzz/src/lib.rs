@@ -249,3 +249,7 @@ pub fn decoded_bytes(reader: &ArchiveReader) -> u64 {
         .map(|c| c.decoded_len() as u64)
         .sum()
 }
+
+/// A fixed key pair for the `sealed` target and its seeds (scripts/fuzz-seeds.py writes
+/// the same text to a key file): a test key, it protects nothing.
+pub const FUZZ_SECRET_KEY: &str = "ckstream-secret-key v1\n# key id f23e97553d16d495 — keep this file secret\nsigning-seed 2734a7f27b9839e751c01de9e982313ec2d45e81edae7d13782f15b8e7914e01\nencryption-secret 50e116f7112f709627723c2fb682fc48f6aeb5847bedf4e6157554af97a6f62a\n";
