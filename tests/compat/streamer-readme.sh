@@ -120,4 +120,24 @@ CRIU_FAULT=3 "$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o 
 if wait "$capture_pid"; then fail "capture exited 0 after a failed dump"; fi
 if "$CKSTREAM" verify "$work/failed.cka" 2>/dev/null; then fail "failed capture verifies"; fi
 check_alive_and_intact "after a failed dump"
+
+# Encrypted and signed: capture to a recipient's key, serve with it (from the
+# environment: keys never go on a command line CRIU or ps could show), trusting the signer.
+"$CKSTREAM" key generate -o "$work/signer" 2>/dev/null
+"$CKSTREAM" key generate -o "$work/recipient" 2>/dev/null
+criu-image-streamer --images-dir "$work/images" --progress-fd 3 capture --sign "$work/signer" --encrypt-to "$work/recipient.pub" >"$work/enc.cka" 3>"$work/encc.progress" &
+capture_pid=$!
+wait_line "$work/encc.progress" socket-init
+"$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log || fail "criu dump (encrypted)"
+wait "$capture_pid" || fail "encrypted capture exited non-zero"
+wait_gone
+if "$CKSTREAM" ls "$work/enc.cka" >/dev/null 2>&1; then fail "an encrypted capture opens without its key"; fi
+export CKSTREAM_KEY=$work/recipient CKSTREAM_TRUSTED_KEYS=$work/signer.pub
+criu-image-streamer --images-dir "$work/images" --progress-fd 3 serve <"$work/enc.cka" 3>"$work/enc.progress" &
+serve_pid=$!
+wait_line "$work/enc.progress" socket-init
+"$criu" restore --images-dir "$work/images" --stream -d -o restore.log || fail "criu restore (encrypted)"
+wait "$serve_pid" || fail "encrypted serve exited non-zero"
+unset CKSTREAM_KEY CKSTREAM_TRUSTED_KEYS
+check_alive_and_intact "after the encrypted restore"
 echo "criu-image-streamer README pipelines: all passed"

@@ -85,6 +85,37 @@ pub fn load_public_key(path: &Path) -> Result<PublicKey> {
     })
 }
 
+/// The directory of system-wide trusted keys: `$CKSTREAM_CONFIG_DIR/trusted-keys`
+/// (default `/etc/ckstream/trusted-keys`).
+pub fn trusted_keys_dir() -> PathBuf {
+    std::env::var_os("CKSTREAM_CONFIG_DIR")
+        .map_or_else(|| PathBuf::from("/etc/ckstream"), PathBuf::from)
+        .join("trusted-keys")
+}
+
+/// The `*.pub` files of `dir`, sorted; none when it does not exist.
+///
+/// # Errors
+/// [`Error::Io`] when it exists but cannot be listed.
+pub fn public_keys_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+    };
+    let mut keys = Vec::new();
+    for e in entries {
+        let path = e
+            .map_err(|e| Error::io(format!("cannot list {}", dir.display()), e))?
+            .path();
+        if path.extension().is_some_and(|x| x == "pub") {
+            keys.push(path);
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
 /// The public key file beside secret key file `path`: `path.pub`.
 pub fn public_key_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -145,6 +176,11 @@ mod tests {
             generate_key_pair(&path).is_err(),
             "an existing key is never replaced"
         );
+        assert_eq!(
+            public_keys_in(dir.path()).unwrap(),
+            [public_key_path(&path)]
+        );
+        assert!(public_keys_in(&dir.path().join("none")).unwrap().is_empty());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = load_secret_key(&path).unwrap_err();
         assert!(err.to_string().contains("chmod 600"), "{err}");

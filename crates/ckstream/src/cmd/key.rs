@@ -6,7 +6,10 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use ckstream_format::{Keyring, WriteKeys};
-use ckstream_store::keys::{generate_key_pair, load_public_key, load_secret_key, public_key_path};
+use ckstream_store::keys::{
+    generate_key_pair, load_public_key, load_secret_key, public_key_path, public_keys_in,
+    trusted_keys_dir,
+};
 use ckstream_store::KeyFiles;
 
 #[derive(Debug, clap::Subcommand)]
@@ -61,8 +64,9 @@ pub struct ReadKeyArgs {
     )]
     key: Vec<PathBuf>,
     /// Open only archives signed by this key (a .pub file; repeat for several; the
-    /// environment variable takes a colon-separated list). Podman archives carry no
-    /// signature and are refused then.
+    /// environment variable takes a colon-separated list). The keys in
+    /// /etc/ckstream/trusted-keys/*.pub ($CKSTREAM_CONFIG_DIR/trusted-keys) are trusted
+    /// too. Podman archives carry no signature and are refused then.
     #[arg(
         long = "trusted-key",
         value_name = "PUBFILE",
@@ -74,11 +78,14 @@ pub struct ReadKeyArgs {
 }
 
 impl ReadKeyArgs {
-    pub fn files(&self) -> KeyFiles {
-        KeyFiles {
+    /// The key files given, and the system's trusted keys.
+    pub fn files(&self) -> Result<KeyFiles> {
+        let mut trusted = self.trusted_key.clone();
+        trusted.extend(public_keys_in(&trusted_keys_dir())?);
+        Ok(KeyFiles {
             secret: self.key.clone(),
-            trusted: self.trusted_key.clone(),
-        }
+            trusted,
+        })
     }
 }
 
@@ -112,9 +119,10 @@ impl WriteKeyArgs {
 
 static READ_KEYS: OnceLock<KeyFiles> = OnceLock::new();
 
-/// Records the reader key flags of this run (once, before any command runs).
-pub fn set_read_keys(args: &ReadKeyArgs) {
-    let _ = READ_KEYS.set(args.files());
+/// Records the reader key files of this run (once, before any command runs).
+pub fn set_read_keys(args: &ReadKeyArgs) -> Result<()> {
+    let _ = READ_KEYS.set(args.files()?);
+    Ok(())
 }
 
 /// The reader key files of this run.

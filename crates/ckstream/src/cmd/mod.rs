@@ -77,7 +77,7 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    key::set_read_keys(&cli.keys);
+    key::set_read_keys(&cli.keys)?;
     match cli.command {
         Command::Key(c) => key::run(c),
         Command::Pack(a) => pack::run(a, cli.quiet),

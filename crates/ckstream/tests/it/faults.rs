@@ -1062,9 +1062,13 @@ fn s3_server_killed_mid_dump_resumes_the_process_and_keeps_the_old_archive() {
     let old_id = s3_id(&s3, &url);
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("work");
+    // Held (SIGSTOP) once the parts of shard 1 are uploaded, before its completion: the
+    // server then dies under a dump whose uploads are open (polling for parts instead
+    // raced with a dump that finished between two polls).
     let child = s3
         .command(bin())
         .env("CKSTREAM_S3_RETRY_SECS", "2")
+        .env("CKSTREAM_FAILPOINT", "s3.complete:stop")
         .args(dump_args(
             m.pid,
             Path::new(&url),
@@ -1076,16 +1080,15 @@ fn s3_server_killed_mid_dump_resumes_the_process_and_keeps_the_old_archive() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for(
-        "a part of the new archive to arrive",
-        Duration::from_secs(60),
-        || {
-            s3.multipart_uploads(prefix)
-                .iter()
-                .any(|(key, id)| s3.uploaded_parts(key, id) > 0)
-        },
+    wait_stopped(child.id(), "the dump to reach the completion of shard 1");
+    assert!(
+        s3.multipart_uploads(prefix)
+            .iter()
+            .any(|(key, id)| s3.uploaded_parts(key, id) > 0),
+        "no part of the new archive was uploaded"
     );
     s3.kill();
+    signal(child.id(), rustix::process::Signal::CONT);
     let out = wait_output(child, Duration::from_secs(120));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");

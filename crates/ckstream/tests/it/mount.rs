@@ -624,3 +624,36 @@ fn hot_list_is_prefetched_and_small_cache_stays_correct() {
     assert!(stats["cache_bytes"].as_u64().unwrap() <= 1 << 20, "{stats}");
     assert_eq!(stats["hot_prefetched_chunks"], 0, "{stats}");
 }
+
+/// An encrypted archive mounts with a recipient's key and reads back exactly (every
+/// chunk opened as it is fetched); without the key the mount is refused and nothing is
+/// mounted.
+#[test]
+fn encrypted_archive_mounts_with_the_key() {
+    if !need_fuse("encrypted_archive_mounts_with_the_key") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_source(&src);
+    let key = tmp.path().join("key");
+    ck_ok(&[
+        "key".as_ref(),
+        "generate".as_ref(),
+        "-o".as_ref(),
+        key.as_os_str(),
+    ] as &[&OsStr]);
+    let public = format!("{}.pub", key.display());
+    let archive = tmp.path().join("a.cka");
+    pack(&src, &archive, "zstd", 2, &["--encrypt-to", &public]);
+    let mp = tmp.path().join("mnt");
+    fs::create_dir_all(&mp).unwrap();
+    let o = ck(&["mount".as_ref(), archive.as_os_str(), mp.as_os_str()] as &[&OsStr]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("encrypted"), "{}", stderr(&o));
+    assert!(!is_mounted(&mp));
+    let m = Mounted::start(&archive, &mp, &["--key", key.to_str().unwrap()]);
+    assert_same_tree(&src, &m.mp);
+    let (status, _, err) = m.umount();
+    assert!(status.success(), "mount exited with {status}: {err}");
+}

@@ -295,3 +295,69 @@ fn changed_sealed_bytes_are_refused() {
         "{err}"
     );
 }
+
+/// Each part of a signed archive an attacker could change — a chunk, the index (with the
+/// footer made consistent), the footer alone, the signature, a shard swapped in from
+/// another archive signed by the same key — and the archive no longer reads as trusted.
+#[test]
+fn every_part_of_a_signed_archive_is_covered() {
+    let k = keys();
+    let signed = |id: u8| {
+        write_sample(
+            WriterOptions {
+                keys: WriteKeys {
+                    sign_with: Some(k.alice.clone()),
+                    ..Default::default()
+                },
+                ..options(Compression::zstd(3))
+            },
+            3,
+            [id; 16],
+        )
+    };
+    let (a, b) = (signed(10), signed(11));
+    let trusted = keyring(&[], &[&k.alice]);
+    let r = open(&a, &trusted).unwrap();
+    let (ei, c) = (0..r.entries().len())
+        .flat_map(|i| r.chunks_of(i).iter().map(move |c| (i, c.clone())))
+        .find(|(_, c)| c.shard == 0)
+        .unwrap();
+    drop(r);
+
+    // A chunk: its digest is in the signed index.
+    let mut chunk = a.clone();
+    chunk[0][c.offset as usize + 1] ^= 1;
+    let r = open(&chunk, &trusted).unwrap();
+    let err = r.read_chunk(&r.entries()[ei], &c).unwrap_err();
+    assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+    assert!(r.verify(2, &Default::default()).is_err());
+
+    // The index, rewritten with a consistent footer: the signature no longer verifies.
+    let mut index = a.clone();
+    index[0] = rewrite_index(&a[0], |i| i.entries[0].uid = 4242);
+    let err = open_err(&index, &trusted);
+    assert!(
+        matches!(&err, Error::Untrusted(m) if m.contains("does not verify")),
+        "{err}"
+    );
+
+    // The footer alone, with a valid check value: it no longer matches the index.
+    let len = a[0].len();
+    let mut footer = Footer::decode(&a[0][len - FOOTER_LEN..], len as u64, "s0").unwrap();
+    footer.index_digest[0] ^= 1;
+    let mut bad_footer = a.clone();
+    bad_footer[0][len - FOOTER_LEN..].copy_from_slice(&footer.encode());
+    assert!(open(&bad_footer, &trusted).is_err());
+
+    // The Signature record's payload (its header's digest no longer matches).
+    let mut sig = a.clone();
+    let at = footer.data_end as usize - 10;
+    sig[0][at] ^= 1;
+    assert!(open(&sig, &trusted).is_err());
+
+    // Shard 1 of another archive signed by the same key.
+    let mut swapped = a.clone();
+    swapped[1] = b[1].clone();
+    let err = open_err(&swapped, &trusted);
+    assert!(matches!(err, Error::Corrupt(_)), "{err}");
+}
