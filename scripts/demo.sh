@@ -69,6 +69,13 @@ step "A damaged archive is refused"
 cp "$work/sample.cka" "$work/damaged.cka"
 printf '\xff' | dd of="$work/damaged.cka" bs=1 seek=$(( $(stat -c %s "$work/damaged.cka") / 2 )) conv=notrunc 2>/dev/null
 if "$bin" verify "$work/damaged.cka"; then echo "UNEXPECTED: damage not detected"; exit 1; else echo "(exit code $? as expected)"; fi
+step "Signed and encrypted: only the recipient's key opens it, only the signer's is trusted"
+"$bin" key generate -o "$work/signer"
+"$bin" key generate -o "$work/recipient"
+"$bin" pack -q -o "$work/sealed.cka" --sign "$work/signer" --encrypt-to "$work/recipient.pub" "$work/sample"
+if "$bin" ls "$work/sealed.cka" >/dev/null 2>&1; then echo "UNEXPECTED: opened without the key"; exit 1; else echo "without the key: refused (exit code $?)"; fi
+"$bin" --key "$work/recipient" --trusted-key "$work/signer.pub" info "$work/sealed.cka" | grep -E '^(encryption|signature):'
+"$bin" --key "$work/recipient" --trusted-key "$work/signer.pub" verify "$work/sealed.cka"
 step "Object storage: the same archive in a local S3 server (SeaweedFS on 127.0.0.1)"
 if s3env=$(CKSTREAM_S3_DIR=$work/s3 CKSTREAM_S3_PORT=${CKSTREAM_S3_PORT:-18533} scripts/s3-server.sh start); then
   eval "$s3env"
@@ -85,4 +92,4 @@ else
   echo "(no local S3 server: scripts/s3-server.sh install needs PyPI; skipped)"
 fi
 echo
-echo "demo finished: dump, restore, pack, ls, cat, verify, unpack (also from S3) all worked."
+echo "demo finished: dump, restore, pack, ls, cat, verify, unpack (also from S3), signed and encrypted archives all worked."
