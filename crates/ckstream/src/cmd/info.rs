@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use ckstream_format::layout::FORMAT_VERSION;
 
-use crate::output::{hex, human_bytes, utc_time};
+use crate::output::{escape_controls, hex, human_bytes, utc_time};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -116,11 +116,16 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     println!("index:        {}", human_bytes(index_bytes));
+    // The archive's own text: control characters escaped.
     for p in &hot_paths {
-        println!("hot:          {p}");
+        println!("hot:          {}", escape_controls(p));
     }
     for m in &index.meta {
-        println!("meta:         {} = {}", m.key, m.value);
+        println!(
+            "meta:         {} = {}",
+            escape_controls(&m.key),
+            escape_controls(&m.value)
+        );
     }
     Ok(())
 }

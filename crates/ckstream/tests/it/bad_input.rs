@@ -434,3 +434,47 @@ fn missing_or_foreign_shards_are_named() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("first shard"), "{}", stderr(&out));
 }
+
+#[test]
+fn control_characters_in_names_are_escaped_in_listings_and_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let evil = "red\u{1b}[31m\nforged line";
+    let a = write_crafted(
+        tmp.path(),
+        vec![
+            (entry(evil, EntryKind::File), Some(b"x".to_vec())),
+            (link("l", EntryKind::Symlink, "t\u{7}\u{9b}\u{202e}"), None),
+        ],
+    );
+    for long in [false, true] {
+        let mut args = vec!["ls".as_ref(), a.as_os_str()];
+        if long {
+            args.insert(1, "-l".as_ref());
+        }
+        let text = String::from_utf8(ck_ok(&args).stdout).unwrap();
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.contains("red\\u{1b}[31m\\nforged line"), "{text:?}");
+        if long {
+            assert!(text.contains("-> t\\u{7}\\u{9b}\\u{202e}"), "{text:?}");
+        }
+    }
+    // JSON keeps the names exact: it escapes them its own way.
+    let out = ck_ok(&["ls".as_ref(), "--json".as_ref(), a.as_os_str()]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["path"], evil);
+    // An error message naming a path.
+    let out = ck(&[
+        "cat".as_ref(),
+        a.as_os_str(),
+        "gone\u{1b}]0;title\u{7}".as_ref(),
+    ]);
+    let err = stderr(&out);
+    assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err:?}");
+    assert!(err.contains("gone\\u{1b}]0;title\\u{7}"), "{err:?}");
+}
