@@ -478,3 +478,175 @@ fn control_characters_in_names_are_escaped_in_listings_and_errors() {
     assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err:?}");
     assert!(err.contains("gone\\u{1b}]0;title\\u{7}"), "{err:?}");
 }
+
+/// Runs ckstream with its address space limited to `mib` MiB (`ulimit -v`), so that an
+/// allocation of what an archive merely claims fails (and aborts) instead of passing
+/// unnoticed on a machine with memory to spare. glibc reserves 64 MiB of address space
+/// for every malloc arena a thread opens, which says nothing about memory use: one arena
+/// keeps the limit about what ckstream allocates.
+fn run_limited(mib: u64, args: &[&OsStr]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args).env("MALLOC_ARENA_MAX", "1");
+    let bytes = mib << 20;
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run ckstream")
+}
+
+/// One-shard archive of `n` files of 64 MiB (the largest chunk a reader accepts), each
+/// one chunk whose few KiB of zstd really decode to 64 MiB of zeros, under a digest they
+/// do not match: every reader must decode them before it can tell.
+fn chunk_bombs(n: u64) -> Vec<u8> {
+    use ckstream_format::layout::{optional, RecordHeader, RecordKind, ShardHeader, HASH_BLAKE3};
+    use ckstream_format::testutil::{append_index, CRAFTED_ID};
+    use ckstream_format::{Chunk, CodecId, Index};
+    const RAW: u32 = 64 << 20;
+    let bomb = zstd::bulk::compress(&vec![0u8; RAW as usize], 1).unwrap();
+    let mut out = ShardHeader {
+        alignment_log2: 12,
+        hash_algo: HASH_BLAKE3,
+        required_features: 0,
+        optional_features: optional::INLINE_ENTRIES,
+        archive_id: CRAFTED_ID,
+        shard_index: 0,
+        shard_count: 1,
+        created_unix_ns: 0,
+    }
+    .encode();
+    let mut index = Index::default();
+    for i in 0..n {
+        let h = RecordHeader {
+            kind: RecordKind::Data,
+            codec: CodecId::Zstd,
+            flags: 0,
+            seq: i,
+            entry_id: i,
+            file_offset: 0,
+            raw_len: RAW,
+            stored_len: bomb.len() as u32,
+            pad: 0,
+            digest: [7; 32],
+        };
+        out.extend_from_slice(&h.encode());
+        index.chunks.push(Chunk {
+            raw_len: RAW,
+            stored_len: bomb.len() as u32,
+            offset: out.len() as u64,
+            codec: CodecId::Zstd as u32,
+            digest: vec![7; 32],
+            ..Default::default()
+        });
+        out.extend_from_slice(&bomb);
+        index.entries.push(Entry {
+            size: RAW as u64,
+            first_chunk: i,
+            chunk_count: 1,
+            ..entry(&format!("f{i}"), EntryKind::File)
+        });
+    }
+    append_index(&mut out, &index, n + 1);
+    out
+}
+
+/// Lengths an archive claims are not allocated before the bytes are there, and chunk
+/// data in flight stays within its budget however many threads work: `verify`, `unpack`
+/// and `ls` of hostile archives fail cleanly (exit 3, one line) inside 256 MiB of
+/// address space instead of aborting on a failed allocation.
+#[test]
+fn hostile_lengths_fail_cleanly_in_256_mib() {
+    use ckstream_format::layout::{
+        RecordHeader, RecordKind, HEADER_LEN, MAX_INDEX_RAW, RECORD_HEADER_LEN,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let benign = craft(vec![
+        (entry("a", EntryKind::File), Some(b"first".to_vec())),
+        (entry("b", EntryKind::File), Some(b"second".to_vec())),
+    ]);
+    // The footer claims the largest index a reader accepts (1 GiB); it is 100 bytes.
+    let mut claimed_index = benign.clone();
+    let mut footer = crafted_footer(&benign);
+    footer.index.as_mut().unwrap().raw_len = MAX_INDEX_RAW;
+    let at = claimed_index.len() - ckstream_format::layout::FOOTER_LEN;
+    claimed_index[at..].copy_from_slice(&footer.encode());
+    // The first record claims to be an index record of 1.1 GiB (what a record header may
+    // claim); only a scan of the records (verify) meets it.
+    let mut claimed_record = benign.clone();
+    let first = &claimed_record[HEADER_LEN..HEADER_LEN + RECORD_HEADER_LEN];
+    let mut h = RecordHeader::decode(first, "first record").unwrap();
+    h.kind = RecordKind::Index;
+    h.codec = ckstream_format::CodecId::Zstd;
+    h.raw_len = MAX_INDEX_RAW as u32;
+    h.stored_len = (MAX_INDEX_RAW + MAX_INDEX_RAW / 8) as u32;
+    claimed_record[HEADER_LEN..HEADER_LEN + RECORD_HEADER_LEN].copy_from_slice(&h.encode());
+    // (archive, [(command, exit code)]): ls reads only the index, so it lists what has a
+    // sound index; verify reads everything.
+    type Expect = &'static [(&'static str, i32)];
+    let cases: [(&str, Vec<u8>, Expect); 3] = [
+        (
+            "claimed-index",
+            claimed_index,
+            &[("verify", 3), ("unpack", 3), ("ls", 3)],
+        ),
+        (
+            "claimed-record",
+            claimed_record,
+            &[("verify", 3), ("ls", 0)],
+        ),
+        (
+            "chunk-bombs",
+            chunk_bombs(8),
+            &[("verify", 3), ("unpack", 3), ("ls", 0)],
+        ),
+    ];
+    for (name, bytes, commands) in cases {
+        let archive = tmp.path().join(format!("{name}.cka"));
+        std::fs::write(&archive, bytes).unwrap();
+        let target = tmp.path().join(format!("{name}.out"));
+        for &(command, want) in commands {
+            let mut args: Vec<&OsStr> = vec![command.as_ref(), archive.as_os_str()];
+            let threads: [&OsStr; 2] = ["--threads".as_ref(), "4".as_ref()];
+            match command {
+                "verify" => args.extend(threads),
+                "unpack" => args.extend(
+                    threads
+                        .into_iter()
+                        .chain(["-C".as_ref(), target.as_os_str()]),
+                ),
+                _ => {}
+            }
+            let out = run_limited(256, &args);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(want), "{name}: {command}: {err}");
+            assert!(
+                !err.contains("memory allocation"),
+                "{name}: {command}: {err}"
+            );
+            if want != 0 {
+                assert_eq!(
+                    err.trim_end().lines().count(),
+                    1,
+                    "{name}: {command}: {err:?}"
+                );
+            }
+        }
+        if target.exists() {
+            assert_eq!(
+                dir_names(&target),
+                Vec::<String>::new(),
+                "{name}: unpack left files"
+            );
+        }
+    }
+}
