@@ -75,6 +75,7 @@ fuzz_target!(|data: &[u8]| {
         let id = String::from_utf8_lossy(id);
         let _ = config_dump_from_db(&db, &id);
         let _ = container_bundle_dir(&db, &id);
-        let _ = resolve_container_id(&db, &id[..id.len().min(4)]);
+        let prefix: String = id.chars().take(4).collect();
+        let _ = resolve_container_id(&db, &prefix);
     }
 });

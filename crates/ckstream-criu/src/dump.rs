@@ -92,8 +92,14 @@ fn write_hook_script(dir: &Path) -> Result<String> {
         )));
     }
     let path = dir.join("ckstream-action-script");
-    std::fs::write(&path, format!("#!/bin/sh\nexec '{exe}' __criu-hook\n"))
-        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)))
+    ckstream_store::create_private_file(&path)
+        .and_then(|mut f| {
+            std::io::Write::write_all(
+                &mut f,
+                format!("#!/bin/sh\nexec '{exe}' __criu-hook\n").as_bytes(),
+            )?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o700))
+        })
         .map_err(|e| CriuError::io(format!("writing {}", path.display()), e))?;
     Ok(path.to_string_lossy().into_owned())
 }

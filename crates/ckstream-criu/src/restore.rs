@@ -208,7 +208,8 @@ pub fn extract(
         let name = std::str::from_utf8(name)
             .map_err(|_| CriuError::Protocol("non-UTF-8 image name in the archive".into()))?;
         let path = dir.join(name);
-        let out = File::create(&path)
+        // Process memory: owner-only, and never written through a symlink in `dir`.
+        let out = ckstream_store::create_private_file(&path)
             .map_err(|e| CriuError::io(format!("creating {}", path.display()), e))?;
         stream_entry(reader, i, &out, decoders, &counter)?;
     }
@@ -272,4 +273,54 @@ fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use ckstream_format::testutil::{craft, open_in_memory};
+    use ckstream_format::{Entry, EntryKind};
+
+    use super::extract;
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: kind as i32,
+            mode: 0o644,
+            ..Default::default()
+        }
+    }
+
+    /// `extract` (criu-image-streamer's) writes the images owner-only, and refuses to
+    /// write through a symlink already in the images directory.
+    #[test]
+    fn images_are_extracted_private_and_never_through_a_symlink() {
+        let reader = open_in_memory(&[craft(vec![
+            (entry("criu", EntryKind::Dir), None),
+            (
+                entry("criu/pages-1.img", EntryKind::File),
+                Some(b"memory".to_vec()),
+            ),
+        ])])
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        assert_eq!(extract(&reader, &images, Vec::new(), 1).unwrap(), 6);
+        let pages = images.join("pages-1.img");
+        assert_eq!(std::fs::read(&pages).unwrap(), b"memory");
+        assert_eq!(
+            std::fs::metadata(&pages).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"not an image").unwrap();
+        std::fs::remove_file(&pages).unwrap();
+        std::os::unix::fs::symlink(&outside, &pages).unwrap();
+        assert!(extract(&reader, &images, Vec::new(), 1).is_err());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"not an image");
+    }
 }

@@ -147,3 +147,43 @@ impl Error {
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `s` with every control character (C0, DEL, C1) and every bidirectional-text control
+/// escaped (`\n`, `\t`, `\r`, else `\u{1b}`), for printing text an archive holds (paths,
+/// link targets, metadata, messages that name them) to a terminal or a log: a name
+/// cannot move the cursor, recolour, clear or rewrite what is around it, or make one
+/// line look like two. Everything else is left as it is.
+pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
+    fn escaped(c: char) -> bool {
+        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(escaped) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if escaped(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("plain/päth\\x"), "plain/päth\\x");
+        assert_eq!(
+            escape_controls("a\nb\tc\rd\u{1b}[2J\u{7f}\u{9b}e"),
+            "a\\nb\\tc\\rd\\u{1b}[2J\\u{7f}\\u{9b}e"
+        );
+        assert_eq!(escape_controls("x\u{202e}gpj.exe"), "x\\u{202e}gpj.exe");
+    }
+}

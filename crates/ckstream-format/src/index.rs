@@ -432,6 +432,9 @@ impl Index {
         };
         let mut by_path: HashMap<Vec<u8>, usize> = HashMap::with_capacity(self.entries.len());
         let nchunks = self.chunks.len() as u64;
+        // Chunks are checked through the entries they belong to; one that belongs to no
+        // entry would be checked by nothing (and trusted by code that walks all chunks).
+        let mut owned = vec![false; self.chunks.len()];
         for (i, e) in self.entries.iter().enumerate() {
             validate_path(&e.path)?;
             let name = e.path_lossy();
@@ -502,9 +505,10 @@ impl Index {
                     "{name:?}: chunk range out of bounds"
                 )));
             }
+            let range = e.first_chunk as usize..(e.first_chunk + e.chunk_count) as usize;
+            owned[range.clone()].fill(true);
             let mut covered = 0u64;
-            for c in &self.chunks[e.first_chunk as usize..(e.first_chunk + e.chunk_count) as usize]
-            {
+            for c in &self.chunks[range] {
                 if c.file_offset < covered {
                     return Err(Error::Corrupt(format!(
                         "{name:?}: chunks overlap or are out of order"
@@ -569,6 +573,11 @@ impl Index {
                     )));
                 }
             }
+        }
+        if let Some(k) = owned.iter().position(|&o| !o) {
+            return Err(Error::Corrupt(format!(
+                "index chunk {k} belongs to no entry"
+            )));
         }
         if !self.shard_bytes.is_empty()
             && (self.shard_bytes.len() != shard_count as usize
@@ -687,6 +696,36 @@ mod tests {
         idx.validate(1).unwrap();
         idx.hot_list.push(1);
         assert!(idx.validate(1).is_err());
+    }
+
+    /// Every chunk must belong to an entry: the chunk table of one that does not was
+    /// never checked, and opening the archive indexed shards by it (found by the
+    /// `archive` fuzz target: a chunk in shard 5 of 3 panicked in `open`).
+    #[test]
+    fn validate_rejects_chunks_of_no_entry() {
+        let chunk = Chunk {
+            raw_len: 1,
+            stored_len: 1,
+            digest: vec![0; 32],
+            ..Default::default()
+        };
+        let mut idx = Index {
+            entries: vec![Entry {
+                size: 1,
+                first_chunk: 0,
+                chunk_count: 1,
+                ..file("a")
+            }],
+            chunks: vec![chunk.clone()],
+            ..Default::default()
+        };
+        idx.validate(3).unwrap();
+        idx.chunks.push(Chunk { shard: 5, ..chunk });
+        let err = idx.validate(3).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt(m) if m.contains("chunk 1 belongs to no entry")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub mod writer;
 
 pub use codec::{CodecId, Compression, CompressionArg};
 pub use crypto::{ArchiveKey, Keyring, PublicKey, SecretKey, SignatureStatus, WriteKeys};
-pub use error::{Error, Result};
+pub use error::{escape_controls, Error, Result};
 pub use index::{Chunk, Entry, EntryKind, Index, Xattr};
 pub use progress::{Progress, Stop};
 pub use reader::{ArchiveReader, RecordScanner, ShardSource, VerifyReport};

@@ -348,16 +348,11 @@ fn write_checkpoint(
 /// Writes a bundle file the way podman does (owner-only, replaced atomically).
 fn write_bundle_file(bundle: &Path, name: &str, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = bundle.join(name);
     let tmp = bundle.join(format!(".{name}.ckstream-tmp"));
     let written = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        // Owner-only, never through a symlink planted under the temporary name.
+        let mut f = ckstream_store::create_private_file(&tmp)?;
         f.write_all(data)?;
         f.sync_data()?;
         std::fs::rename(&tmp, &path)

@@ -165,6 +165,7 @@ impl RootfsTicket {
             .write(true)
             .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .and_then(|mut f| f.write_all(&json))
             .map_err(|e| io(format!("cannot create {}", path.display()), e))?;
@@ -232,11 +233,14 @@ pub fn run_hook(ticket: &Path, state: impl Read) -> Result<()> {
         bad_archive: applied.as_ref().err().is_some_and(is_bad_archive),
         seconds: started.elapsed().as_secs_f64(),
     };
-    std::fs::write(
-        RootfsTicket::result_path(ticket),
-        serde_json::to_vec(&outcome).expect("an outcome serializes"),
-    )
-    .map_err(|e| PodmanError::Archive(Error::io("recording the hook's outcome", e)))?;
+    ckstream_store::create_private_file(&RootfsTicket::result_path(ticket))
+        .and_then(|mut f| {
+            std::io::Write::write_all(
+                &mut f,
+                &serde_json::to_vec(&outcome).expect("an outcome serializes"),
+            )
+        })
+        .map_err(|e| PodmanError::Archive(Error::io("recording the hook's outcome", e)))?;
     applied
 }
 

@@ -24,5 +24,6 @@ pub use location::{
     ShardNames, Writeback,
 };
 pub use publish::{
-    create_file_atomically, may_be_in_place, AtomicFile, MayBeInPlace, PendingArchive,
+    create_file_atomically, create_private_file, may_be_in_place, AtomicFile, MayBeInPlace,
+    PendingArchive,
 };

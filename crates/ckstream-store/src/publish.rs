@@ -12,7 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ckstream_format::{Error, Result, ShardSink};
@@ -323,15 +323,40 @@ pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     File::open(parent)?.sync_all()
 }
 
-/// A new file that only the owner can read (archives hold process memory).
+/// A new file that only the owner can read (archives hold process memory). `O_EXCL`
+/// already refuses any existing name, a symlink included; `O_NOFOLLOW` says so too.
 fn create_private(path: &Path) -> Result<File> {
     OpenOptions::new()
         .write(true)
         .read(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))
+}
+
+/// Opens `path` to be written from its start, only the owner able to read it (mode 0600,
+/// also when it existed: its old mode could let others read what is now written), and
+/// never through a symlink (`O_NOFOLLOW`: a planted link fails with `ELOOP` instead of
+/// redirecting the write). For files holding process memory or written where others
+/// could have placed a name: CRIU images extracted from an archive, logs and notes in
+/// work directories.
+///
+/// # Errors
+/// The I/O error of opening (ELOOP for a symlink) or of setting the mode.
+pub fn create_private_file(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if file.metadata()?.permissions().mode() & 0o7777 != 0o600 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
 }
 
 fn random_suffix() -> String {
@@ -397,5 +422,40 @@ impl AtomicFile {
     /// Removes the temporary file.
     pub fn discard(self) {
         let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::create_private_file;
+
+    #[test]
+    fn private_files_are_0600_and_never_written_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let new = dir.path().join("new");
+        create_private_file(&new).unwrap();
+        assert_eq!(mode(&new), 0o600);
+        // An existing file readable by others is truncated and made private.
+        let old = dir.path().join("old");
+        std::fs::write(&old, b"previous content").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        create_private_file(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), 0);
+        // A symlink, to a file or nowhere, is refused and its target left alone.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        for (link, to) in [("link", &target), ("dangling", &dir.path().join("nothing"))] {
+            let link = dir.path().join(link);
+            std::os::unix::fs::symlink(to, &link).unwrap();
+            let err = create_private_file(&link).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(!dir.path().join("nothing").exists());
     }
 }

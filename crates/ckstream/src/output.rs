@@ -2,8 +2,11 @@
 
 use std::fmt::Write;
 
+pub use ckstream_format::escape_controls;
+
 /// The error and its causes on one line, without repeating a cause that the
-/// message above it already includes.
+/// message above it already includes. Control characters (of a path in the message,
+/// say) are escaped: a hostile archive's names cannot drive the terminal or forge lines.
 pub fn one_line(err: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in err.chain() {
@@ -16,7 +19,7 @@ pub fn one_line(err: &anyhow::Error) -> String {
         }
         out.push_str(&s);
     }
-    out.replace('\n', " ")
+    escape_controls(&out.replace('\n', " ")).into_owned()
 }
 
 /// 1536 -> "1.5 KiB".
@@ -126,6 +129,16 @@ pub fn rusage_json() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_lines_escape_control_characters() {
+        let err = anyhow::Error::msg("cannot create \"evil\u{1b}[2J\u{7}name\"")
+            .context("unpacking\nsomething");
+        assert_eq!(
+            one_line(&err),
+            "unpacking something: cannot create \"evil\\u{1b}[2J\\u{7}name\""
+        );
+    }
 
     #[test]
     fn formats() {

@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use ckstream_format::budget::{chunk_cost, Budget, CHUNK_MEMORY};
 use ckstream_format::reader::verify_digest;
-use ckstream_format::{codec, ArchiveReader, Chunk, EntryKind, Error, Result};
+use ckstream_format::{codec, escape_controls, ArchiveReader, Chunk, EntryKind, Error, Result};
 
 use super::cache::{Bytes, CacheCounters, ChunkCache};
 
@@ -188,7 +188,9 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .insert(ci);
         if first {
-            eprintln!("ckstream: error: {context}: {err}");
+            // The context names an archive path: its control characters are escaped.
+            let line = format!("{context}: {err}").replace('\n', " ");
+            eprintln!("ckstream: error: {}", escape_controls(&line));
         }
     }
 }

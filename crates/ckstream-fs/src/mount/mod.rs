@@ -220,7 +220,12 @@ fn widen_kernel_readahead(mountpoint: &Path, chunk_size: u32) {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(u32::MAX);
     if current < want_kb {
-        let _ = std::fs::write(&path, want_kb.to_string());
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, want_kb.to_string().as_bytes()));
     }
 }
 

@@ -6,7 +6,7 @@ use anyhow::Result;
 use ckstream_format::layout::FORMAT_VERSION;
 use ckstream_format::SignatureStatus;
 
-use crate::output::{hex, human_bytes, utc_time};
+use crate::output::{escape_controls, hex, human_bytes, utc_time};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -140,11 +140,16 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     println!("index:        {}", human_bytes(index_bytes));
+    // The archive's own text: control characters escaped.
     for p in &hot_paths {
-        println!("hot:          {p}");
+        println!("hot:          {}", escape_controls(p));
     }
     for m in &index.meta {
-        println!("meta:         {} = {}", m.key, m.value);
+        println!(
+            "meta:         {} = {}",
+            escape_controls(&m.key),
+            escape_controls(&m.value)
+        );
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Result;
 use ckstream_format::EntryKind;
 
-use crate::output::{mode_string, utc_time};
+use crate::output::{escape_controls, mode_string, utc_time};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -48,9 +48,12 @@ pub fn run(args: Args) -> Result<()> {
         serde_json::to_writer(&mut out, &list)?;
         writeln!(out)?;
     } else {
+        // Names are the archive's: their control characters are escaped (JSON output
+        // escapes them its own way).
         for e in reader.entries() {
             let kind = e.entry_kind();
             let path = e.path_lossy();
+            let path = escape_controls(&path);
             if args.long {
                 let size = match kind {
                     EntryKind::CharDevice | EntryKind::BlockDevice => {
@@ -60,10 +63,16 @@ pub fn run(args: Args) -> Result<()> {
                 };
                 let link = match kind {
                     EntryKind::Symlink => {
-                        format!(" -> {}", String::from_utf8_lossy(&e.link_target))
+                        format!(
+                            " -> {}",
+                            escape_controls(&String::from_utf8_lossy(&e.link_target))
+                        )
                     }
                     EntryKind::Hardlink => {
-                        format!(" link to {}", String::from_utf8_lossy(&e.link_target))
+                        format!(
+                            " link to {}",
+                            escape_controls(&String::from_utf8_lossy(&e.link_target))
+                        )
                     }
                     _ => String::new(),
                 };

@@ -434,3 +434,250 @@ fn missing_or_foreign_shards_are_named() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("first shard"), "{}", stderr(&out));
 }
+
+#[test]
+fn control_characters_in_names_are_escaped_in_listings_and_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let evil = "red\u{1b}[31m\nforged line";
+    let a = write_crafted(
+        tmp.path(),
+        vec![
+            (entry(evil, EntryKind::File), Some(b"x".to_vec())),
+            (link("l", EntryKind::Symlink, "t\u{7}\u{9b}\u{202e}"), None),
+        ],
+    );
+    for long in [false, true] {
+        let mut args = vec!["ls".as_ref(), a.as_os_str()];
+        if long {
+            args.insert(1, "-l".as_ref());
+        }
+        let text = String::from_utf8(ck_ok(&args).stdout).unwrap();
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.contains("red\\u{1b}[31m\\nforged line"), "{text:?}");
+        if long {
+            assert!(text.contains("-> t\\u{7}\\u{9b}\\u{202e}"), "{text:?}");
+        }
+    }
+    // JSON keeps the names exact: it escapes them its own way.
+    let out = ck_ok(&["ls".as_ref(), "--json".as_ref(), a.as_os_str()]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["path"], evil);
+    // An error message naming a path.
+    let out = ck(&[
+        "cat".as_ref(),
+        a.as_os_str(),
+        "gone\u{1b}]0;title\u{7}".as_ref(),
+    ]);
+    let err = stderr(&out);
+    assert!(!err.contains('\u{1b}') && !err.contains('\u{7}'), "{err:?}");
+    assert!(err.contains("gone\\u{1b}]0;title\\u{7}"), "{err:?}");
+}
+
+/// Runs ckstream with its address space limited to `mib` MiB (`ulimit -v`), so that an
+/// allocation of what an archive merely claims fails (and aborts) instead of passing
+/// unnoticed on a machine with memory to spare. glibc reserves 64 MiB of address space
+/// for every malloc arena a thread opens, which says nothing about memory use: one arena
+/// keeps the limit about what ckstream allocates.
+fn run_limited(mib: u64, args: &[&OsStr]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args).env("MALLOC_ARENA_MAX", "1");
+    let bytes = mib << 20;
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run ckstream")
+}
+
+/// One-shard archive of `n` files of 64 MiB (the largest chunk a reader accepts), each
+/// one chunk whose few KiB of zstd or LZ4 really decode to 64 MiB of zeros, under a
+/// digest they do not match: every reader must decode them before it can tell.
+fn chunk_bombs(n: u64, codec: ckstream_format::CodecId) -> Vec<u8> {
+    use ckstream_format::codec::Encoder;
+    use ckstream_format::layout::{optional, RecordHeader, RecordKind, ShardHeader, HASH_BLAKE3};
+    use ckstream_format::testutil::{append_index, CRAFTED_ID};
+    use ckstream_format::{Chunk, CodecId, Compression, Index};
+    const RAW: u32 = 64 << 20;
+    let compression = match codec {
+        CodecId::Lz4 => Compression::LZ4,
+        _ => Compression::zstd(1),
+    };
+    let (codec, bomb) = Encoder::new(compression)
+        .unwrap()
+        .encode(&vec![0u8; RAW as usize])
+        .unwrap()
+        .unwrap();
+    let mut out = ShardHeader {
+        alignment_log2: 12,
+        hash_algo: HASH_BLAKE3,
+        required_features: 0,
+        optional_features: optional::INLINE_ENTRIES,
+        archive_id: CRAFTED_ID,
+        shard_index: 0,
+        shard_count: 1,
+        created_unix_ns: 0,
+    }
+    .encode();
+    let mut index = Index::default();
+    for i in 0..n {
+        let h = RecordHeader {
+            kind: RecordKind::Data,
+            codec,
+            flags: 0,
+            seq: i,
+            entry_id: i,
+            file_offset: 0,
+            raw_len: RAW,
+            stored_len: bomb.len() as u32,
+            pad: 0,
+            digest: [7; 32],
+        };
+        out.extend_from_slice(&h.encode());
+        index.chunks.push(Chunk {
+            raw_len: RAW,
+            stored_len: bomb.len() as u32,
+            offset: out.len() as u64,
+            codec: codec as u32,
+            digest: vec![7; 32],
+            ..Default::default()
+        });
+        out.extend_from_slice(&bomb);
+        index.entries.push(Entry {
+            size: RAW as u64,
+            first_chunk: i,
+            chunk_count: 1,
+            ..entry(&format!("f{i}"), EntryKind::File)
+        });
+    }
+    append_index(&mut out, &index, n + 1);
+    out
+}
+
+/// Lengths an archive claims are not allocated before the bytes are there, and chunk
+/// data in flight stays within its budget however many threads work: `verify`, `unpack`
+/// and `ls` of hostile archives fail cleanly (exit 3, one line) inside 256 MiB of
+/// address space instead of aborting on a failed allocation.
+#[test]
+fn hostile_lengths_fail_cleanly_in_256_mib() {
+    use ckstream_format::layout::{
+        RecordHeader, RecordKind, HEADER_LEN, MAX_INDEX_RAW, RECORD_HEADER_LEN,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let benign = craft(vec![
+        (entry("a", EntryKind::File), Some(b"first".to_vec())),
+        (entry("b", EntryKind::File), Some(b"second".to_vec())),
+    ]);
+    // The footer claims the largest index a reader accepts (1 GiB); it is 100 bytes,
+    // in a zstd frame that does not record its size (as a streaming compressor writes
+    // it), so nothing but the footer says how large it is.
+    let mut claimed_index = benign.clone();
+    let mut footer = crafted_footer(&benign);
+    let loc = footer.index.unwrap();
+    let raw = prost::Message::encode_to_vec(&read_index(&benign));
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+    encoder.include_contentsize(false).unwrap();
+    std::io::Write::write_all(&mut encoder, &raw).unwrap();
+    let stored = encoder.finish().unwrap();
+    assert!(matches!(
+        zstd::zstd_safe::get_frame_content_size(&stored),
+        Ok(None)
+    ));
+    let mut h = RecordHeader::decode(
+        &benign[loc.offset as usize - RECORD_HEADER_LEN..loc.offset as usize],
+        "index record",
+    )
+    .unwrap();
+    h.stored_len = stored.len() as u32;
+    claimed_index.truncate(loc.offset as usize - RECORD_HEADER_LEN);
+    claimed_index.extend_from_slice(&h.encode());
+    claimed_index.extend_from_slice(&stored);
+    footer.index = Some(IndexLocation {
+        offset: loc.offset,
+        stored_len: stored.len() as u64,
+        raw_len: MAX_INDEX_RAW,
+    });
+    footer.data_end = claimed_index.len() as u64;
+    claimed_index.extend_from_slice(&footer.encode());
+    // The first record claims to be an index record of 1.1 GiB (what a record header may
+    // claim); only a scan of the records (verify) meets it.
+    let mut claimed_record = benign.clone();
+    let first = &claimed_record[HEADER_LEN..HEADER_LEN + RECORD_HEADER_LEN];
+    let mut h = RecordHeader::decode(first, "first record").unwrap();
+    h.kind = RecordKind::Index;
+    h.codec = ckstream_format::CodecId::Zstd;
+    h.raw_len = MAX_INDEX_RAW as u32;
+    h.stored_len = (MAX_INDEX_RAW + MAX_INDEX_RAW / 8) as u32;
+    claimed_record[HEADER_LEN..HEADER_LEN + RECORD_HEADER_LEN].copy_from_slice(&h.encode());
+    // (archive, [(command, exit code)]): ls reads only the index, so it lists what has a
+    // sound index; verify reads everything.
+    type Expect = &'static [(&'static str, i32)];
+    let cases: [(&str, Vec<u8>, Expect); 4] = [
+        (
+            "claimed-index",
+            claimed_index,
+            &[("verify", 3), ("unpack", 3), ("ls", 3)],
+        ),
+        (
+            "claimed-record",
+            claimed_record,
+            &[("verify", 3), ("ls", 0)],
+        ),
+        (
+            "zstd-bombs",
+            chunk_bombs(8, ckstream_format::CodecId::Zstd),
+            &[("verify", 3), ("unpack", 3), ("ls", 0)],
+        ),
+        (
+            "lz4-bombs",
+            chunk_bombs(8, ckstream_format::CodecId::Lz4),
+            &[("verify", 3), ("unpack", 3), ("ls", 0)],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, bytes, commands) in cases {
+        let archive = tmp.path().join(format!("{name}.cka"));
+        std::fs::write(&archive, bytes).unwrap();
+        let target = tmp.path().join(format!("{name}.out"));
+        for &(command, want) in commands {
+            let mut args: Vec<&OsStr> = vec![command.as_ref(), archive.as_os_str()];
+            let threads: [&OsStr; 2] = ["--threads".as_ref(), "4".as_ref()];
+            match command {
+                "verify" => args.extend(threads),
+                "unpack" => args.extend(
+                    threads
+                        .into_iter()
+                        .chain(["-C".as_ref(), target.as_os_str()]),
+                ),
+                _ => {}
+            }
+            let out = run_limited(256, &args);
+            let err = stderr(&out);
+            let clean = out.status.code() == Some(want)
+                && !err.contains("memory allocation")
+                && (want == 0 || err.trim_end().lines().count() == 1);
+            if !clean {
+                failures.push(format!("{name}: {command}: {:?}: {err}", out.status));
+            }
+        }
+        if target.exists() && !dir_names(&target).is_empty() {
+            failures.push(format!("{name}: unpack left {:?}", dir_names(&target)));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -3,6 +3,7 @@
 //! and compare the container's filesystem and memory with what they were.
 
 use std::cell::RefCell;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::thread::sleep;
@@ -407,6 +408,36 @@ fn raw_member(out: &mut Vec<u8>, name: &str, data: &[u8]) {
     out.resize(out.len().div_ceil(512) * 512, 0);
 }
 
+/// Exports hold process memory: `podman import` and `podman export` write them
+/// owner-only (no podman needed: the export is built here).
+#[test]
+fn converted_archives_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let mut t = Vec::new();
+    raw_member(&mut t, "config.dump", br#"{"name": "private"}"#);
+    raw_member(&mut t, "spec.dump", b"{}");
+    raw_member(&mut t, "checkpoint/pages-1.img", b"process memory");
+    t.extend_from_slice(&[0u8; 1024]);
+    std::fs::write(p("in.tar"), t).unwrap();
+    ck_ok(&["podman", "import", &p("in.tar"), "-o", &p("c.cka")]);
+    for (out, compress) in [("out.tar", "none"), ("out.tar.zst", "zstd")] {
+        ck_ok(&[
+            "podman",
+            "export",
+            &p("c.cka"),
+            "-o",
+            &p(out),
+            "-c",
+            compress,
+        ]);
+    }
+    for name in ["c.cka", "out.tar", "out.tar.zst"] {
+        let mode = std::fs::metadata(p(name)).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "{name}: {mode:o}");
+    }
+}
+
 #[test]
 fn hostile_podman_archives_are_rejected_before_podman_sees_them() {
     if !have_podman("hostile") {
@@ -784,7 +815,6 @@ fn metacopy_storage_checkpoints_in_both_formats() {
         "#!/bin/sh\n[ \"$1\" = mount ] && { echo 'mount refused by the test' >&2; exit 125; }\nexec podman \"$@\"\n",
     )
     .unwrap();
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let refused = dir.path().join("refused.cka");
     let o = in_storage(

@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +16,8 @@ pub(super) fn release_stdio(log: Option<&std::path::Path>) -> Result<()> {
         Some(path) => std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .with_context(|| format!("opening the log {}", path.display()))?,
         None => std::fs::OpenOptions::new()
