@@ -33,7 +33,7 @@ fuzz-smoke:
 ## Every fuzz target, one after the other, FUZZ_SECS seconds each (docs/FUZZING.md).
 FUZZ_SECS ?= 300
 fuzz: build
-	scripts/fuzz.sh $(FUZZ_SECS)
+	FUZZ_RUNS=$(FUZZ_RUNS) scripts/fuzz.sh $(FUZZ_SECS)
 
 ## Every benchmark (root; long: see docs/PERFORMANCE.md for each one's settings).
 bench: build

@@ -34,11 +34,15 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 logs=${FUZZ_LOG_DIR:-$work}
 mkdir -p "$logs"
-scripts/fuzz-seeds.py "$bin" >/dev/null
-if ! cargo fuzz build -s "$sanitizer" >"$work/build.log" 2>&1; then
-  cat "$work/build.log" >&2
-  exit 1
+if [[ -z ${FUZZ_SKIP_BUILD:-} ]]; then
+  scripts/fuzz-seeds.py "$bin" >/dev/null
+  if ! cargo fuzz build -s "$sanitizer" >"$work/build.log" 2>&1; then
+    cat "$work/build.log" >&2
+    exit 1
+  fi
 fi
+limit=(-max_total_time="$seconds")
+[[ -n ${FUZZ_RUNS:-} ]] && limit=(-runs="$FUZZ_RUNS")
 for target in "${targets[@]}"; do
   max_len=65536
   [[ $target == boltdb ]] && max_len=262144
@@ -46,7 +50,7 @@ for target in "${targets[@]}"; do
   # The unpack and podman_import targets write below TMPDIR: a private one, removed after.
   mkdir -p "$work/tmp-$target"
   if ! TMPDIR=$work/tmp-$target cargo fuzz run -s "$sanitizer" "$target" -- \
-    -max_total_time="$seconds" -max_len="$max_len" -timeout=10 \
+    "${limit[@]}" -max_len="$max_len" -timeout=10 \
     -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1 >"$log" 2>&1; then
     tail -n 60 "$log" >&2
     echo "fuzz: $target failed (its input is in fuzz/artifacts/$target/)" >&2
