@@ -14,6 +14,12 @@
 # way (fuzz/src/lib.rs). FUZZ_LOG_DIR keeps each target's libFuzzer log (default: a
 # temporary directory). Fuzzing needs nightly flags; RUSTC_BOOTSTRAP=1 lets the stable
 # toolchain accept them.
+#
+# FUZZ_RUNS=N runs every target for N executions instead (no time limit; SECONDS is then
+# ignored): `make fuzz FUZZ_RUNS=10000000` is the run docs/FUZZING.md records.
+# FUZZ_SKIP_BUILD=1 skips the seeds and the build (a second runner beside a first one).
+# FUZZ_TIMEOUT (10 s) is how long one input may take before it counts as a hang: raise it
+# when the runners share the machine with other work (libFuzzer measures wall time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-${FUZZ_SECS:-60}}
@@ -50,7 +56,7 @@ for target in "${targets[@]}"; do
   # The unpack and podman_import targets write below TMPDIR: a private one, removed after.
   mkdir -p "$work/tmp-$target"
   if ! TMPDIR=$work/tmp-$target cargo fuzz run -s "$sanitizer" "$target" -- \
-    "${limit[@]}" -max_len="$max_len" -timeout=10 \
+    "${limit[@]}" -max_len="$max_len" -timeout="${FUZZ_TIMEOUT:-10}" \
     -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1 >"$log" 2>&1; then
     tail -n 60 "$log" >&2
     echo "fuzz: $target failed (its input is in fuzz/artifacts/$target/)" >&2
