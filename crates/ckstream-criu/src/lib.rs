@@ -14,6 +14,9 @@
 pub mod capture;
 pub mod dump;
 pub mod error;
+pub mod images;
+pub mod lazy;
+pub mod pages;
 pub mod proto;
 pub mod restore;
 pub mod run;

@@ -225,7 +225,7 @@ pub fn extract(
 /// Makes this process the child subreaper of what CRIU forks, so that the restored tasks
 /// come to it, not to init, if CRIU dies before it let them go. (A process-wide setting:
 /// a restoring process adopts its orphaned descendants for the rest of its life.)
-fn adopt_orphans() {
+pub(crate) fn adopt_orphans() {
     let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
 }
 
@@ -269,7 +269,7 @@ fn own_children() -> Vec<i32> {
         .collect()
 }
 
-fn default_threads() -> usize {
+pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)

@@ -104,7 +104,7 @@ pub fn spawn_restore(work_dir: &Path, extra_args: &[String]) -> Result<Child> {
 }
 
 /// CRIU prints early errors (before its log is open) on stderr: keep them next to the log.
-fn stderr_file(work_dir: &Path, what: &str) -> Result<Stdio> {
+pub(crate) fn stderr_file(work_dir: &Path, what: &str) -> Result<Stdio> {
     let p = work_dir.join(format!("criu-{what}.stderr"));
     let f = ckstream_store::create_private_file(&p)
         .map_err(|e| CriuError::io(format!("creating {}", p.display()), e))?;

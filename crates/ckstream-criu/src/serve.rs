@@ -6,6 +6,7 @@
 //! chunks per decoder), and written to CRIU's pipe in order; holes are sent as zeros.
 //! No byte reaches CRIU before its chunk digest has been checked.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
@@ -34,6 +35,9 @@ pub struct ServeOptions {
     pub pipe_size: usize,
     /// External files to send out: archive name and the write end of a pipe/file.
     pub ext_files: Vec<(String, OwnedFd)>,
+    /// Image files served from these bytes instead of the archive (a lazy restore's
+    /// rewritten pagemaps and reduced page files).
+    pub replace: HashMap<String, Arc<Vec<u8>>>,
     /// Called while waiting for CRIU; an error aborts the serve (e.g. CRIU exited).
     pub watch: Option<Box<dyn FnMut() -> Result<()> + Send>>,
     /// Polled while waiting for CRIU: once true the serve ends with
@@ -51,6 +55,7 @@ impl Default for ServeOptions {
                 .unwrap_or(2),
             pipe_size: 4 << 20,
             ext_files: Vec::new(),
+            replace: HashMap::new(),
             watch: None,
             stop: Stop::NEVER,
         }
@@ -263,6 +268,7 @@ pub fn serve(
     let mut sock =
         socket::accept_watched(listener, opts.accept_timeout, &mut opts.watch, opts.stop)?;
     let bytes = Arc::new(AtomicU64::new(0));
+    let bytes_sent = bytes.clone();
     let first_error: Arc<Mutex<Option<CriuError>>> = Arc::new(Mutex::new(None));
     let mut report = ServeReport::default();
     let mut workers = Vec::new();
@@ -291,6 +297,19 @@ pub fn serve(
             break;
         };
         report.requests += 1;
+        if let Some(bytes) = opts.replace.get(&req.filename) {
+            write_message(&mut sock, &ReplyEntry { exists: true })?;
+            let fd = socket::recv_fd(&sock)?;
+            report.served += 1;
+            let (bytes, counter) = (bytes.clone(), bytes_sent.clone());
+            workers.push(std::thread::spawn(move || {
+                // A reader that went away (EPIPE) is CRIU's business, as in stream_entry.
+                if File::from(fd).write_all(&bytes).is_ok() {
+                    counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+            }));
+            continue;
+        }
         let found = reader
             .find(&crate::image_path(&req.filename))
             .filter(|&i| reader.entries()[i].entry_kind() == EntryKind::File);

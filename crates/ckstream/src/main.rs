@@ -18,6 +18,18 @@ const EXIT_BAD_ARCHIVE: u8 = 3;
 /// Exit code for any other failure.
 const EXIT_FAILURE: u8 = 1;
 
+/// Ends the program with this exit code and no message (whoever failed said why).
+#[derive(Debug)]
+struct ExitWith(u8);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit code {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
 fn main() -> ExitCode {
     let cli = cmd::Cli::parse();
     let result = cmd::run(cli);
@@ -36,6 +48,9 @@ fn main() -> ExitCode {
         Err(err) if is_broken_pipe(&err) => {
             // The reader of our stdout went away (`ckstream ls | head`): not an error.
             ExitCode::SUCCESS
+        }
+        Err(err) if err.downcast_ref::<ExitWith>().is_some() => {
+            ExitCode::from(err.downcast_ref::<ExitWith>().unwrap().0)
         }
         Err(err) => {
             eprintln!("ckstream: error: {}", output::one_line(&err));

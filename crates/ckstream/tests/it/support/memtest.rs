@@ -170,6 +170,8 @@ pub fn become_subreaper() {
                     let reap = match z.comm.as_str() {
                         // Never started directly by a test.
                         "memtest" | "unshare" | "weed" => true,
+                        // A lazy restore's background page server, once every page is in.
+                        "ckstream" => first.elapsed() > Duration::from_secs(2),
                         // CRIU's orphans and the S3 script's watchdog; a test's own
                         // `criu --version` or `bash` child is waited for long before.
                         "criu" | "bash" => first.elapsed() > Duration::from_secs(2),
