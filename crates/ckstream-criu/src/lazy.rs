@@ -284,6 +284,11 @@ fn answer_requests(
             }
         }
         *requests += 1;
+        if *requests == 16 {
+            // Tests hold the page server here (SIGSTOP) to break the store mid-transfer.
+            ckstream_store::failpoint::hit("lazy.page-request-16")
+                .map_err(|e| CriuError::io("serving pages", e))?;
+        }
         let unknown = || {
             CriuError::Protocol(format!(
                 "page request for {nr_pages} pages at {vaddr:#x} of process {dst_id}, which the checkpoint has no lazy pages for"
@@ -514,7 +519,11 @@ pub fn restore_lazy(
         Err(e) => {
             let killed = tree.kill();
             let _ = run::wait_with_timeout(&mut daemon.lock().unwrap(), Duration::from_secs(10));
-            let _ = server.join();
+            // A page the archive could not give is why CRIU failed, when it is.
+            let e = match server.join() {
+                Ok((Err(page_error @ CriuError::Archive(_)), _)) => page_error,
+                _ => e,
+            };
             return Err(failed(
                 &mut work,
                 e,

@@ -161,7 +161,7 @@ fn tmpfs(at: &Path, size: &str) -> Mounted {
 }
 
 /// Waits for a child, killing it after `timeout`.
-fn wait_output(child: Child, timeout: Duration) -> Output {
+pub(crate) fn wait_output(child: Child, timeout: Duration) -> Output {
     let pid = child.id();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = {
@@ -648,7 +648,7 @@ impl PowerCutRig {
     }
 }
 
-fn wait_stopped(pid: u32, what: &str) {
+pub(crate) fn wait_stopped(pid: u32, what: &str) {
     wait_for(what, Duration::from_secs(60), || {
         proc_stat(pid).is_some_and(|s| s.state == 'T')
     });

@@ -19,6 +19,7 @@ mod s3;
 // Checkpoints of processes and containers.
 mod criu;
 mod faults;
+mod lazy;
 mod podman;
 mod rootfs;
 mod soak;
