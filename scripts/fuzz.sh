@@ -18,6 +18,7 @@
 # FUZZ_RUNS=N runs every target for N executions instead (no time limit; SECONDS is then
 # ignored): `make fuzz FUZZ_RUNS=10000000` is the run docs/FUZZING.md records.
 # FUZZ_SKIP_BUILD=1 skips the seeds and the build (a second runner beside a first one).
+# FUZZ_TMPDIR (default /dev/shm) holds what the targets write (a private directory).
 # FUZZ_TIMEOUT (10 s) is how long one input may take before it counts as a hang: raise it
 # when the runners share the machine with other work (libFuzzer measures wall time).
 set -euo pipefail
@@ -36,7 +37,8 @@ targets=("$@")
 if ((${#targets[@]} == 0)); then
   mapfile -t targets < <(cargo fuzz list)
 fi
-work=$(mktemp -d)
+# The unpack and podman_import targets write files on every run: keep them in memory.
+work=$(mktemp -d -p "${FUZZ_TMPDIR:-$([[ -d /dev/shm ]] && echo /dev/shm || echo "${TMPDIR:-/tmp}")}")
 trap 'rm -rf "$work"' EXIT
 logs=${FUZZ_LOG_DIR:-$work}
 mkdir -p "$logs"

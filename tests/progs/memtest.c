@@ -29,6 +29,8 @@
  *
  * Environment (optional):
  *   MEMTEST_FILL=random  (default) every buffer is xorshift64* noise
+ *   MEMTEST_TICK_MS=N    heartbeat period (default 100; benchmarks timing the first
+ *                        heartbeat after a restore use 10)
  *   MEMTEST_FILL=mixed   buffers get realistic mixed compressibility, in
  *                        128 KiB regions: ~35% noise, ~30% text log lines,
  *                        ~15% heap-like structs, ~15% bytes copied from a
@@ -76,6 +78,8 @@ static uint64_t now_ns(void)
 	clock_gettime(CLOCK_REALTIME, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
+
+static long tick_ms = 100;
 
 static void sleep_ms(long ms)
 {
@@ -406,6 +410,9 @@ int main(int argc, char **argv)
 	}
 
 	const char *fill = getenv("MEMTEST_FILL");
+	const char *tick = getenv("MEMTEST_TICK_MS");
+	if (tick && atol(tick) > 0)
+		tick_ms = atol(tick);
 	if (fill && *fill && strcmp(fill, "random") != 0) {
 		if (strcmp(fill, "mixed") != 0) {
 			fprintf(stderr, "bad MEMTEST_FILL (random|mixed): %s\n", fill);
@@ -533,7 +540,7 @@ int main(int argc, char **argv)
 				nkids ? kids[0].echoes : 0UL);
 
 		send_all('p');
-		sleep_ms(100);
+		sleep_ms(tick_ms);
 		drain_children(0);
 	}
 
