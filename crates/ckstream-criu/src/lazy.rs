@@ -22,7 +22,7 @@
 //! every process of the tree is SIGKILLed before the page server stops answering.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
@@ -36,7 +36,7 @@ use ckstream_format::{ArchiveReader, EntryKind};
 
 use crate::error::{CriuError, Result};
 use crate::images::{self, Pagemap, PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT};
-use crate::pages::PageFile;
+use crate::pages::{PageFile, Piece};
 use crate::restore::{
     adopt_orphans, apply_rootfs, default_threads, verify_metadata, RestoreOptions, REMOTE_DECODERS,
 };
@@ -233,10 +233,11 @@ impl Tree {
 fn page_server(
     mut sock: UnixStream,
     processes: &HashMap<u32, LazyProcess>,
+    read_ahead: usize,
     tree: &Tree,
     requests: &mut u64,
 ) -> Result<()> {
-    let r = answer_requests(&mut sock, processes, requests);
+    let r = answer_requests(&mut sock, processes, read_ahead, requests);
     if r.is_err() {
         tree.kill();
     }
@@ -249,10 +250,10 @@ fn page_server(
 fn answer_requests(
     sock: &mut UnixStream,
     processes: &HashMap<u32, LazyProcess>,
+    read_ahead: usize,
     requests: &mut u64,
 ) -> Result<()> {
     let mut closed = false;
-    let mut reply = Vec::with_capacity(24 + (4 << 20));
     loop {
         let mut msg = [0u8; 24];
         match sock.read_exact(&mut msg) {
@@ -309,22 +310,51 @@ fn answer_requests(
         }
         // Never more than asked (the daemon would read extra bytes as the next header).
         let m = u64::from(nr_pages).min(pages - skip);
-        reply.clear();
-        reply.extend_from_slice(&PS_REPLY.to_le_bytes());
-        reply.extend_from_slice(&(m as u32).to_le_bytes());
-        reply.extend_from_slice(&vaddr.to_le_bytes());
-        reply.extend_from_slice(&dst_id.to_le_bytes());
+        let mut header = [0u8; 24];
+        header[0..4].copy_from_slice(&PS_REPLY.to_le_bytes());
+        header[4..8].copy_from_slice(&(m as u32).to_le_bytes());
+        header[8..16].copy_from_slice(&vaddr.to_le_bytes());
+        header[16..24].copy_from_slice(&dst_id.to_le_bytes());
+        let at = offset + skip * PAGE_SIZE;
+        // The read-ahead starts with the first request for the file, not while CRIU
+        // restores (it would take the cores CRIU needs then), from the first lazy page
+        // (the push goes up from there; the first request is often a fault far above).
+        p.file.start_read_ahead(read_ahead, p.ranges[0].2);
         // The daemon's background push asks for more than one page, in ascending order;
         // a fault asks for one.
-        p.file.read(
-            offset + skip * PAGE_SIZE,
-            m * PAGE_SIZE,
-            nr_pages > 1,
-            &mut reply,
-        )?;
-        sock.write_all(&reply)
+        let pieces = p.file.pieces(at, m * PAGE_SIZE, nr_pages > 1)?;
+        send_reply(sock, &header, &pieces)
             .map_err(|e| CriuError::io("sending pages to criu lazy-pages", e))?;
     }
+}
+
+/// Writes a reply header and its pages without gathering them into one buffer.
+fn send_reply(sock: &mut UnixStream, header: &[u8], pieces: &[Piece]) -> std::io::Result<()> {
+    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let mut slices = vec![IoSlice::new(header)];
+    for piece in pieces {
+        match piece {
+            Piece::Data(data, range) => slices.push(IoSlice::new(&data[range.clone()])),
+            Piece::Zeros(n) => {
+                let mut n = *n as usize;
+                while n > 0 {
+                    let k = n.min(ZEROS.len());
+                    slices.push(IoSlice::new(&ZEROS[..k]));
+                    n -= k;
+                }
+            }
+        }
+    }
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match sock.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Makes `fd` survive exec (for a child that is told its number).
@@ -427,16 +457,6 @@ pub fn restore_lazy(
     } else {
         default_threads()
     });
-    let mut first_offset = HashMap::new();
-    for p in plan.processes.values() {
-        let at = first_offset
-            .entry(Arc::as_ptr(&p.file))
-            .or_insert((p.file.clone(), u64::MAX));
-        at.1 = at.1.min(p.ranges[0].2);
-    }
-    for (file, offset) in first_offset.into_values() {
-        file.start_read_ahead(decoders, offset);
-    }
     let mut report = LazyReport {
         lazy_bytes: plan.lazy_bytes,
         ..Default::default()
@@ -448,6 +468,11 @@ pub fn restore_lazy(
     };
     let (ours, theirs) =
         UnixStream::pair().map_err(|e| CriuError::io("creating a socketpair", e))?;
+    // A whole 4 MiB reply in the socket at once: the daemon reads it in a few calls
+    // instead of one per 200 KiB (a UNIX socket's default). Best effort.
+    if rustix::net::sockopt::set_socket_send_buffer_size_force(&ours, 4 << 20).is_err() {
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&ours, 4 << 20);
+    }
     let daemon = match spawn_daemon(&daemon_dir, &work.path, theirs.into(), opts.stop) {
         Ok(c) => Arc::new(Mutex::new(c)),
         Err(e) => {
@@ -461,7 +486,7 @@ pub fn restore_lazy(
         let (tree, processes) = (tree.clone(), processes.clone());
         std::thread::spawn(move || {
             let mut requests = 0;
-            let r = page_server(ours, &processes, &tree, &mut requests);
+            let r = page_server(ours, &processes, decoders, &tree, &mut requests);
             (r, requests)
         })
     };

@@ -24,7 +24,16 @@ struct State {
     cursor: usize,
     /// A read-ahead worker's error, for the next request.
     failed: Option<ckstream_format::Error>,
+    started: bool,
     stopped: bool,
+}
+
+/// Part of a page range: bytes of a decoded chunk, or zeros.
+pub enum Piece {
+    /// This range of a decoded (and checked) chunk.
+    Data(Arc<Vec<u8>>, std::ops::Range<usize>),
+    /// This many zero bytes (a hole in the file).
+    Zeros(u64),
 }
 
 /// Byte counts of what a [`PageFile`] served.
@@ -66,6 +75,7 @@ impl PageFile {
                 next: 0,
                 cursor: 0,
                 failed: None,
+                started: false,
                 stopped: false,
             }),
             changed: Condvar::new(),
@@ -73,12 +83,16 @@ impl PageFile {
         })
     }
 
-    /// Starts `workers` threads reading chunks ahead, from `first_offset` on (the
-    /// first lazy byte), in file order; they end at the end of the file or on
+    /// Starts `workers` threads reading chunks ahead, from `first_offset` on, in file
+    /// order (once: later calls do nothing); they end at the end of the file or on
     /// [`PageFile::stop`].
     pub fn start_read_ahead(self: &Arc<Self>, workers: usize, first_offset: u64) {
         {
             let mut st = self.state.lock().unwrap();
+            if st.started {
+                return;
+            }
+            st.started = true;
             st.next = self
                 .chunks
                 .partition_point(|c| c.file_end() <= first_offset);
@@ -160,31 +174,32 @@ impl PageFile {
         Ok(r?)
     }
 
-    /// Appends bytes `offset..offset + len` of the file to `out` (holes as zeros).
-    /// `in_order` says the request continues the ascending push: chunks before it are
-    /// then dropped and the read-ahead moves on.
+    /// Bytes `offset..offset + len` of the file, as pieces of decoded chunks and runs of
+    /// zeros (holes), without copying them. `in_order` says the request continues the
+    /// ascending push: chunks before it are then dropped and the read-ahead moves on.
     ///
     /// # Errors
     /// The archive's errors (digest mismatch, I/O), also those a read-ahead worker met.
-    pub fn read(&self, offset: u64, len: u64, in_order: bool, out: &mut Vec<u8>) -> Result<()> {
+    pub fn pieces(&self, offset: u64, len: u64, in_order: bool) -> Result<Vec<Piece>> {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| CriuError::Protocol("page range overflows".into()))?;
+        let mut out = Vec::new();
         let mut pos = offset;
         let mut i = self.chunks.partition_point(|c| c.file_end() <= offset);
         while pos < end {
             let Some(c) = self.chunks.get(i).filter(|c| c.file_offset < end) else {
-                out.resize(out.len() + (end - pos) as usize, 0);
+                out.push(Piece::Zeros(end - pos));
                 break;
             };
             if c.file_offset > pos {
-                out.resize(out.len() + (c.file_offset - pos) as usize, 0);
+                out.push(Piece::Zeros(c.file_offset - pos));
                 pos = c.file_offset;
             }
             let take = c.file_end().min(end) - pos;
             let data = self.chunk(i, take)?;
             let from = (pos - c.file_offset) as usize;
-            out.extend_from_slice(&data[from..from + take as usize]);
+            out.push(Piece::Data(data, from..from + take as usize));
             pos += take;
             i += 1;
         }
@@ -198,6 +213,20 @@ impl PageFile {
                 st.cached = st.cached.split_off(&last);
                 st.next = st.next.max(last);
                 self.changed.notify_all();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends bytes `offset..offset + len` of the file to `out` (see [`PageFile::pieces`]).
+    ///
+    /// # Errors
+    /// As [`PageFile::pieces`].
+    pub fn read(&self, offset: u64, len: u64, in_order: bool, out: &mut Vec<u8>) -> Result<()> {
+        for piece in self.pieces(offset, len, in_order)? {
+            match piece {
+                Piece::Data(data, range) => out.extend_from_slice(&data[range]),
+                Piece::Zeros(n) => out.resize(out.len() + n as usize, 0),
             }
         }
         Ok(())
