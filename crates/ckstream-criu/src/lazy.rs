@@ -53,7 +53,11 @@ const PS_IOV_CLOSE: u32 = 0x1023;
 const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
 
 /// Is userfaultfd there for CRIU to use (the kernel has it, and we may use it)?
+/// `CKSTREAM_NO_USERFAULTFD=1` says no (to test the fallback on a kernel that has it).
 pub fn userfaultfd_available() -> bool {
+    if std::env::var_os("CKSTREAM_NO_USERFAULTFD").is_some_and(|v| v != "0") {
+        return false;
+    }
     let sysctl = Path::new("/proc/sys/vm/unprivileged_userfaultfd");
     sysctl.exists()
         && (rustix::process::geteuid().is_root()
@@ -451,6 +455,12 @@ pub fn restore_lazy(
         let mut out = ckstream_store::create_private_file(&path)
             .map_err(|e| CriuError::io(format!("creating {}", path.display()), e))?;
         reader.copy_entry(*i, &mut out)?;
+    }
+    if remote {
+        // The push reads each page file front to back: fetch large spans ahead.
+        for i in 0..reader.shard_count() {
+            reader.shard(i).expect_sequential();
+        }
     }
     let decoders = opts.decoders.unwrap_or(if remote {
         default_threads().max(REMOTE_DECODERS)

@@ -636,12 +636,18 @@ fn parse_pax_time(v: &[u8]) -> Option<i64> {
     let s = std::str::from_utf8(v).ok()?;
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
     let secs: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let mut digits: String = frac.chars().take(9).collect();
     while digits.len() < 9 {
         digits.push('0');
     }
     let nanos: i64 = digits.parse().ok()?;
-    Some(secs.saturating_mul(1_000_000_000) + if secs < 0 { -nanos } else { nanos })
+    // A time past the nanosecond range is refused, not wrapped (found by the
+    // podman_import fuzz target: `9223372036854775807.5` overflowed).
+    secs.checked_mul(1_000_000_000)?
+        .checked_add(if secs < 0 { -nanos } else { nanos })
 }
 
 /// The `name` field of a podman `config.dump`.
@@ -651,4 +657,24 @@ pub fn container_name(config_dump: &[u8]) -> Option<String> {
         .get("name")?
         .as_str()
         .map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pax_time;
+
+    #[test]
+    fn pax_times_parse_and_refuse_what_does_not_fit() {
+        assert_eq!(
+            parse_pax_time(b"1700000000.5"),
+            Some(1_700_000_000_500_000_000)
+        );
+        assert_eq!(parse_pax_time(b"-1.25"), Some(-1_250_000_000));
+        assert_eq!(parse_pax_time(b"42"), Some(42_000_000_000));
+        // Found by the podman_import fuzz target: an add that overflowed.
+        assert_eq!(parse_pax_time(b"9223372036854775807.5"), None);
+        assert_eq!(parse_pax_time(b"-9223372036854775808.5"), None);
+        assert_eq!(parse_pax_time(b"1.-5"), None);
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
 }

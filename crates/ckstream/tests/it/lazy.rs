@@ -239,3 +239,27 @@ fn twenty_lazy_restores_leave_nothing_behind() {
     assert!(criu_after <= criu_before, "criu processes left");
     m.assert_beating();
 }
+
+/// Without userfaultfd, `--lazy` says so once and restores the ordinary way.
+#[test]
+fn without_userfaultfd_lazy_falls_back_to_a_full_restore() {
+    if !criu_available("lazy_fallback") {
+        return;
+    }
+    let m = Memtest::start(16, 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("ckpt.cka");
+    ck_ok(&dump_args(m.pid, &archive, "zstd", 1, &[]));
+    m.wait_gone();
+    let out = std::process::Command::new(bin())
+        .env("CKSTREAM_NO_USERFAULTFD", "1")
+        .args(restore_args(&archive, &["--wait", "--json"]))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("userfaultfd").count(), 1, "{err}");
+    assert!(json(&out).get("lazy").is_none(), "not a lazy restore");
+    m.assert_beating();
+    m.assert_memory_intact(1);
+}
