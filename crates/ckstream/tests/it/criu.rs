@@ -302,8 +302,7 @@ fn criu_image_streamer_readme_pipelines_work_with_ckstream() {
     assert!(all.contains("all passed"), "{all}");
 }
 
-#[test]
-fn dump_carries_a_rootfs_diff_taken_while_frozen_and_restore_applies_it() {
+fn dump_carries_a_rootfs_diff_and_restore_applies_it(lazy: bool) {
     if !criu_available("rootfs_with_dump") {
         return;
     }
@@ -340,13 +339,17 @@ fn dump_carries_a_rootfs_diff_taken_while_frozen_and_restore_applies_it() {
     let target = tmp.path().join("rootfs");
     std::fs::create_dir_all(target.join("app")).unwrap();
     std::fs::write(target.join("obsolete"), b"deleted in the container").unwrap();
-    ck_ok(&[
+    let mut args: Vec<&OsStr> = vec![
         "restore".as_ref(),
         "-q".as_ref(),
         archive.as_os_str(),
         "--rootfs".as_ref(),
         target.as_os_str(),
-    ] as &[&OsStr]);
+    ];
+    if lazy {
+        args.extend(["--lazy".as_ref(), "--wait".as_ref()] as [&OsStr; 2]);
+    }
+    ck_ok(&args);
     assert_eq!(
         std::fs::read(target.join("app/state")).unwrap(),
         b"written by the container"
@@ -355,6 +358,11 @@ fn dump_carries_a_rootfs_diff_taken_while_frozen_and_restore_applies_it() {
     m.assert_beating();
     m.assert_memory_intact(1);
 }
+
+cases!(dump_carries_a_rootfs_diff_and_restore_applies_it:
+    dump_carries_a_rootfs_diff_taken_while_frozen_and_restore_applies_it(false),
+    dump_carries_a_rootfs_diff_and_a_lazy_restore_applies_it(true),
+);
 
 /// An overlay (metacopy=on, redirect_dir=on) whose merged view was changed the way a
 /// container on Fedora/RHEL storage changes it: chmod/chown of lower files and renames
