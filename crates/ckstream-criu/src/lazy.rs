@@ -28,7 +28,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -182,6 +182,8 @@ pub struct LazyReport {
     pub bytes_prefetched: u64,
     /// Lazy bytes whose chunk was read when the request came.
     pub bytes_on_demand: u64,
+    /// Lazy bytes sent to the daemon so far, live while pages are served (for progress).
+    pub bytes_served: Arc<AtomicU64>,
 }
 
 /// The processes of a restored tree, to SIGKILL when their pages cannot come.
@@ -240,8 +242,9 @@ fn page_server(
     read_ahead: usize,
     tree: &Tree,
     requests: &mut u64,
+    served: &AtomicU64,
 ) -> Result<()> {
-    let r = answer_requests(&mut sock, processes, read_ahead, requests);
+    let r = answer_requests(&mut sock, processes, read_ahead, requests, served);
     if r.is_err() {
         tree.kill();
     }
@@ -256,6 +259,7 @@ fn answer_requests(
     processes: &HashMap<u32, LazyProcess>,
     read_ahead: usize,
     requests: &mut u64,
+    served: &AtomicU64,
 ) -> Result<()> {
     let mut closed = false;
     loop {
@@ -329,6 +333,7 @@ fn answer_requests(
         let pieces = p.file.pieces(at, m * PAGE_SIZE, nr_pages > 1)?;
         send_reply(sock, &header, &pieces)
             .map_err(|e| CriuError::io("sending pages to criu lazy-pages", e))?;
+        served.fetch_add(m * PAGE_SIZE, Ordering::Relaxed);
     }
 }
 
@@ -494,9 +499,10 @@ pub fn restore_lazy(
     let processes = Arc::new(plan.processes);
     let server = {
         let (tree, processes) = (tree.clone(), processes.clone());
+        let served = report.bytes_served.clone();
         std::thread::spawn(move || {
             let mut requests = 0;
-            let r = page_server(ours, &processes, decoders, &tree, &mut requests);
+            let r = page_server(ours, &processes, decoders, &tree, &mut requests, &served);
             (r, requests)
         })
     };

@@ -140,9 +140,23 @@ fn lazy_worker(args: Args, fd: &str) -> Result<()> {
         criu_args: &args.criu_args,
         stop: crate::interrupt::stop(),
     };
+    let progress = report.try_clone()?;
     let mut on_running = |r: &LazyReport| {
         // The foreground may be gone already (it returns now without --wait).
         let _ = writeln!(report, "running {}", lazy_json(&args, r, false));
+        if args.wait {
+            // For the foreground's progress bar: bytes served, a line every 200 ms.
+            let (served, mut out) = (r.bytes_served.clone(), progress.try_clone());
+            std::thread::spawn(move || {
+                while let Ok(out) = out.as_mut() {
+                    let n = served.load(std::sync::atomic::Ordering::Relaxed);
+                    if writeln!(out, "progress {n}").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            });
+        }
     };
     let done = restore_lazy(reader, args.archive.is_remote(), &opts, &mut on_running)
         .with_context(|| format!("restoring lazily from {}", args.archive))?;
@@ -171,6 +185,8 @@ fn lazy_foreground(args: &Args, quiet: bool) -> Result<()> {
     let mut buf = Vec::new();
     let mut forwarded = false;
     let mut done = None;
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut bar = None;
     loop {
         if crate::interrupt::requested() && !forwarded {
             // Before the tree runs, an interrupt stops the restore (the worker kills
@@ -213,15 +229,34 @@ fn lazy_foreground(args: &Args, quiet: bool) -> Result<()> {
                     print_lazy(args, &v, quiet, false);
                     return Ok(());
                 }
-                "running" if !quiet && !args.json => eprintln!(
-                    "running after {:.2}s; pages follow from {}",
-                    v["seconds_to_running"].as_f64().unwrap_or(0.0),
-                    args.archive
-                ),
+                "running" => {
+                    if !quiet && !args.json {
+                        eprintln!(
+                            "running after {:.2}s; pages follow from {}",
+                            v["seconds_to_running"].as_f64().unwrap_or(0.0),
+                            args.archive
+                        );
+                    }
+                    let served = served.clone();
+                    bar = Some(crate::progress::Bar::bytes(
+                        "paging in",
+                        v["lazy_bytes"].as_u64().unwrap_or(0),
+                        quiet,
+                        move || (served.load(std::sync::atomic::Ordering::Relaxed), 0),
+                    ));
+                }
+                "progress" => {
+                    if let Ok(n) = json.trim().parse() {
+                        served.store(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 "done" => done = Some(v),
                 _ => {}
             }
         }
+    }
+    if let Some(bar) = bar {
+        bar.finish();
     }
     // The worker printed its own error on our shared stderr; its exit code is ours.
     let status = worker.wait()?;
