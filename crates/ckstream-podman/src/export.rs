@@ -480,6 +480,43 @@ fn file_entry(name: &str, size: u64, mode: u32, mtime_ns: i64) -> Entry {
     }
 }
 
+/// True for the `checkpoint` directory of an export and what is in it.
+pub fn is_checkpoint_member(path: &[u8]) -> bool {
+    path.strip_prefix(PODMAN_CHECKPOINT_DIR.as_bytes())
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b'/')
+}
+
+/// The export `plan` as bytes in memory (for small plans: the bundle files alone).
+///
+/// # Errors
+/// The errors of [`write_export`].
+pub fn export_bytes(plan: &ExportPlan, reader: &ArchiveReader) -> Result<Vec<u8>> {
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Shared::default();
+    let mut w = TarWriter::to_stream(Box::new(buf.clone()));
+    write_export(
+        &mut w,
+        plan,
+        Some(reader),
+        &Progress::default(),
+        Stop::NEVER,
+    )?;
+    w.into_file()
+        .map_err(|e| Error::io("writing the podman archive in memory", e))?;
+    let bytes = std::mem::take(&mut *buf.0.lock().expect("not poisoned"));
+    Ok(bytes)
+}
+
 /// Replaces the content of the outer member `name` (e.g. `spec.dump`) with `bytes`.
 ///
 /// # Errors

@@ -659,6 +659,16 @@ pub fn container_name(config_dump: &[u8]) -> Option<String> {
         .map(String::from)
 }
 
+/// The container ID in a podman `config.dump` (64 hex digits), if it has one.
+pub fn container_id(config_dump: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(config_dump)
+        .ok()?
+        .get("id")?
+        .as_str()
+        .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(String::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_pax_time;

@@ -18,6 +18,7 @@ pub mod export;
 pub mod hook;
 pub mod import;
 pub mod layout;
+pub mod place;
 pub mod podman;
 pub mod restore;
 pub mod symlinks;

@@ -37,11 +37,11 @@ pub struct Container {
     pub named_volumes: Vec<String>,
 }
 
-fn podman_bin() -> String {
+pub(crate) fn podman_bin() -> String {
     std::env::var("CKSTREAM_PODMAN").unwrap_or_else(|_| "podman".into())
 }
 
-fn podman_error(args: &str, detail: impl std::fmt::Display) -> PodmanError {
+pub(crate) fn podman_error(args: &str, detail: impl std::fmt::Display) -> PodmanError {
     PodmanError::Command {
         args: args.to_string(),
         message: detail.to_string(),
@@ -201,15 +201,89 @@ pub fn remove(name: &str) -> Result<()> {
     podman(&["rm", "-f", "-t", "0", name]).map(|_| ())
 }
 
+/// The standard output and error of a running child, read on threads so that neither
+/// pipe fills up while the child runs.
+pub(crate) struct ChildOutput(
+    std::thread::JoinHandle<String>,
+    std::thread::JoinHandle<String>,
+);
+
+impl ChildOutput {
+    /// Both outputs, once the child closed them.
+    pub(crate) fn join(self) -> (String, String) {
+        (
+            self.0.join().unwrap_or_default(),
+            self.1.join().unwrap_or_default(),
+        )
+    }
+}
+
+/// Starts reading `child`'s piped standard output and error.
+pub(crate) fn collect_output(child: &mut std::process::Child) -> ChildOutput {
+    fn read_all(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_string(&mut s);
+            }
+            s
+        })
+    }
+    ChildOutput(read_all(child.stdout.take()), read_all(child.stderr.take()))
+}
+
+/// podman's container storage on this host.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Where it lives.
+    pub roots: crate::trust::StorageRoots,
+    /// The storage driver (`overlay`, `vfs`, `btrfs`, …).
+    pub driver: String,
+    /// The overlay is mounted by a helper (`fuse-overlayfs`), not the kernel.
+    pub mount_program: bool,
+}
+
+impl Store {
+    /// True when the container's root is a kernel overlay mount whose upper directory
+    /// ckstream can write before podman mounts it.
+    pub fn is_kernel_overlay(&self) -> bool {
+        self.driver == "overlay" && !self.mount_program
+    }
+}
+
+/// podman's storage on this host (`podman info`: `store.graphRoot`, `store.runRoot`,
+/// `store.graphDriverName`, `store.graphOptions`).
+///
+/// # Errors
+/// [`PodmanError::Command`] when podman fails or does not report them.
+pub fn store() -> Result<Store> {
+    let out = podman(&["info", "--format", "json"])?;
+    let v: Value = serde_json::from_str(&out)
+        .map_err(|e| podman_error("info", format!("unreadable output: {e}")))?;
+    Ok(Store {
+        roots: roots_of(&v)?,
+        driver: v
+            .pointer("/store/graphDriverName")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        mount_program: v
+            .pointer("/store/graphOptions")
+            .and_then(Value::as_object)
+            .is_some_and(|o| o.keys().any(|k| k.ends_with("mount_program"))),
+    })
+}
+
 /// podman's storage roots on this host (`podman info`: `store.graphRoot`,
 /// `store.runRoot`).
 ///
 /// # Errors
 /// [`PodmanError::Command`] when podman fails or does not report them.
 pub fn storage_roots() -> Result<crate::trust::StorageRoots> {
-    let out = podman(&["info", "--format", "json"])?;
-    let v: Value = serde_json::from_str(&out)
-        .map_err(|e| podman_error("info", format!("unreadable output: {e}")))?;
+    store().map(|s| s.roots)
+}
+
+fn roots_of(v: &Value) -> Result<crate::trust::StorageRoots> {
     let root = |p: &str| {
         v.pointer(p)
             .and_then(Value::as_str)

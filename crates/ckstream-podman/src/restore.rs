@@ -29,12 +29,16 @@ use crate::trust::{Trust, TrustReport};
 /// Who applies a `.cka`'s rootfs diff.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyDiff {
+    /// ckstream, into the new container's overlay upper directory before podman mounts
+    /// it, with the CRIU images placed in its bundle the same way ([`crate::place`]):
+    /// reflinked from an uncompressed archive on the same filesystem, never through a
+    /// tar. Needs podman's kernel overlay storage.
+    Storage,
     /// ckstream, from the archive, in a one-shot OCI prestart hook.
-    Ckstream,
+    Hook,
     /// podman, from a `rootfs-diff.tar` in the converted archive (its own code path).
     Podman,
 }
-
 /// How to restore.
 pub struct RestoreOptions<'a> {
     /// Restore under this name (podman then drops the static IP/MAC).
@@ -42,8 +46,9 @@ pub struct RestoreOptions<'a> {
     /// Where the temporary export goes (default: beside a local archive, so its data
     /// can be reflinked; the temporary directory for a remote one).
     pub temp_dir: Option<&'a Path>,
-    /// Default: ckstream for local archives, podman for remote ones (the hook runs
-    /// without the object-store credentials).
+    /// Default: [`ApplyDiff::Storage`] on podman's kernel overlay storage; otherwise the
+    /// hook for local archives and podman for remote ones (the hook runs without the
+    /// object-store credentials).
     pub apply_diff: Option<ApplyDiff>,
     /// Counts the bytes converted.
     pub progress: Progress,
@@ -68,8 +73,11 @@ pub struct RestoreReport {
     pub container: String,
     /// Converting a `.cka` to podman's layout (0 for a podman export).
     pub convert_seconds: f64,
-    /// The hook applying the rootfs diff, when it did.
+    /// The hook applying the rootfs diff, or ckstream placing it and the CRIU images
+    /// into the container's storage, when either did.
     pub rootfs_apply_seconds: Option<f64>,
+    /// Who applied the rootfs diff.
+    pub applied_by: ApplyDiff,
     /// The archive's security-relevant container settings.
     pub config: TrustReport,
     /// Why they were accepted.
@@ -95,15 +103,24 @@ fn is_cka(path: &Path) -> Result<bool> {
 pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let remote = input.is_remote();
-    let apply_diff = match (opts.apply_diff, remote) {
-        (Some(ApplyDiff::Ckstream), true) => {
+    let store = podman::store()?;
+    let mut apply_diff = match (opts.apply_diff, remote) {
+        (Some(ApplyDiff::Hook), true) => {
             return Err(PodmanError::Unsupported(
-                "--apply-diff ckstream needs a local archive (the OCI hook runs without your object-store credentials)".into(),
+                "--apply-diff hook needs a local archive (the OCI hook runs without your object-store credentials)".into(),
             ))
         }
+        (Some(ApplyDiff::Storage), _) if !store.is_kernel_overlay() => {
+            return Err(PodmanError::Unsupported(format!(
+                "--apply-diff storage needs podman's overlay storage driver mounted by the kernel (this podman uses {}{})",
+                store.driver,
+                if store.mount_program { " with a mount program" } else { "" }
+            )))
+        }
         (Some(x), _) => x,
+        (None, _) if store.is_kernel_overlay() => ApplyDiff::Storage,
         (None, true) => ApplyDiff::Podman,
-        (None, false) => ApplyDiff::Ckstream,
+        (None, false) => ApplyDiff::Hook,
     };
     let local = input.local_path();
     let keyring = opts.keys.load()?;
@@ -111,7 +128,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
     let mut ticket = None;
     let mut temp = None;
     let decided;
-    let podman_archive = match local {
+    let prepared = match local {
         Some(path) if !is_cka(path)? => {
             if !keyring.trusted.is_empty() {
                 return Err(PodmanError::Untrusted(format!(
@@ -125,11 +142,11 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                 .spec_dump
                 .as_deref()
                 .ok_or_else(|| Error::Corrupt("the podman archive has no spec.dump".into()))?;
-            decided = decide(spec, &checked.config_dump, false, opts)?;
+            decided = decide(spec, &checked.config_dump, false, opts, &store.roots)?;
             crate::symlinks::check(&checked.diff, &checked.deleted, &mut || {
                 lower_of(&checked.config_dump)
             })?;
-            path.to_path_buf()
+            Prepared::Export(path.to_path_buf())
         }
         _ => {
             let reader = input.open_keyed(&std::env::temp_dir(), &keyring)?;
@@ -154,12 +171,24 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
             if name.is_none() {
                 name = crate::import::container_name(&config);
             }
-            decided = decide(&spec, &config, signed, opts)?;
+            decided = decide(&spec, &config, signed, opts, &store.roots)?;
             let mut plan = plan_from_cka(&reader)?;
             let has_diff = !plan.rootfs.is_empty() || !plan.deleted.is_empty();
+            if apply_diff == ApplyDiff::Storage && !crate::place::is_whole_upper(reader.entries()) {
+                if opts.apply_diff.is_some() {
+                    return Err(PodmanError::Unsupported(
+                        "--apply-diff storage needs the rootfs diff as a whole overlay upper directory (as `ckstream podman checkpoint` stores it); this one lacks parent directories (an imported podman export?): use --apply-diff hook".into(),
+                    ));
+                }
+                apply_diff = if remote {
+                    ApplyDiff::Podman
+                } else {
+                    ApplyDiff::Hook
+                };
+            }
             if apply_diff == ApplyDiff::Podman && has_diff {
-                // podman applies these on the host itself (the hook below never follows
-                // a symlink: ckstream_fs::unpack opens every component O_NOFOLLOW).
+                // podman applies these on the host itself (the hook and placing never
+                // follow a symlink: ckstream_fs::unpack opens every component O_NOFOLLOW).
                 let diff: Vec<DiffMember> = plan
                     .rootfs
                     .iter()
@@ -171,50 +200,94 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                     .collect();
                 crate::symlinks::check(&diff, &plan.deleted, &mut || lower_of(&config))?;
             }
-            if apply_diff == ApplyDiff::Ckstream && has_diff {
-                let archive = local.ok_or_else(|| {
-                    PodmanError::Unsupported(
-                        "--apply-diff ckstream needs the archive in a local file".into(),
-                    )
-                })?;
-                let t = RootfsTicket::create(archive, &reader, &opts.keys.secret)?;
-                let exe = std::env::current_exe().map_err(|e| {
-                    Error::io("locating the ckstream binary for the restore hook", e)
-                })?;
-                let spec = add_prestart_hook(&spec, t.hook(&exe))?;
-                replace_member(&mut plan, SPEC_DUMP, spec)?;
+            if apply_diff == ApplyDiff::Storage {
+                let config_id = crate::import::container_id(&config)
+                    .ok_or_else(|| Error::Corrupt("config.dump names no container ID".into()))?;
+                plan.outer
+                    .retain(|it| !crate::export::is_checkpoint_member(&it.entry.path));
                 plan.skip_rootfs = true;
-                ticket = Some(t);
+                let stub = crate::export::export_bytes(&plan, &reader)?;
+                Prepared::Placed {
+                    reader: Box::new(reader),
+                    stub,
+                    config_id,
+                }
+            } else {
+                if apply_diff == ApplyDiff::Hook && has_diff {
+                    let archive = local.ok_or_else(|| {
+                        PodmanError::Unsupported(
+                            "--apply-diff hook needs the archive in a local file".into(),
+                        )
+                    })?;
+                    let t = RootfsTicket::create(archive, &reader, &opts.keys.secret)?;
+                    let exe = std::env::current_exe().map_err(|e| {
+                        Error::io("locating the ckstream binary for the restore hook", e)
+                    })?;
+                    let spec = add_prestart_hook(&spec, t.hook(&exe))?;
+                    replace_member(&mut plan, SPEC_DUMP, spec)?;
+                    plan.skip_rootfs = true;
+                    ticket = Some(t);
+                }
+                let dir = match opts.temp_dir {
+                    Some(d) => d.to_path_buf(),
+                    None if remote => std::env::temp_dir(),
+                    None => local
+                        .and_then(Path::parent)
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+                };
+                let tmp = dir.join(format!(
+                    ".ckstream-podman-restore.{}.tar",
+                    std::process::id()
+                ));
+                temp = Some(TempFile(tmp.clone()));
+                write_podman_archive(
+                    &ArchiveLocation::Path(tmp.clone()),
+                    None,
+                    &plan,
+                    Some(&reader),
+                    &opts.progress,
+                    opts.stop,
+                )?;
+                Prepared::Export(tmp)
             }
-            let dir = match opts.temp_dir {
-                Some(d) => d.to_path_buf(),
-                None if remote => std::env::temp_dir(),
-                None => local
-                    .and_then(Path::parent)
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-            };
-            let tmp = dir.join(format!(
-                ".ckstream-podman-restore.{}.tar",
-                std::process::id()
-            ));
-            temp = Some(TempFile(tmp.clone()));
-            write_podman_archive(
-                &ArchiveLocation::Path(tmp.clone()),
-                None,
-                &plan,
-                Some(&reader),
-                &opts.progress,
-                opts.stop,
-            )?;
-            tmp
         }
     };
     let convert_seconds = started.elapsed().as_secs_f64();
     // A failed `restore --import` leaves the container it created behind, which would
     // block a retry; remove it then, but never a container that existed before.
     let existed_before = name.as_deref().is_some_and(podman::container_exists);
-    let restored = podman::restore_import(&podman_archive, opts.name);
+    let mut placed = None;
+    let (restored, applied_by) = match &prepared {
+        Prepared::Export(archive) => (
+            podman::restore_import(archive, opts.name),
+            if ticket.is_some() {
+                ApplyDiff::Hook
+            } else {
+                ApplyDiff::Podman
+            },
+        ),
+        Prepared::Placed {
+            reader,
+            stub,
+            config_id,
+        } => {
+            let place_opts = crate::place::PlaceOptions {
+                config_id,
+                name: opts.name,
+                graph_root: &store.roots.graph_root,
+                progress: &opts.progress,
+                stop: opts.stop,
+                remove_on_death: name.as_deref().filter(|_| !existed_before),
+            };
+            let restored = crate::place::restore_placed(reader, stub, &place_opts).map(|p| {
+                let id = p.container.clone();
+                placed = Some(p);
+                id
+            });
+            (restored, ApplyDiff::Storage)
+        }
+    };
     drop(temp);
     let remove_new = |n: &str| {
         if !existed_before && podman::container_exists(n) {
@@ -252,16 +325,29 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                 "the OCI runtime did not run the rootfs hook during the restore, so container {id} was removed; retry with --apply-diff podman"
             )));
         }
-        _ => None,
+        _ => placed.map(|p| p.place_seconds),
     };
     let (config, trust) = decided;
     Ok(RestoreReport {
         container: id,
         convert_seconds,
         rootfs_apply_seconds,
+        applied_by,
         config,
         trust,
     })
+}
+
+/// What podman restores from.
+enum Prepared {
+    /// A podman export on disk (`podman container restore --import`).
+    Export(PathBuf),
+    /// A `.cka` placed into podman's storage while podman reads `stub`.
+    Placed {
+        reader: Box<ckstream_format::ArchiveReader>,
+        stub: Vec<u8>,
+        config_id: String,
+    },
 }
 
 /// Reads the archive's container settings, shows them ([`RestoreOptions::on_config`])
@@ -271,8 +357,9 @@ fn decide(
     config: &[u8],
     trusted_signature: bool,
     opts: &RestoreOptions,
+    roots: &crate::trust::StorageRoots,
 ) -> Result<(TrustReport, Trust)> {
-    let report = crate::trust::check_config(spec, config, &podman::storage_roots()?)?;
+    let report = crate::trust::check_config(spec, config, roots)?;
     if let Some(show) = opts.on_config {
         show(&report);
     }

@@ -59,6 +59,13 @@ pub struct UnpackOptions {
     /// Apply an overlayfs upper directory onto a plain tree: whiteouts (0/0 character
     /// devices) delete, opaque directories are emptied first, overlay xattrs are dropped.
     pub overlay_apply: bool,
+    /// Write an overlayfs upper directory for a new overlay mount (a container's fresh
+    /// `diff/` before anything mounts it): whiteouts and opaque directories stay as they
+    /// are, opaqueness in the `trusted.overlay.` namespace of a rootful mount; the other
+    /// overlay xattrs (`origin`, `impure`, `nlink`, a file's `redirect`) described the
+    /// old lower layers and are dropped. Metacopy files and redirected directories are
+    /// refused as in `overlay_apply`.
+    pub overlay_upper: bool,
     /// Polled between files and chunks: once it returns true the extraction stops with
     /// an "interrupted" error, removing the files it had not finished.
     pub stop: Stop,
@@ -74,6 +81,7 @@ impl Default for UnpackOptions {
             reflink: true,
             strip_prefix: None,
             overlay_apply: false,
+            overlay_upper: false,
             stop: Stop::NEVER,
         }
     }

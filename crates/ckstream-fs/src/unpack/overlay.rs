@@ -40,7 +40,7 @@ pub(super) fn target_view<'a>(
     entries
         .iter()
         .map(|e| {
-            if opts.strip_prefix.is_none() && !opts.overlay_apply {
+            if opts.strip_prefix.is_none() && !opts.overlay_apply && !opts.overlay_upper {
                 return Ok(Some(Cow::Borrowed(e)));
             }
             let Some(path) = strip(&e.path) else { return Ok(None) };
@@ -49,7 +49,7 @@ pub(super) fn target_view<'a>(
             if mapped.entry_kind() == EntryKind::Hardlink {
                 mapped.link_target = strip(&e.link_target).unwrap_or_default();
             }
-            if opts.overlay_apply {
+            if opts.overlay_apply || opts.overlay_upper {
                 // A redirect on a complete file (renamed, then its data copied up) is
                 // harmless; on a directory or with metacopy, content is missing.
                 let is_dir = mapped.entry_kind() == EntryKind::Dir;
@@ -65,7 +65,18 @@ pub(super) fn target_view<'a>(
                         String::from_utf8_lossy(&x.name)
                     )));
                 }
+            }
+            if opts.overlay_apply {
                 mapped.xattrs.retain(|x| !x.name.starts_with(b"trusted.overlay.") && !x.name.starts_with(b"user.overlay."));
+            } else if opts.overlay_upper {
+                mapped.xattrs.retain_mut(|x| {
+                    let overlay = x.name.starts_with(b"trusted.overlay.")
+                        || x.name.starts_with(b"user.overlay.");
+                    if overlay && x.name.ends_with(b".overlay.opaque") {
+                        x.name = b"trusted.overlay.opaque".to_vec();
+                    }
+                    !overlay || x.name == b"trusted.overlay.opaque"
+                });
             }
             Ok(Some(Cow::Owned(mapped)))
         })

@@ -71,6 +71,13 @@ pub enum Command {
     /// OCI prestart hook of `ckstream podman restore` (internal).
     #[command(name = "__podman-rootfs-hook", hide = true)]
     PodmanRootfsHook { ticket: PathBuf },
+    /// Cleans up after a `ckstream podman restore` that died half-way (internal).
+    #[command(name = "__podman-restore-guard", hide = true)]
+    PodmanRestoreGuard {
+        podman_pid: u32,
+        fifo: PathBuf,
+        remove: Option<String>,
+    },
     /// Action script CRIU runs during `ckstream dump` (internal).
     #[command(name = "__criu-hook", hide = true)]
     CriuHook,
@@ -94,6 +101,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve => streamer::serve_cmd(&cli.streamer),
         Command::Extract => streamer::extract_cmd(&cli.streamer),
         Command::PodmanRootfsHook { ticket } => podman::rootfs_hook(&ticket),
+        Command::PodmanRestoreGuard {
+            podman_pid,
+            fifo,
+            remove,
+        } => std::process::exit(ckstream_podman::place::guard(
+            podman_pid,
+            &fifo,
+            remove.as_deref(),
+            std::io::stdin().lock(),
+        )),
         Command::CriuHook => std::process::exit(ckstream_criu::run::hook_client()),
     }
 }

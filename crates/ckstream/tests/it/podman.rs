@@ -888,3 +888,163 @@ fn metacopy_storage_checkpoints_in_both_formats() {
     drop(ctr);
     drop(storage);
 }
+
+/// A `.cka` restored into podman storage on a loopback XFS or btrfs, the archive beside
+/// it: ckstream places the rootfs diff into the new container's overlay upper directory
+/// before podman mounts it, by reflink (FIEMAP: every byte of the restored file shares
+/// its extents), with every kind of change podman gets wrong, and the container runs on
+/// with its memory intact.
+fn restore_places_the_diff_by_reflink(kind: &str) {
+    if !have_podman(&format!("place-{kind}")) {
+        return;
+    }
+    let Some(fs) = LoopFs::new(kind) else { return };
+    let _storage = PrivateStorage::new(&fs.mount, "nodev");
+    build_image();
+    let name = format!("ck-place-{kind}");
+    let ctr = start(&name);
+    sh(&name, CHANGES);
+    sh(
+        &name,
+        "dd if=/dev/urandom of=/data/placed bs=1M count=32 2>/dev/null",
+    );
+    let before = manifest(&name);
+    let archive = fs.mount.join("ckpt.cka");
+    let a = archive.to_str().unwrap();
+    ck_storage_ok(&["podman", "checkpoint", &name, "-o", a]);
+    podman_ok(&["rm", "-f", &name]);
+    let o = ck_storage_ok(&["podman", "restore", a, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["applied_by"], "storage", "{v}");
+    assert_alive_and_intact(&name);
+    assert_same_manifest(&before, &manifest(&name));
+    let upper = PathBuf::from(
+        podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", &name]).trim(),
+    );
+    let (shared, total) = crate::support::fiemap::shared_bytes(&upper.join("data/placed"));
+    assert_eq!(total, 32 << 20, "{kind}: data/placed is not fully mapped");
+    assert_eq!(
+        shared, total,
+        "{kind}: data/placed was copied, not reflinked"
+    );
+    drop(ctr);
+}
+
+#[test]
+fn restore_places_the_diff_by_reflink_on_xfs() {
+    restore_places_the_diff_by_reflink("xfs");
+}
+
+#[test]
+fn restore_places_the_diff_by_reflink_on_btrfs() {
+    restore_places_the_diff_by_reflink("btrfs");
+}
+
+/// The overlay layers in a private storage.
+fn layers(storage: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(storage.join("storage/overlay"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "l")
+        .collect();
+    names.sort();
+    names
+}
+
+/// Overlay mounts of a private storage's layers.
+fn layer_mounts(storage: &Path) -> usize {
+    let prefix = format!("{}/storage/overlay/", storage.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&prefix)))
+        .count()
+}
+
+/// Waits until a failed or killed restore has left nothing behind: no container, no
+/// layer beyond `layers_before`, no overlay mount.
+fn assert_nothing_left(what: &str, name: &str, storage: &Path, layers_before: &[String]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let container = podman(&["container", "exists", name]).status.success();
+        let now = layers(storage);
+        let mounts = layer_mounts(storage);
+        if !container && now == layers_before && mounts == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: left behind: container={container}, layers {now:?} (before {layers_before:?}), {mounts} mounts"
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// A restore that stops half-way leaves no container, no layer and no mount: ckstream
+/// SIGKILLed while it places the archive into the container podman has just created
+/// (its guard process makes podman fail and removes the container), and podman failing
+/// because a chunk turns out damaged while it is placed.
+#[test]
+fn a_restore_killed_or_failed_half_way_leaves_nothing_behind() {
+    if !have_podman("restore-killed") {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ckstream-killed-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let _storage = PrivateStorage::new(dir.path(), "nodev");
+    build_image();
+    let name = "ck-killed";
+    let ctr = start(name);
+    sh(
+        name,
+        "dd if=/dev/urandom of=/data/big bs=1M count=128 2>/dev/null",
+    );
+    let archive = dir.path().join("ckpt.cka");
+    let a = archive.to_str().unwrap();
+    ck_storage_ok(&["podman", "checkpoint", name, "-o", a, "-c", "zstd"]);
+    podman_ok(&["rm", "-f", name]);
+    let before = layers(dir.path());
+
+    let mut child = in_storage(Command::new(bin()).args(["podman", "restore", a]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The new layer's upper directory gets the diff's first directory: placing began.
+    let placing = || {
+        layers(dir.path()).iter().any(|l| {
+            dir.path()
+                .join("storage/overlay")
+                .join(l)
+                .join("diff/data")
+                .exists()
+        })
+    };
+    while !placing() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended before placing was seen"
+        );
+        assert!(Instant::now() < deadline, "placing never began");
+        sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_nothing_left("SIGKILL while placing", name, dir.path(), &before);
+
+    let reader = open_archive(&archive);
+    let big = reader.find(b"rootfs/data/big").unwrap();
+    let chunk = reader.chunks_of(big)[3].clone();
+    drop(reader);
+    let mut bytes = std::fs::read(&archive).unwrap();
+    bytes[chunk.offset as usize + 100] ^= 0x40;
+    std::fs::write(&archive, bytes).unwrap();
+    let o = ck_storage(&["podman", "restore", a]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_nothing_left("damaged chunk", name, dir.path(), &before);
+    drop(ctr);
+}

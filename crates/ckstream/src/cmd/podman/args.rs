@@ -84,10 +84,15 @@ pub struct ExportArgs {
 /// Who applies the rootfs diff of a `.cka` on restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ApplyDiff {
+    /// ckstream, into the new container's overlay upper directory before podman mounts
+    /// it, with the CRIU images placed in its bundle: reflinked from an uncompressed
+    /// archive on the same filesystem, never through a tar or the overlay (podman's
+    /// kernel overlay storage).
+    Storage,
     /// ckstream, from the archive, in a one-shot OCI prestart hook that runc runs after
-    /// mounting the new container's root and before CRIU opens files: one pass, no
-    /// nested tar for podman to read three times and untar.
-    Ckstream,
+    /// mounting the new container's root and before CRIU opens files.
+    #[value(alias = "ckstream")]
+    Hook,
     /// podman, from a `rootfs-diff.tar` in the converted archive (its own code path).
     Podman,
 }
@@ -103,8 +108,9 @@ pub struct RestoreArgs {
     /// (default: beside the archive, so its data can be reflinked).
     #[arg(long)]
     pub(super) temp_dir: Option<PathBuf>,
-    /// Who applies a `.cka`'s rootfs diff (default: ckstream for local archives,
-    /// podman for object-store ones, whose credentials the hook would not have).
+    /// Who applies a `.cka`'s rootfs diff (default: storage on podman's kernel overlay
+    /// storage; otherwise the hook for local archives and podman for object-store ones,
+    /// whose credentials the hook would not have).
     #[arg(long, value_enum)]
     pub(super) apply_diff: Option<ApplyDiff>,
     /// Restore even if the archive's container config asks for OCI hooks, privileged

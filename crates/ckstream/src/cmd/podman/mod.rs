@@ -208,7 +208,8 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
                 name: a.name.as_deref(),
                 temp_dir: a.temp_dir.as_deref(),
                 apply_diff: a.apply_diff.map(|d| match d {
-                    ApplyDiff::Ckstream => ckstream_podman::restore::ApplyDiff::Ckstream,
+                    ApplyDiff::Storage => ckstream_podman::restore::ApplyDiff::Storage,
+                    ApplyDiff::Hook => ckstream_podman::restore::ApplyDiff::Hook,
                     ApplyDiff::Podman => ckstream_podman::restore::ApplyDiff::Podman,
                 }),
                 progress: progress.clone(),
@@ -248,6 +249,7 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
             "container": id,
             "convert_seconds": converted,
             "rootfs_apply_seconds": done.rootfs_apply_seconds,
+            "applied_by": format!("{:?}", done.applied_by).to_lowercase(),
             "seconds": secs,
             "config": done.config.to_json(),
             "trust": done.trust.name(),

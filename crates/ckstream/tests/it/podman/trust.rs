@@ -490,9 +490,16 @@ fn untrusted_container_settings_need_trust_config() {
     assert!(caps.contains("CAP_SYS_ADMIN"), "{caps}");
     podman_ok(&["rm", "-f", name]);
 
-    // ckstream's own checkpoint, and one of the container it restored (its spec now
-    // holds ckstream's restore hook), restore without any flag.
-    let o = ck_ok(&["podman", "restore", &s("own.cka"), "--json"]);
+    // ckstream's own checkpoint, and one of the container it restored with the hook (its
+    // spec now holds ckstream's restore hook), restore without any flag.
+    let o = ck_ok(&[
+        "podman",
+        "restore",
+        &s("own.cka"),
+        "--apply-diff",
+        "hook",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["trust"], "not needed", "{v}");
     assert_alive_and_intact(name);

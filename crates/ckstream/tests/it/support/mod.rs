@@ -4,6 +4,7 @@
 //! EIO-injecting FUSE filesystem.
 
 pub mod eiofs;
+pub mod fiemap;
 pub mod memtest;
 pub mod s3server;
 
