@@ -176,6 +176,11 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
     });
     let captured = (|| -> Result<CaptureReport> {
         ckstream_fs::pack_inputs(&mut writer, includes, opts.stop)?;
+        // CRIU connects to the capture socket as soon as it starts: bind it first.
+        let listener = match &spool {
+            Some(_) => None,
+            None => Some(socket::bind(&work.path, socket::CAPTURE_SOCKET)?),
+        };
         let child = Arc::new(Mutex::new(run::spawn_dump(&DumpCommand {
             pid: opts.pid,
             work_dir: &work.path,
@@ -191,7 +196,7 @@ pub fn dump(opts: DumpOptions) -> Result<DumpReport> {
                     .map(|()| spool.report())
             }
             None => {
-                let listener = socket::bind(&work.path, socket::CAPTURE_SOCKET)?;
+                let listener = listener.expect("bound when there is no spool");
                 let capture_opts = CaptureOptions {
                     watch: Some(Box::new({
                         let (child, log) = (child.clone(), log.clone());
