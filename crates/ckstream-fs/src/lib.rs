@@ -17,4 +17,4 @@ pub use pack::{
     pack_inputs, parse_input, plan_inputs, prepare_rootfs_diff, rootfs_diff_input, Overlay,
     PackInput, PackPlan, PackStats, ROOTFS_PREFIX,
 };
-pub use unpack::{is_opaque, is_whiteout, unpack, UnpackOptions, UnpackStats};
+pub use unpack::{is_opaque, is_whiteout, unpack, verify_unverified, UnpackOptions, UnpackStats};

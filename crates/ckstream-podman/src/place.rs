@@ -60,6 +60,10 @@ pub struct Placed {
     pub place_seconds: f64,
     /// Bytes of file data placed.
     pub bytes: u64,
+    /// With [`PlaceOptions::verify_rootfs_after`]: the rootfs chunks shared by reflink
+    /// without being read, to be checked once the container runs
+    /// ([`ckstream_fs::verify_unverified`]).
+    pub unverified: Vec<(ckstream_format::Entry, ckstream_format::Chunk)>,
 }
 
 /// What to place and how.
@@ -77,6 +81,9 @@ pub struct PlaceOptions<'a> {
     /// The container to remove should ckstream die before the restore ends (see
     /// [`guard`]): the restored container's name, when no container had it before.
     pub remove_on_death: Option<&'a str>,
+    /// Share the rootfs diff's whole chunks by reflink without reading them first; they
+    /// are returned in [`Placed::unverified`]. The CRIU images are always verified.
+    pub verify_rootfs_after: bool,
 }
 
 /// True when the archive's `rootfs/` is a whole overlay upper directory, as
@@ -182,16 +189,9 @@ fn serve_stub(
     let mut placed: Option<Result<Placed>> = None;
     while let Some(mut f) = open_for_podman(fifo, child)? {
         if placed.is_none() {
-            let started = Instant::now();
             match find_new_container(opts, existing) {
                 Ok(None) => {}
-                Ok(Some(ctr)) => {
-                    placed = Some(place(reader, &ctr, opts).map(|bytes| Placed {
-                        container: String::new(),
-                        place_seconds: started.elapsed().as_secs_f64(),
-                        bytes,
-                    }))
-                }
+                Ok(Some(ctr)) => placed = Some(place(reader, &ctr, opts)),
                 Err(e) => placed = Some(Err(e)),
             }
         }
@@ -401,12 +401,14 @@ fn is_mount_point(path: &Path) -> bool {
 /// directory; returns the bytes written. Whatever fails leaves the checkpoint directory
 /// absent (podman then finds no checkpoint) and the upper directory to podman's removal
 /// of the container.
-fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Result<u64> {
+fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Result<Placed> {
+    let started = Instant::now();
     let stats = UnpackStats::default();
     let unpack = |prefix: &str, dest: &Path, overlay_upper: bool| {
         let o = UnpackOptions {
             strip_prefix: Some(prefix.as_bytes().to_vec()),
             overlay_upper,
+            defer_verify_cloned: overlay_upper && opts.verify_rootfs_after,
             stop: opts.stop,
             ..Default::default()
         };
@@ -435,7 +437,15 @@ fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Res
     if done.is_err() {
         let _ = std::fs::remove_dir_all(&checkpoint);
     }
-    done.map(|()| bytes)
+    done.map(|()| Placed {
+        container: String::new(),
+        place_seconds: started.elapsed().as_secs_f64(),
+        bytes,
+        unverified: stats
+            .unverified
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    })
 }
 
 /// The hidden ckstream command that runs [`guard`].

@@ -64,7 +64,18 @@ pub struct RestoreOptions<'a> {
     /// Called with the archive's container settings before anything is decided on
     /// them, so that they are shown on every restore, refused or not.
     pub on_config: Option<&'a dyn Fn(&TrustReport)>,
+    /// With [`ApplyDiff::Storage`]: share the rootfs diff's large files by reflink
+    /// without reading them, and check them against their digests once the container
+    /// runs (the extents are the archive's own; only the archive can have rotted). The
+    /// CRIU images are always verified before CRIU starts.
+    pub verify_rootfs_after: bool,
+    /// Called with the container's ID and the seconds since the start once it runs,
+    /// when the rootfs is still to be verified.
+    pub on_running: Option<OnRunning<'a>>,
 }
+
+/// Told the container's ID and the seconds since the start, once the container runs.
+pub type OnRunning<'a> = &'a dyn Fn(&str, f64);
 
 /// What a restore did.
 #[derive(Debug)]
@@ -78,6 +89,11 @@ pub struct RestoreReport {
     pub rootfs_apply_seconds: Option<f64>,
     /// Who applied the rootfs diff.
     pub applied_by: ApplyDiff,
+    /// From the start until the container ran.
+    pub running_seconds: f64,
+    /// With [`RestoreOptions::verify_rootfs_after`]: bytes of the rootfs checked after
+    /// the container started, and how long that took.
+    pub verified_after: Option<(u64, f64)>,
     /// The archive's security-relevant container settings.
     pub config: TrustReport,
     /// Why they were accepted.
@@ -279,6 +295,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                 progress: &opts.progress,
                 stop: opts.stop,
                 remove_on_death: name.as_deref().filter(|_| !existed_before),
+                verify_rootfs_after: opts.verify_rootfs_after,
             };
             let restored = crate::place::restore_placed(reader, stub, &place_opts).map(|p| {
                 let id = p.container.clone();
@@ -325,7 +342,14 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                 "the OCI runtime did not run the rootfs hook during the restore, so container {id} was removed; retry with --apply-diff podman"
             )));
         }
-        _ => placed.map(|p| p.place_seconds),
+        _ => placed.as_ref().map(|p| p.place_seconds),
+    };
+    let running_seconds = started.elapsed().as_secs_f64();
+    let verified_after = match (&prepared, placed) {
+        (Prepared::Placed { reader, .. }, Some(p)) if !p.unverified.is_empty() => Some(
+            verify_after_start(reader, &p.unverified, &id, running_seconds, opts)?,
+        ),
+        _ => None,
     };
     let (config, trust) = decided;
     Ok(RestoreReport {
@@ -333,9 +357,52 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
         convert_seconds,
         rootfs_apply_seconds,
         applied_by,
+        running_seconds,
+        verified_after,
         config,
         trust,
     })
+}
+
+/// Checks the rootfs chunks that were shared without being read, while the restored
+/// container `id` runs; returns (bytes, seconds).
+///
+/// # Errors
+/// [`PodmanError::Archive`] (a bad archive) naming every damaged file; the container is
+/// left running, for its owner to decide.
+fn verify_after_start(
+    reader: &ckstream_format::ArchiveReader,
+    unverified: &[(ckstream_format::Entry, ckstream_format::Chunk)],
+    id: &str,
+    running_seconds: f64,
+    opts: &RestoreOptions,
+) -> Result<(u64, f64)> {
+    if let Some(running) = opts.on_running {
+        running(id, running_seconds);
+    }
+    let started = Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let failed = ckstream_fs::verify_unverified(reader, unverified, threads);
+    let bytes = unverified.iter().map(|(_, c)| c.raw_len as u64).sum();
+    if failed.is_empty() {
+        return Ok((bytes, started.elapsed().as_secs_f64()));
+    }
+    let mut failed = failed;
+    // One line per file (its first bad chunk); `failed` is sorted by path.
+    failed.dedup_by(|a, b| a.0 == b.0);
+    let files: Vec<String> = failed
+        .iter()
+        .map(|(path, e)| {
+            let path = path.strip_prefix(b"rootfs/").unwrap_or(path);
+            let shown = String::from_utf8_lossy(path);
+            format!("/{} ({e})", ckstream_format::escape_controls(&shown))
+        })
+        .collect();
+    Err(PodmanError::Archive(Error::Corrupt(format!(
+        "container {id} is running, but {} of its files placed from the archive do not match their digests: {}; the archive is damaged — stop the container (podman rm -f {id}) and restore from a good copy",
+        files.len(),
+        files.join(", ")
+    ))))
 }
 
 /// What podman restores from.

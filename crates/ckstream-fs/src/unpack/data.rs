@@ -182,6 +182,9 @@ impl<'a> Unpacker<'a> {
     fn restore_chunk(&self, job: &ChunkJob) -> Result<()> {
         let c = job.chunk;
         let out = &self.batch.files[job.slot].file;
+        if self.opts.defer_verify_cloned && self.clone_whole_unread(job, out)? {
+            return Ok(());
+        }
         let stored = self.reader.read_stored(c)?;
         let data = decode_chunk(job.entry, c, stored)?;
         let werr = |e: io::Error| ferr(&job.entry.path, "cannot write", e);
@@ -218,6 +221,37 @@ impl<'a> Unpacker<'a> {
         };
         counter.fetch_add(whole, Ordering::Relaxed);
         Ok(whole)
+    }
+
+    /// With [`UnpackOptions::defer_verify_cloned`](super::UnpackOptions): shares chunk
+    /// `job` whole by reflink without reading it and records it as unverified. False when
+    /// it cannot be shared whole (the caller then reads and verifies it as usual; a
+    /// kernel copy made on the way is overwritten by the verified bytes).
+    fn clone_whole_unread(&self, job: &ChunkJob, out: &File) -> Result<bool> {
+        let c = job.chunk;
+        let src = self.reader.raw_file(c.shard);
+        let (true, Some(src), Some(CodecId::None), false) =
+            (self.opts.reflink, src, c.codec_id(), c.in_shared_frame())
+        else {
+            return Ok(false);
+        };
+        let len = c.raw_len as u64;
+        if c.offset % BLOCK != 0 || c.file_offset % BLOCK != 0 || len % BLOCK != 0 || len == 0 {
+            return Ok(false);
+        }
+        let method = clone_or_copy_range(src, c.offset, out, c.file_offset, len, BLOCK)
+            .map_err(|e| ferr(&job.entry.path, "cannot write", e))?;
+        if method != CopyMethod::Cloned {
+            return Ok(false);
+        }
+        self.stats.cloned_bytes.fetch_add(len, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+        self.stats
+            .unverified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((job.entry.clone(), c.clone()));
+        Ok(true)
     }
 
     /// Restores several small files from one shared frame: one read, one decode, a digest

@@ -66,6 +66,11 @@ pub struct UnpackOptions {
     /// old lower layers and are dropped. Metacopy files and redirected directories are
     /// refused as in `overlay_apply`.
     pub overlay_upper: bool,
+    /// Chunks shared whole with the archive by reflink are not read: their digests are
+    /// left to the caller, who finds them in [`UnpackStats::unverified`] (the extents are
+    /// the archive's own, so only the archive itself can be wrong, and checking it later
+    /// reads the same blocks). Every other chunk is verified before it is written.
+    pub defer_verify_cloned: bool,
     /// Polled between files and chunks: once it returns true the extraction stops with
     /// an "interrupted" error, removing the files it had not finished.
     pub stop: Stop,
@@ -82,6 +87,7 @@ impl Default for UnpackOptions {
             strip_prefix: None,
             overlay_apply: false,
             overlay_upper: false,
+            defer_verify_cloned: false,
             stop: Stop::NEVER,
         }
     }
@@ -100,6 +106,9 @@ pub struct UnpackStats {
     pub cloned_bytes: AtomicU64,
     /// Bytes copied inside the kernel (copy_file_range).
     pub kernel_copied_bytes: AtomicU64,
+    /// With [`UnpackOptions::defer_verify_cloned`]: the chunks shared without being
+    /// verified, with the entry holding them.
+    pub unverified: std::sync::Mutex<Vec<(Entry, ckstream_format::Chunk)>>,
 }
 
 /// True when `path` is selected by `selection` (equal to, or below, a selected path).
@@ -377,4 +386,40 @@ impl<'a> Unpacker<'a> {
         }
         Ok(())
     }
+}
+
+/// Checks the digests of chunks an unpack shared without reading them
+/// ([`UnpackOptions::defer_verify_cloned`]), on `threads` threads, reading them from the
+/// archive. Returns every chunk that failed, with its entry's path and the error.
+pub fn verify_unverified(
+    reader: &ArchiveReader,
+    chunks: &[(Entry, ckstream_format::Chunk)],
+    threads: usize,
+) -> Vec<(Vec<u8>, Error)> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1).min(chunks.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((entry, chunk)) = chunks.get(i) else {
+                    return;
+                };
+                let checked = reader
+                    .read_stored(chunk)
+                    .and_then(|stored| ckstream_format::reader::decode_chunk(entry, chunk, stored));
+                if let Err(e) = checked {
+                    failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((entry.path.clone(), e));
+                }
+            });
+        }
+    });
+    let mut failed = failed
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    failed.sort_by(|a, b| a.0.cmp(&b.0));
+    failed
 }

@@ -113,6 +113,13 @@ pub struct RestoreArgs {
     /// whose credentials the hook would not have).
     #[arg(long, value_enum)]
     pub(super) apply_diff: Option<ApplyDiff>,
+    /// With `--apply-diff storage`: share the uncompressed rootfs diff's files by reflink
+    /// without reading them first, so the container runs sooner, and check them against
+    /// their digests while it runs (their extents are the archive's own: only the archive
+    /// can have rotted). A mismatch fails the command (exit 3) naming the files; the
+    /// container is left running. The CRIU images are always verified before CRIU starts.
+    #[arg(long)]
+    pub(super) verify_rootfs_after_start: bool,
     /// Restore even if the archive's container config asks for OCI hooks, privileged
     /// mode, host mounts, added capabilities or devices, or host namespaces (shown on
     /// every restore; refused otherwise). Only for archives whose origin you trust.

@@ -201,6 +201,13 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
     // progress bar, before any refusal).
     let config: RefCell<Option<TrustReport>> = RefCell::new(None);
     let on_config = |r: &TrustReport| *config.borrow_mut() = Some(r.clone());
+    let on_running = |id: &str, secs: f64| {
+        if !quiet {
+            eprintln!(
+                "container {id} running after {secs:.2}s; checking the rootfs it shares with the archive"
+            );
+        }
+    };
     let restored = with_progress("podman restore", quiet, |progress| {
         restore(
             &a.input,
@@ -217,6 +224,8 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
                 trust_config: a.trust_config,
                 keys: crate::cmd::key::read_key_files(),
                 on_config: Some(&on_config),
+                verify_rootfs_after: a.verify_rootfs_after_start,
+                on_running: Some(&on_running),
             },
         )
     });
@@ -249,6 +258,9 @@ fn restore_cmd(a: RestoreArgs, stop: Stop, quiet: bool) -> Result<()> {
             "container": id,
             "convert_seconds": converted,
             "rootfs_apply_seconds": done.rootfs_apply_seconds,
+            "running_seconds": done.running_seconds,
+            "verified_after_start_bytes": done.verified_after.map(|v| v.0),
+            "verified_after_start_seconds": done.verified_after.map(|v| v.1),
             "applied_by": format!("{:?}", done.applied_by).to_lowercase(),
             "seconds": secs,
             "config": done.config.to_json(),
