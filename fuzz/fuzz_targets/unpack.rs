@@ -13,7 +13,7 @@
 //!
 //! and the per-process directory must hold nothing but `outside` and `dest`. Flag bits
 //! (of the input's first byte): 3 overlay mode, 4 strip the first entry's path, 5 extract
-//! only the last entry, 6 two threads.
+//! only the last entry, 6 two threads, 7 overlay upper mode (without 3).
 #![no_main]
 
 use std::collections::BTreeSet;
@@ -110,6 +110,11 @@ fuzz_target!(|data: &[u8]| {
             .then(|| entries.first().map(|e| e.path.clone()))
             .flatten(),
         overlay_apply: flags & 0x08 != 0,
+        // An overlay upper directory (whiteouts as 0:0 devices, opaque xattrs) instead.
+        overlay_upper: flags & 0x08 == 0 && flags & 0x80 != 0,
+        // Both need reflinks, which the fuzzed archive (in memory) never allows.
+        defer_verify_cloned: false,
+        verify_from_output: false,
         stop: ckstream_format::Stop::NEVER,
     };
     let selection: Vec<Vec<u8>> = match entries.last() {
