@@ -409,6 +409,8 @@ fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Res
             strip_prefix: Some(prefix.as_bytes().to_vec()),
             overlay_upper,
             defer_verify_cloned: overlay_upper && opts.verify_rootfs_after,
+            // CRIU reads the images right after: leave them in the page cache.
+            verify_from_output: true,
             stop: opts.stop,
             ..Default::default()
         };

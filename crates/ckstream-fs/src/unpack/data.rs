@@ -185,6 +185,9 @@ impl<'a> Unpacker<'a> {
         if self.opts.defer_verify_cloned && self.clone_whole_unread(job, out)? {
             return Ok(());
         }
+        if self.opts.verify_from_output && self.clone_whole_and_check(job, out)? {
+            return Ok(());
+        }
         let stored = self.reader.read_stored(c)?;
         let data = decode_chunk(job.entry, c, stored)?;
         let werr = |e: io::Error| ferr(&job.entry.path, "cannot write", e);
@@ -223,11 +226,29 @@ impl<'a> Unpacker<'a> {
         Ok(whole)
     }
 
-    /// With [`UnpackOptions::defer_verify_cloned`](super::UnpackOptions): shares chunk
-    /// `job` whole by reflink without reading it and records it as unverified. False when
-    /// it cannot be shared whole (the caller then reads and verifies it as usual; a
-    /// kernel copy made on the way is overwritten by the verified bytes).
-    fn clone_whole_unread(&self, job: &ChunkJob, out: &File) -> Result<bool> {
+    /// With [`UnpackOptions::verify_from_output`](super::UnpackOptions): shares chunk `job`
+    /// whole by reflink, then reads it back from the output and checks its digest, so the
+    /// output's page cache holds it for whoever reads it next. False when it cannot be
+    /// shared whole (the caller then reads and verifies it from the archive as usual).
+    fn clone_whole_and_check(&self, job: &ChunkJob, out: &File) -> Result<bool> {
+        if !self.clone_whole(job, out)? {
+            return Ok(false);
+        }
+        let c = job.chunk;
+        let mut shared = vec![0u8; c.raw_len as usize];
+        out.read_exact_at(&mut shared, c.file_offset)
+            .map_err(|e| ferr(&job.entry.path, "cannot read back", e))?;
+        decode_chunk(job.entry, c, shared)?;
+        self.stats
+            .bytes
+            .fetch_add(c.raw_len as u64, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Shares chunk `job` whole (every byte, block-aligned) from the archive into `out` by
+    /// reflink; false when that is not possible, with nothing done that the caller's
+    /// verified write would not overwrite.
+    fn clone_whole(&self, job: &ChunkJob, out: &File) -> Result<bool> {
         let c = job.chunk;
         let src = self.reader.raw_file(c.shard);
         let (true, Some(src), Some(CodecId::None), false) =
@@ -245,7 +266,21 @@ impl<'a> Unpacker<'a> {
             return Ok(false);
         }
         self.stats.cloned_bytes.fetch_add(len, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// With [`UnpackOptions::defer_verify_cloned`](super::UnpackOptions): shares chunk
+    /// `job` whole by reflink without reading it and records it as unverified. False when
+    /// it cannot be shared whole (the caller then reads and verifies it as usual; a
+    /// kernel copy made on the way is overwritten by the verified bytes).
+    fn clone_whole_unread(&self, job: &ChunkJob, out: &File) -> Result<bool> {
+        if !self.clone_whole(job, out)? {
+            return Ok(false);
+        }
+        let c = job.chunk;
+        self.stats
+            .bytes
+            .fetch_add(c.raw_len as u64, Ordering::Relaxed);
         self.stats
             .unverified
             .lock()

@@ -71,6 +71,11 @@ pub struct UnpackOptions {
     /// the archive's own, so only the archive itself can be wrong, and checking it later
     /// reads the same blocks). Every other chunk is verified before it is written.
     pub defer_verify_cloned: bool,
+    /// Chunks shared whole with the archive by reflink are checked by reading them back
+    /// from the output rather than from the archive: the same bytes (shared extents), but
+    /// the output's page cache then holds them for its next reader (CRIU reading the
+    /// images it restores from). A mismatch fails the unpack as usual.
+    pub verify_from_output: bool,
     /// Polled between files and chunks: once it returns true the extraction stops with
     /// an "interrupted" error, removing the files it had not finished.
     pub stop: Stop,
@@ -88,6 +93,7 @@ impl Default for UnpackOptions {
             overlay_apply: false,
             overlay_upper: false,
             defer_verify_cloned: false,
+            verify_from_output: false,
             stop: Stop::NEVER,
         }
     }
@@ -287,11 +293,17 @@ impl<'a> Unpacker<'a> {
         let (pfd, name) = self.cache.parent_of(&e.path)?;
         remove_existing(pfd, name, &e.path)?;
         // O_EXCL with O_NOFOLLOW: the name was just cleared, so anything there now (a
-        // symlink raced in) is refused rather than written through.
+        // symlink raced in) is refused rather than written through. Readable for
+        // `verify_from_output`.
+        let access = if self.opts.verify_from_output {
+            OFlags::RDWR
+        } else {
+            OFlags::WRONLY
+        };
         let fd = rustix::fs::openat(
             pfd,
             os(name),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            access | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
         .map_err(|er| ferr(&e.path, "cannot create", er))?;

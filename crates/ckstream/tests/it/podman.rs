@@ -988,6 +988,21 @@ fn restore_places_the_diff_by_reflink(kind: &str) {
     std::fs::write(&bad, bytes).unwrap();
     let rotten = format!("{name}-rotten");
     let _rotten_guard = Ctr(rotten.clone());
+    // Without the flag the shared chunk is read back from the new container's upper
+    // directory and checked before podman starts anything: refused, nothing left.
+    let o = ck_storage(&[
+        "podman",
+        "restore",
+        bad.to_str().unwrap(),
+        "--name",
+        &rotten,
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("digest mismatch"), "{}", stderr(&o));
+    assert!(
+        !podman(&["container", "exists", &rotten]).status.success(),
+        "a container was left behind"
+    );
     let o = ck_storage(&[
         "podman",
         "restore",
