@@ -39,7 +39,10 @@
 # Restores (container removed with `podman rm -f` first, caches dropped):
 #   podman archives (podman-*, ck-podman-*):  `podman container restore --import X --print-stats`
 #   .cka (ck-cka-*) and additionally ck-podman-none:  `ckstream podman restore X --json`
-#     (a .cka is converted to an aligned podman tar beside it, then podman restores it)
+#     (a .cka: its rootfs diff and CRIU images placed into the new container's storage,
+#     --apply-diff storage; a podman tar: checked, then `podman container restore --import`)
+#   ck-cka-none additionally `ckstream podman restore X --verify-rootfs-after-start --json`
+#     (op restore-ckstream-late: the reflinked rootfs is checked after the container runs)
 # After every restore: the container runs, memtest's heartbeat advances, SIGUSR1 -> /tmp/hb.verify
 # says verify=ok (full memory checksum), sha256 of /data/big/f$VERIFY_FILE and a digest of
 # all small files equal the pre-checkpoint values, all NFILES big files are there with the
@@ -129,7 +132,7 @@ CK_DATE=$(date -u -r "$CKSTREAM" '+%Y-%m-%d %H:%M UTC')
 LOAD_START=$(loadavg)
 log "load average at start: $LOAD_START; ckstream $CKSTREAM (sha256 $CK_SUM, built $CK_DATE)"
 
-COLS="fs rep case op tool wall ck_podman_s ck_archive_s ck_convert_s ck_seconds pm_total_s pm_runtime_s archive_bytes cloned_bytes data_bytes space_bytes sem load1"
+COLS="fs rep case op tool wall ck_podman_s ck_archive_s ck_convert_s ck_seconds pm_total_s pm_runtime_s archive_bytes cloned_bytes data_bytes space_bytes sem load1 ck_apply_s ck_running_s ck_verified_after_s"
 echo "$COLS" | tr ' ' '\t' >"$TSV"
 row() { printf '%s\n' "$@" | paste -sd'\t' >>"$TSV"; }
 {
@@ -317,6 +320,7 @@ run_case() {
 	case $cs in
 	podman-* | ck-podman-zstd*) tools=(podman) ;;
 	ck-podman-none) tools=(podman ckstream) ;;
+	ck-cka-none) tools=(ckstream ckstream-late) ;;
 	ck-cka-*) tools=(ckstream) ;;
 	esac
 	local tool sem
@@ -330,7 +334,9 @@ run_case() {
 			timeout "$TIMEOUT" podman container restore --import "$arch" --print-stats \
 				>"$d/restore-$tool.out" 2>"$d/restore-$tool.err" || rc=$?
 		else
-			timeout "$TIMEOUT" "$CKSTREAM" podman restore "$arch" -q --json \
+			local late=()
+			[[ $tool == ckstream-late ]] && late=(--verify-rootfs-after-start)
+			timeout "$TIMEOUT" "$CKSTREAM" podman restore "$arch" "${late[@]}" -q --json \
 				>"$d/restore-$tool.out" 2>"$d/restore-$tool.err" || rc=$?
 		fi
 		t1=$(now)
@@ -347,11 +353,11 @@ run_case() {
 			row "$fs" "$rep" "$cs" "restore-$tool" podman "$wall" "" "" "" "" "$pt" "$pr" "$abytes" "" "" "" "$sem" "$(cut -d' ' -f1 /proc/loadavg)"
 			log "$fs rep $rep $cs: restore (podman) ${wall}s (podman ${pt}s, runtime ${pr}s), verified; $sem"
 		else
-			j=$(jq -r '[.convert_seconds, .seconds] | @tsv' "$d/restore-$tool.out")
-			local cc cs2
-			IFS=$'\t' read -r cc cs2 <<<"$j"
-			row "$fs" "$rep" "$cs" "restore-$tool" ckstream "$wall" "" "" "$cc" "$cs2" "" "" "$abytes" "" "" "" "$sem" "$(cut -d' ' -f1 /proc/loadavg)"
-			log "$fs rep $rep $cs: restore (ckstream) ${wall}s (convert ${cc}s), verified; $sem"
+			j=$(jq -r '[.convert_seconds, .seconds, .rootfs_apply_seconds, .running_seconds, .verified_after_start_seconds] | @tsv' "$d/restore-$tool.out")
+			local cc cs2 ap run va
+			IFS=$'\t' read -r cc cs2 ap run va <<<"$j"
+			row "$fs" "$rep" "$cs" "restore-$tool" ckstream "$wall" "" "" "$cc" "$cs2" "" "" "$abytes" "" "" "" "$sem" "$(cut -d' ' -f1 /proc/loadavg)" "$ap" "$run" "$va"
+			log "$fs rep $rep $cs: restore ($tool) ${wall}s (convert ${cc}s, rootfs placed ${ap}s, running after ${run}s, verified after the start ${va:-–}s), verified; $sem"
 		fi
 	done
 	podman rm -f -t 0 "$CTR" >/dev/null 2>&1 || true
@@ -386,6 +392,7 @@ rcmd_of() {
 	case $1 in
 	restore-podman) echo '`podman container restore --import`' ;;
 	restore-ckstream) echo '`ckstream podman restore`' ;;
+	restore-ckstream-late) echo '`ckstream podman restore --verify-rootfs-after-start`' ;;
 	esac
 }
 # diff part: podman wall - runtime; ckstream archive_seconds
@@ -434,20 +441,26 @@ write_summary() {
 		echo
 		echo "### Restore"
 		echo
-		echo "| archive from | restore command | wall s | × vs podman none | ckstream pre-pass s | podman internal s | runtime (CRIU) restore s | wall − runtime s | (wall − runtime) × vs podman none | rootfs semantics |"
-		echo "|---|---|---|---|---|---|---|---|---|---|"
+		echo "| archive from | restore command | wall s | × vs podman none | ckstream pre-pass s | rootfs placed s | running after s | × vs podman none | checked after the start s | podman internal s | runtime (CRIU) restore s | wall − runtime s | (wall − runtime) × vs podman none | rootfs semantics |"
+		echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 		for cs in "${CASE_LIST[@]}"; do
-			for op in restore-podman restore-ckstream; do
+			for op in restore-podman restore-ckstream restore-ckstream-late; do
 				w=$(med "$fs" "$cs" "$op" wall)
 				[[ -n $w ]] || continue
 				rr=$(med "$fs" "$cs" "$op" pm_runtime_s)
 				nr=""
 				[[ -n $rr ]] && nr=$(fsub "$w" "$rr")
+				run=$(med "$fs" "$cs" "$op" ck_running_s)
+				[[ -n $run ]] || run=$w
 				echo "| $cs | $(rcmd_of "$op") | $(f 2 "$w") | $(div "$P_RW" "$w" 1) | $(f 2 "$(med "$fs" "$cs" "$op" ck_convert_s)") |" \
+					"$(f 2 "$(med "$fs" "$cs" "$op" ck_apply_s)") | $(f 2 "$run") | $(div "$P_RW" "$run" 1) | $(f 2 "$(med "$fs" "$cs" "$op" ck_verified_after_s)") |" \
 					"$(f 2 "$(med "$fs" "$cs" "$op" pm_total_s)") | $(f 2 "$rr") | $(f 2 "$nr") | $(div "$(fsub "$P_RW" "$P_RR")" "$nr" 1) | $(first "$fs" "$cs" "$op" sem) |"
 			done
 		done
 		echo
+		echo "rootfs placed: rootfs_apply_seconds (writing the diff and the CRIU images into the new container's storage, verification included"
+		echo "unless checked after the start). running after: ckstream's running_seconds (the container runs; podman's restore has returned),"
+		echo "the wall time for plain podman. checked after the start: the reflinked rootfs chunks read back and checked while the container runs."
 		echo "podman internal / runtime restore: from \`--print-stats\` (only for plain podman restores; \`ckstream podman restore\` runs podman without it)."
 		echo "ckstream pre-pass: convert_seconds — for a .cka its conversion into an aligned podman tar beside it (reflinks), for a podman"
 		echo "archive ckstream's safety check of it (paths, deleted.files) — then \`podman container restore --import\` runs."
