@@ -74,6 +74,26 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// Shares `len` block-aligned bytes of `src` at `src_off` into `dst` at `dst_off` by
+/// reflink: true when shared, false when this filesystem (or this pair of files) cannot,
+/// with nothing written.
+///
+/// # Errors
+/// I/O errors other than "not possible here".
+pub fn clone_range(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+) -> io::Result<bool> {
+    match ficlonerange(src, src_off, dst, dst_off, len) {
+        Ok(()) => Ok(true),
+        Err(e) if is_unsupported(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Places `len` bytes of `src` at `src_off` into `dst` at `dst_off`: by reflink when
 /// offsets and length are block-aligned (`block`) and the filesystem shares extents,
 /// else by copy_file_range, else reports [`CopyMethod::NotDone`].

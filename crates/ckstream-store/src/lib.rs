@@ -16,7 +16,7 @@ pub mod publish;
 #[cfg(feature = "s3")]
 pub mod s3;
 
-pub use clone::{clone_or_copy_range, CopyMethod};
+pub use clone::{clone_or_copy_range, clone_range, CopyMethod};
 pub use keys::KeyFiles;
 pub use local::{seekable, take_fd, FdSink, FileSink, FileSource, StdoutSink};
 pub use location::{

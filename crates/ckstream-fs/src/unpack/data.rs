@@ -18,7 +18,7 @@ use ckstream_format::budget::{chunk_cost, Budget, CHUNK_MEMORY};
 use ckstream_format::index::parent_path;
 use ckstream_format::reader::decode_chunk;
 use ckstream_format::{Chunk, CodecId, Entry, Error, Result};
-use ckstream_store::{clone_or_copy_range, CopyMethod};
+use ckstream_store::{clone_or_copy_range, clone_range, CopyMethod};
 use rustix::fs::AtFlags;
 
 use super::dirs::{ferr, last_component, os};
@@ -115,6 +115,7 @@ impl<'a> Unpacker<'a> {
     /// Restores the batch's chunks on up to `threads` threads; the first error (or an
     /// interruption) stops the others after the chunk they are on.
     fn restore_batch_data(&self) -> Result<()> {
+        let cloned = self.clone_up_front()?;
         let groups = frame_groups(&self.batch.jobs);
         let next = AtomicU64::new(0);
         let threads = self.opts.threads.max(1).min(groups.len().max(1));
@@ -136,7 +137,7 @@ impl<'a> Unpacker<'a> {
                     let restored = if self.opts.stop.requested() {
                         Err(Error::interrupted("extracting"))
                     } else {
-                        self.restore_group(group)
+                        self.restore_group(group, &cloned)
                     };
                     if restored.is_err() {
                         // Past the end of `groups`: every worker stops at its next fetch,
@@ -168,9 +169,14 @@ impl<'a> Unpacker<'a> {
 
     /// Restores one group of [`frame_groups`]: a chunk of its own, or the files sharing
     /// one frame.
-    fn restore_group(&self, group: &[usize]) -> Result<()> {
+    fn restore_group(&self, group: &[usize], cloned: &[bool]) -> Result<()> {
         if group.len() == 1 {
-            self.restore_chunk(&self.batch.jobs[group[0]])
+            let job = &self.batch.jobs[group[0]];
+            if cloned[group[0]] {
+                self.check_cloned(job)
+            } else {
+                self.restore_chunk(job)
+            }
         } else {
             self.restore_shared_frame(group)
         }
@@ -182,12 +188,6 @@ impl<'a> Unpacker<'a> {
     fn restore_chunk(&self, job: &ChunkJob) -> Result<()> {
         let c = job.chunk;
         let out = &self.batch.files[job.slot].file;
-        if self.opts.defer_verify_cloned && self.clone_whole_unread(job, out)? {
-            return Ok(());
-        }
-        if self.opts.verify_from_output && self.clone_whole_and_check(job, out)? {
-            return Ok(());
-        }
         let stored = self.reader.read_stored(c)?;
         let data = decode_chunk(job.entry, c, stored)?;
         let werr = |e: io::Error| ferr(&job.entry.path, "cannot write", e);
@@ -226,28 +226,49 @@ impl<'a> Unpacker<'a> {
         Ok(whole)
     }
 
-    /// With [`UnpackOptions::verify_from_output`](super::UnpackOptions): shares chunk `job`
-    /// whole by reflink, then reads it back from the output and checks its digest, so the
-    /// output's page cache holds it for whoever reads it next. False when it cannot be
-    /// shared whole (the caller then reads and verifies it from the archive as usual).
-    fn clone_whole_and_check(&self, job: &ChunkJob, out: &File) -> Result<bool> {
-        if !self.clone_whole(job, out)? {
-            return Ok(false);
+    /// With [`UnpackOptions::verify_from_output`] or
+    /// [`UnpackOptions::defer_verify_cloned`](super::UnpackOptions): shares every chunk of
+    /// the batch that can be shared whole by reflink, before any is read; returns which
+    /// were. Cloning them all first matters on btrfs, where reading a range right after
+    /// cloning it, chunk by chunk, ran at a third of the speed of reading it afterwards.
+    fn clone_up_front(&self) -> Result<Vec<bool>> {
+        let jobs = &self.batch.jobs;
+        if !(self.opts.verify_from_output || self.opts.defer_verify_cloned) {
+            return Ok(vec![false; jobs.len()]);
         }
+        jobs.iter()
+            .map(|job| self.clone_whole(job, &self.batch.files[job.slot].file))
+            .collect()
+    }
+
+    /// A chunk [`Self::clone_up_front`] shared: with `defer_verify_cloned` recorded in
+    /// [`UnpackStats::unverified`](super::UnpackStats) for the caller, else read back from
+    /// the output and checked against its digest, so the output's page cache holds it
+    /// for whoever reads it next.
+    fn check_cloned(&self, job: &ChunkJob) -> Result<()> {
         let c = job.chunk;
-        let mut shared = vec![0u8; c.raw_len as usize];
-        out.read_exact_at(&mut shared, c.file_offset)
-            .map_err(|e| ferr(&job.entry.path, "cannot read back", e))?;
-        decode_chunk(job.entry, c, shared)?;
+        if self.opts.defer_verify_cloned {
+            self.stats
+                .unverified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((job.entry.clone(), c.clone()));
+        } else {
+            let mut shared = vec![0u8; c.raw_len as usize];
+            self.batch.files[job.slot]
+                .file
+                .read_exact_at(&mut shared, c.file_offset)
+                .map_err(|e| ferr(&job.entry.path, "cannot read back", e))?;
+            decode_chunk(job.entry, c, shared)?;
+        }
         self.stats
             .bytes
             .fetch_add(c.raw_len as u64, Ordering::Relaxed);
-        Ok(true)
+        Ok(())
     }
 
     /// Shares chunk `job` whole (every byte, block-aligned) from the archive into `out` by
-    /// reflink; false when that is not possible, with nothing done that the caller's
-    /// verified write would not overwrite.
+    /// reflink; false, with nothing written, when that is not possible.
     fn clone_whole(&self, job: &ChunkJob, out: &File) -> Result<bool> {
         let c = job.chunk;
         let src = self.reader.raw_file(c.shard);
@@ -260,33 +281,12 @@ impl<'a> Unpacker<'a> {
         if c.offset % BLOCK != 0 || c.file_offset % BLOCK != 0 || len % BLOCK != 0 || len == 0 {
             return Ok(false);
         }
-        let method = clone_or_copy_range(src, c.offset, out, c.file_offset, len, BLOCK)
+        let cloned = clone_range(src, c.offset, out, c.file_offset, len)
             .map_err(|e| ferr(&job.entry.path, "cannot write", e))?;
-        if method != CopyMethod::Cloned {
-            return Ok(false);
+        if cloned {
+            self.stats.cloned_bytes.fetch_add(len, Ordering::Relaxed);
         }
-        self.stats.cloned_bytes.fetch_add(len, Ordering::Relaxed);
-        Ok(true)
-    }
-
-    /// With [`UnpackOptions::defer_verify_cloned`](super::UnpackOptions): shares chunk
-    /// `job` whole by reflink without reading it and records it as unverified. False when
-    /// it cannot be shared whole (the caller then reads and verifies it as usual; a
-    /// kernel copy made on the way is overwritten by the verified bytes).
-    fn clone_whole_unread(&self, job: &ChunkJob, out: &File) -> Result<bool> {
-        if !self.clone_whole(job, out)? {
-            return Ok(false);
-        }
-        let c = job.chunk;
-        self.stats
-            .bytes
-            .fetch_add(c.raw_len as u64, Ordering::Relaxed);
-        self.stats
-            .unverified
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((job.entry.clone(), c.clone()));
-        Ok(true)
+        Ok(cloned)
     }
 
     /// Restores several small files from one shared frame: one read, one decode, a digest
