@@ -988,29 +988,27 @@ fn restore_places_the_diff_by_reflink(kind: &str) {
     std::fs::write(&bad, bytes).unwrap();
     let rotten = format!("{name}-rotten");
     let _rotten_guard = Ctr(rotten.clone());
+    let restore_bad = |flags: &[&str]| {
+        let mut args = vec![
+            "podman",
+            "restore",
+            bad.to_str().unwrap(),
+            "--name",
+            &rotten,
+        ];
+        args.extend_from_slice(flags);
+        ck_storage(&args)
+    };
     // Without the flag the shared chunk is read back from the new container's upper
     // directory and checked before podman starts anything: refused, nothing left.
-    let o = ck_storage(&[
-        "podman",
-        "restore",
-        bad.to_str().unwrap(),
-        "--name",
-        &rotten,
-    ]);
+    let o = restore_bad(&[]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("digest mismatch"), "{}", stderr(&o));
     assert!(
         !podman(&["container", "exists", &rotten]).status.success(),
         "a container was left behind"
     );
-    let o = ck_storage(&[
-        "podman",
-        "restore",
-        bad.to_str().unwrap(),
-        "--name",
-        &rotten,
-        "--verify-rootfs-after-start",
-    ]);
+    let o = restore_bad(&["--verify-rootfs-after-start"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("/data/placed"), "{}", stderr(&o));
     assert_eq!(
