@@ -315,6 +315,15 @@ run_case() {
 		row "$fs" "$rep" "$cs" checkpoint ckstream "$wall" "$cp" "$ca" "" "$cs_" "" "" "$abytes" "$cb" "$db" "$((sp1 - sp0))" "" "$(cut -d' ' -f1 /proc/loadavg)"
 		log "$fs rep $rep $cs: checkpoint ${wall}s (podman in place ${cp}s, archive ${ca}s), $abytes B, reflinked $cb B"
 	fi
+	if [[ $cs == ck-cka-none && $DROP_CACHES == 1 ]]; then
+		# The disk's share of a cold restore: one sequential read of the archive.
+		drop_caches
+		t0=$(now)
+		cat "$arch" >/dev/null
+		wall=$(fsub "$(now)" "$t0")
+		row "$fs" "$rep" "$cs" seqread cat "$wall" "" "" "" "" "" "" "$abytes" "" "" "" "" "$(cut -d' ' -f1 /proc/loadavg)"
+		log "$fs rep $rep $cs: one cold sequential read of the archive ${wall}s"
+	fi
 	# Restores.
 	local tools=()
 	case $cs in
@@ -465,6 +474,8 @@ write_summary() {
 		echo "ckstream pre-pass: convert_seconds — for a .cka its conversion into an aligned podman tar beside it (reflinks), for a podman"
 		echo "archive ckstream's safety check of it (paths, deleted.files) — then \`podman container restore --import\` runs."
 		echo
+		SR=$(med "$fs" ck-cka-none seqread wall)
+		[[ -n $SR ]] && echo "One sequential read of the uncompressed .cka with caches dropped (\`cat X.cka > /dev/null\`): $(f 2 "$SR") s." && echo
 		PZ=$(med "$fs" podman-zstd checkpoint archive_bytes)
 		line="Sizes: podman none $(nb "$P_AB") B; podman zstd $(nb "$PZ") B"
 		for cs in "${CASE_LIST[@]}"; do
