@@ -207,10 +207,7 @@ impl<'a> Unpacker<'a> {
     /// they are in the file, block-aligned on both sides. Returns the bytes done, 0 when
     /// nothing applied.
     fn clone_blocks(&self, c: &Chunk, out: &File) -> io::Result<u64> {
-        let src = self.reader.raw_file(c.shard);
-        let (true, Some(src), Some(CodecId::None), false) =
-            (self.opts.reflink, src, c.codec_id(), c.in_shared_frame())
-        else {
+        let Some(src) = self.reflink_source(c) else {
             return Ok(0);
         };
         let whole = c.raw_len as u64 - c.raw_len as u64 % BLOCK;
@@ -224,6 +221,15 @@ impl<'a> Unpacker<'a> {
         };
         counter.fetch_add(whole, Ordering::Relaxed);
         Ok(whole)
+    }
+
+    /// The archive file chunk `c` can be shared or copied from in the kernel: when
+    /// reflinks are wanted and its stored bytes are the file's bytes (uncompressed,
+    /// unsealed, not part of a shared frame).
+    fn reflink_source(&self, c: &Chunk) -> Option<&File> {
+        let src = self.reader.raw_file(c.shard)?;
+        (self.opts.reflink && c.codec_id() == Some(CodecId::None) && !c.in_shared_frame())
+            .then_some(src)
     }
 
     /// With [`UnpackOptions::verify_from_output`] or
@@ -271,10 +277,7 @@ impl<'a> Unpacker<'a> {
     /// reflink; false, with nothing written, when that is not possible.
     fn clone_whole(&self, job: &ChunkJob, out: &File) -> Result<bool> {
         let c = job.chunk;
-        let src = self.reader.raw_file(c.shard);
-        let (true, Some(src), Some(CodecId::None), false) =
-            (self.opts.reflink, src, c.codec_id(), c.in_shared_frame())
-        else {
+        let Some(src) = self.reflink_source(c) else {
             return Ok(false);
         };
         let len = c.raw_len as u64;
