@@ -382,12 +382,11 @@ fn verify_after_start(
     }
     let started = Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let failed = ckstream_fs::verify_unverified(reader, unverified, threads);
+    let mut failed = ckstream_fs::verify_unverified(reader, unverified, threads);
     let bytes = unverified.iter().map(|(_, c)| c.raw_len as u64).sum();
     if failed.is_empty() {
         return Ok((bytes, started.elapsed().as_secs_f64()));
     }
-    let mut failed = failed;
     // One line per file (its first bad chunk); `failed` is sorted by path.
     failed.dedup_by(|a, b| a.0 == b.0);
     let files: Vec<String> = failed

@@ -34,6 +34,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ckstream_format::budget::{chunk_cost, Budget, CHUNK_MEMORY};
 use ckstream_format::{ArchiveReader, Entry, EntryKind, Error, Result, Stop};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
@@ -402,7 +403,8 @@ impl<'a> Unpacker<'a> {
 
 /// Checks the digests of chunks an unpack shared without reading them
 /// ([`UnpackOptions::defer_verify_cloned`]), on `threads` threads, reading them from the
-/// archive. Returns every chunk that failed, with its entry's path and the error.
+/// archive with the chunk data in flight within [`CHUNK_MEMORY`] like every other reader.
+/// Returns every chunk that failed, with its entry's path and the error.
 pub fn verify_unverified(
     reader: &ArchiveReader,
     chunks: &[(Entry, ckstream_format::Chunk)],
@@ -410,6 +412,7 @@ pub fn verify_unverified(
 ) -> Vec<(Vec<u8>, Error)> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::Mutex::new(Vec::new());
+    let budget = Budget::new(CHUNK_MEMORY);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1).min(chunks.len().max(1)) {
             s.spawn(|| loop {
@@ -417,9 +420,14 @@ pub fn verify_unverified(
                 let Some((entry, chunk)) = chunks.get(i) else {
                     return;
                 };
-                let checked = reader
-                    .read_stored(chunk)
-                    .and_then(|stored| ckstream_format::reader::decode_chunk(entry, chunk, stored));
+                // The lease covers the chunk's bytes until they are checked. The budget is
+                // never closed here; were it, the chunk would count as failed.
+                let checked = match budget.take(chunk_cost(chunk)) {
+                    Some(_lease) => reader.read_stored(chunk).and_then(|stored| {
+                        ckstream_format::reader::decode_chunk(entry, chunk, stored).map(drop)
+                    }),
+                    None => Err(Error::Usage("verification stopped".into())),
+                };
                 if let Err(e) = checked {
                     failed
                         .lock()
