@@ -31,17 +31,31 @@ pub fn venv() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/ckstream/seaweedfs-venv"))
 }
 
+/// The lowest port the kernel hands out to outgoing connections: ports at or above it
+/// can be taken by any client socket (ckstream's, aws's, podman's) between our check and
+/// the server's bind, so the server's ports stay below it.
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse().ok()))
+        .unwrap_or(32768)
+}
+
 /// A base port whose S3, master, volume, filer and admin ports (and their gRPC ports at
-/// +10000) are all free right now.
+/// +10000) are all free right now and outside the ephemeral range.
 fn free_port_block() -> u16 {
     let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let low = 10000u64;
+    let high = (ephemeral_low() as u64)
+        .saturating_sub(10005)
+        .max(low + 1000);
     let seed = std::process::id() as u64 * 7919
         + std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos() as u64;
     for k in 0..500u64 {
-        let base = 20000 + ((seed + k * 101) % 30000) as u16;
+        let base = (low + (seed + k * 101) % (high - low)) as u16;
         if (0..5).all(|o| free(base + o) && free(base + 10000 + o)) {
             return base;
         }
@@ -65,17 +79,34 @@ impl S3Server {
                 .unwrap()
                 .as_nanos()
         ));
-        let port = free_port_block();
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .env("CKSTREAM_S3_DIR", &dir)
-            .env("CKSTREAM_S3_PORT", port.to_string())
-            .env("CKSTREAM_S3_BUCKET", "ckstream-test")
-            .env("CKSTREAM_S3_WATCH_PID", std::process::id().to_string())
-            .env("CKSTREAM_S3_REMOVE_DIR", "1")
-            .output()
-            .expect("run scripts/s3-server.sh");
+        // A port can still be taken between the check and weed's bind (weed then stops
+        // with "address already in use"): try again on another block.
+        let mut attempts = 0;
+        let (port, out) = loop {
+            attempts += 1;
+            let port = free_port_block();
+            let out = Command::new("bash")
+                .arg(script())
+                .arg("start")
+                .env("CKSTREAM_S3_DIR", &dir)
+                .env("CKSTREAM_S3_PORT", port.to_string())
+                .env("CKSTREAM_S3_BUCKET", "ckstream-test")
+                .env("CKSTREAM_S3_WATCH_PID", std::process::id().to_string())
+                .env("CKSTREAM_S3_REMOVE_DIR", "1")
+                .output()
+                .expect("run scripts/s3-server.sh");
+            let in_use = String::from_utf8_lossy(&out.stderr).contains("address already in use");
+            if out.status.success() || !in_use || attempts == 3 {
+                break (port, out);
+            }
+            eprintln!("{test}: S3 server port {port} was taken, trying another");
+            let _ = Command::new("bash")
+                .arg(script())
+                .arg("stop")
+                .env("CKSTREAM_S3_DIR", &dir)
+                .output();
+            let _ = std::fs::remove_dir_all(&dir);
+        };
         if !out.status.success() {
             let msg = format!(
                 "{test}: the S3 server did not start: {}",
