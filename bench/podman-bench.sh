@@ -38,7 +38,7 @@
 #   ck-podman-zstd  `ckstream podman checkpoint CTR -o X.tar.zst --format podman -c $CK_ZSTD --json`
 # Restores (container removed with `podman rm -f` first, caches dropped):
 #   podman archives (podman-*, ck-podman-*):  `podman container restore --import X --print-stats`
-#   .cka (ck-cka-*) and additionally ck-podman-none:  `ckstream podman restore X --json`
+#   every archive:  `ckstream podman restore X --json`
 #     (a .cka: its rootfs diff and CRIU images placed into the new container's storage,
 #     --apply-diff storage; a podman tar: checked, then `podman container restore --import`)
 #   ck-cka-none additionally `ckstream podman restore X --verify-rootfs-after-start --json`
@@ -327,8 +327,7 @@ run_case() {
 	# Restores.
 	local tools=()
 	case $cs in
-	podman-* | ck-podman-zstd*) tools=(podman) ;;
-	ck-podman-none) tools=(podman ckstream) ;;
+	podman-* | ck-podman-*) tools=(podman ckstream) ;;
 	ck-cka-none) tools=(ckstream ckstream-late) ;;
 	ck-cka-*) tools=(ckstream) ;;
 	esac
@@ -471,8 +470,9 @@ write_summary() {
 		echo "unless checked after the start). running after: ckstream's running_seconds (the container runs; podman's restore has returned),"
 		echo "the wall time for plain podman. checked after the start: the reflinked rootfs chunks read back and checked while the container runs."
 		echo "podman internal / runtime restore: from \`--print-stats\` (only for plain podman restores; \`ckstream podman restore\` runs podman without it)."
-		echo "ckstream pre-pass: convert_seconds — for a .cka its conversion into an aligned podman tar beside it (reflinks), for a podman"
-		echo "archive ckstream's safety check of it (paths, deleted.files) — then \`podman container restore --import\` runs."
+		echo "ckstream pre-pass: convert_seconds — on podman's kernel overlay storage the stub export of a .cka, and for a podman archive"
+		echo "its import into a temporary .cka beside it (reflinks when uncompressed and block-aligned, as ckstream's podman format is) —"
+		echo "then \`podman container restore --import\` runs while ckstream places the diff and the CRIU images into the new container."
 		echo
 		SR=$(med "$fs" ck-cka-none seqread wall)
 		[[ -n $SR ]] && echo "One sequential read of the uncompressed .cka with caches dropped (\`cat X.cka > /dev/null\`): $(f 2 "$SR") s." && echo

@@ -10,7 +10,7 @@ pub mod mount;
 pub mod overlay;
 pub mod pack;
 pub mod unpack;
-mod xattr;
+pub mod xattr;
 
 pub use overlay::{check_merged, find_indirect, find_merged, Indirect, IndirectEntry};
 pub use pack::{

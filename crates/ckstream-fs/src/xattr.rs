@@ -5,7 +5,11 @@ use std::path::Path;
 
 use ckstream_format::Xattr;
 
-/// All xattrs of `path` (not following a final symlink), sorted by name.
+/// All xattrs of `path` (not following a final symlink), sorted by name; none where
+/// the filesystem has no xattrs.
+///
+/// # Errors
+/// The errors of listing or reading them.
 pub fn read_all(path: &Path) -> io::Result<Vec<Xattr>> {
     let size = match rustix::fs::llistxattr_query(path) {
         Ok(n) => n,

@@ -66,10 +66,6 @@ pub fn import(
     stop: ckstream_format::Stop,
     keys: &ckstream_format::WriteKeys,
 ) -> Result<(ImportStats, ckstream_format::WriteSummary)> {
-    let total = std::fs::metadata(input)
-        .map_err(|e| Error::io(format!("cannot read {}", input.display()), e))?
-        .len();
-    progress.set_total(total);
     let spec = ckstream_store::ArchiveSpec {
         shards,
         writer: ckstream_format::WriterOptions {
@@ -81,8 +77,46 @@ pub fn import(
         command: "podman import",
         writeback: Default::default(),
     };
+    import_as(input, output, &spec, stop)
+}
+
+/// Converts the podman export at `input` into an uncompressed, unsigned `.cka` at
+/// `output` that is read once and removed: never forced to disk
+/// ([`ckstream_store::Writeback::Volatile`]).
+///
+/// # Errors
+/// As [`import`].
+pub fn import_temporary(
+    input: &Path,
+    output: &ckstream_store::ArchiveLocation,
+    progress: &ckstream_format::Progress,
+    stop: ckstream_format::Stop,
+) -> Result<ImportStats> {
+    let spec = ckstream_store::ArchiveSpec {
+        shards: 1,
+        writer: ckstream_format::WriterOptions {
+            compression: ckstream_format::Compression::NONE,
+            progress: progress.clone(),
+            ..Default::default()
+        },
+        command: "podman restore",
+        writeback: ckstream_store::Writeback::Volatile,
+    };
+    Ok(import_as(input, output, &spec, stop)?.0)
+}
+
+fn import_as(
+    input: &Path,
+    output: &ckstream_store::ArchiveLocation,
+    spec: &ckstream_store::ArchiveSpec,
+    stop: ckstream_format::Stop,
+) -> Result<(ImportStats, ckstream_format::WriteSummary)> {
+    let total = std::fs::metadata(input)
+        .map_err(|e| Error::io(format!("cannot read {}", input.display()), e))?
+        .len();
+    spec.writer.progress.set_total(total);
     let mut stats = None;
-    let summary = output.write(&spec, |w| {
+    let summary = output.write(spec, |w| {
         stats = Some(import_podman_archive(input, w, stop)?);
         Ok(())
     })?;

@@ -90,7 +90,8 @@ pub struct PlaceOptions<'a> {
 /// `ckstream podman checkpoint` stores it: every entry's parent directory is an entry
 /// too. A diff imported from a podman export lists changed files without their parent
 /// directories, whose owner and mode an upper directory must carry (an overlay takes a
-/// directory's metadata from its upper copy); that one is applied by the hook instead.
+/// directory's metadata from its upper copy): placing adds them from the image's layers
+/// first ([`crate::layers::complete_upper`]).
 pub fn is_whole_upper(entries: &[ckstream_format::Entry]) -> bool {
     let prefix = CKA_ROOTFS_DIR.as_bytes();
     let mut dirs = std::collections::HashSet::new();
@@ -425,15 +426,17 @@ fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Res
         })
     };
     let checkpoint = ctr.bundle.join(PODMAN_CHECKPOINT_DIR);
-    let done = unpack(CKA_ROOTFS_DIR, &ctr.upper, true).and_then(|()| {
-        std::fs::DirBuilder::new()
-            .mode_private()
-            .create(&checkpoint)
-            .map_err(|e| {
-                PodmanError::Archive(Error::io(format!("creating {}", checkpoint.display()), e))
-            })?;
-        unpack(CKA_CRIU_DIR, &checkpoint, false)
-    });
+    let done = complete_upper(reader.entries(), ctr, opts.graph_root)
+        .and_then(|()| unpack(CKA_ROOTFS_DIR, &ctr.upper, true))
+        .and_then(|()| {
+            std::fs::DirBuilder::new()
+                .mode_private()
+                .create(&checkpoint)
+                .map_err(|e| {
+                    PodmanError::Archive(Error::io(format!("creating {}", checkpoint.display()), e))
+                })?;
+            unpack(CKA_CRIU_DIR, &checkpoint, false)
+        });
     let bytes = stats.bytes.load(std::sync::atomic::Ordering::Relaxed);
     opts.progress.add(bytes);
     if done.is_err() {
@@ -448,6 +451,35 @@ fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Res
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     })
+}
+
+/// Gives a diff stored without its parent directories (an imported podman export) the
+/// parents overlayfs would have copied up from the container's image, so the diff
+/// lands in the upper directory as podman's untar through the mounted root would have
+/// left it (see [`crate::layers::complete_upper`]).
+fn complete_upper(
+    entries: &[ckstream_format::Entry],
+    ctr: &NewContainer,
+    graph_root: &Path,
+) -> Result<()> {
+    if is_whole_upper(entries) {
+        return Ok(());
+    }
+    let prefix = [CKA_ROOTFS_DIR.as_bytes(), b"/"].concat();
+    let paths: Vec<&[u8]> = entries
+        .iter()
+        .filter_map(|e| e.path.strip_prefix(&prefix[..]))
+        .collect();
+    let dirs: HashSet<&[u8]> = entries
+        .iter()
+        .filter(|e| e.entry_kind() == ckstream_format::EntryKind::Dir)
+        .filter_map(|e| e.path.strip_prefix(&prefix[..]))
+        .collect();
+    let layer_dir = ctr.upper.parent().unwrap_or(&ctr.upper);
+    let mut lower =
+        crate::layers::MergedLayers::new(crate::layers::lower_layers(graph_root, layer_dir)?);
+    crate::layers::complete_upper(&ctr.upper, &paths, &|d| dirs.contains(d), &mut lower)?;
+    Ok(())
 }
 
 /// The hidden ckstream command that runs [`guard`].

@@ -2,11 +2,15 @@
 //! `podman container restore --import`, so podman's database, network and storage stay
 //! podman's.
 //!
-//! A `.cka` is first converted to a temporary podman export beside it (reflinked where
-//! the filesystem shares extents, no rootfs tar by default): its rootfs diff is applied
-//! by an OCI prestart hook ([`crate::hook`]) straight from the archive, every chunk
-//! verified. A podman export is read whole and refused before podman sees it when a
-//! member or deletion could leave the container's root. Before podman runs, the
+//! On podman's kernel overlay storage (the default), podman reads a stub export and
+//! ckstream places the rootfs diff and the CRIU images into the new container's storage
+//! itself ([`crate::place`]); a podman export takes the same path through a temporary
+//! `.cka` beside it (reflinked from a block-aligned uncompressed export). Otherwise a
+//! `.cka` is converted to a temporary podman export beside it (reflinked where the
+//! filesystem shares extents, no rootfs tar by default): its rootfs diff is applied by an
+//! OCI prestart hook ([`crate::hook`]) straight from the archive, every chunk verified,
+//! and a podman export is read whole and refused before podman sees it when a member or
+//! deletion could leave the container's root. Before podman runs, the
 //! archive's container settings are shown and checked ([`crate::trust`]), and a diff
 //! podman applies itself is checked for paths through symlinks ([`crate::symlinks`]).
 //! A failed restore leaves no new container behind (never removing one that existed
@@ -120,7 +124,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
     let started = Instant::now();
     let remote = input.is_remote();
     let store = podman::store()?;
-    let mut apply_diff = match (opts.apply_diff, remote) {
+    let apply_diff = match (opts.apply_diff, remote) {
         (Some(ApplyDiff::Hook), true) => {
             return Err(PodmanError::Unsupported(
                 "--apply-diff hook needs a local archive (the OCI hook runs without your object-store credentials)".into(),
@@ -138,20 +142,36 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
         (None, true) => ApplyDiff::Podman,
         (None, false) => ApplyDiff::Hook,
     };
-    let local = input.local_path();
     let keyring = opts.keys.load()?;
+    // A podman export for the storage path: imported into a temporary `.cka` beside it
+    // (its data shared by reflink when the export is uncompressed and block-aligned,
+    // as `ckstream podman checkpoint --format podman` writes it), then placed as one.
+    let mut imported = None;
+    let input = match input.local_path() {
+        Some(path) if apply_diff == ApplyDiff::Storage && !is_cka(path)? => {
+            refuse_untrusted_export(path, &keyring)?;
+            let tmp = temp_path(opts.temp_dir, Some(path), "cka");
+            imported = Some(TempFile(tmp.clone()));
+            let location = ArchiveLocation::Path(tmp);
+            crate::import::import_temporary(path, &location, &opts.progress, opts.stop).map_err(
+                |e| {
+                    PodmanError::Archive(e)
+                        .context(format!("reading the podman export {}", path.display()))
+                },
+            )?;
+            location
+        }
+        _ => input.clone(),
+    };
+    let input = &input;
+    let local = input.local_path();
     let mut name = opts.name.map(str::to_string);
     let mut ticket = None;
     let mut temp = None;
     let decided;
     let prepared = match local {
         Some(path) if !is_cka(path)? => {
-            if !keyring.trusted.is_empty() {
-                return Err(PodmanError::Untrusted(format!(
-                    "{} is a podman export, which carries no signature, and trusted keys were given",
-                    path.display()
-                )));
-            }
+            refuse_untrusted_export(path, &keyring)?;
             let checked = crate::import::check_podman_archive(path)?;
             name = name.or(checked.stats.container_name.clone());
             let spec = checked
@@ -190,18 +210,6 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
             decided = decide(&spec, &config, signed, opts, &store.roots)?;
             let mut plan = plan_from_cka(&reader)?;
             let has_diff = !plan.rootfs.is_empty() || !plan.deleted.is_empty();
-            if apply_diff == ApplyDiff::Storage && !crate::place::is_whole_upper(reader.entries()) {
-                if opts.apply_diff.is_some() {
-                    return Err(PodmanError::Unsupported(
-                        "--apply-diff storage needs the rootfs diff as a whole overlay upper directory (as `ckstream podman checkpoint` stores it); this one lacks parent directories (an imported podman export?): use --apply-diff hook".into(),
-                    ));
-                }
-                apply_diff = if remote {
-                    ApplyDiff::Podman
-                } else {
-                    ApplyDiff::Hook
-                };
-            }
             if apply_diff == ApplyDiff::Podman && has_diff {
                 // podman applies these on the host itself (the hook and placing never
                 // follow a symlink: ckstream_fs::unpack opens every component O_NOFOLLOW).
@@ -244,18 +252,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                     plan.skip_rootfs = true;
                     ticket = Some(t);
                 }
-                let dir = match opts.temp_dir {
-                    Some(d) => d.to_path_buf(),
-                    None if remote => std::env::temp_dir(),
-                    None => local
-                        .and_then(Path::parent)
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-                };
-                let tmp = dir.join(format!(
-                    ".ckstream-podman-restore.{}.tar",
-                    std::process::id()
-                ));
+                let tmp = temp_path(opts.temp_dir, local, "tar");
                 temp = Some(TempFile(tmp.clone()));
                 write_podman_archive(
                     &ArchiveLocation::Path(tmp.clone()),
@@ -306,6 +303,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
         }
     };
     drop(temp);
+    drop(imported);
     let remove_new = |n: &str| {
         if !existed_before && podman::container_exists(n) {
             let _ = podman::remove(n);
@@ -332,7 +330,13 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
             "applying the rootfs diff in the restore hook failed; podman did not restore the container",
         ));
     }
-    let id = restored.map_err(|e| e.context("podman could not restore the container"))?;
+    let id = restored.map_err(|e| {
+        e.context(match prepared {
+            // Placing's own refusals (a bad chunk, an unsafe path) come first here.
+            Prepared::Placed { .. } => "the container was not restored",
+            Prepared::Export(_) => "podman could not restore the container",
+        })
+    })?;
     let rootfs_apply_seconds = match hook {
         Some(HookOutcome::Applied { seconds }) => Some(seconds),
         Some(HookOutcome::NotRun) => {
@@ -464,6 +468,34 @@ fn lower_of(config_dump: &[u8]) -> Result<Lower> {
         Some(layers) => Lower::Layers { image, layers },
         None => Lower::Unavailable { image },
     })
+}
+
+/// A podman export carries no signature: refused when the user asked for signed archives.
+fn refuse_untrusted_export(path: &Path, keyring: &ckstream_format::crypto::Keyring) -> Result<()> {
+    if keyring.trusted.is_empty() {
+        return Ok(());
+    }
+    Err(PodmanError::Untrusted(format!(
+        "{} is a podman export, which carries no signature, and trusted keys were given",
+        path.display()
+    )))
+}
+
+/// Where a temporary archive of this restore goes: `temp_dir` if given, else beside a
+/// local archive (so its data can be reflinked), else the temporary directory.
+fn temp_path(temp_dir: Option<&Path>, local: Option<&Path>, ext: &str) -> PathBuf {
+    let dir = match (temp_dir, local) {
+        (Some(d), _) => d.to_path_buf(),
+        (None, None) => std::env::temp_dir(),
+        (None, Some(archive)) => archive
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+    };
+    dir.join(format!(
+        ".ckstream-podman-restore.{}.{ext}",
+        std::process::id()
+    ))
 }
 
 /// A temporary file removed on drop.

@@ -18,14 +18,12 @@
 //! kernel stores changes under their real paths.
 
 use std::collections::HashMap;
-use std::io;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ckstream_format::{EntryKind, Error};
 
 use crate::error::{PodmanError, Result};
+use crate::layers::{MergedLayers, Node};
 
 /// One member of the rootfs diff, in the order podman applies it.
 #[derive(Debug, Clone)]
@@ -57,17 +55,6 @@ pub enum Lower {
     },
 }
 
-/// What a path is in the tree being checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir,
-    Symlink(Vec<u8>),
-    Hardlink(Vec<u8>),
-    /// A non-directory podman cannot resolve a path through.
-    Other,
-    Absent,
-}
-
 fn node_of(m: &DiffMember) -> Node {
     match m.kind {
         EntryKind::Dir => Node::Dir,
@@ -94,7 +81,7 @@ pub fn check(
         diff: HashMap::new(),
         lower: None,
         get_lower: lower,
-        cache: HashMap::new(),
+        merged: None,
     };
     for m in members {
         w.check_parents(&m.path, || {
@@ -127,9 +114,8 @@ struct Walker<'a> {
     diff: HashMap<Vec<u8>, Node>,
     lower: Option<Lower>,
     get_lower: &'a mut dyn FnMut() -> Result<Lower>,
-    /// Lower lookups: a path's node and, for a directory, the layers where it is one
-    /// (the only layers its children can come from).
-    cache: HashMap<Vec<u8>, (Node, Vec<PathBuf>)>,
+    /// The image's layers as overlayfs merges them, once asked for.
+    merged: Option<MergedLayers>,
 }
 
 impl Walker<'_> {
@@ -190,101 +176,15 @@ impl Walker<'_> {
                 )))
             }
         };
-        Ok((
-            self.lookup(prefix, &layers)?.0,
-            format!("in the image {image}"),
-        ))
+        let merged = self.merged.get_or_insert_with(|| MergedLayers::new(layers));
+        Ok((merged.lookup(prefix)?.0, format!("in the image {image}")))
     }
-
-    /// `path`'s node in the merged layers and the layers where it is a directory.
-    fn lookup(&mut self, path: &[u8], all: &[PathBuf]) -> Result<(Node, Vec<PathBuf>)> {
-        if let Some(hit) = self.cache.get(path) {
-            return Ok(hit.clone());
-        }
-        // The layers the parent's children come from.
-        let candidates = match ckstream_format::index::parent_path(path) {
-            None => all.to_vec(),
-            Some(parent) => match self.lookup(parent, all)? {
-                (Node::Dir, layers) => layers,
-                _ => Vec::new(),
-            },
-        };
-        let name = std::ffi::OsStr::from_bytes(path);
-        let mut result = (Node::Absent, Vec::new());
-        for layer in &candidates {
-            // Every directory on the way is a real directory in this layer (it is in
-            // the parent's list), so lstat follows no symlink.
-            let p = layer.join(name);
-            let meta = match std::fs::symlink_metadata(&p) {
-                Ok(m) => m,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("cannot read the image layer {}", p.display()),
-                        e,
-                    )
-                    .into())
-                }
-            };
-            let ft = meta.file_type();
-            let whiteout = ft.is_char_device() && meta.rdev() == 0;
-            if result.0 == Node::Dir {
-                // Below a directory: another directory merges into it, anything else
-                // (or a whiteout) ends the merge.
-                if !ft.is_dir() {
-                    break;
-                }
-                result.1.push(layer.clone());
-                if is_opaque(&p) {
-                    break;
-                }
-                continue;
-            }
-            if whiteout {
-                break;
-            }
-            if ft.is_dir() {
-                result = (Node::Dir, vec![layer.clone()]);
-                if is_opaque(&p) {
-                    break;
-                }
-                continue;
-            }
-            result.0 = if ft.is_symlink() {
-                let target = std::fs::read_link(&p).map_err(|e| {
-                    Error::io(format!("cannot read the image layer {}", p.display()), e)
-                })?;
-                Node::Symlink(target.into_os_string().into_encoded_bytes())
-            } else {
-                Node::Other
-            };
-            break;
-        }
-        self.cache.insert(path.to_vec(), result.clone());
-        Ok(result)
-    }
-}
-
-/// An overlay opaque directory in an image layer.
-fn is_opaque(dir: &Path) -> bool {
-    ["trusted.overlay.opaque", "user.overlay.opaque"]
-        .iter()
-        .any(|name| {
-            let mut v = [0u8; 2];
-            rustix::fs::lgetxattr(dir, *name, &mut v).is_ok_and(|n| n >= 1 && v[0] == b'y')
-        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn m(path: &str, kind: EntryKind, target: &str) -> DiffMember {
         DiffMember {

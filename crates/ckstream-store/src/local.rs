@@ -64,7 +64,7 @@ impl FileSink {
     /// Starts writeback of each full window handed to the kernel, and with a bound, waits
     /// for the oldest data once more than the bound is under way.
     fn push_to_disk(&mut self) -> io::Result<()> {
-        if self.writeback == Writeback::Off {
+        if matches!(self.writeback, Writeback::Off | Writeback::Volatile) {
             return Ok(());
         }
         let handed = self.pos - self.buf.len() as u64;
@@ -172,6 +172,9 @@ impl ShardSink for FileSink {
     fn sync(&mut self) -> io::Result<()> {
         self.flush_buffer()?;
         crate::failpoint::hit("sink.sync")?;
+        if self.writeback == Writeback::Volatile {
+            return Ok(());
+        }
         self.file.sync_data()
     }
 

@@ -336,6 +336,9 @@ pub enum Writeback {
     /// CRIU handed over the data, and starting writeback can block on a busy disk
     /// queue (the data then reaches the disk after the process runs again).
     Off,
+    /// Never forced to disk, not even at the commit: for a temporary archive that is
+    /// read once and removed (a podman export being restored), which a crash may lose.
+    Volatile,
 }
 
 impl Writeback {

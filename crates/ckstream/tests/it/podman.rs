@@ -789,8 +789,7 @@ fn metacopy_storage_checkpoints_in_both_formats() {
     let ctr = start(name);
     sh(name, METACOPY_CHANGES);
     let before = manifest(name);
-    let upper =
-        PathBuf::from(podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", name]).trim());
+    let upper = upper_dir(name);
     assert!(has_xattr(
         &upper.join("opt/keep.txt"),
         "trusted.overlay.metacopy"
@@ -889,6 +888,29 @@ fn metacopy_storage_checkpoints_in_both_formats() {
     drop(storage);
 }
 
+/// `ckstream podman restore ARGS --json` into the test's storage, asserting that the
+/// diff was placed into the storage; the JSON report.
+fn restore_placed(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["podman", "restore"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let v: serde_json::Value = serde_json::from_slice(&ck_storage_ok(&all).stdout).unwrap();
+    assert_eq!(v["applied_by"], "storage", "{v}");
+    v
+}
+
+/// The container's overlay upper directory.
+fn upper_dir(ctr: &str) -> PathBuf {
+    PathBuf::from(podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", ctr]).trim())
+}
+
+/// Asserts that all of `path`'s 32 MiB share their extents (FIEMAP).
+fn assert_fully_shared(path: &Path, what: &str) {
+    let (shared, total) = crate::support::fiemap::shared_bytes(path);
+    assert_eq!(total, 32 << 20, "{what}: not fully mapped");
+    assert_eq!(shared, total, "{what}: copied, not reflinked");
+}
+
 /// A `.cka` restored into podman storage on a loopback XFS or btrfs, the archive beside
 /// it: ckstream places the rootfs diff into the new container's overlay upper directory
 /// before podman mounts it, by reflink (FIEMAP: every byte of the restored file shares
@@ -924,21 +946,90 @@ fn restore_places_the_diff_by_reflink(kind: &str) {
     let a = archive.to_str().unwrap();
     ck_storage_ok(&["podman", "checkpoint", &name, "-o", a]);
     podman_ok(&["rm", "-f", &name]);
-    let o = ck_storage_ok(&["podman", "restore", a, "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["applied_by"], "storage", "{v}");
+    restore_placed(&[a]);
     assert_alive_and_intact(&name);
     assert_same_manifest(&before, &manifest(&name));
-    let upper = PathBuf::from(
-        podman_ok(&["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", &name]).trim(),
-    );
-    let (shared, total) = crate::support::fiemap::shared_bytes(&upper.join("data/placed"));
-    assert_eq!(total, 32 << 20, "{kind}: data/placed is not fully mapped");
-    assert_eq!(
-        shared, total,
-        "{kind}: data/placed was copied, not reflinked"
+    assert_fully_shared(
+        &upper_dir(&name).join("data/placed"),
+        &format!("{kind}: data/placed"),
     );
     assert_eq!(address(&name), address_before);
+
+    // Exports take the same path through a temporary `.cka` beside them: ckstream's
+    // podman format (block-aligned, so still reflinked end to end), and podman's own
+    // (unaligned: copied once), whose diff lacks the parent directories an overlay upper
+    // directory needs (copied up from the image's layers).
+    let before = manifest(&name);
+    let tar = fs.mount.join("ckpt.tar");
+    let t = tar.to_str().unwrap();
+    ck_storage_ok(&["podman", "checkpoint", &name, "-o", t, "--format", "podman"]);
+    podman_ok(&["rm", "-f", &name]);
+    restore_placed(&[t]);
+    assert_alive_and_intact(&name);
+    assert_same_manifest(&before, &manifest(&name));
+    assert_fully_shared(
+        &upper_dir(&name).join("data/placed"),
+        &format!("{kind}: data/placed from the podman-format export"),
+    );
+    assert!(
+        std::fs::read_dir(&fs.mount)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".ckstream")),
+        "a temporary archive was left beside the export"
+    );
+    if kind == "xfs" {
+        // podman's own export is what it is: it misses /app/existing.txt (modified in
+        // place) and may list /opt/recreate as deleted, so that podman's restore deletes
+        // what was written there again. The container must come back as podman's own
+        // import brings it back, except that the recreated directory keeps its contents.
+        let own = fs.mount.join("podman-own.tar");
+        let own = own.to_str().unwrap();
+        podman_ok(&[
+            "container",
+            "checkpoint",
+            "--compress",
+            "none",
+            "-e",
+            own,
+            &name,
+        ]);
+        let t = Command::new("sh")
+            .arg("-c")
+            .arg(format!("tar -xOf '{own}' rootfs-diff.tar | tar -t"))
+            .output()
+            .unwrap();
+        let nested = String::from_utf8_lossy(&t.stdout);
+        assert!(
+            nested.lines().any(|l| l == "tmp/hb") && !nested.lines().any(|l| l == "tmp/"),
+            "podman's diff should hold /tmp/hb without /tmp (a parent ckstream copies up, mode 1777):\n{nested}"
+        );
+        podman_ok(&["rm", "-f", &name]);
+        podman_ok(&["container", "restore", "--import", own]);
+        assert_alive_and_intact(&name);
+        let by_podman = manifest(&name);
+        podman_ok(&["rm", "-f", &name]);
+        restore_placed(&[own]);
+        assert_alive_and_intact(&name);
+        let by_ckstream = manifest(&name);
+        let outside_recreate = |m: &str| {
+            m.lines()
+                .filter(|l| !l.starts_with("/opt/recreate"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_same_manifest(
+            &outside_recreate(&by_podman),
+            &outside_recreate(&by_ckstream),
+        );
+        let recreate = |m: &str| {
+            m.lines()
+                .filter(|l| l.starts_with("/opt/recreate"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_same_manifest(&recreate(&before), &recreate(&by_ckstream));
+    }
 
     // Compressed, under a new name beside the original: decoded straight into place.
     let zstd_archive = fs.mount.join("ckpt-zstd.cka");
@@ -947,9 +1038,7 @@ fn restore_places_the_diff_by_reflink(kind: &str) {
     ck_storage_ok(&["podman", "checkpoint", &name, "-o", z, "-c", "zstd"]);
     let copy = format!("{name}-copy");
     let copy_guard = Ctr(copy.clone());
-    let o = ck_storage_ok(&["podman", "restore", z, "--name", &copy, "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["applied_by"], "storage", "{v}");
+    restore_placed(&[z, "--name", &copy]);
     assert_alive_and_intact(&copy);
     assert_same_manifest(&before, &manifest(&copy));
     drop(copy_guard);
@@ -974,6 +1063,7 @@ fn restore_places_the_diff_by_reflink(kind: &str) {
     );
     assert!(v["running_seconds"].as_f64().unwrap() <= v["seconds"].as_f64().unwrap());
     assert_alive_and_intact(&late);
+
     drop(late_guard);
 
     // A flipped byte in a shared file: the container runs on it, and the command says so

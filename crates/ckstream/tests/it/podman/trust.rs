@@ -177,8 +177,9 @@ impl Drop for HostlinkImage {
 
 /// Deleted paths and diff members that podman 4.3 would resolve through a symlink on
 /// the host — `x -> /` in rootfs-diff.tar, `/hostroot -> /` in the image — are refused
-/// before podman sees the archive, for podman exports and for `.cka` archives restored
-/// with `--apply-diff podman`; ckstream's own hook refuses to delete through the image's
+/// before podman sees the archive where podman applies the diff (`--apply-diff podman`,
+/// for podman exports and `.cka` archives); where ckstream places it into podman's
+/// storage (the default) or its hook applies it, they are refused without following the
 /// link. The host files stay, no container is created; the unmodified export of the
 /// same container (whose image has that link) restores.
 #[test]
@@ -218,7 +219,7 @@ fn deletions_and_writes_through_symlinks_are_refused() {
         &no_edit,
     );
     assert_refused(
-        &[&s("diff-del.tar")],
+        &[&s("diff-del.tar"), "--apply-diff", "podman"],
         3,
         &[&format!(
             "deleted.files entry /x{v} passes through /x, a symlink (-> /) in rootfs-diff.tar"
@@ -235,7 +236,7 @@ fn deletions_and_writes_through_symlinks_are_refused() {
         &no_edit,
     );
     assert_refused(
-        &[&s("diff-write.tar")],
+        &[&s("diff-write.tar"), "--apply-diff", "podman"],
         3,
         &[&format!(
             "rootfs-diff.tar member /{through} passes through /x"
@@ -252,7 +253,7 @@ fn deletions_and_writes_through_symlinks_are_refused() {
         &no_edit,
     );
     assert_refused(
-        &[&s("image-del.tar")],
+        &[&s("image-del.tar"), "--apply-diff", "podman"],
         3,
         &[&format!(
             "passes through /hostroot, a symlink (-> /) in the image {}",
@@ -276,7 +277,7 @@ fn deletions_and_writes_through_symlinks_are_refused() {
         },
     );
     assert_refused(
-        &[&s("no-image.tar")],
+        &[&s("no-image.tar"), "--apply-diff", "podman"],
         1,
         &[
             "is not in the rootfs diff and the image localhost/ckstream-no-such-image:latest is not on this host",
@@ -285,9 +286,34 @@ fn deletions_and_writes_through_symlinks_are_refused() {
         name,
     );
 
+    // The default on podman's kernel overlay storage: ckstream imports the export and
+    // places the diff itself, never following a link — the link of the diff cannot
+    // even enter the archive, the image's is refused while the parents are copied up.
+    for (tar, says) in [
+        (
+            "diff-del.tar",
+            "is inside \"rootfs/x\", which is not a directory",
+        ),
+        (
+            "diff-write.tar",
+            "is inside \"rootfs/x\", which is not a directory",
+        ),
+        (
+            "image-del.tar",
+            "/hostroot, which is a symlink (-> /) in the container's image",
+        ),
+    ] {
+        let o = ck(&["podman", "restore", &s(tar)]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(3), "{tar}: {err}");
+        assert!(err.contains(says), "{tar}: {says:?} not in: {err}");
+        assert!(!exists(name), "{tar}: a container was left behind");
+    }
+
     // The same as a .cka: with podman applying the diff, refused before podman runs;
-    // with ckstream's hook (the default), the hook opens every component O_NOFOLLOW and
-    // refuses to delete through the link, so runc never restores the container.
+    // with ckstream's hook, the hook opens every component O_NOFOLLOW and refuses to
+    // delete through the link, so runc never restores the container; placed into the
+    // storage (the default), the link's copy-up is refused.
     ck_ok(&[
         "podman",
         "import",
@@ -303,17 +329,28 @@ fn deletions_and_writes_through_symlinks_are_refused() {
         )],
         name,
     );
-    let o = ck(&["podman", "restore", &s("image-del.cka")]);
-    let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(
-        err.contains(&format!(
-            "\"hostroot{}\" in the target is not a directory (a symlink?); refusing to delete through it",
-            victims.path().display()
-        )),
-        "{err}"
-    );
-    assert!(!exists(name), "a container was left behind");
+    for (flags, says) in [
+        (
+            &["--apply-diff", "hook"][..],
+            format!(
+                "\"hostroot{}\" in the target is not a directory (a symlink?); refusing to delete through it",
+                victims.path().display()
+            ),
+        ),
+        (
+            &[][..],
+            "the rootfs diff writes below /hostroot, which is a symlink (-> /) in the container's image".to_string(),
+        ),
+    ] {
+        let archive = s("image-del.cka");
+        let mut args = vec!["podman", "restore", &archive];
+        args.extend_from_slice(flags);
+        let o = ck(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(3), "{flags:?}: {err}");
+        assert!(err.contains(&says), "{flags:?}: {err}");
+        assert!(!exists(name), "{flags:?}: a container was left behind");
+    }
     // A .cka whose own diff has the link and whose podman/deleted.files goes through it.
     ck_ok(&["podman", "import", &s("e0.tar"), "-o", &s("e0.cka")]);
     ck_ok(&["unpack", "-q", &s("e0.cka"), "-C", &s("tree")]);
