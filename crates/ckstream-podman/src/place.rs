@@ -84,6 +84,12 @@ pub struct PlaceOptions<'a> {
     /// Share the rootfs diff's whole chunks by reflink without reading them first; they
     /// are returned in [`Placed::unverified`]. The CRIU images are always verified.
     pub verify_rootfs_after: bool,
+    /// The archive is a temporary one this process just wrote from a podman export (which
+    /// carries no digests of its own), hashing the bytes as it wrote or cloned them: the
+    /// rootfs diff's chunks shared by reflink from it are those very extents, so they are
+    /// not read again, before or after the start. Chunks copied or decoded, and the CRIU
+    /// images, are checked as always.
+    pub rootfs_hashed_by_import: bool,
 }
 
 /// True when the archive's `rootfs/` is a whole overlay upper directory, as
@@ -409,7 +415,8 @@ fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Res
         let o = UnpackOptions {
             strip_prefix: Some(prefix.as_bytes().to_vec()),
             overlay_upper,
-            defer_verify_cloned: overlay_upper && opts.verify_rootfs_after,
+            defer_verify_cloned: overlay_upper
+                && (opts.verify_rootfs_after || opts.rootfs_hashed_by_import),
             // CRIU reads the images right after: leave them in the page cache.
             verify_from_output: true,
             stop: opts.stop,
@@ -446,10 +453,14 @@ fn place(reader: &ArchiveReader, ctr: &NewContainer, opts: &PlaceOptions) -> Res
         container: String::new(),
         place_seconds: started.elapsed().as_secs_f64(),
         bytes,
-        unverified: stats
-            .unverified
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
+        unverified: if opts.rootfs_hashed_by_import {
+            Vec::new()
+        } else {
+            stats
+                .unverified
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        },
     })
 }
 

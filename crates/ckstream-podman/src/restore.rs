@@ -293,6 +293,7 @@ pub fn restore(input: &ArchiveLocation, opts: &RestoreOptions) -> Result<Restore
                 stop: opts.stop,
                 remove_on_death: name.as_deref().filter(|_| !existed_before),
                 verify_rootfs_after: opts.verify_rootfs_after,
+                rootfs_hashed_by_import: imported.is_some(),
             };
             let restored = crate::place::restore_placed(reader, stub, &place_opts).map(|p| {
                 let id = p.container.clone();
