@@ -247,36 +247,6 @@ shm_report() {
 DTSV=$OUTDIR/$BENCH-$STAMP-disk.tsv
 DCOLS="rep mib fill case op wall freeze freeze_src stats_freeze sync bytes load1"
 
-# criu_freeze STATS-DUMP: seconds the tree was frozen according to CRIU's own stats image:
-# freezing_time + frozen_time (µs) of stats_entry.dump (images/stats.proto). The file is
-# two magic words (IMG_SERVICE, STATS: criu/include/magic.h), a u32 LE length, the message.
-criu_freeze() {
-	python3 - "$1" <<'PY'
-import struct, sys
-IMG_SERVICE_MAGIC, STATS_MAGIC = 0x55105940, 0x57093306
-def varint(b, i):
-    v = s = 0
-    while True:
-        c = b[i]; i += 1; v |= (c & 0x7F) << s; s += 7
-        if c < 0x80: return v, i
-def fields(b):  # protobuf wire format: (field number, value) pairs
-    i = 0
-    while i < len(b):
-        k, i = varint(b, i)
-        t = k & 7
-        if t == 0: v, i = varint(b, i)
-        elif t == 2: n, i = varint(b, i); v = b[i:i + n]; i += n
-        elif t == 1: v, i = b[i:i + 8], i + 8
-        elif t == 5: v, i = b[i:i + 4], i + 4
-        else: sys.exit("%s: unsupported wire type %d" % (sys.argv[1], t))
-        yield k >> 3, v
-data = open(sys.argv[1], "rb").read()
-m0, m1, n = struct.unpack_from("<III", data)
-if (m0, m1) != (IMG_SERVICE_MAGIC, STATS_MAGIC): sys.exit("%s: not a CRIU stats image" % sys.argv[1])
-dump = dict(fields(dict(fields(data[12:12 + n]))[1]))  # stats_entry.dump = 1
-print("%.6f" % ((dump[1] + dump[2]) / 1e6))  # freezing_time = 1, frozen_time = 2
-PY
-}
 
 drow() { printf '%s\n' "$@" "$(cut -d' ' -f1 /proc/loadavg)" | paste -sd'\t' >>"$DTSV"; }
 

@@ -311,34 +311,7 @@ files_bench() {
 }
 
 # ------------------------------------------------------------------ (b) processes
-# criu_freeze STATS-DUMP: seconds the tree was frozen according to CRIU's stats image
-# (freezing_time + frozen_time of stats_entry.dump; the same reader as criu-bench.sh's).
-criu_freeze() {
-	python3 - "$1" <<'PY'
-import struct, sys
-def varint(b, i):
-    v = s = 0
-    while True:
-        c = b[i]; i += 1; v |= (c & 0x7F) << s; s += 7
-        if c < 0x80: return v, i
-def fields(b):
-    i = 0
-    while i < len(b):
-        k, i = varint(b, i)
-        t = k & 7
-        if t == 0: v, i = varint(b, i)
-        elif t == 2: n, i = varint(b, i); v = b[i:i + n]; i += n
-        elif t == 1: v, i = b[i:i + 8], i + 8
-        elif t == 5: v, i = b[i:i + 4], i + 4
-        else: sys.exit("unsupported wire type %d" % t)
-        yield k >> 3, v
-data = open(sys.argv[1], "rb").read()
-m0, m1, n = struct.unpack_from("<III", data)
-if (m0, m1) != (0x55105940, 0x57093306): sys.exit("%s: not a CRIU stats image" % sys.argv[1])
-dump = dict(fields(dict(fields(data[12:12 + n]))[1]))
-print("%.6f" % ((dump[1] + dump[2]) / 1e6))
-PY
-}
+# criu_freeze: bench/lib.sh.
 
 dump_cmd() { # TOOL ARCHIVE
 	case $1 in

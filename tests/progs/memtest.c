@@ -23,6 +23,9 @@
  * 'p' byte to each child, which echoes it; on SIGUSR1 the parent re-checks its
  * buffer and sends 'V'; the child re-checks and answers 'v' (ok) or 'x' (bad).
  * A child also verifies on its own SIGUSR1. Children exit on pipe EOF.
+ * SIGUSR2 makes the parent rewrite 2% of its buffer with new noise, in 128 KiB
+ * runs spread evenly over it (a changing service between two checkpoints), and
+ * update its checksum; it then appends "mutated=<n>" to HB.log.
  * SIGTERM/SIGINT make the parent kill its children and exit 0.
  * At start-up all inherited fds >= 3 are closed; the tree then holds only
  * stdio, the HB.log fd (parent) and the pipes.
@@ -57,9 +60,10 @@
 #define MAX_CHILDREN 64
 #define VERIFY_TIMEOUT_MS 300000
 
-static volatile sig_atomic_t got_usr1, got_term;
+static volatile sig_atomic_t got_usr1, got_usr2, got_term;
 
 static void on_usr1(int s) { (void)s; got_usr1 = 1; }
+static void on_usr2(int s) { (void)s; got_usr2 = 1; }
 static void on_term(int s) { (void)s; got_term = 1; }
 
 static void die(const char *fmt, ...)
@@ -117,6 +121,24 @@ struct buf {
 	size_t mib;
 	uint64_t checksum; /* computed right after filling */
 };
+
+static uint64_t checksum(const struct buf *b);
+
+/* Rewrites 2% of the buffer with fresh noise, in 128 KiB runs spread evenly. */
+static void buf_mutate(struct buf *b, uint64_t *x)
+{
+	size_t run = (128u << 10) / sizeof(uint64_t);
+	size_t runs = b->nwords / run;
+	size_t every = 50; /* one run in 50: 2% */
+	for (size_t r = every / 2; r < runs; r += every)
+		for (size_t i = r * run; i < (r + 1) * run; i++) {
+			*x ^= *x >> 12;
+			*x ^= *x << 25;
+			*x ^= *x >> 27;
+			b->w[i] = *x * 0x2545f4914f6cdd1dULL;
+		}
+	b->checksum = checksum(b);
+}
 
 static uint64_t checksum(const struct buf *b)
 {
@@ -433,6 +455,8 @@ int main(int argc, char **argv)
 	sigemptyset(&sa.sa_mask);
 	sa.sa_handler = on_usr1; /* no SA_RESTART: interrupt sleeps/reads */
 	sigaction(SIGUSR1, &sa, NULL);
+	sa.sa_handler = on_usr2;
+	sigaction(SIGUSR2, &sa, NULL);
 	sa.sa_handler = on_term;
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
@@ -507,7 +531,14 @@ int main(int argc, char **argv)
 	unsigned long long counter = 0;
 	unsigned gen = 0;
 
+	unsigned mutations = 0;
+	uint64_t mutate_seed = seed ^ 0x5851f42d4c957f2dULL;
 	while (!got_term) {
+		if (got_usr2) {
+			got_usr2 = 0;
+			buf_mutate(&b, &mutate_seed);
+			dprintf(logfd, "mutated=%u\n", ++mutations);
+		}
 		if (got_usr1) {
 			got_usr1 = 0;
 			gen++;

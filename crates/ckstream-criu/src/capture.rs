@@ -11,6 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ckstream_format::chunker::{is_memory_image, PageChunker};
 use ckstream_format::index::entry_flags;
 use ckstream_format::{ArchiveWriter, Entry, EntryKind, Stop};
 use rustix::event::{poll, PollFd, PollFlags};
@@ -105,6 +106,9 @@ struct Stream {
     /// Bytes read so far of the current chunk (capacity = chunk size, never zero-filled).
     buf: Vec<u8>,
     offset: u64,
+    /// For process memory (`pages-*.img`): cut by content, so that the chunks of an
+    /// unchanged page run are the same in the next checkpoint wherever it lands.
+    chunker: Option<PageChunker>,
 }
 
 fn now_ns() -> i64 {
@@ -132,6 +136,7 @@ impl Stream {
         Ok(Stream {
             fd,
             id,
+            chunker: is_memory_image(name.as_bytes()).then(|| PageChunker::for_memory(chunk)),
             name,
             buf: Vec::with_capacity(chunk),
             offset: 0,
@@ -156,6 +161,7 @@ impl Stream {
                 Err(e) => return Err(CriuError::io(format!("reading image {}", self.name), e)),
             };
             if got == 0 {
+                self.cut(writer, chunk, true)?;
                 self.flush(writer, chunk)?;
                 writer.end_entry(self.id, self.offset)?;
                 return Ok(true);
@@ -163,10 +169,27 @@ impl Stream {
             // SAFETY: read() initialised `got` bytes of the spare capacity.
             unsafe { self.buf.set_len(self.buf.len() + got) };
             *bytes += got as u64;
+            self.cut(writer, chunk, false)?;
             if self.buf.len() == chunk {
                 self.flush(writer, chunk)?;
             }
         }
+    }
+
+    /// Hands over every whole content-defined chunk the buffer holds (memory images).
+    fn cut(&mut self, writer: &mut ArchiveWriter, chunk: usize, at_end: bool) -> Result<()> {
+        let Some(chunker) = self.chunker else {
+            return Ok(());
+        };
+        while let Some(n) = chunker.next_cut(&self.buf, at_end) {
+            let mut rest = Vec::with_capacity(chunk);
+            rest.extend_from_slice(&self.buf[n..]);
+            self.buf.truncate(n);
+            let data = std::mem::replace(&mut self.buf, rest);
+            writer.add_data(self.id, self.offset, data, None)?;
+            self.offset += n as u64;
+        }
+        Ok(())
     }
 
     fn flush(&mut self, writer: &mut ArchiveWriter, chunk: usize) -> Result<()> {

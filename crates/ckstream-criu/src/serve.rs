@@ -93,7 +93,12 @@ fn prepare(
     splice_ok: bool,
 ) -> ckstream_format::Result<Piece> {
     let raw = c.codec_id() == Some(ckstream_format::CodecId::None);
-    if splice_ok && raw && !c.in_shared_frame() && reader.raw_file(c.shard).is_some() {
+    if splice_ok
+        && raw
+        && !c.in_shared_frame()
+        && c.archive == 0
+        && reader.raw_file(c.shard).is_some()
+    {
         let stored = reader.read_stored(c)?;
         ckstream_format::reader::verify_digest(&stored, &c.digest, || {
             format!("{:?} at offset {}", entry.path_lossy(), c.file_offset)

@@ -371,8 +371,13 @@ pub struct IndexSummary {
     pub raw_bytes: u64,
     /// Stored bytes of all chunks (a shared frame counted once).
     pub stored_bytes: u64,
-    /// Per codec name: chunks, raw bytes, stored bytes.
+    /// Per codec name: chunks, raw bytes, stored bytes (of this archive's own chunks).
     pub codecs: BTreeMap<&'static str, CodecTotals>,
+    /// Raw bytes of chunks whose bytes are stored elsewhere: in a parent archive, or
+    /// once already in this one.
+    pub referenced_bytes: u64,
+    /// Of them, those stored in parent archives.
+    pub parent_bytes: u64,
 }
 
 /// Chunks of one codec (see [`IndexSummary`]).
@@ -396,13 +401,23 @@ impl Index {
                 s.logical_bytes += e.size;
             }
         }
+        let mut places = std::collections::HashSet::new();
         for c in &self.chunks {
+            s.raw_bytes += u64::from(c.raw_len);
+            if c.archive != 0 {
+                s.referenced_bytes += u64::from(c.raw_len);
+                s.parent_bytes += u64::from(c.raw_len);
+                continue;
+            }
+            if !c.in_shared_frame() && !places.insert((c.shard, c.offset)) {
+                s.referenced_bytes += u64::from(c.raw_len);
+                continue;
+            }
             let name = c.codec_id().map_or("unknown", CodecId::name);
             let t = s.codecs.entry(name).or_default();
             t.chunks += 1;
             t.raw_bytes += u64::from(c.raw_len);
             t.stored_bytes += c.stored_share();
-            s.raw_bytes += u64::from(c.raw_len);
             s.stored_bytes += c.stored_share();
         }
         s
@@ -414,7 +429,7 @@ impl Index {
     /// # Errors
     /// [`Error::UnsafeEntry`] for unsafe paths, duplicates, escaping links;
     /// [`Error::Corrupt`] for inconsistent chunk tables or a hot list naming no entry;
-    /// [`Error::Unsupported`] for references to parent archives.
+    /// [`Error::Corrupt`] for a chunk in a parent the index does not list.
     pub fn validate(&self, shard_count: u32) -> Result<HashMap<Vec<u8>, usize>> {
         self.validate_for(shard_count, false)
     }
@@ -555,7 +570,7 @@ impl Index {
                         "{name:?}: stored chunk length out of range"
                     )));
                 }
-                if c.shard >= shard_count.min(MAX_SHARDS) {
+                if c.archive == 0 && c.shard >= shard_count.min(MAX_SHARDS) {
                     return Err(Error::Corrupt(format!(
                         "{name:?}: chunk in shard {} of {shard_count}",
                         c.shard
@@ -567,12 +582,35 @@ impl Index {
                         c.digest.len()
                     )));
                 }
-                if c.archive != 0 {
-                    return Err(Error::Unsupported(format!(
-                        "{name:?} references a parent archive; incremental archives are not supported by this version"
+                if c.archive as usize > self.parents.len() {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: chunk in parent archive {} of {}",
+                        c.archive,
+                        self.parents.len()
+                    )));
+                }
+                if c.archive != 0 && sealed {
+                    return Err(Error::Corrupt(format!(
+                        "{name:?}: a sealed archive references a parent's chunk"
                     )));
                 }
             }
+        }
+        if self.parents.len() > crate::parents::MAX_CHAIN {
+            return Err(Error::Corrupt(format!(
+                "a chain of {} parent archives",
+                self.parents.len()
+            )));
+        }
+        for p in &self.parents {
+            if p.archive_id.len() != 16 || p.index_digest.len() != 32 {
+                return Err(Error::Corrupt(
+                    "a parent archive without id or index digest".into(),
+                ));
+            }
+            validate_path(p.location.as_bytes()).map_err(|e| {
+                Error::UnsafeEntry(format!("parent archive location {:?}: {e}", p.location))
+            })?;
         }
         if let Some(k) = owned.iter().position(|&o| !o) {
             return Err(Error::Corrupt(format!(

@@ -54,8 +54,11 @@ pub mod required {
     /// that shard 0's Keys record wraps for each recipient; nothing can be read without
     /// one of their secret keys.
     pub const SEALED: u64 = 1 << 1;
+    /// The index references chunks stored in parent archives (`Chunk.archive` > 0,
+    /// `Index.parents`): an incremental archive, unreadable without its parents.
+    pub const PARENTS: u64 = 1 << 2;
     /// Mask of every required feature this version understands.
-    pub const KNOWN: u64 = ID_NAMED_SHARDS | SEALED;
+    pub const KNOWN: u64 = ID_NAMED_SHARDS | SEALED | PARENTS;
 }
 
 /// Optional feature bits. Readers may ignore them.

@@ -12,11 +12,13 @@
 //! pipes and object stores live in `ckstream-store`.
 
 pub mod budget;
+pub mod chunker;
 pub mod codec;
 pub mod crypto;
 pub mod error;
 pub mod index;
 pub mod layout;
+pub mod parents;
 pub mod progress;
 pub mod reader;
 pub mod scanner;
@@ -28,7 +30,8 @@ pub mod writer;
 pub use codec::{CodecId, Compression, CompressionArg};
 pub use crypto::{ArchiveKey, Keyring, PublicKey, SecretKey, SignatureStatus, WriteKeys};
 pub use error::{escape_controls, Error, Result};
-pub use index::{Chunk, Entry, EntryKind, Index, Xattr};
+pub use index::{Chunk, Entry, EntryKind, Index, ParentArchive, Xattr};
+pub use parents::ParentChunks;
 pub use progress::{Progress, Stop};
 pub use reader::{ArchiveReader, RecordScanner, ShardSource, VerifyReport};
 pub use writer::{ArchiveWriter, ShardSink, WriteSummary, WriterOptions};

@@ -202,8 +202,9 @@ fn chunk_extents(index: &Index, shard_count: u32) -> Vec<ChunkExtent> {
         };
         shard_count as usize
     ];
-    for c in &index.chunks {
-        // `Index::validate` has checked that every chunk names an existing shard.
+    for c in index.chunks.iter().filter(|c| c.archive == 0) {
+        // `Index::validate` has checked that every chunk of its own names an existing
+        // shard; a parent's chunks are checked by the parent's reader.
         let x = &mut extents[c.shard as usize];
         x.start = x.start.min(c.offset);
         x.end = match (x.end, c.offset.checked_add(c.stored_len as u64)) {
@@ -312,6 +313,8 @@ pub struct ArchiveReader {
     /// The archive key of a sealed archive.
     key: Option<Arc<ArchiveKey>>,
     signature: SignatureStatus,
+    /// The archives of `Index::parents`, in order, once attached.
+    parents: Vec<ArchiveReader>,
 }
 
 /// The records shard 0 holds between its index and its footer.
@@ -615,7 +618,65 @@ impl ArchiveReader {
             shards,
             key,
             signature,
+            parents: Vec::new(),
         })
+    }
+
+    /// Attaches the archives an incremental archive references (`Index::parents`, in
+    /// order), each checked to be the very archive the index names. `names` name them in
+    /// messages.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] naming a parent that is another archive, was rewritten, or is
+    /// encrypted; [`Error::Usage`] for the wrong number of parents.
+    pub fn attach_parents(&mut self, parents: Vec<(ArchiveReader, String)>) -> Result<()> {
+        if parents.len() != self.index.parents.len() {
+            return Err(Error::Usage(format!(
+                "the archive has {} parent archives, {} were given",
+                self.index.parents.len(),
+                parents.len()
+            )));
+        }
+        let mut readers = Vec::with_capacity(parents.len());
+        for ((reader, name), expected) in parents.into_iter().zip(&self.index.parents) {
+            crate::parents::check_parent(&reader, expected, &name)?;
+            readers.push(reader);
+        }
+        self.parents = readers;
+        Ok(())
+    }
+
+    /// The archives this one references, as attached.
+    pub fn parents(&self) -> &[ArchiveReader] {
+        &self.parents
+    }
+
+    /// The reader that holds chunk `c`'s bytes: this one, or the parent it names.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] when the parent was not attached.
+    pub fn holder(&self, c: &Chunk) -> Result<&ArchiveReader> {
+        if c.archive == 0 {
+            return Ok(self);
+        }
+        self.parents.get(c.archive as usize - 1).ok_or_else(|| {
+            Error::Usage(format!(
+                "the chunk is stored in parent archive {}, which was not opened",
+                self.index
+                    .parents
+                    .get(c.archive as usize - 1)
+                    .map_or("?", |p| p.location.as_str())
+            ))
+        })
+    }
+
+    /// The local file holding chunk `c`'s bytes unsealed, for reflinking or splicing out
+    /// of it: a file of this archive or of the parent that stores it.
+    pub fn raw_file_of(&self, c: &Chunk) -> Option<&File> {
+        let holder = self.holder(c).ok()?;
+        (c.shard < holder.shard_count())
+            .then(|| holder.raw_file(c.shard))
+            .flatten()
     }
 
     /// True for a sealed (encrypted) archive: chunks are opened with its key as they are
@@ -725,7 +786,7 @@ impl ArchiveReader {
     /// (see [`ShardSource::will_read`]).
     pub fn will_read_entry(&self, index: usize) {
         let mut by_shard: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.shards.len()];
-        for c in self.chunks_of(index) {
+        for c in self.chunks_of(index).iter().filter(|c| c.archive == 0) {
             if let Some(ranges) = by_shard.get_mut(c.shard as usize) {
                 ranges.push((c.offset, c.stored_len as u64));
             }
@@ -744,6 +805,21 @@ impl ArchiveReader {
     /// I/O errors and truncation; [`Error::DigestMismatch`] for sealed bytes that do not
     /// authenticate.
     pub fn read_stored(&self, c: &Chunk) -> Result<Vec<u8>> {
+        if c.archive != 0 {
+            let holder = self.holder(c)?;
+            if c.shard >= holder.shard_count() {
+                return Err(Error::Corrupt(format!(
+                    "a chunk in shard {} of parent archive {} of {} shards",
+                    c.shard,
+                    c.archive,
+                    holder.shard_count()
+                )));
+            }
+            return holder.read_stored(&Chunk {
+                archive: 0,
+                ..c.clone()
+            });
+        }
         let mut buf = vec![0u8; c.stored_len as usize];
         read_at(self.shard(c.shard), c.offset, &mut buf, "chunk")?;
         self.unseal(c, buf)
@@ -767,8 +843,13 @@ impl ArchiveReader {
     /// I/O errors and truncation; sealed bytes that do not authenticate.
     pub fn read_stored_many(&self, chunks: &[Chunk]) -> Result<Vec<Vec<u8>>> {
         let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
+        let mut out = vec![Vec::new(); chunks.len()];
         for (k, c) in chunks.iter().enumerate() {
-            by_shard[c.shard as usize].push(k);
+            if c.archive == 0 {
+                by_shard[c.shard as usize].push(k);
+            } else {
+                out[k] = self.read_stored(c)?;
+            }
         }
         let read_shard = |shard: usize, members: &[usize]| -> Result<Vec<Vec<u8>>> {
             let src = self.shards[shard].source.as_ref();
@@ -810,7 +891,6 @@ impl ArchiveReader {
                     .collect()
             })
         };
-        let mut out = vec![Vec::new(); chunks.len()];
         for (&s, bufs) in busy.iter().zip(results) {
             for (&k, buf) in by_shard[s].iter().zip(bufs?) {
                 out[k] = self.unseal(&chunks[k], buf)?;

@@ -74,6 +74,19 @@ pub fn open_in_memory(shards: &[Vec<u8>]) -> Result<ArchiveReader> {
     })
 }
 
+/// Reproducible bytes that do not compress (xorshift).
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// Archive id of every crafted archive.
 pub const CRAFTED_ID: [u8; 16] = [9; 16];
 

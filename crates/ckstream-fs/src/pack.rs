@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ckstream_format::chunker::{is_memory_image, PageChunker};
 use ckstream_format::{ArchiveWriter, CodecId, Entry, EntryKind, Error, Result, Stop};
 
 use crate::overlay::{indirect_kind, overlay_xattr, Indirect};
@@ -652,6 +653,7 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
         } else {
             None
         };
+        let path = planned.entry.path.clone();
         let id = writer.add_entry(planned.entry)?;
         let Some(file) = file else { continue };
         stats.files += 1;
@@ -686,20 +688,45 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
             .map_err(|e| io_err(&planned.source, "cannot stat", e))?;
         let ranges = data_ranges(&file, size, meta.blocks())
             .map_err(|e| io_err(&planned.source, "cannot map holes of", e))?;
+        // Process memory (CRIU's pages-*.img) is cut by content, so that an unchanged
+        // run of pages gives the same chunks in the next checkpoint wherever it lands.
+        let chunker = is_memory_image(&path).then(|| PageChunker::for_memory(chunk as usize));
         for r in ranges {
             let mut off = r.start;
+            // Read but not yet handed over (content-defined chunks only).
+            let mut pending: Vec<u8> = Vec::new();
             while off < r.end {
                 if stop.requested() {
                     return Err(interrupted());
                 }
-                let next = ((off / chunk) + 1) * chunk;
-                let len = (next.min(r.end) - off) as usize;
-                let mut buf = vec![0u8; len];
-                read(&mut buf, off)?;
-                stats.bytes_read += len as u64;
+                let buf = if let Some(chunker) = chunker {
+                    let have = off + pending.len() as u64;
+                    let want = (chunk as usize).saturating_sub(pending.len());
+                    let more = (r.end - have).min(want as u64) as usize;
+                    if more > 0 {
+                        let start = pending.len();
+                        pending.resize(start + more, 0);
+                        read(&mut pending[start..], have)?;
+                        stats.bytes_read += more as u64;
+                    }
+                    let at_end = off + pending.len() as u64 == r.end;
+                    let n = chunker
+                        .next_cut(&pending, at_end)
+                        .expect("a full window or the range's end always has a cut");
+                    let rest = pending.split_off(n);
+                    std::mem::replace(&mut pending, rest)
+                } else {
+                    let next = ((off / chunk) + 1) * chunk;
+                    let len = (next.min(r.end) - off) as usize;
+                    let mut buf = vec![0u8; len];
+                    read(&mut buf, off)?;
+                    stats.bytes_read += len as u64;
+                    buf
+                };
+                let len = buf.len() as u64;
                 let clone = cloneable.then(|| (file.clone(), off));
                 writer.add_data(id, off, buf, clone)?;
-                off += len as u64;
+                off += len;
             }
         }
     }

@@ -376,7 +376,7 @@ fn write_item(
                 // Always decode: that verifies the digest before anything is written.
                 let data = reader.read_chunk(source, c)?;
                 let raw_in_file = c.codec_id() == Some(CodecId::None) && !c.in_shared_frame();
-                match reader.raw_file(c.shard) {
+                match reader.raw_file_of(c) {
                     Some(f) if raw_in_file => w.data_from_file(f, c.offset, c.raw_len as u64),
                     _ => w.data_bytes(&data),
                 }

@@ -201,6 +201,123 @@ impl ArchiveLocation {
     /// # Errors
     /// As [`open`](Self::open) and [`ArchiveReader::open_keyed`].
     pub fn open_keyed(&self, spool_dir: &Path, keys: &Keyring) -> Result<ArchiveReader> {
+        let mut reader = self.open_one(spool_dir, keys)?;
+        if !reader.index().parents.is_empty() {
+            let mut parents = Vec::new();
+            for p in &reader.index().parents {
+                let at = self.beside(&p.location)?;
+                // A parent is never sealed and is vouched for by the child's index (id
+                // and index digest, under the child's signature when it has one).
+                let parent = at
+                    .open_one(spool_dir, &Keyring::default())
+                    .map_err(|e| match e {
+                        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                            Error::Corrupt(format!(
+                                "parent archive {at} is missing: the archive references chunks stored there (deleting a parent breaks its children; `ckstream flatten` makes a child self-contained)"
+                            ))
+                        }
+                        Error::NotAnArchive(m) | Error::Incomplete(m) => {
+                            Error::Corrupt(format!("parent archive {at} is not a complete archive: {m}"))
+                        }
+                        e => e,
+                    })?;
+                parents.push((parent, at.to_string()));
+            }
+            reader.attach_parents(parents)?;
+        }
+        Ok(reader)
+    }
+
+    /// The archive at `location`, relative to this one's directory (a parent archive's
+    /// location as an index records it: validated as a relative path without `..`).
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for a stream, which has no directory.
+    pub fn beside(&self, location: &str) -> Result<ArchiveLocation> {
+        ckstream_format::index::validate_path(location.as_bytes())?;
+        match self {
+            ArchiveLocation::Path(base) => Ok(ArchiveLocation::Path(
+                base.parent().unwrap_or(Path::new("")).join(location),
+            )),
+            #[cfg(feature = "s3")]
+            ArchiveLocation::S3(url) => {
+                let dir = url.key.rsplit_once('/').map_or("", |(d, _)| d);
+                let key = if dir.is_empty() {
+                    location.to_string()
+                } else {
+                    format!("{dir}/{location}")
+                };
+                Ok(ArchiveLocation::S3(crate::s3::S3Url::parse(&format!(
+                    "s3://{}/{key}",
+                    url.bucket
+                ))?))
+            }
+            _ => Err(Error::Usage(format!(
+                "an incremental archive read from {self} needs its parent {location}, which a stream has no place for: read it from a file or object"
+            ))),
+        }
+    }
+
+    /// Where a new archive here finds `parent`: its location relative to this one's
+    /// directory (both local, or both in one bucket).
+    ///
+    /// # Errors
+    /// [`Error::Usage`] when there is none without `..` (the parent must lie in the new
+    /// archive's directory or below it) or the two are not of the same kind.
+    pub fn relative_location_of(&self, parent: &ArchiveLocation) -> Result<String> {
+        let refuse = || {
+            Error::Usage(format!(
+                "the parent {parent} must lie beside the new archive {self} (in its directory or below it)"
+            ))
+        };
+        let rel = match (self, parent) {
+            (ArchiveLocation::Path(child), ArchiveLocation::Path(p)) => {
+                let dir = child
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let dir = absolute(dir)?;
+                let p = absolute(p)?;
+                p.strip_prefix(&dir)
+                    .map_err(|_| refuse())?
+                    .to_str()
+                    .ok_or_else(refuse)?
+                    .to_string()
+            }
+            #[cfg(feature = "s3")]
+            (ArchiveLocation::S3(child), ArchiveLocation::S3(p)) if child.bucket == p.bucket => {
+                match child.key.rsplit_once('/') {
+                    None => p.key.clone(),
+                    Some((dir, _)) => p
+                        .key
+                        .strip_prefix(&format!("{dir}/"))
+                        .ok_or_else(refuse)?
+                        .to_string(),
+                }
+            }
+            _ => return Err(refuse()),
+        };
+        ckstream_format::index::validate_path(rel.as_bytes()).map_err(|_| refuse())?;
+        Ok(rel)
+    }
+
+    /// What a new archive here with parent `parent` (opened from `at`) may reference.
+    ///
+    /// # Errors
+    /// As [`relative_location_of`](Self::relative_location_of) and
+    /// [`ckstream_format::ParentChunks::of_parent`].
+    pub fn parent_chunks(
+        &self,
+        parent: &ArchiveReader,
+        at: &ArchiveLocation,
+    ) -> Result<ckstream_format::ParentChunks> {
+        let location = self.relative_location_of(at)?;
+        ckstream_format::ParentChunks::of_parent(parent, location, &|grand| {
+            self.relative_location_of(&at.beside(grand)?)
+        })
+    }
+
+    fn open_one(&self, spool_dir: &Path, keys: &Keyring) -> Result<ArchiveReader> {
         match self {
             ArchiveLocation::Std => {
                 let stdin = local::take_fd(0, "standard input")?;
@@ -239,6 +356,24 @@ impl ArchiveLocation {
             ArchiveLocation::S3(url) => crate::s3::open_archive(url, keys),
         }
     }
+}
+
+/// `p` made absolute against the current directory, `.` and `..` resolved lexically
+/// (the files need not exist yet).
+fn absolute(p: &Path) -> Result<PathBuf> {
+    let joined =
+        std::path::absolute(p).map_err(|e| Error::io(format!("resolving {}", p.display()), e))?;
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    Ok(out)
 }
 
 /// Opens an archive whose shards are the given streams, in order (spooling pipes).

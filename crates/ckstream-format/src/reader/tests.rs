@@ -11,23 +11,11 @@ use crate::error::{Error, Result};
 use crate::index::{Entry, EntryKind};
 use crate::layout::{Footer, ShardHeader, FOOTER_LEN};
 use crate::reader::{ArchiveReader, ShardOpener, ShardSource};
+pub(crate) use crate::testutil::noise;
 use crate::testutil::{open_in_memory, MemSink};
 use crate::writer::{ArchiveWriter, ShardSink, WriterOptions};
 
 pub(crate) const CHUNK: usize = 64 << 10;
-
-/// Reproducible bytes that do not compress.
-pub(crate) fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// The files of the sample tree with their whole content (holes as zeros): several
 /// chunks of noise, compressible text, a sparse file with one stored chunk and an
@@ -507,4 +495,5 @@ fn an_index_shorter_than_the_footer_claims_is_refused() {
     assert!(decoded.capacity() <= 1 << 20, "{}", decoded.capacity());
 }
 
+mod parents;
 mod sealed;

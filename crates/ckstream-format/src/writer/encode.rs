@@ -19,6 +19,7 @@ use crate::crypto::ArchiveKey;
 use crate::error::Result;
 use crate::index::Entry;
 use crate::layout::RecordKind;
+use crate::parents::ParentChunks;
 
 /// What the caller's thread hands to the workers: one [`ArchiveWriter`](super::ArchiveWriter)
 /// call each, numbered in call order.
@@ -134,6 +135,7 @@ pub(super) fn encode_worker(
     fail: Arc<FailFlag>,
     compression: Compression,
     key: Option<Arc<ArchiveKey>>,
+    parents: Option<Arc<ParentChunks>>,
 ) {
     let mut encoder = match Encoder::new(compression) {
         Ok(e) => e,
@@ -235,7 +237,19 @@ pub(super) fn encode_worker(
                 } else {
                     let digest = *blake3::hash(&data).as_bytes();
                     let raw_len = data.len() as u32;
-                    let (codec, payload) = match encoder.encode(&data) {
+                    // Stored in a parent already: the sequencer records a reference, so
+                    // the bytes are neither compressed nor kept.
+                    let in_parent = parents.as_ref().is_some_and(|p| {
+                        p.by_digest
+                            .get(&digest)
+                            .is_some_and(|c| c.raw_len == raw_len && !c.in_shared_frame())
+                    });
+                    let encoded = if in_parent {
+                        Ok(Some((CodecId::None, Vec::new())))
+                    } else {
+                        encoder.encode(&data)
+                    };
+                    let (codec, payload) = match encoded {
                         Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
                         Ok(None) => match clone {
                             Some((file, off)) => (

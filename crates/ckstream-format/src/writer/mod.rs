@@ -91,6 +91,9 @@ pub struct WriterOptions {
     pub progress: crate::Progress,
     /// Keys to seal the archive for and to sign it with (none by default).
     pub keys: crate::crypto::WriteKeys,
+    /// Chunks of parent archives to reference instead of storing them again (an
+    /// incremental archive). Not with `keys.seal_to`.
+    pub parents: Option<Arc<crate::parents::ParentChunks>>,
 }
 
 impl Default for WriterOptions {
@@ -105,6 +108,7 @@ impl Default for WriterOptions {
             id_named_shards: false,
             progress: crate::Progress::default(),
             keys: crate::crypto::WriteKeys::default(),
+            parents: None,
         }
     }
 }
@@ -137,6 +141,9 @@ pub struct WriteSummary {
     pub stored_bytes: u64,
     /// Bytes cloned by reflink rather than copied.
     pub cloned_bytes: u64,
+    /// Raw bytes not stored because the same chunk is stored once already, in a parent
+    /// archive or earlier in this one.
+    pub referenced_bytes: u64,
     /// Size of each shard including header, index and footer.
     pub shard_sizes: Vec<u64>,
     /// Stored size of the index.
@@ -243,6 +250,11 @@ impl ArchiveWriter {
             )));
         }
         let shard_count = sinks.len() as u32;
+        if opts.parents.is_some() && !opts.keys.seal_to.is_empty() {
+            return Err(Error::Usage(
+                "an encrypted archive cannot reference a parent archive (its chunks would be readable without the key)".into(),
+            ));
+        }
         let sealing = if opts.keys.seal_to.is_empty() {
             None
         } else {
@@ -262,6 +274,13 @@ impl ArchiveWriter {
         }
         if sealing.is_some() {
             required_features |= crate::layout::required::SEALED;
+        }
+        if opts
+            .parents
+            .as_ref()
+            .is_some_and(|p| !p.archives.is_empty())
+        {
+            required_features |= crate::layout::required::PARENTS;
         }
         let header = ShardHeader {
             alignment_log2: opts.alignment_log2,
@@ -326,18 +345,23 @@ impl ArchiveWriter {
             let fail = fail.clone();
             let compression = opts.compression;
             let key = sealing.as_ref().map(|(k, _)| k.clone());
+            let parents = opts.parents.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("cka-encode-{i}"))
-                    .spawn(move || encode_worker(job_rx, done_tx, fail, compression, key))
+                    .spawn(move || encode_worker(job_rx, done_tx, fail, compression, key, parents))
                     .map_err(|e| Error::io("spawning encoder thread", e))?,
             );
         }
         drop(done_tx);
         let alignment = 1u64 << opts.alignment_log2;
+        // A sealed payload is bound to its record: only unsealed archives share chunks.
+        let dedup = sealing
+            .is_none()
+            .then(|| sequencer::Dedup::new(opts.parents.clone()));
         let sequencer = std::thread::Builder::new()
             .name("cka-sequencer".into())
-            .spawn(move || sequencer_thread(done_rx, shard_states, pipeline, alignment))
+            .spawn(move || sequencer_thread(done_rx, shard_states, pipeline, alignment, dedup))
             .map_err(|e| Error::io("spawning sequencer thread", e))?;
         Ok(ArchiveWriter {
             header,
@@ -576,6 +600,8 @@ impl ArchiveWriter {
         let mut logical = 0u64;
         let mut raw = 0u64;
         let mut stored = 0u64;
+        let mut referenced = 0u64;
+        let mut counted = std::collections::HashSet::new();
         for (e, mut list) in entries.iter_mut().zip(per_entry) {
             list.sort_by_key(|c| c.file_offset);
             e.first_chunk = chunks.len() as u64;
@@ -585,7 +611,14 @@ impl ArchiveWriter {
             }
             for c in &list {
                 raw += c.raw_len as u64;
-                stored += c.stored_share();
+                if c.archive != 0 {
+                    referenced += c.raw_len as u64;
+                } else if c.in_shared_frame() || counted.insert((c.shard, c.offset)) {
+                    // A chunk stored once and used twice in this archive counts once.
+                    stored += c.stored_share();
+                } else {
+                    referenced += c.raw_len as u64;
+                }
             }
             chunks.extend(list);
         }
@@ -593,7 +626,12 @@ impl ArchiveWriter {
         let index = Index {
             entries,
             chunks,
-            parents: Vec::new(),
+            parents: self
+                .opts
+                .parents
+                .as_ref()
+                .map(|p| p.archives.clone())
+                .unwrap_or_default(),
             meta: std::mem::take(&mut self.meta),
             chunk_size: self.opts.chunk_size,
             hot_list,
@@ -712,6 +750,7 @@ impl ArchiveWriter {
             raw_bytes: raw,
             stored_bytes: stored,
             cloned_bytes: self.stats.cloned_bytes.load(Ordering::Relaxed),
+            referenced_bytes: referenced,
             shard_sizes,
             index_bytes: index_stored.len() as u64,
         })

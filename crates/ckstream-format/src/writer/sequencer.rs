@@ -9,7 +9,7 @@
 //! Data). Each record goes to the shard with the smallest backlog (placed minus written), which
 //! lets a fast shard (a local file) take more than a slow one (a pipe, an upload).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -21,6 +21,7 @@ use super::{Pipeline, RECORD_FLAG_SHARED_FRAME};
 use crate::error::{Error, Result};
 use crate::index::{Chunk, Entry};
 use crate::layout::{RecordHeader, RecordKind, RECORD_HEADER_LEN};
+use crate::parents::ParentChunks;
 
 /// The sequencer's view of one shard.
 pub(super) struct ShardState {
@@ -50,6 +51,35 @@ fn aligned_position(pos: u64, file_offset: u64, alignment: u64) -> u64 {
     pos + (want + alignment - have) % alignment
 }
 
+/// Chunks whose bytes are stored already — in a parent archive, or earlier in this one —
+/// by BLAKE3 of their raw bytes: another chunk with the same digest is recorded as a
+/// reference to them instead of being written again.
+pub(super) struct Dedup {
+    parents: Option<Arc<ParentChunks>>,
+    own: HashMap<[u8; 32], Chunk>,
+}
+
+impl Dedup {
+    pub(super) fn new(parents: Option<Arc<ParentChunks>>) -> Self {
+        Dedup {
+            parents,
+            own: HashMap::new(),
+        }
+    }
+
+    /// The stored chunk with these raw bytes, if any.
+    fn find(&self, rec: &PreparedRecord) -> Option<&Chunk> {
+        let same = |c: &&Chunk| c.raw_len == rec.raw_len && !c.in_shared_frame();
+        self.own.get(&rec.digest).filter(same).or_else(|| {
+            self.parents
+                .as_ref()?
+                .by_digest
+                .get(&rec.digest)
+                .filter(same)
+        })
+    }
+}
+
 /// Runs until the workers are done or a thread failed; `None` after a failure (the error
 /// is in the pipeline's fail flag) or when a shard thread has gone.
 pub(super) fn sequencer_thread(
@@ -57,6 +87,7 @@ pub(super) fn sequencer_thread(
     mut shards: Vec<ShardState>,
     pipeline: Pipeline,
     alignment: u64,
+    mut dedup: Option<Dedup>,
 ) -> Option<SequencerOutput> {
     let mut pending: BTreeMap<u64, Prepared> = BTreeMap::new();
     let mut next = 0u64;
@@ -75,6 +106,26 @@ pub(super) fn sequencer_thread(
                 pipeline.job_done();
                 continue;
             };
+            let stored_before = (rec.kind == RecordKind::Data && rec.parts.is_empty())
+                .then(|| dedup.as_ref()?.find(&rec).cloned())
+                .flatten();
+            if let Some(stored) = stored_before {
+                match chunks.get_mut(rec.entry_id as usize) {
+                    Some(list) => list.push(Chunk {
+                        file_offset: rec.file_offset,
+                        ..stored
+                    }),
+                    None => {
+                        pipeline.fail.set(Error::Usage(format!(
+                            "data for unknown entry {}",
+                            rec.entry_id
+                        )));
+                        return None;
+                    }
+                }
+                pipeline.job_done();
+                continue;
+            }
             let target = least_backlog(&shards);
             let shard = &mut shards[target];
             let header_end = shard.assigned + RECORD_HEADER_LEN as u64;
@@ -116,6 +167,13 @@ pub(super) fn sequencer_thread(
             ) {
                 pipeline.fail.set(e);
                 return None;
+            }
+            if let (Some(d), RecordKind::Data, true) =
+                (dedup.as_mut(), rec.kind, rec.parts.is_empty())
+            {
+                if let Some(c) = chunks.get(rec.entry_id as usize).and_then(|l| l.last()) {
+                    d.own.entry(rec.digest).or_insert_with(|| c.clone());
+                }
             }
             shard.assigned = payload_start + stored_len as u64;
             shard.records += 1;

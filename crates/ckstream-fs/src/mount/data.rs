@@ -25,8 +25,8 @@ use super::cache::{Bytes, CacheCounters, ChunkCache};
 enum Key {
     /// Position in `Index::chunks`.
     Chunk(usize),
-    /// A shared frame, by shard and payload offset.
-    Frame(u32, u64),
+    /// A shared frame, by archive (0, or a parent), shard and payload offset.
+    Frame(u32, u32, u64),
 }
 
 /// One chunk to fetch in the background: (entry id, position in `Index::chunks`).
@@ -159,17 +159,19 @@ impl Shared {
         // likely read next), then cut and verify this file's part of it.
         let what = || format!("{:?} at offset {}", entry.path_lossy(), c.file_offset);
         self.cache.get_or_fetch(Key::Chunk(ci), || {
-            let frame = self.cache.get_or_fetch(Key::Frame(c.shard, c.offset), || {
-                let _lease = self.in_flight.take(chunk_cost(c));
-                let stored = self.reader.read_stored(c)?;
-                self.fetches.fetch_add(1, Ordering::Relaxed);
-                self.fetched_bytes
-                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
-                let codec = c
-                    .codec_id()
-                    .ok_or_else(|| Error::Unsupported(format!("{}: codec {}", what(), c.codec)))?;
-                codec::decode(codec, &stored, c.frame_raw_len as usize, &what())
-            })?;
+            let frame =
+                self.cache
+                    .get_or_fetch(Key::Frame(c.archive, c.shard, c.offset), || {
+                        let _lease = self.in_flight.take(chunk_cost(c));
+                        let stored = self.reader.read_stored(c)?;
+                        self.fetches.fetch_add(1, Ordering::Relaxed);
+                        self.fetched_bytes
+                            .fetch_add(stored.len() as u64, Ordering::Relaxed);
+                        let codec = c.codec_id().ok_or_else(|| {
+                            Error::Unsupported(format!("{}: codec {}", what(), c.codec))
+                        })?;
+                        codec::decode(codec, &stored, c.frame_raw_len as usize, &what())
+                    })?;
             let start = c.frame_offset as usize;
             let part = frame
                 .get(start..start + c.raw_len as usize)
@@ -365,7 +367,7 @@ impl DataPlane {
             let ci = first_global + pos;
             let c = &reader.index().chunks[ci];
             let key = if c.in_shared_frame() {
-                Key::Frame(c.shard, c.offset)
+                Key::Frame(c.archive, c.shard, c.offset)
             } else {
                 Key::Chunk(ci)
             };
@@ -395,7 +397,7 @@ impl DataPlane {
         'files: for ei in files {
             let first = reader.entries()[ei].first_chunk as usize;
             for (pos, c) in reader.chunks_of(ei).iter().enumerate() {
-                if c.in_shared_frame() && !frames.insert((c.shard, c.offset)) {
+                if c.in_shared_frame() && !frames.insert((c.archive, c.shard, c.offset)) {
                     // The frame is already queued: its chunk is cut from the cache.
                     jobs.push((ei, first + pos));
                     continue;

@@ -227,7 +227,7 @@ impl<'a> Unpacker<'a> {
     /// reflinks are wanted and its stored bytes are the file's bytes (uncompressed,
     /// unsealed, not part of a shared frame).
     fn reflink_source(&self, c: &Chunk) -> Option<&File> {
-        let src = self.reader.raw_file(c.shard)?;
+        let src = self.reader.raw_file_of(c)?;
         (self.opts.reflink && c.codec_id() == Some(CodecId::None) && !c.in_shared_frame())
             .then_some(src)
     }
@@ -326,9 +326,10 @@ impl<'a> Unpacker<'a> {
     }
 }
 
-/// What chunks must agree on to be cut from one decoded frame: where it is, how long it
+/// What chunks must agree on to be cut from one decoded frame: where it is (archive,
+/// shard, offset), how long it
 /// is stored and decoded, and its codec.
-type FrameKey = (u32, u64, u32, u32, u32);
+type FrameKey = (u32, u32, u64, u32, u32, u32);
 
 /// The batch's jobs (indices into `jobs`) in groups restored as one: small files that
 /// share one compressed frame together, so the frame is read and decoded once; every
@@ -341,7 +342,14 @@ fn frame_groups(jobs: &[ChunkJob]) -> Vec<Vec<usize>> {
     for (i, job) in jobs.iter().enumerate() {
         let c = job.chunk;
         if c.in_shared_frame() {
-            let key = (c.shard, c.offset, c.stored_len, c.frame_raw_len, c.codec);
+            let key = (
+                c.archive,
+                c.shard,
+                c.offset,
+                c.stored_len,
+                c.frame_raw_len,
+                c.codec,
+            );
             if let Some(&g) = frame_group.get(&key) {
                 groups[g].push(i);
                 continue;

@@ -59,6 +59,8 @@ pub struct Args {
     criu_args: Vec<String>,
     #[command(flatten)]
     keys: super::key::WriteKeyArgs,
+    #[command(flatten)]
+    parent: super::ParentArgs,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -67,6 +69,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         bail!("--json cannot be used when the archive goes to stdout");
     }
     let keys = args.keys.load()?;
+    let parents = args.parent.load(&args.output, quiet)?;
     crate::interrupt::install();
     let started = Instant::now();
     // Checked before anything else, so that a diff which cannot be stored is refused
@@ -90,6 +93,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         writer: WriterOptions {
             compression,
             keys,
+            parents,
             ..Default::default()
         },
         leave_running: args.leave_running,
@@ -112,6 +116,8 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
                 "images": done.capture.images,
                 "image_bytes": done.capture.bytes,
                 "archive_bytes": archive_bytes,
+                "raw_bytes": done.summary.raw_bytes,
+                "referenced_bytes": done.summary.referenced_bytes,
                 "compression": compression.to_string(),
                 "pipe_size": done.capture.pipe_size,
                 "seconds": secs,

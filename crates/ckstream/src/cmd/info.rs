@@ -83,6 +83,12 @@ pub fn run(args: Args) -> Result<()> {
             "codecs": summary.codecs.iter().map(|(k, t)| (k.to_string(), serde_json::json!({"chunks": t.chunks, "raw_bytes": t.raw_bytes, "stored_bytes": t.stored_bytes}))).collect::<BTreeMap<_, _>>(),
             "meta": index.meta.iter().map(|m| (m.key.clone(), m.value.clone())).collect::<BTreeMap<_, _>>(),
             "hot_list": hot_paths,
+            "referenced_bytes": summary.referenced_bytes,
+            "parent_bytes": summary.parent_bytes,
+            "parents": index.parents.iter().map(|p| serde_json::json!({
+                "archive_id": hex(&p.archive_id),
+                "location": p.location,
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(());
@@ -122,6 +128,26 @@ pub fn run(args: Args) -> Result<()> {
         human_bytes(raw),
         human_bytes(stored)
     );
+    if summary.referenced_bytes > 0 {
+        println!(
+            "references:   {} stored once already ({} in parent archives)",
+            human_bytes(summary.referenced_bytes),
+            human_bytes(summary.parent_bytes)
+        );
+    }
+    for (n, p) in index.parents.iter().enumerate() {
+        println!(
+            "parent {}:     {} (id {}){}",
+            n + 1,
+            escape_controls(&p.location),
+            hex(&p.archive_id),
+            if n == 0 {
+                ""
+            } else {
+                ", through the one above"
+            }
+        );
+    }
     println!(
         "archive size: {} (ratio {ratio:.2})",
         human_bytes(archive_bytes)

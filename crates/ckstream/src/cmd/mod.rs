@@ -136,3 +136,44 @@ pub fn default_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(2)
 }
+
+/// `--parent` and `--max-chain` of the commands that write checkpoints.
+#[derive(Debug, clap::Args)]
+pub struct ParentArgs {
+    /// Store only the chunks that are not in this archive already (nor in its own
+    /// parents): an incremental archive, which needs them to be read. It must lie beside
+    /// the new archive (its directory or below; the same bucket for s3://).
+    #[arg(long, value_name = "ARCHIVE")]
+    parent: Option<ckstream_store::ArchiveLocation>,
+    /// Longest chain of archives behind a new one: when --parent would make it longer,
+    /// the new archive is stored in full instead.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64), requires = "parent")]
+    max_chain: u32,
+}
+
+impl ParentArgs {
+    /// What an archive written to `output` may reference: `None` without `--parent` or
+    /// when the chain would grow past `--max-chain`.
+    pub fn load(
+        &self,
+        output: &ckstream_store::ArchiveLocation,
+        quiet: bool,
+    ) -> Result<Option<std::sync::Arc<ckstream_format::ParentChunks>>> {
+        let Some(at) = &self.parent else {
+            return Ok(None);
+        };
+        let parent = open(at).map_err(|e| e.context("cannot use it as --parent"))?;
+        let depth = parent.index().parents.len() + 1;
+        if depth > self.max_chain as usize {
+            if !quiet {
+                eprintln!(
+                    "ckstream: {at} already ends a chain of {depth} archives (--max-chain {}): storing the new archive in full",
+                    self.max_chain
+                );
+            }
+            return Ok(None);
+        }
+        let chunks = output.parent_chunks(&parent, at)?;
+        Ok(Some(std::sync::Arc::new(chunks)))
+    }
+}

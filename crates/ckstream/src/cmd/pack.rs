@@ -52,6 +52,8 @@ pub struct Args {
     inputs: Vec<OsString>,
     #[command(flatten)]
     keys: super::key::WriteKeyArgs,
+    #[command(flatten)]
+    parent: super::ParentArgs,
 }
 
 pub fn run(args: Args, quiet: bool) -> Result<()> {
@@ -73,6 +75,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
         )?);
     }
     let keys = args.keys.load()?;
+    let parents = args.parent.load(&args.output, quiet)?;
     let started = Instant::now();
     let plan = ckstream_fs::plan_inputs(&inputs)?;
     let total = plan.total_bytes;
@@ -97,6 +100,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             threads: args.threads.unwrap_or_else(super::default_threads),
             progress,
             keys,
+            parents,
             ..Default::default()
         },
         command: "pack",
@@ -135,6 +139,7 @@ pub fn run(args: Args, quiet: bool) -> Result<()> {
             "stored_bytes": summary.stored_bytes,
             "archive_bytes": archive_bytes,
             "cloned_bytes": summary.cloned_bytes,
+            "referenced_bytes": summary.referenced_bytes,
             "index_bytes": summary.index_bytes,
             "shard_bytes": summary.shard_sizes,
             "compression": compression.to_string(),

@@ -10,6 +10,7 @@ mod support;
 
 // Archives of files.
 mod bad_input;
+mod incremental;
 mod keys;
 mod mount;
 mod reflink;

@@ -32,9 +32,10 @@ fn make_big_file(path: &Path) {
     for i in 1..32u64 {
         ckstream_store::clone::ficlonerange(&f, 0, &f, i * (64 << 20), 64 << 20).unwrap();
     }
-    // Make the copies distinct so chunk digests differ.
-    for i in 0..32u64 {
-        f.write_all_at(&i.to_le_bytes(), i * (64 << 20) + 12345)
+    // Make every MiB distinct, so that no chunk is stored once for several places
+    // (identical chunks in one archive are).
+    for mib in 0..2048u64 {
+        f.write_all_at(&mib.to_le_bytes(), mib * (1 << 20) + 12345)
             .unwrap();
     }
 }

@@ -292,6 +292,17 @@ impl Memtest {
         });
     }
 
+    /// Has the parent rewrite 2% of its buffer (SIGUSR2), as its `n`-th change, and
+    /// waits until it has.
+    pub fn mutate(&self, n: u32) {
+        signal(self.pid, rustix::process::Signal::USR2);
+        let log = self.dir.path().join("hb.log");
+        let want = format!("mutated={n}");
+        wait_for("the memory change", Duration::from_secs(30), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.lines().any(|x| x == want))
+        });
+    }
+
     /// Asks the tree to re-checksum all its memory and checks the answer.
     pub fn assert_memory_intact(&self, children: u32) {
         let verify = self.dir.path().join("hb.verify");

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# incremental-bench.sh — checkpoints of a changing process, full vs incremental, in one run.
+#
+# One memtest process (MIB MiB of noise, MEMTEST_FILL) is checkpointed GENS times with
+# `--leave-running`; before every checkpoint after the first it rewrites 2% of its memory
+# in 128 KiB runs spread evenly over the heap (SIGUSR2, tests/progs/memtest.c). Each
+# generation is dumped three ways, in rotating order:
+#   criu     `criu dump --leave-running -t PID -D DIR` (plain CRIU, the images as files)
+#   full     `ckstream dump --leave-running -c C -o full-N.cka`
+#   incr     `ckstream dump --leave-running -c C -o incr-N.cka --parent incr-(N-1).cka`
+# and then the process is killed and generation GENS restored from the last full archive
+# and from the end of the incremental chain (memory verified each time), REPS times.
+# Reported: bytes each generation stored (incr as % of full), dump wall and freeze,
+# restore wall of the chain vs the full archive. Directory: DIR (default
+# /var/tmp/ckstream-incr-bench, a real disk here; DIR=/dev/shm/... for tmpfs); caches
+# dropped before every restore with DROP_CACHES=1.
+#
+# Env: MIB (2048) GENS (5) REPS (3) C (zstd:1) DIR DROP_CACHES (0) CKSTREAM CRIU NO_BUILD
+# Not measured here (memtest cannot do them yet): a 100 MiB mapping inserted mid-address-
+# space, single 4 KiB pages scattered evenly; restic is not in this machine's package lists.
+
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+MIB=${MIB:-2048}
+GENS=${GENS:-5}
+REPS=${REPS:-3}
+C=${C:-zstd:1}
+DIR=${DIR:-/var/tmp/ckstream-incr-bench}
+DROP_CACHES=${DROP_CACHES:-0}
+CRIU=${CRIU:-criu}
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+OUT=$REPO/bench/out
+TSV=$OUT/incremental-bench-$STAMP.tsv
+REPORT=$OUT/incremental-bench-$STAMP.md
+
+[[ $(id -u) == 0 ]] || die "must run as root (CRIU)"
+need_tools gcc jq "$CRIU"
+NO_BUILD=${NO_BUILD-1} need_ckstream
+mkdir -p "$OUT" "$DIR"
+WORK=$(mktemp -d "$DIR/run.XXXXXX")
+on_exit kill_memtest
+on_exit rm -rf "$WORK"
+build_memtest "$WORK"
+HB=$WORK/hb
+
+echo -e "rep\tgen\ttool\top\twall\tfreeze\tbytes" >"$TSV"
+row() { printf '%s\n' "$(IFS=$'\t'; echo "$*")" >>"$TSV"; }
+
+
+dump_ck() { # NAME [--parent P]
+	local out=$WORK/$1.cka t0 t1 j
+	shift
+	t0=$(now)
+	j=$("$CKSTREAM" dump -q --pid "$MT_PID" -o "$out" -c "$C" --leave-running --json "$@") ||
+		die "ckstream dump failed"
+	t1=$(now)
+	printf '%s\t%s\t%s\n' "$(fsub "$t1" "$t0")" "$(jq -r .freeze_seconds <<<"$j")" "$(jq -r .archive_bytes <<<"$j")"
+}
+
+dump_criu() { # N
+	local d=$WORK/criu-$1 t0 t1
+	rm -rf "$d"
+	mkdir -p "$d"
+	t0=$(now)
+	"$CRIU" dump --leave-running -t "$MT_PID" -D "$d" -o dump.log --shell-job >/dev/null 2>&1 ||
+		die "criu dump failed (log: $d/dump.log)"
+	t1=$(now)
+	printf '%s\t%s\t%s\n' "$(fsub "$t1" "$t0")" "$(criu_freeze "$d/stats-dump")" "$(tree_bytes "$d" -name '*.img')"
+}
+
+LOAD_START=$(loadavg)
+log "load average at start: $LOAD_START; ckstream $CKSTREAM; $MIB MiB, $GENS generations, $REPS reps, -c $C, in $DIR"
+for rep in $(seq "$REPS"); do
+	rm -f "$WORK"/*.cka "$WORK"/*.cka.*
+	start_memtest "$MIB" "$HB"
+	for gen in $(seq "$GENS"); do
+		if ((gen > 1)); then
+			kill -USR2 "$MT_PID"
+			for _ in $(seq 300); do grep -q "^mutated=$((gen - 1))$" "$HB.log" 2>/dev/null && break; sleep 0.1; done
+			grep -q "^mutated=$((gen - 1))$" "$HB.log" || die "memtest did not change its memory"
+		fi
+		tools=(criu full incr)
+		k=$(((gen + rep) % 3))
+		tools=("${tools[@]:k}" "${tools[@]:0:k}")
+		for tool in "${tools[@]}"; do
+			sync
+			case $tool in
+			criu) r=$(dump_criu "$gen") ;;
+			full) r=$(dump_ck "full-$gen") ;;
+			incr)
+				if ((gen == 1)); then r=$(dump_ck "incr-1"); else r=$(dump_ck "incr-$gen" --parent "$WORK/incr-$((gen - 1)).cka"); fi
+				;;
+			esac
+			IFS=$'\t' read -r wall freeze bytes <<<"$r"
+			row "$rep" "$gen" "$tool" dump "$wall" "$freeze" "$bytes"
+			log "rep $rep gen $gen $tool: dump ${wall}s, frozen ${freeze}s, ${bytes} B"
+		done
+		rm -rf "$WORK/criu-$gen"
+	done
+	kill_memtest
+	for tool in full incr; do
+		[[ $DROP_CACHES == 1 ]] && drop_caches
+		t0=$(now)
+		"$CKSTREAM" restore -q "$WORK/$tool-$GENS.cka" || die "restore of $tool-$GENS failed"
+		t1=$(now)
+		MT_PID=$(cat "$HB.pid")
+		verify_restored "restore $tool-$GENS" "$HB"
+		row "$rep" "$GENS" "$tool" restore "$(fsub "$t1" "$t0")" "" ""
+		log "rep $rep: restore of $tool-$GENS $(fsub "$t1" "$t0")s, verified"
+		kill_memtest
+	done
+done
+
+med() { tsv_med "$TSV" "$1" gen="$2" tool="$3" op="$4"; }
+{
+	echo "# Incremental checkpoints ($STAMP)"
+	echo
+	echo "ckstream $("$CKSTREAM" --version), memtest $MIB MiB of noise ($(nproc) cores), 2% rewritten before each generation,"
+	echo "$GENS generations, medians of $REPS reps, \`-c $C\`, directory $DIR ($(df --output=fstype "$DIR" | tail -1)), caches dropped before restores: $DROP_CACHES."
+	echo "Load average at start $LOAD_START, at end $(loadavg). Command: \`MIB=$MIB GENS=$GENS REPS=$REPS C=$C DIR=$DIR DROP_CACHES=$DROP_CACHES bash bench/incremental-bench.sh\`"
+	echo
+	echo "| gen | criu dump -D: s / frozen s / image bytes | full .cka: s / frozen s / bytes | incremental: s / frozen s / bytes | incr bytes % of full | incr wall ÷ full |"
+	echo "|---|---|---|---|---|---|"
+	for gen in $(seq "$GENS"); do
+		fb=$(med bytes "$gen" full dump)
+		ib=$(med bytes "$gen" incr dump)
+		echo "| $gen | $(f 2 "$(med wall "$gen" criu dump)") / $(f 2 "$(med freeze "$gen" criu dump)") / $(med bytes "$gen" criu dump) |" \
+			"$(f 2 "$(med wall "$gen" full dump)") / $(f 2 "$(med freeze "$gen" full dump)") / $fb |" \
+			"$(f 2 "$(med wall "$gen" incr dump)") / $(f 2 "$(med freeze "$gen" incr dump)") / $ib |" \
+			"$(awk -v a="$ib" -v b="$fb" 'BEGIN{printf "%.1f", 100*a/b}') | $(div "$(med wall "$gen" incr dump)" "$(med wall "$gen" full dump)") |"
+	done
+	echo
+	fr=$(med wall "$GENS" full restore)
+	ir=$(med wall "$GENS" incr restore)
+	echo "Restore of generation $GENS: from its full archive $(f 2 "$fr") s, from the end of the chain $(f 2 "$ir") s ($(div "$ir" "$fr") ×)."
+	echo
+	echo "Per-run data: $(basename "$TSV")."
+} | tee "$REPORT"
