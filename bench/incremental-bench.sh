@@ -97,6 +97,7 @@ for rep in $(seq "$REPS"); do
 			log "rep $rep gen $gen $tool: dump ${wall}s, frozen ${freeze}s, ${bytes} B"
 		done
 		rm -rf "$WORK/criu-$gen"
+		((gen > 1)) && rm -f "$WORK/full-$((gen - 1)).cka" # only the last one is restored
 	done
 	kill_memtest
 	for tool in full incr; do

@@ -463,9 +463,7 @@ pub fn restore_lazy(
     }
     if remote {
         // The push reads each page file front to back: fetch large spans ahead.
-        for i in 0..reader.shard_count() {
-            reader.shard(i).expect_sequential();
-        }
+        reader.expect_sequential();
     }
     let decoders = opts.decoders.unwrap_or(if remote {
         default_threads().max(REMOTE_DECODERS)

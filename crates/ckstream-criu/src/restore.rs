@@ -129,9 +129,7 @@ pub fn restore(
     };
     if remote {
         // CRIU reads the page images front to back: fetch large spans ahead.
-        for i in 0..reader.shard_count() {
-            reader.shard(i).expect_sequential();
-        }
+        reader.expect_sequential();
     }
     let decoders = opts.decoders.unwrap_or(if remote {
         default_threads().max(REMOTE_DECODERS)

@@ -670,6 +670,16 @@ impl ArchiveReader {
         })
     }
 
+    /// Tells every shard, of this archive and of its parents, that it will be read front
+    /// to back (see [`ShardSource::expect_sequential`]).
+    pub fn expect_sequential(&self) {
+        for r in std::iter::once(self).chain(&self.parents) {
+            for s in &r.shards {
+                s.source.expect_sequential();
+            }
+        }
+    }
+
     /// The local file holding chunk `c`'s bytes unsealed, for reflinking or splicing out
     /// of it: a file of this archive or of the parent that stores it.
     pub fn raw_file_of(&self, c: &Chunk) -> Option<&File> {
@@ -785,15 +795,22 @@ impl ArchiveReader {
     /// Tells each shard which stored ranges reading entry `index` front to back will need
     /// (see [`ShardSource::will_read`]).
     pub fn will_read_entry(&self, index: usize) {
-        let mut by_shard: Vec<Vec<(u64, u64)>> = vec![Vec::new(); self.shards.len()];
-        for c in self.chunks_of(index).iter().filter(|c| c.archive == 0) {
-            if let Some(ranges) = by_shard.get_mut(c.shard as usize) {
-                ranges.push((c.offset, c.stored_len as u64));
-            }
+        let mut ranges: std::collections::BTreeMap<(u32, u32), Vec<(u64, u64)>> =
+            Default::default();
+        for c in self.chunks_of(index) {
+            ranges
+                .entry((c.archive, c.shard))
+                .or_default()
+                .push((c.offset, c.stored_len as u64));
         }
-        for (shard, ranges) in self.shards.iter().zip(by_shard) {
-            if !ranges.is_empty() {
-                shard.source.will_read(&ranges);
+        for ((archive, shard), ranges) in ranges {
+            let holder = if archive == 0 {
+                Some(self)
+            } else {
+                self.parents.get(archive as usize - 1)
+            };
+            if let Some(h) = holder.filter(|h| shard < h.shard_count()) {
+                h.shards[shard as usize].source.will_read(&ranges);
             }
         }
     }
@@ -844,11 +861,37 @@ impl ArchiveReader {
     pub fn read_stored_many(&self, chunks: &[Chunk]) -> Result<Vec<Vec<u8>>> {
         let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); self.shards.len()];
         let mut out = vec![Vec::new(); chunks.len()];
+        // Chunks stored in parent archives: one batch per parent, as its own.
+        let mut by_parent: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
         for (k, c) in chunks.iter().enumerate() {
             if c.archive == 0 {
                 by_shard[c.shard as usize].push(k);
             } else {
-                out[k] = self.read_stored(c)?;
+                by_parent.entry(c.archive).or_default().push(k);
+            }
+        }
+        for members in by_parent.values() {
+            let holder = self.holder(&chunks[members[0]])?;
+            let own: Vec<Chunk> = members
+                .iter()
+                .map(|&k| {
+                    let c = &chunks[k];
+                    if c.shard >= holder.shard_count() {
+                        return Err(Error::Corrupt(format!(
+                            "a chunk in shard {} of parent archive {} of {} shards",
+                            c.shard,
+                            c.archive,
+                            holder.shard_count()
+                        )));
+                    }
+                    Ok(Chunk {
+                        archive: 0,
+                        ..c.clone()
+                    })
+                })
+                .collect::<Result<_>>()?;
+            for (&k, bytes) in members.iter().zip(holder.read_stored_many(&own)?) {
+                out[k] = bytes;
             }
         }
         let read_shard = |shard: usize, members: &[usize]| -> Result<Vec<Vec<u8>>> {

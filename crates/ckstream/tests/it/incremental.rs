@@ -204,4 +204,36 @@ fn dumps_of_a_running_tree_form_a_chain_that_restores() {
     ck_ok(&["restore", "-q", s(&a(3))]);
     m.assert_beating();
     m.assert_memory_intact(children);
+    // Lazily too: the pages the tree faults on come from all three archives.
+    m.kill();
+    m.wait_gone();
+    ck_ok(&["restore", "-q", "--lazy", "--wait", s(&a(3))]);
+    m.assert_beating();
+    m.assert_memory_intact(children);
+}
+
+/// A chain in an object store: the child finds its parent beside it in the bucket, and
+/// a deleted parent is named (exit 3).
+#[test]
+fn a_chain_in_object_storage_reads_back_and_names_a_missing_parent() {
+    let Some(s3) = crate::support::s3server::shared("a_chain_in_object_storage") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("f"), prng_bytes(41, 4 << 20)).unwrap();
+    let (g1, g2) = (s3.url("incr/g1.cka"), s3.url("incr/g2.cka"));
+    s3.ck_ok(&["pack", "-q", "-o", &g1, s(&tree)]);
+    let mut f = std::fs::read(tree.join("f")).unwrap();
+    f[(2 << 20)..(2 << 20) + 10].copy_from_slice(b"changed!!!");
+    std::fs::write(tree.join("f"), &f).unwrap();
+    let out = json(&s3.ck_ok(&["pack", "-q", "--json", "-o", &g2, "--parent", &g1, s(&tree)]));
+    assert_eq!(out["referenced_bytes"].as_u64().unwrap(), 3 << 20, "{out}");
+    assert_eq!(s3.ck_ok(&["cat", &g2, "tree/f"]).stdout, f);
+    s3.ck_ok(&["verify", "-q", &g2]);
+    s3.aws_ok(&["s3", "rm", &g1]);
+    let o = s3.ck(&["cat", &g2, "tree/f"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("incr/g1.cka"), "{}", stderr(&o));
 }
