@@ -16,6 +16,7 @@ pub mod chunker;
 pub mod codec;
 pub mod crypto;
 pub mod error;
+pub mod flatten;
 pub mod index;
 pub mod layout;
 pub mod parents;

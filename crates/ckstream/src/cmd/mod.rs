@@ -2,6 +2,7 @@
 
 mod cat;
 mod dump;
+mod flatten;
 mod info;
 pub mod key;
 mod ls;
@@ -50,6 +51,8 @@ pub enum Command {
     Verify(verify::Args),
     /// Show sizes, counts, codecs and shards of an archive.
     Info(info::Args),
+    /// Write an incremental archive's content into a new archive that needs no parent.
+    Flatten(flatten::Args),
     /// Mount an archive read-only (FUSE), fetching file data only when it is read.
     Mount(mount::Args),
     /// Checkpoint a live process tree with CRIU straight into an archive.
@@ -93,6 +96,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cat(a) => cat::run(a),
         Command::Verify(a) => verify::run(a, cli.quiet),
         Command::Info(a) => info::run(a),
+        Command::Flatten(a) => flatten::run(a, cli.quiet),
         Command::Mount(a) => mount::run(a, cli.quiet),
         Command::Dump(a) => dump::run(a, cli.quiet),
         Command::Restore(a) => restore::run(a, cli.quiet),

@@ -82,6 +82,20 @@ fn a_chain_of_packs_stores_changes_only_and_reads_back() {
     let cat = ck_ok(&["cat", s(&archive(3)), "tree/sub/keep"]);
     assert_eq!(cat.stdout, prng_bytes(2, 3 << 20));
 
+    // Flattened: the same content in an archive that needs no parent.
+    let flat = tmp.path().join("flat.cka");
+    let fj = json(&ck_ok(&[
+        "flatten",
+        "--json",
+        s(&archive(3)),
+        "-o",
+        s(&flat),
+    ]));
+    assert_eq!(fj["parents_read"], 2, "{fj}");
+    let finfo = json(&ck_ok(&["info", "--json", s(&flat)]));
+    assert!(finfo["parents"].as_array().unwrap().is_empty(), "{finfo}");
+    assert_eq!(finfo["logical_bytes"], info["logical_bytes"]);
+
     // The chain moves as a whole: the same names in another directory still read.
     let moved = tmp.path().join("moved");
     std::fs::create_dir(&moved).unwrap();
@@ -110,6 +124,23 @@ fn a_chain_of_packs_stores_changes_only_and_reads_back() {
 
     // A missing parent, and a parent replaced by another archive, are named (exit 3).
     std::fs::rename(moved.join("g1.cka"), moved.join("g1.away")).unwrap();
+    // (The flattened archive does not care.)
+    ck_ok(&["verify", "-q", s(&flat)]);
+    let flat_out = tmp.path().join("flat-out");
+    ck_ok(&["unpack", "-q", s(&flat), "-C", s(&flat_out)]);
+    for f in ["big", "sub/keep", "sub/new"] {
+        assert_eq!(
+            std::fs::read(flat_out.join("tree").join(f)).unwrap(),
+            std::fs::read(out.join("tree").join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert!(!flat_out.join("tree/gone").exists());
+    let mode = std::fs::metadata(flat_out.join("tree/sub/keep")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
     let o = ck(&["cat", s(&moved.join("g3.cka")), "tree/sub/keep"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("g1.cka is missing"), "{}", stderr(&o));
@@ -208,6 +239,16 @@ fn dumps_of_a_running_tree_form_a_chain_that_restores() {
     m.kill();
     m.wait_gone();
     ck_ok(&["restore", "-q", "--lazy", "--wait", s(&a(3))]);
+    m.assert_beating();
+    m.assert_memory_intact(children);
+    // Flattened, with the parents gone.
+    let flat = tmp.path().join("flat.cka");
+    ck_ok(&["flatten", "-q", s(&a(3)), "-o", s(&flat)]);
+    std::fs::remove_file(a(1)).unwrap();
+    std::fs::remove_file(a(2)).unwrap();
+    m.kill();
+    m.wait_gone();
+    ck_ok(&["restore", "-q", s(&flat)]);
     m.assert_beating();
     m.assert_memory_intact(children);
 }
