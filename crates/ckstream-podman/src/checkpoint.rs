@@ -78,6 +78,8 @@ pub struct CheckpointOptions<'a> {
     pub stop: Stop,
     /// Keys to sign and encrypt a `.cka` with (a podman-format archive takes none).
     pub keys: ckstream_format::WriteKeys,
+    /// What a `.cka` may reference in a parent archive instead of storing it again.
+    pub parents: Option<std::sync::Arc<ckstream_format::ParentChunks>>,
 }
 
 /// What a checkpoint did.
@@ -93,6 +95,8 @@ pub struct CheckpointReport {
     pub data_bytes: u64,
     /// Bytes shared by reflink instead of copied.
     pub cloned_bytes: u64,
+    /// Bytes of data a parent archive (or this one, earlier) stores already.
+    pub referenced_bytes: u64,
     /// Paths in `deleted.files`.
     pub deleted: usize,
 }
@@ -127,6 +131,11 @@ pub fn checkpoint(container: &str, opts: &CheckpointOptions) -> Result<Checkpoin
             if !opts.keys.seal_to.is_empty() || opts.keys.sign_with.is_some() {
                 return Err(PodmanError::Unsupported(
                     "podman's archive format cannot be signed or encrypted; write a .cka (--format cka)".into(),
+                ));
+            }
+            if opts.parents.is_some() {
+                return Err(PodmanError::Unsupported(
+                    "podman's archive format cannot reference a parent archive; write a .cka (--format cka)".into(),
                 ));
             }
             if !matches!(opts.output, ArchiveLocation::Std | ArchiveLocation::Path(_)) {
@@ -164,6 +173,7 @@ pub fn checkpoint(container: &str, opts: &CheckpointOptions) -> Result<Checkpoin
             archive_bytes: w.archive_bytes,
             data_bytes: w.data_bytes,
             cloned_bytes: w.cloned_bytes,
+            referenced_bytes: w.referenced_bytes,
             deleted: w.deleted,
         }),
         Err(e) if opts.leave_running => Err(e),
@@ -186,6 +196,7 @@ struct Written {
     archive_bytes: u64,
     data_bytes: u64,
     cloned_bytes: u64,
+    referenced_bytes: u64,
     deleted: usize,
 }
 
@@ -284,6 +295,7 @@ fn write_checkpoint(
             archive_bytes: bytes,
             data_bytes: plan.data_bytes(),
             cloned_bytes: stats.cloned_bytes,
+            referenced_bytes: 0,
             deleted: plan.deleted.len(),
         });
     }
@@ -325,6 +337,7 @@ fn write_checkpoint(
             compression: cka_compression(opts.compression),
             progress: opts.progress.clone(),
             keys: opts.keys.clone(),
+            parents: opts.parents.clone(),
             ..Default::default()
         },
         command: "podman checkpoint",
@@ -341,6 +354,7 @@ fn write_checkpoint(
         archive_bytes: summary.shard_sizes.iter().sum(),
         data_bytes: total,
         cloned_bytes: summary.cloned_bytes,
+        referenced_bytes: summary.referenced_bytes,
         deleted: deleted.len(),
     })
 }

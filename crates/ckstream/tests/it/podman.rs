@@ -346,6 +346,46 @@ fn cka_zstd_checkpoint_restores_with_podman_applying_the_diff() {
     );
 }
 
+/// `podman checkpoint --parent`: a second checkpoint of a running container references
+/// what the first stored (its unchanged file, most of its memory) and restores with its
+/// memory intact and its rootfs as it was.
+#[test]
+fn an_incremental_podman_checkpoint_restores() {
+    if !have_podman("incremental") {
+        return;
+    }
+    let name = "ck-incremental";
+    let ctr = start(name);
+    sh(
+        name,
+        "dd if=/dev/urandom of=/data/big bs=1M count=8 2>/dev/null",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (g1, g2) = (dir.path().join("g1.cka"), dir.path().join("g2.cka"));
+    let (g1, g2) = (g1.to_str().unwrap(), g2.to_str().unwrap());
+    ck_ok(&["podman", "checkpoint", name, "--leave-running", "-o", g1]);
+    sh(name, "echo more > /data/small");
+    let before = manifest(name);
+    let o = ck_ok(&[
+        "podman",
+        "checkpoint",
+        name,
+        "-o",
+        g2,
+        "--parent",
+        g1,
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let referenced = v["referenced_bytes"].as_u64().unwrap();
+    assert!(referenced >= (8 + 32) << 20, "{v}");
+    podman_ok(&["rm", "-f", name]);
+    ck_ok(&["podman", "restore", g2]);
+    assert_alive_and_intact(name);
+    assert_same_manifest(&before, &manifest(name));
+    drop(ctr);
+}
+
 /// podman's own export → `ckstream podman import` → `.cka` → `ckstream podman export`
 /// → `podman container restore --import`.
 #[test]

@@ -49,6 +49,8 @@ pub struct CheckpointArgs {
     pub(super) json: bool,
     #[command(flatten)]
     pub(super) keys: crate::cmd::key::WriteKeyArgs,
+    #[command(flatten)]
+    pub(super) parent: crate::cmd::ParentArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -46,6 +46,7 @@ fn with_progress<T>(label: &str, quiet: bool, op: impl FnOnce(&Progress) -> T) -
 
 fn checkpoint_cmd(a: CheckpointArgs, stop: Stop, quiet: bool) -> Result<()> {
     let keys = a.keys.load()?;
+    let parents = a.parent.load(&a.output, quiet)?;
     let started = Instant::now();
     let done = with_progress("podman checkpoint", quiet, |progress| {
         checkpoint(
@@ -62,6 +63,7 @@ fn checkpoint_cmd(a: CheckpointArgs, stop: Stop, quiet: bool) -> Result<()> {
                 progress: progress.clone(),
                 stop,
                 keys,
+                parents,
             },
         )
     })?;
@@ -82,6 +84,7 @@ fn checkpoint_cmd(a: CheckpointArgs, stop: Stop, quiet: bool) -> Result<()> {
             "archive_bytes": done.archive_bytes,
             "data_bytes": done.data_bytes,
             "cloned_bytes": done.cloned_bytes,
+            "referenced_bytes": done.referenced_bytes,
             "deleted_paths": done.deleted,
         }),
         &format!(
