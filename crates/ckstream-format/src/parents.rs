@@ -83,6 +83,14 @@ impl ParentChunks {
         })
     }
 
+    /// The parent chunk holding exactly these raw bytes, if any (a part of a shared frame
+    /// is never one).
+    pub fn find(&self, digest: &[u8; 32], raw_len: u32) -> Option<&Chunk> {
+        self.by_digest
+            .get(digest)
+            .filter(|c| c.raw_len == raw_len && !c.in_shared_frame())
+    }
+
     /// The depth of the chain a child of these parents ends.
     pub fn depth(&self) -> usize {
         self.archives.len()

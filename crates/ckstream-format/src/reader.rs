@@ -651,23 +651,38 @@ impl ArchiveReader {
         &self.parents
     }
 
-    /// The reader that holds chunk `c`'s bytes: this one, or the parent it names.
+    /// For a chunk stored in a parent archive (`c.archive` > 0): that parent, and the
+    /// chunk as the parent itself records it (in one of its own shards).
     ///
     /// # Errors
-    /// [`Error::Usage`] when the parent was not attached.
-    pub fn holder(&self, c: &Chunk) -> Result<&ArchiveReader> {
-        if c.archive == 0 {
-            return Ok(self);
-        }
-        self.parents.get(c.archive as usize - 1).ok_or_else(|| {
+    /// [`Error::Usage`] when the parent was not attached; [`Error::Corrupt`] for a shard
+    /// the parent does not have.
+    fn in_parent(&self, c: &Chunk) -> Result<(&ArchiveReader, Chunk)> {
+        let n = c.archive as usize - 1;
+        let holder = self.parents.get(n).ok_or_else(|| {
             Error::Usage(format!(
                 "the chunk is stored in parent archive {}, which was not opened",
                 self.index
                     .parents
-                    .get(c.archive as usize - 1)
+                    .get(n)
                     .map_or("?", |p| p.location.as_str())
             ))
-        })
+        })?;
+        if c.shard >= holder.shard_count() {
+            return Err(Error::Corrupt(format!(
+                "a chunk in shard {} of parent archive {} of {} shards",
+                c.shard,
+                c.archive,
+                holder.shard_count()
+            )));
+        }
+        Ok((
+            holder,
+            Chunk {
+                archive: 0,
+                ..c.clone()
+            },
+        ))
     }
 
     /// Tells every shard, of this archive and of its parents, that it will be read front
@@ -683,10 +698,11 @@ impl ArchiveReader {
     /// The local file holding chunk `c`'s bytes unsealed, for reflinking or splicing out
     /// of it: a file of this archive or of the parent that stores it.
     pub fn raw_file_of(&self, c: &Chunk) -> Option<&File> {
-        let holder = self.holder(c).ok()?;
-        (c.shard < holder.shard_count())
-            .then(|| holder.raw_file(c.shard))
-            .flatten()
+        if c.archive == 0 {
+            return self.raw_file(c.shard);
+        }
+        let (holder, own) = self.in_parent(c).ok()?;
+        holder.raw_file(own.shard)
     }
 
     /// True for a sealed (encrypted) archive: chunks are opened with its key as they are
@@ -823,19 +839,8 @@ impl ArchiveReader {
     /// authenticate.
     pub fn read_stored(&self, c: &Chunk) -> Result<Vec<u8>> {
         if c.archive != 0 {
-            let holder = self.holder(c)?;
-            if c.shard >= holder.shard_count() {
-                return Err(Error::Corrupt(format!(
-                    "a chunk in shard {} of parent archive {} of {} shards",
-                    c.shard,
-                    c.archive,
-                    holder.shard_count()
-                )));
-            }
-            return holder.read_stored(&Chunk {
-                archive: 0,
-                ..c.clone()
-            });
+            let (holder, own) = self.in_parent(c)?;
+            return holder.read_stored(&own);
         }
         let mut buf = vec![0u8; c.stored_len as usize];
         read_at(self.shard(c.shard), c.offset, &mut buf, "chunk")?;
@@ -871,24 +876,10 @@ impl ArchiveReader {
             }
         }
         for members in by_parent.values() {
-            let holder = self.holder(&chunks[members[0]])?;
+            let (holder, _) = self.in_parent(&chunks[members[0]])?;
             let own: Vec<Chunk> = members
                 .iter()
-                .map(|&k| {
-                    let c = &chunks[k];
-                    if c.shard >= holder.shard_count() {
-                        return Err(Error::Corrupt(format!(
-                            "a chunk in shard {} of parent archive {} of {} shards",
-                            c.shard,
-                            c.archive,
-                            holder.shard_count()
-                        )));
-                    }
-                    Ok(Chunk {
-                        archive: 0,
-                        ..c.clone()
-                    })
-                })
+                .map(|&k| self.in_parent(&chunks[k]).map(|(_, own)| own))
                 .collect::<Result<_>>()?;
             for (&k, bytes) in members.iter().zip(holder.read_stored_many(&own)?) {
                 out[k] = bytes;

@@ -239,11 +239,9 @@ pub(super) fn encode_worker(
                     let raw_len = data.len() as u32;
                     // Stored in a parent already: the sequencer records a reference, so
                     // the bytes are neither compressed nor kept.
-                    let in_parent = parents.as_ref().is_some_and(|p| {
-                        p.by_digest
-                            .get(&digest)
-                            .is_some_and(|c| c.raw_len == raw_len && !c.in_shared_frame())
-                    });
+                    let in_parent = parents
+                        .as_ref()
+                        .is_some_and(|p| p.find(&digest, raw_len).is_some());
                     let encoded = if in_parent {
                         Ok(Some((CodecId::None, Vec::new())))
                     } else {

@@ -137,7 +137,8 @@ pub struct WriteSummary {
     pub logical_bytes: u64,
     /// Raw bytes stored in chunks (holes and all-zero chunks excluded).
     pub raw_bytes: u64,
-    /// Stored payload bytes of all chunks.
+    /// Stored payload bytes of the chunks this archive stores (each place counted once;
+    /// references to parents excluded).
     pub stored_bytes: u64,
     /// Bytes cloned by reflink rather than copied.
     pub cloned_bytes: u64,
@@ -597,29 +598,10 @@ impl ArchiveWriter {
             records,
         } = out;
         let mut chunks = Vec::new();
-        let mut logical = 0u64;
-        let mut raw = 0u64;
-        let mut stored = 0u64;
-        let mut referenced = 0u64;
-        let mut counted = std::collections::HashSet::new();
         for (e, mut list) in entries.iter_mut().zip(per_entry) {
             list.sort_by_key(|c| c.file_offset);
             e.first_chunk = chunks.len() as u64;
             e.chunk_count = list.len() as u64;
-            if e.entry_kind() == crate::index::EntryKind::File {
-                logical += e.size;
-            }
-            for c in &list {
-                raw += c.raw_len as u64;
-                if c.archive != 0 {
-                    referenced += c.raw_len as u64;
-                } else if c.in_shared_frame() || counted.insert((c.shard, c.offset)) {
-                    // A chunk stored once and used twice in this archive counts once.
-                    stored += c.stored_share();
-                } else {
-                    referenced += c.raw_len as u64;
-                }
-            }
             chunks.extend(list);
         }
         let hot_list = resolve_hot_list(&entries, &self.hot_paths)?;
@@ -643,6 +625,8 @@ impl ArchiveWriter {
                 .collect(),
         };
         index.validate_for(self.header.shard_count, self.sealing.is_some())?;
+        // The same totals `info` shows for this index.
+        let totals = index.summary();
         let index_raw = index.encode_to_vec();
         let index_digest = *blake3::hash(&index_raw).as_bytes();
         let raw_len =
@@ -746,11 +730,11 @@ impl ArchiveWriter {
             archive_id: self.header.archive_id,
             entries: summary_entries,
             chunks: summary_chunks,
-            logical_bytes: logical,
-            raw_bytes: raw,
-            stored_bytes: stored,
+            logical_bytes: totals.logical_bytes,
+            raw_bytes: totals.raw_bytes,
+            stored_bytes: totals.stored_bytes,
             cloned_bytes: self.stats.cloned_bytes.load(Ordering::Relaxed),
-            referenced_bytes: referenced,
+            referenced_bytes: totals.referenced_bytes,
             shard_sizes,
             index_bytes: index_stored.len() as u64,
         })

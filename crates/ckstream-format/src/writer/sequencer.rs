@@ -67,16 +67,13 @@ impl Dedup {
         }
     }
 
-    /// The stored chunk with these raw bytes, if any.
+    /// The stored chunk with these raw bytes, if any (`own` holds no shared-frame
+    /// parts: only single-chunk records enter it).
     fn find(&self, rec: &PreparedRecord) -> Option<&Chunk> {
-        let same = |c: &&Chunk| c.raw_len == rec.raw_len && !c.in_shared_frame();
-        self.own.get(&rec.digest).filter(same).or_else(|| {
-            self.parents
-                .as_ref()?
-                .by_digest
-                .get(&rec.digest)
-                .filter(same)
-        })
+        self.own
+            .get(&rec.digest)
+            .filter(|c| c.raw_len == rec.raw_len)
+            .or_else(|| self.parents.as_ref()?.find(&rec.digest, rec.raw_len))
     }
 }
 
