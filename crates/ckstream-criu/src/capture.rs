@@ -161,7 +161,7 @@ impl Stream {
                 Err(e) => return Err(CriuError::io(format!("reading image {}", self.name), e)),
             };
             if got == 0 {
-                self.cut(writer, chunk, true)?;
+                self.cut(writer, true)?;
                 self.flush(writer, chunk)?;
                 writer.end_entry(self.id, self.offset)?;
                 return Ok(true);
@@ -169,7 +169,7 @@ impl Stream {
             // SAFETY: read() initialised `got` bytes of the spare capacity.
             unsafe { self.buf.set_len(self.buf.len() + got) };
             *bytes += got as u64;
-            self.cut(writer, chunk, false)?;
+            self.cut(writer, false)?;
             if self.buf.len() == chunk {
                 self.flush(writer, chunk)?;
             }
@@ -177,17 +177,14 @@ impl Stream {
     }
 
     /// Hands over every whole content-defined chunk the buffer holds (memory images).
-    fn cut(&mut self, writer: &mut ArchiveWriter, chunk: usize, at_end: bool) -> Result<()> {
+    fn cut(&mut self, writer: &mut ArchiveWriter, at_end: bool) -> Result<()> {
         let Some(chunker) = self.chunker else {
             return Ok(());
         };
-        while let Some(n) = chunker.next_cut(&self.buf, at_end) {
-            let mut rest = Vec::with_capacity(chunk);
-            rest.extend_from_slice(&self.buf[n..]);
-            self.buf.truncate(n);
-            let data = std::mem::replace(&mut self.buf, rest);
+        while let Some(data) = chunker.take_chunk(&mut self.buf, at_end) {
+            let n = data.len() as u64;
             writer.add_data(self.id, self.offset, data, None)?;
-            self.offset += n as u64;
+            self.offset += n;
         }
         Ok(())
     }

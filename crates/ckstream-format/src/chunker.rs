@@ -56,6 +56,19 @@ impl PageChunker {
     }
 }
 
+impl PageChunker {
+    /// Takes the next chunk off the front of `buf` (see [`next_cut`](Self::next_cut)),
+    /// leaving the rest there with room for a whole chunk more; `None` while `buf` holds
+    /// no cut yet.
+    pub fn take_chunk(&self, buf: &mut Vec<u8>, at_end: bool) -> Option<Vec<u8>> {
+        let n = self.next_cut(buf, at_end)?;
+        let mut rest = Vec::with_capacity(self.max);
+        rest.extend_from_slice(&buf[n..]);
+        buf.truncate(n);
+        Some(std::mem::replace(buf, rest))
+    }
+}
+
 /// A cheap hash of a page from eight sampled words: enough to spread the cut points
 /// evenly over real memory, at a sliver of the cost of reading the page.
 fn page_hash(page: &[u8]) -> u64 {
@@ -121,14 +134,18 @@ mod tests {
         );
         // Fed piece by piece, the cuts are the same.
         let mut piecewise = Vec::new();
-        let (mut start, mut end) = (0, 0);
-        while start < data.len() {
-            end = (end + 300_000).min(data.len());
-            while let Some(n) = c.next_cut(&data[start..end], end == data.len()) {
-                start += n;
-                piecewise.push(start);
+        let (mut buf, mut at, mut end) = (Vec::new(), 0, 0);
+        while end < data.len() {
+            let next = (end + 300_000).min(data.len());
+            buf.extend_from_slice(&data[end..next]);
+            end = next;
+            while let Some(chunk) = c.take_chunk(&mut buf, end == data.len()) {
+                assert_eq!(chunk, data[at..at + chunk.len()]);
+                at += chunk.len();
+                piecewise.push(at);
             }
         }
+        assert!(buf.is_empty());
         assert_eq!(piecewise, a);
     }
 

@@ -710,11 +710,9 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
                         stats.bytes_read += more as u64;
                     }
                     let at_end = off + pending.len() as u64 == r.end;
-                    let n = chunker
-                        .next_cut(&pending, at_end)
-                        .expect("a full window or the range's end always has a cut");
-                    let rest = pending.split_off(n);
-                    std::mem::replace(&mut pending, rest)
+                    chunker
+                        .take_chunk(&mut pending, at_end)
+                        .expect("a full window or the range's end always has a cut")
                 } else {
                     let next = ((off / chunk) + 1) * chunk;
                     let len = (next.min(r.end) - off) as usize;
