@@ -181,7 +181,7 @@ impl Stream {
         let Some(chunker) = self.chunker else {
             return Ok(());
         };
-        while let Some(data) = chunker.take_chunk(&mut self.buf, at_end) {
+        for data in chunker.take_chunks(&mut self.buf, at_end) {
             let n = data.len() as u64;
             writer.add_data(self.id, self.offset, data, None)?;
             self.offset += n;

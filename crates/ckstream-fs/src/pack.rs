@@ -699,7 +699,7 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
                 if stop.requested() {
                     return Err(interrupted());
                 }
-                let buf = if let Some(chunker) = chunker {
+                let pieces = if let Some(chunker) = chunker {
                     let have = off + pending.len() as u64;
                     let want = (chunk as usize).saturating_sub(pending.len());
                     let more = (r.end - have).min(want as u64) as usize;
@@ -710,21 +710,26 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
                         stats.bytes_read += more as u64;
                     }
                     let at_end = off + pending.len() as u64 == r.end;
-                    chunker
-                        .take_chunk(&mut pending, at_end)
-                        .expect("a full window or the range's end always has a cut")
+                    let pieces = chunker.take_chunks(&mut pending, at_end);
+                    assert!(
+                        !pieces.is_empty(),
+                        "a full window or the range's end always has a cut"
+                    );
+                    pieces
                 } else {
                     let next = ((off / chunk) + 1) * chunk;
                     let len = (next.min(r.end) - off) as usize;
                     let mut buf = vec![0u8; len];
                     read(&mut buf, off)?;
                     stats.bytes_read += len as u64;
-                    buf
+                    vec![buf]
                 };
-                let len = buf.len() as u64;
-                let clone = cloneable.then(|| (file.clone(), off));
-                writer.add_data(id, off, buf, clone)?;
-                off += len;
+                for buf in pieces {
+                    let len = buf.len() as u64;
+                    let clone = cloneable.then(|| (file.clone(), off));
+                    writer.add_data(id, off, buf, clone)?;
+                    off += len;
+                }
             }
         }
     }
