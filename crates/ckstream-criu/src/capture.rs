@@ -130,13 +130,14 @@ fn streamed_entry(path: Vec<u8>) -> Entry {
 }
 
 impl Stream {
-    fn new(fd: OwnedFd, id: u64, name: String, chunk: usize) -> Result<Self> {
+    fn new(fd: OwnedFd, id: u64, name: String, chunk: usize, aligned: bool) -> Result<Self> {
         rustix::io::ioctl_fionbio(&fd, true)
             .map_err(|e| CriuError::io(format!("setting {name} non-blocking"), e))?;
         Ok(Stream {
             fd,
             id,
-            chunker: is_memory_image(name.as_bytes()).then(|| PageChunker::for_memory(chunk)),
+            chunker: is_memory_image(name.as_bytes())
+                .then(|| PageChunker::for_memory(chunk, aligned)),
             name,
             buf: Vec::with_capacity(chunk),
             offset: 0,
@@ -267,7 +268,7 @@ fn capture_loop(
     let mut streams: Vec<Stream> = Vec::new();
     for (name, fd) in std::mem::take(&mut opts.ext_files) {
         let id = writer.add_entry(streamed_entry(name.clone().into_bytes()))?;
-        streams.push(Stream::new(fd, id, name, chunk)?);
+        streams.push(Stream::new(fd, id, name, chunk, writer.aligns_chunks())?);
         report.ext_files += 1;
     }
     let mut started = false;
@@ -381,7 +382,7 @@ fn capture_loop(
                     let id = writer.add_entry(streamed_entry(crate::image_path(&name)))?;
                     report.images += 1;
                     report.image_names.push(name.clone());
-                    streams.push(Stream::new(fd, id, name, chunk)?);
+                    streams.push(Stream::new(fd, id, name, chunk, writer.aligns_chunks())?);
                 }
             }
         }

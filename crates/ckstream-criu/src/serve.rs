@@ -78,36 +78,39 @@ pub struct ServeReport {
 }
 
 /// One chunk ready to go out: decoded bytes, or an uncompressed range of a local shard
-/// file (already verified) to splice into the pipe without copying it through us.
-enum Piece {
+/// file (already verified; of this archive or of the parent holding the chunk) to splice
+/// into the pipe without copying it through us.
+enum Piece<'a> {
     Bytes(Vec<u8>),
-    Splice { shard: u32, offset: u64, len: usize },
+    Splice {
+        file: &'a File,
+        offset: u64,
+        len: usize,
+    },
 }
 
 /// Reads and verifies chunk `c`; uncompressed chunks of a local shard are handed back as
 /// a range to splice when `out` is a pipe.
-fn prepare(
-    reader: &ArchiveReader,
+fn prepare<'a>(
+    reader: &'a ArchiveReader,
     entry: &ckstream_format::Entry,
     c: &ckstream_format::Chunk,
     splice_ok: bool,
-) -> ckstream_format::Result<Piece> {
+) -> ckstream_format::Result<Piece<'a>> {
     let raw = c.codec_id() == Some(ckstream_format::CodecId::None);
-    if splice_ok
-        && raw
-        && !c.in_shared_frame()
-        && c.archive == 0
-        && reader.raw_file(c.shard).is_some()
-    {
-        let stored = reader.read_stored(c)?;
-        ckstream_format::reader::verify_digest(&stored, &c.digest, || {
-            format!("{:?} at offset {}", entry.path_lossy(), c.file_offset)
-        })?;
-        return Ok(Piece::Splice {
-            shard: c.shard,
-            offset: c.offset,
-            len: c.raw_len as usize,
-        });
+    if splice_ok && raw && !c.in_shared_frame() {
+        if let Some(file) = reader.raw_file_of(c) {
+            let stored = reader.read_stored(c)?;
+            ckstream_format::reader::verify_digest(&stored, &c.digest, || {
+                format!("{:?} at offset {}", entry.path_lossy(), c.file_offset)
+            })?;
+            // A parent's chunk lies at the same offset of the parent's own shard.
+            return Ok(Piece::Splice {
+                file,
+                offset: c.offset,
+                len: c.raw_len as usize,
+            });
+        }
     }
     reader.read_chunk(entry, c).map(Piece::Bytes)
 }
@@ -192,7 +195,7 @@ pub fn stream_entry(
         let _close = budget.close_on_drop();
         let mut rxs = Vec::new();
         for t in 0..k {
-            let (tx, rx) = bounded::<ckstream_format::Result<(Piece, Option<Lease<'_>>)>>(2);
+            let (tx, rx) = bounded::<ckstream_format::Result<(Piece<'_>, Option<Lease<'_>>)>>(2);
             rxs.push(rx);
             s.spawn(move || {
                 for (i, c) in chunks.iter().enumerate().skip(t).step_by(k) {
@@ -221,9 +224,8 @@ pub fn stream_entry(
             }
             let more = match piece {
                 Piece::Bytes(data) => write(&data, &mut written)?,
-                Piece::Splice { shard, offset, len } => {
-                    let src = reader.raw_file(shard).expect("checked in prepare");
-                    let ok = splice_all(src, offset, len, out).map_err(err)?;
+                Piece::Splice { file, offset, len } => {
+                    let ok = splice_all(file, offset, len, out).map_err(err)?;
                     if ok {
                         sent(len, &mut written);
                     }

@@ -243,7 +243,7 @@ fn capture_stores_interleaved_large_and_empty_images_byte_exact() {
     assert_eq!(entry_bytes(&reader, "criu/core-1.img"), core);
     // Process memory is cut by content, whatever the pipes delivered: the chunks are
     // those the page chunker finds in the whole image (all-zero ones stored as holes).
-    let chunker = ckstream_format::chunker::PageChunker::for_memory(CHUNK as usize);
+    let chunker = ckstream_format::chunker::PageChunker::for_memory(CHUNK as usize, false);
     let mut expected = Vec::new();
     let mut at = 0;
     while let Some(n) = chunker.next_cut(&pages[at..], true) {

@@ -690,7 +690,8 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
             .map_err(|e| io_err(&planned.source, "cannot map holes of", e))?;
         // Process memory (CRIU's pages-*.img) is cut by content, so that an unchanged
         // run of pages gives the same chunks in the next checkpoint wherever it lands.
-        let chunker = is_memory_image(&path).then(|| PageChunker::for_memory(chunk as usize));
+        let chunker = is_memory_image(&path)
+            .then(|| PageChunker::for_memory(chunk as usize, writer.aligns_chunks()));
         for r in ranges {
             let mut off = r.start;
             // Read but not yet handed over (content-defined chunks only).

@@ -393,6 +393,12 @@ impl ArchiveWriter {
         &self.opts
     }
 
+    /// True when uncompressed chunks are stored aligned (an uncompressed, unsealed
+    /// archive, for reflinks): each chunk then costs up to an alignment unit of padding.
+    pub fn aligns_chunks(&self) -> bool {
+        self.header.optional_features & optional::ALIGNED_RAW != 0
+    }
+
     /// Adds a key/value pair to the index metadata.
     pub fn add_meta(&mut self, key: impl Into<String>, value: impl Into<String>) {
         self.meta.push(MetaItem {
