@@ -2,8 +2,13 @@
 # incremental-bench.sh — checkpoints of a changing process, full vs incremental, in one run.
 #
 # One memtest process (MIB MiB of noise, MEMTEST_FILL) is checkpointed GENS times with
-# `--leave-running`; before every checkpoint after the first it rewrites 2% of its memory
-# in 128 KiB runs spread evenly over the heap (SIGUSR2, tests/progs/memtest.c). Each
+# `--leave-running`; before every checkpoint after the first it changes its memory
+# (SIGUSR2, tests/progs/memtest.c) as MUTATE says:
+#   runs    (default) 2% rewritten in 128 KiB runs spread evenly over the heap
+#   insert  the same, and before generation 2 a fresh 100 MiB mapping below the heap, so
+#           every heap page moves by 100 MiB in CRIU's page image
+#   pages   2% rewritten as single 4 KiB pages scattered evenly (the worst case)
+# Each
 # generation is dumped three ways, in rotating order:
 #   criu     `criu dump --leave-running -t PID -D DIR` (plain CRIU, the images as files)
 #   full     `ckstream dump --leave-running -c C -o full-N.cka`
@@ -13,11 +18,13 @@
 # Reported: bytes each generation stored (incr as % of full), dump wall and freeze,
 # restore wall of the chain vs the full archive. Directory: DIR (default
 # /var/tmp/ckstream-incr-bench, a real disk here; DIR=/dev/shm/... for tmpfs); caches
-# dropped before every restore with DROP_CACHES=1.
+# dropped before every restore with DROP_CACHES=1. With S3=1 the last full archive and
+# the chain are also copied to a local SeaweedFS (scripts/s3-server.sh) with `aws s3 cp`
+# and restored from there (s3://BUCKET/incr/...), the chain finding its parents beside it.
 #
-# Env: MIB (2048) GENS (5) REPS (3) C (zstd:1) DIR DROP_CACHES (0) CKSTREAM CRIU NO_BUILD
-# Not measured here (memtest cannot do them yet): a 100 MiB mapping inserted mid-address-
-# space, single 4 KiB pages scattered evenly; restic is not in this machine's package lists.
+# Env: MIB (2048) GENS (5) REPS (3) C (zstd:1) MUTATE (runs) DIR DROP_CACHES (0) S3 (0)
+#      CKSTREAM CRIU NO_BUILD
+# restic is not in this machine's package lists (checked with apt-cache policy restic).
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -28,6 +35,8 @@ REPS=${REPS:-3}
 C=${C:-zstd:1}
 DIR=${DIR:-/var/tmp/ckstream-incr-bench}
 DROP_CACHES=${DROP_CACHES:-0}
+MUTATE=${MUTATE:-runs}
+S3=${S3:-0}
 CRIU=${CRIU:-criu}
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 OUT=$REPO/bench/out
@@ -43,6 +52,18 @@ on_exit kill_memtest
 on_exit rm -rf "$WORK"
 build_memtest "$WORK"
 HB=$WORK/hb
+export MEMTEST_MUTATE=$MUTATE
+restore_places=(local)
+if [[ $S3 == 1 ]]; then
+	VENV=${CKSTREAM_S3_VENV:-/var/cache/ckstream/seaweedfs-venv}
+	export CKSTREAM_S3_DIR=$DIR/s3-data CKSTREAM_S3_PORT=${S3_PORT:-18533} CKSTREAM_S3_BUCKET=bench
+	# shellcheck disable=SC2016 # expanded at exit
+	on_exit '"$REPO/scripts/s3-server.sh" stop >/dev/null 2>&1; rm -rf "$CKSTREAM_S3_DIR"'
+	"$REPO/scripts/s3-server.sh" install >&2
+	eval "$("$REPO/scripts/s3-server.sh" start)"
+	restore_places+=(s3)
+fi
+s3cp() { "$VENV/bin/aws" --endpoint-url "$AWS_ENDPOINT_URL" s3 cp --only-show-errors "$@"; }
 
 echo -e "rep\tgen\ttool\top\twall\tfreeze\tbytes" >"$TSV"
 row() { printf '%s\n' "$(IFS=$'\t'; echo "$*")" >>"$TSV"; }
@@ -100,16 +121,23 @@ for rep in $(seq "$REPS"); do
 		((gen > 1)) && rm -f "$WORK/full-$((gen - 1)).cka" # only the last one is restored
 	done
 	kill_memtest
-	for tool in full incr; do
-		[[ $DROP_CACHES == 1 ]] && drop_caches
-		t0=$(now)
-		"$CKSTREAM" restore -q "$WORK/$tool-$GENS.cka" || die "restore of $tool-$GENS failed"
-		t1=$(now)
-		MT_PID=$(cat "$HB.pid")
-		verify_restored "restore $tool-$GENS" "$HB"
-		row "$rep" "$GENS" "$tool" restore "$(fsub "$t1" "$t0")" "" ""
-		log "rep $rep: restore of $tool-$GENS $(fsub "$t1" "$t0")s, verified"
-		kill_memtest
+	if [[ $S3 == 1 ]]; then
+		for f in "$WORK/full-$GENS.cka" "$WORK"/incr-*.cka; do s3cp "$f" "s3://bench/incr/$(basename "$f")"; done
+	fi
+	for place in "${restore_places[@]}"; do
+		for tool in full incr; do
+			src=$WORK/$tool-$GENS.cka
+			[[ $place == s3 ]] && src=s3://bench/incr/$tool-$GENS.cka
+			[[ $DROP_CACHES == 1 ]] && drop_caches
+			t0=$(now)
+			"$CKSTREAM" restore -q "$src" || die "restore of $src failed"
+			t1=$(now)
+			MT_PID=$(cat "$HB.pid")
+			verify_restored "restore $src" "$HB"
+			row "$rep" "$GENS" "$tool" "restore-$place" "$(fsub "$t1" "$t0")" "" ""
+			log "rep $rep: restore of $src $(fsub "$t1" "$t0")s, verified"
+			kill_memtest
+		done
 	done
 done
 
@@ -117,9 +145,9 @@ med() { tsv_med "$TSV" "$1" gen="$2" tool="$3" op="$4"; }
 {
 	echo "# Incremental checkpoints ($STAMP)"
 	echo
-	echo "ckstream $("$CKSTREAM" --version), memtest $MIB MiB of noise ($(nproc) cores), 2% rewritten before each generation,"
+	echo "ckstream $("$CKSTREAM" --version), memtest $MIB MiB of noise ($(nproc) cores), changed before each generation: MUTATE=$MUTATE,"
 	echo "$GENS generations, medians of $REPS reps, \`-c $C\`, directory $DIR ($(df --output=fstype "$DIR" | tail -1)), caches dropped before restores: $DROP_CACHES."
-	echo "Load average at start $LOAD_START, at end $(loadavg). Command: \`MIB=$MIB GENS=$GENS REPS=$REPS C=$C DIR=$DIR DROP_CACHES=$DROP_CACHES bash bench/incremental-bench.sh\`"
+	echo "Load average at start $LOAD_START, at end $(loadavg). Command: \`MIB=$MIB GENS=$GENS REPS=$REPS C=$C MUTATE=$MUTATE DIR=$DIR DROP_CACHES=$DROP_CACHES S3=$S3 bash bench/incremental-bench.sh\`"
 	echo
 	echo "| gen | criu dump -D: s / frozen s / image bytes | full .cka: s / frozen s / bytes | incremental: s / frozen s / bytes | incr bytes % of full | incr wall ÷ full |"
 	echo "|---|---|---|---|---|---|"
@@ -132,9 +160,11 @@ med() { tsv_med "$TSV" "$1" gen="$2" tool="$3" op="$4"; }
 			"$(awk -v a="$ib" -v b="$fb" 'BEGIN{printf "%.1f", 100*a/b}') | $(div "$(med wall "$gen" incr dump)" "$(med wall "$gen" full dump)") |"
 	done
 	echo
-	fr=$(med wall "$GENS" full restore)
-	ir=$(med wall "$GENS" incr restore)
-	echo "Restore of generation $GENS: from its full archive $(f 2 "$fr") s, from the end of the chain $(f 2 "$ir") s ($(div "$ir" "$fr") ×)."
+	for place in "${restore_places[@]}"; do
+		fr=$(med wall "$GENS" full "restore-$place")
+		ir=$(med wall "$GENS" incr "restore-$place")
+		echo "Restore of generation $GENS ($place): from its full archive $(f 2 "$fr") s, from the end of the chain $(f 2 "$ir") s ($(div "$ir" "$fr") ×)."
+	done
 	echo
 	echo "Per-run data: $(basename "$TSV")."
 } | tee "$REPORT"

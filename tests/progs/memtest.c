@@ -25,7 +25,8 @@
  * A child also verifies on its own SIGUSR1. Children exit on pipe EOF.
  * SIGUSR2 makes the parent rewrite 2% of its buffer with new noise, in 128 KiB
  * runs spread evenly over it (a changing service between two checkpoints), and
- * update its checksum; it then appends "mutated=<n>" to HB.log.
+ * update its checksum; it then appends "mutated=<n>" to HB.log. MEMTEST_MUTATE
+ * (below) changes what SIGUSR2 does.
  * SIGTERM/SIGINT make the parent kill its children and exit 0.
  * At start-up all inherited fds >= 3 are closed; the tree then holds only
  * stdio, the HB.log fd (parent) and the pipes.
@@ -38,6 +39,13 @@
  *                        128 KiB regions: ~35% noise, ~30% text log lines,
  *                        ~15% heap-like structs, ~15% bytes copied from a
  *                        shared library, ~5% zeros
+ *   MEMTEST_MUTATE=runs  (default) SIGUSR2 as above
+ *   MEMTEST_MUTATE=pages SIGUSR2 rewrites one 4 KiB page in 50, evenly scattered
+ *                        (2% of the buffer, the worst case for chunk-level dedup)
+ *   MEMTEST_MUTATE=insert  the first SIGUSR2 also maps MEMTEST_INSERT_MIB (default
+ *                        100) MiB of fresh noise just below the buffer, so in CRIU's
+ *                        pages image every page of the buffer moves by that much;
+ *                        verification (SIGUSR1) covers it too
  *
  * Build: gcc -O2 -static -o memtest memtest.c   (or without -static)
  */
@@ -124,10 +132,10 @@ struct buf {
 
 static uint64_t checksum(const struct buf *b);
 
-/* Rewrites 2% of the buffer with fresh noise, in 128 KiB runs spread evenly. */
-static void buf_mutate(struct buf *b, uint64_t *x)
+/* Rewrites 2% of the buffer with fresh noise, in runs of `run_bytes` spread evenly. */
+static void buf_mutate(struct buf *b, uint64_t *x, size_t run_bytes)
 {
-	size_t run = (128u << 10) / sizeof(uint64_t);
+	size_t run = run_bytes / sizeof(uint64_t);
 	size_t runs = b->nwords / run;
 	size_t every = 50; /* one run in 50: 2% */
 	for (size_t r = every / 2; r < runs; r += every)
@@ -298,11 +306,34 @@ static void write_state(const char *path, const struct buf *b)
 	write_file(path, text);
 }
 
+/* The mapping MEMTEST_MUTATE=insert adds (nwords 0 until then). */
+static struct buf inserted;
+
+/* Maps `mib` MiB of fresh noise just below `below` (or anywhere free, if that is taken). */
+static void insert_mapping(struct buf *ins, const struct buf *below, size_t mib, uint64_t seed)
+{
+	size_t bytes = mib << 20;
+	uintptr_t want = ((uintptr_t)below->w - bytes - (64u << 20)) & ~(uintptr_t)0xfffff;
+	void *p = mmap((void *)want, bytes, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+	if (p == MAP_FAILED)
+		die("mmap %zu MiB below the buffer", mib);
+	ins->w = p;
+	ins->nwords = bytes / sizeof(uint64_t);
+	ins->mib = mib;
+	uint64_t x = seed | 1;
+	for (size_t i = 0; i < ins->nwords; i++)
+		ins->w[i] = xs_next(&x);
+	ins->checksum = checksum(ins);
+}
+
 /* Re-verify; returns 1 if ok. Writes the verdict file. */
 static int verify(const char *path, const struct buf *b, unsigned gen, const char *extra, int extra_ok)
 {
 	uint64_t c = checksum(b);
 	int ok = (c == b->checksum) && extra_ok;
+	if (inserted.nwords && checksum(&inserted) != inserted.checksum)
+		ok = 0;
 	char text[512];
 	snprintf(text, sizeof(text), "verify=%s\ngen=%u\nchecksum=%016" PRIx64 "\nexpected=%016" PRIx64 "\n%s",
 		 ok ? "ok" : "BAD", gen, c, b->checksum, extra ? extra : "");
@@ -431,6 +462,18 @@ int main(int argc, char **argv)
 		return 2;
 	}
 
+	const char *mutate = getenv("MEMTEST_MUTATE");
+	int mutate_pages = 0, mutate_insert = 0;
+	if (mutate && *mutate && strcmp(mutate, "runs") != 0) {
+		mutate_pages = strcmp(mutate, "pages") == 0;
+		mutate_insert = strcmp(mutate, "insert") == 0;
+		if (!mutate_pages && !mutate_insert) {
+			fprintf(stderr, "bad MEMTEST_MUTATE (runs|pages|insert): %s\n", mutate);
+			return 2;
+		}
+	}
+	const char *insert_mib = getenv("MEMTEST_INSERT_MIB");
+	size_t insert_size = insert_mib && atol(insert_mib) > 0 ? (size_t)atol(insert_mib) : 100;
 	const char *fill = getenv("MEMTEST_FILL");
 	const char *tick = getenv("MEMTEST_TICK_MS");
 	if (tick && atol(tick) > 0)
@@ -536,7 +579,9 @@ int main(int argc, char **argv)
 	while (!got_term) {
 		if (got_usr2) {
 			got_usr2 = 0;
-			buf_mutate(&b, &mutate_seed);
+			buf_mutate(&b, &mutate_seed, mutate_pages ? 4096 : 128u << 10);
+			if (mutate_insert && !inserted.nwords)
+				insert_mapping(&inserted, &b, insert_size, mutate_seed);
 			dprintf(logfd, "mutated=%u\n", ++mutations);
 		}
 		if (got_usr1) {

@@ -187,26 +187,28 @@ fn max_chain_stores_in_full() {
     assert!(info["parents"].as_array().unwrap().is_empty());
 }
 
-/// A live process tree dumped three times, rewriting 2% of its memory before each later
-/// dump: the second and third dumps store a fraction of the first, and the third
-/// restores with its memory intact (the chain read through two parents).
+/// A live process tree dumped five times, rewriting 2% of its memory before each later
+/// dump and, before the second, mapping 16 MiB more below its buffer (every page of the
+/// buffer then moves 16 MiB in CRIU's page image): each later dump stores a fraction of
+/// the first, and every generation restores with its own memory intact (read through
+/// up to four parents), also lazily and flattened.
 #[test]
-fn dumps_of_a_running_tree_form_a_chain_that_restores() {
-    if !criu_available("dumps_of_a_running_tree_form_a_chain_that_restores") {
+fn dumps_of_a_running_tree_form_a_chain_whose_every_generation_restores() {
+    if !criu_available("dumps_of_a_running_tree_form_a_chain_whose_every_generation_restores") {
         return;
     }
     let _heavy = heavy_lock();
     let children = 1;
-    let m = Memtest::start(64, children);
+    let m = Memtest::start_inserting(64, children, 16);
     m.assert_beating();
     let tmp = tempfile::tempdir().unwrap();
     let a = |n: u32| tmp.path().join(format!("gen{n}.cka"));
     let mut sizes = Vec::new();
-    for n in 1..=3u32 {
+    for n in 1..=5u32 {
         // The last dump streams from CRIU and ends the tree (the others go through the
         // spool of --leave-running): both ways cut the page images the same.
         let mut extra = vec!["--json"];
-        if n < 3 {
+        if n < 5 {
             extra.push("--leave-running");
         }
         let parent = a(n - 1);
@@ -216,41 +218,90 @@ fn dumps_of_a_running_tree_form_a_chain_that_restores() {
         }
         let out = json(&ck_ok(&dump_args(m.pid, &a(n), "zstd", 1, &extra)));
         sizes.push(out["archive_bytes"].as_u64().unwrap());
-        if n == 3 {
+        if n == 5 {
             m.wait_gone();
         }
         if n > 1 {
             let raw = out["raw_bytes"].as_u64().unwrap();
             let referenced = out["referenced_bytes"].as_u64().unwrap();
             // Pages are cut by content: the changed 2% and the pages around them are
-            // stored, also when the page image shifted (a page more of heap or stack).
-            assert!(referenced * 10 >= raw * 8, "generation {n}: {out}");
+            // stored (and the new mapping), also where the page image shifted.
+            let new_mapping = if n == 2 { 16 << 20 } else { 0 };
+            assert!(
+                referenced * 10 >= (raw - new_mapping) * 8,
+                "generation {n}: {out}"
+            );
         }
-        if n < 3 {
+        if n < 5 {
             m.assert_beating();
         }
     }
-    assert!(sizes[2] * 3 < sizes[0], "{sizes:?}");
-    ck_ok(&["verify", "-q", s(&a(3))]);
-    ck_ok(&["restore", "-q", s(&a(3))]);
-    m.assert_beating();
-    m.assert_memory_intact(children);
-    // Lazily too: the pages the tree faults on come from all three archives.
-    m.kill();
-    m.wait_gone();
-    ck_ok(&["restore", "-q", "--lazy", "--wait", s(&a(3))]);
+    assert!(sizes[1] < (16 << 20) + sizes[0] / 4, "{sizes:?}");
+    assert!(sizes[2..].iter().all(|&b| b * 4 < sizes[0]), "{sizes:?}");
+    ck_ok(&["verify", "-q", s(&a(5))]);
+    for n in (1..=5).rev() {
+        ck_ok(&["restore", "-q", s(&a(n))]);
+        m.assert_beating();
+        m.assert_memory_intact(children);
+        m.kill();
+        m.wait_gone();
+    }
+    // Lazily too: the pages the tree faults on come from all five archives.
+    ck_ok(&["restore", "-q", "--lazy", "--wait", s(&a(5))]);
     m.assert_beating();
     m.assert_memory_intact(children);
     // Flattened, with the parents gone.
     let flat = tmp.path().join("flat.cka");
-    ck_ok(&["flatten", "-q", s(&a(3)), "-o", s(&flat)]);
-    std::fs::remove_file(a(1)).unwrap();
-    std::fs::remove_file(a(2)).unwrap();
+    ck_ok(&["flatten", "-q", s(&a(5)), "-o", s(&flat)]);
+    for n in 1..5 {
+        std::fs::remove_file(a(n)).unwrap();
+    }
     m.kill();
     m.wait_gone();
     ck_ok(&["restore", "-q", s(&flat)]);
     m.assert_beating();
     m.assert_memory_intact(children);
+}
+
+/// The same in an object store: a tree dumped five times straight to S3, each dump
+/// naming the one before; the oldest, a middle and the newest generation restore from
+/// the bucket with their memory intact.
+#[test]
+fn dumps_into_object_storage_form_a_chain_that_restores_from_it() {
+    if !criu_available("dumps_into_object_storage_form_a_chain_that_restores_from_it") {
+        return;
+    }
+    let Some(s3) = crate::support::s3server::shared("dumps_into_object_storage_chain") else {
+        return;
+    };
+    let _heavy = heavy_lock();
+    let children = 1;
+    let m = Memtest::start(32, children);
+    m.assert_beating();
+    let url = |n: u32| s3.url(&format!("dump-chain/gen{n}.cka"));
+    for n in 1..=5u32 {
+        let (this, parent) = (url(n), url(n - 1));
+        let mut extra = vec!["--json", "--leave-running"];
+        if n > 1 {
+            extra.extend(["--parent", parent.as_str()]);
+            m.mutate(n - 1);
+        }
+        let out = json(&s3.ck_ok(&dump_args(m.pid, Path::new(&this), "zstd", 2, &extra)));
+        if n > 1 {
+            let raw = out["raw_bytes"].as_u64().unwrap();
+            let referenced = out["referenced_bytes"].as_u64().unwrap();
+            assert!(referenced * 10 >= raw * 8, "generation {n}: {out}");
+        }
+    }
+    m.kill();
+    m.wait_gone();
+    for n in [5, 3, 1] {
+        s3.ck_ok(&["restore", "-q", &url(n)]);
+        m.assert_beating();
+        m.assert_memory_intact(children);
+        m.kill();
+        m.wait_gone();
+    }
 }
 
 /// A chain in an object store: the child finds its parent beside it in the bucket, and

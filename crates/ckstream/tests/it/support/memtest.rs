@@ -200,22 +200,34 @@ pub struct Memtest {
 
 impl Memtest {
     pub fn start(mib: u32, children: u32) -> Memtest {
-        Memtest::start_with(mib, children, "random", false)
+        Memtest::start_with(mib, children, &[], false)
     }
 
     /// `fill`: memtest's MEMTEST_FILL (random, or mixed for compressible memory).
     pub fn start_with_fill(mib: u32, children: u32, fill: &str) -> Memtest {
-        Memtest::start_with(mib, children, fill, false)
+        Memtest::start_with(mib, children, &[("MEMTEST_FILL", fill)], false)
+    }
+
+    /// A tree whose [`mutate`](Self::mutate) first also maps `insert_mib` MiB of fresh
+    /// memory below the buffer (memtest's MEMTEST_MUTATE=insert), so every page of the
+    /// buffer moves that far in CRIU's page image.
+    pub fn start_inserting(mib: u32, children: u32, insert_mib: u32) -> Memtest {
+        let insert = insert_mib.to_string();
+        let env = [
+            ("MEMTEST_MUTATE", "insert"),
+            ("MEMTEST_INSERT_MIB", insert.as_str()),
+        ];
+        Memtest::start_with(mib, children, &env, false)
     }
 
     /// A tree that is the init of its own PID namespace: CRIU dumps the namespace and
     /// restores it into a new one, so a restore can run while the original (dumped with
     /// `--leave-running`) still runs: PIDs cannot clash.
     pub fn start_in_pid_namespace(mib: u32, children: u32) -> Memtest {
-        Memtest::start_with(mib, children, "random", true)
+        Memtest::start_with(mib, children, &[], true)
     }
 
-    fn start_with(mib: u32, children: u32, fill: &str, pidns: bool) -> Memtest {
+    fn start_with(mib: u32, children: u32, env: &[(&str, &str)], pidns: bool) -> Memtest {
         become_subreaper();
         let dir = tempfile::Builder::new()
             .prefix("ckstream-memtest-")
@@ -226,7 +238,7 @@ impl Memtest {
         // for it. In a PID namespace, `setsid` (PID 1 there) makes memtest a session
         // leader without forking.
         let mut cmd = Command::new("setsid");
-        cmd.env("MEMTEST_FILL", fill).arg("-f");
+        cmd.envs(env.iter().copied()).arg("-f");
         if pidns {
             cmd.args(["unshare", "--pid", "--fork", "setsid"]);
         }
@@ -292,8 +304,8 @@ impl Memtest {
         });
     }
 
-    /// Has the parent rewrite 2% of its buffer (SIGUSR2), as its `n`-th change, and
-    /// waits until it has.
+    /// Has the parent rewrite 2% of its buffer (SIGUSR2; see memtest's MEMTEST_MUTATE),
+    /// as its `n`-th change, and waits until it has.
     pub fn mutate(&self, n: u32) {
         signal(self.pid, rustix::process::Signal::USR2);
         let log = self.dir.path().join("hb.log");
