@@ -29,7 +29,7 @@ PACKAGES=(
   gcc make libc6-dev time curl python3
   fuse3   # fusermount3: `ckstream mount` by non-root users, `fusermount3 -u`
 )
-OPTIONAL=(hyperfine)   # installed if the archive has it
+OPTIONAL=(hyperfine restic)   # benchmark tools and peers, installed if the archive has them
 if [[ $with_podman == 1 ]]; then
   # Always bookworm's podman 4.3.1 (-t bookworm below): trixie's would pull a newer libc.
   PACKAGES+=(podman runc fuse-overlayfs busybox-static)
