@@ -12,9 +12,11 @@
 //! concurrently, in any order, as many times as CRIU asks, never buffering the image.
 
 pub mod capture;
+pub mod diff;
 pub mod dump;
 pub mod error;
 pub mod images;
+pub mod inspect;
 pub mod lazy;
 pub mod pages;
 pub mod proto;

@@ -11,42 +11,14 @@ use prost::Message;
 
 use crate::error::{CriuError, Result};
 
-/// `IMG_SERVICE_MAGIC`: the first word of CRIU's service files (stats, irmap cache).
-const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
+use crate::images::criu_pb::StatsEntry;
+use crate::images::IMG_SERVICE_MAGIC;
+
 /// `STATS_MAGIC`: the second word of `stats-dump` and `stats-restore`.
 const STATS_MAGIC: u32 = 0x5709_3306;
 
-/// CRIU's `dump_stats_entry` (images/stats.proto), the fields ckstream reports.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct DumpStats {
-    /// Microseconds spent freezing the tree.
-    #[prost(uint32, required, tag = "1")]
-    pub freezing_time: u32,
-    /// Microseconds the tree stayed frozen, until it was killed or resumed.
-    #[prost(uint32, required, tag = "2")]
-    pub frozen_time: u32,
-    /// Microseconds spent collecting memory pages.
-    #[prost(uint32, required, tag = "3")]
-    pub memdump_time: u32,
-    /// Microseconds spent writing memory pages.
-    #[prost(uint32, required, tag = "4")]
-    pub memwrite_time: u32,
-    /// Memory pages CRIU looked at.
-    #[prost(uint64, required, tag = "5")]
-    pub pages_scanned: u64,
-    /// Pages skipped because a parent image holds them.
-    #[prost(uint64, required, tag = "6")]
-    pub pages_skipped_parent: u64,
-    /// Pages written to the image.
-    #[prost(uint64, required, tag = "7")]
-    pub pages_written: u64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct StatsEntry {
-    #[prost(message, optional, tag = "1")]
-    dump: Option<DumpStats>,
-}
+/// CRIU's `dump_stats_entry` (images/stats.proto).
+pub use crate::images::criu_pb::DumpStatsEntry as DumpStats;
 
 impl DumpStats {
     /// How long the application was frozen: freezing plus frozen time, in seconds.
@@ -98,6 +70,7 @@ mod tests {
     fn image(stats: &DumpStats) -> Vec<u8> {
         let body = StatsEntry {
             dump: Some(stats.clone()),
+            restore: None,
         }
         .encode_to_vec();
         let mut b = Vec::new();
@@ -118,6 +91,7 @@ mod tests {
             pages_scanned: 3,
             pages_skipped_parent: 0,
             pages_written: 3,
+            ..Default::default()
         };
         let got = parse_dump_stats(&image(&stats)).unwrap();
         assert_eq!(got, stats);

@@ -17,6 +17,7 @@ pub mod error;
 pub mod export;
 pub mod hook;
 pub mod import;
+pub mod inspect;
 pub mod layers;
 pub mod layout;
 pub mod place;

@@ -4,6 +4,7 @@ mod cat;
 mod dump;
 mod flatten;
 mod info;
+mod inspect;
 pub mod key;
 mod ls;
 mod mount;
@@ -51,6 +52,10 @@ pub enum Command {
     Verify(verify::Args),
     /// Show sizes, counts, codecs and shards of an archive.
     Info(info::Args),
+    /// What a checkpoint holds: processes, files, sockets, memory, mounts, rootfs changes.
+    Inspect(inspect::Args),
+    /// How two checkpoints differ: processes, files, sockets, memory, rootfs, meta.
+    Diff(inspect::DiffArgs),
     /// Write an incremental archive's content into a new archive that needs no parent.
     Flatten(flatten::Args),
     /// Mount an archive read-only (FUSE), fetching file data only when it is read.
@@ -96,6 +101,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Cat(a) => cat::run(a),
         Command::Verify(a) => verify::run(a, cli.quiet),
         Command::Info(a) => info::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Diff(a) => inspect::diff(a),
         Command::Flatten(a) => flatten::run(a, cli.quiet),
         Command::Mount(a) => mount::run(a, cli.quiet),
         Command::Dump(a) => dump::run(a, cli.quiet),

@@ -20,6 +20,7 @@ mod s3;
 // Checkpoints of processes and containers.
 mod criu;
 mod faults;
+mod inspect;
 mod lazy;
 mod podman;
 mod rootfs;

@@ -208,6 +208,11 @@ impl Memtest {
         Memtest::start_with(mib, children, &[("MEMTEST_FILL", fill)], false)
     }
 
+    /// A tree started with extra environment variables (memtest's MEMTEST_*, or any).
+    pub fn start_with_env(mib: u32, children: u32, env: &[(&str, &str)]) -> Memtest {
+        Memtest::start_with(mib, children, env, false)
+    }
+
     /// A tree whose [`mutate`](Self::mutate) first also maps `insert_mib` MiB of fresh
     /// memory below the buffer (memtest's MEMTEST_MUTATE=insert), so every page of the
     /// buffer moves that far in CRIU's page image.

@@ -1,16 +1,34 @@
-//! The few CRIU images ckstream reads itself to restore lazily: `pstree.img` (which
-//! processes the tree has) and `pagemap-<pid>.img` (where each memory page lives in
-//! `pages-<id>.img`, and which pages may arrive after the process runs).
+//! CRIU's images as ckstream reads them itself: to restore lazily (`pstree.img`, which
+//! processes the tree has, and `pagemap-<pid>.img`, where each memory page lives in
+//! `pages-<id>.img`) and to inspect a checkpoint ([`crate::inspect`]).
 //!
-//! An image is an 8-byte magic (CRIU's common magic, then the image's own), then
-//! entries, each a little-endian u32 length and a protobuf message.
+//! An image is a magic (CRIU's common or service magic, then the image's own; only the
+//! image's own for `inventory.img`), then entries, each a little-endian u32 length and a
+//! protobuf message. The messages are CRIU's own definitions ([`criu_pb`], generated from
+//! `proto/criu/*.proto`, MIT): an image from a newer CRIU still decodes (unknown fields
+//! are skipped).
 
 use prost::Message;
 
 use crate::error::{CriuError, Result};
 
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::invalid_html_tags,
+    rustdoc::broken_intra_doc_links
+)]
+pub mod criu_pb;
+
+pub use criu_pb::{PagemapEntry, PagemapHead, PstreeEntry};
+
 /// `IMG_COMMON_MAGIC`: the first word of every per-process image.
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
+/// `IMG_SERVICE_MAGIC`: the first word of CRIU's service files (stats, irmap cache).
+pub const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
+/// `INVENTORY_MAGIC`: the only magic word of `inventory.img`.
+pub const INVENTORY_MAGIC: u32 = 0x5831_3116;
 
 /// The pages are in the parent image (an incremental dump).
 pub const PE_PARENT: u32 = 1;
@@ -21,31 +39,6 @@ pub const PE_PRESENT: u32 = 4;
 
 /// The page size CRIU images count in.
 pub const PAGE_SIZE: u64 = 4096;
-
-/// `pagemap_head` (images/pagemap.proto).
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PagemapHead {
-    /// The `<id>` of the `pages-<id>.img` holding this process's pages.
-    #[prost(uint32, required, tag = "1")]
-    pub pages_id: u32,
-}
-
-/// `pagemap_entry` (images/pagemap.proto): `nr_pages` pages from `vaddr`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PagemapEntry {
-    /// First address, as it was at dump time.
-    #[prost(uint64, required, tag = "1")]
-    pub vaddr: u64,
-    /// Number of pages.
-    #[prost(uint32, required, tag = "2")]
-    pub nr_pages: u32,
-    /// Old images: the pages are in the parent.
-    #[prost(bool, optional, tag = "3")]
-    pub in_parent: Option<bool>,
-    /// `PE_*` bits.
-    #[prost(uint32, optional, tag = "4")]
-    pub flags: Option<u32>,
-}
 
 impl PagemapEntry {
     /// The `PE_*` bits, also for images older than the `flags` field.
@@ -68,26 +61,6 @@ impl PagemapEntry {
     }
 }
 
-/// `pstree_entry` (images/pstree.proto): one process of the tree.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct PstreeEntry {
-    /// The process id (restored unchanged).
-    #[prost(uint32, required, tag = "1")]
-    pub pid: u32,
-    /// Its parent's.
-    #[prost(uint32, required, tag = "2")]
-    pub ppid: u32,
-    /// Its process group's.
-    #[prost(uint32, required, tag = "3")]
-    pub pgid: u32,
-    /// Its session's.
-    #[prost(uint32, required, tag = "4")]
-    pub sid: u32,
-    /// Its threads' ids.
-    #[prost(uint32, repeated, packed = "false", tag = "5")]
-    pub threads: Vec<u32>,
-}
-
 /// A parsed pagemap image: its magic, head and entries.
 #[derive(Debug, Clone)]
 pub struct Pagemap {
@@ -98,14 +71,53 @@ pub struct Pagemap {
     pub entries: Vec<PagemapEntry>,
 }
 
-/// Splits an image into its magic and its length-prefixed messages.
+/// Splits a per-process image into its magic and its length-prefixed messages.
 fn messages<'a>(name: &str, bytes: &'a [u8]) -> Result<([u8; 8], Vec<&'a [u8]>)> {
     let bad = |why: &str| CriuError::Protocol(format!("{name}: {why}"));
     if bytes.len() < 8 || u32::from_le_bytes(bytes[..4].try_into().unwrap()) != IMG_COMMON_MAGIC {
         return Err(bad("not a CRIU image (magic)"));
     }
     let magic: [u8; 8] = bytes[..8].try_into().unwrap();
-    let mut rest = &bytes[8..];
+    Ok((magic, entries(name, &bytes[8..])?))
+}
+
+/// The image's own magic word and its messages, for any image with a magic: a
+/// per-process or service image (two words) or the inventory (one).
+///
+/// # Errors
+/// [`CriuError::Protocol`] naming the image when it has no magic or an entry runs past
+/// its end.
+pub fn image_messages<'a>(name: &str, bytes: &'a [u8]) -> Result<(u32, Vec<&'a [u8]>)> {
+    let word = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    let (magic, body) = match (word(0), word(4)) {
+        (Some(INVENTORY_MAGIC), _) => (INVENTORY_MAGIC, &bytes[4..]),
+        (Some(IMG_COMMON_MAGIC | IMG_SERVICE_MAGIC), Some(own)) => (own, &bytes[8..]),
+        _ => {
+            return Err(CriuError::Protocol(format!(
+                "{name}: not a CRIU image (magic)"
+            )))
+        }
+    };
+    Ok((magic, entries(name, body)?))
+}
+
+/// Decodes every message of an image as `M`.
+///
+/// # Errors
+/// As [`image_messages`]; [`CriuError::Protocol`] naming the image for a message that
+/// does not decode.
+pub fn decode_all<M: Message + Default>(name: &str, bytes: &[u8]) -> Result<Vec<M>> {
+    let (_, msgs) = image_messages(name, bytes)?;
+    msgs.iter().map(|m| decode(name, m)).collect()
+}
+
+/// The length-prefixed messages after an image's magic.
+fn entries<'a>(name: &str, mut rest: &'a [u8]) -> Result<Vec<&'a [u8]>> {
+    let bad = |why: &str| CriuError::Protocol(format!("{name}: {why}"));
     let mut out = Vec::new();
     while !rest.is_empty() {
         if rest.len() < 4 {
@@ -119,7 +131,7 @@ fn messages<'a>(name: &str, bytes: &'a [u8]) -> Result<([u8; 8], Vec<&'a [u8]>)>
         out.push(&rest[..len]);
         rest = &rest[len..];
     }
-    Ok((magic, out))
+    Ok(out)
 }
 
 fn decode<M: Message + Default>(name: &str, msg: &[u8]) -> Result<M> {
