@@ -247,6 +247,31 @@ def main():
                     for field, v in enumerate([1200, 35000, 800, 9000, 65536, 0, 30000], 1))
     entry = b"\x0a" + varint(len(dump)) + dump
     add("criu_stats", struct.pack("<III", 0x55105940, 0x57093306, len(entry)) + entry)
+    # criu_images: a one-process checkpoint, images split at |||, in the target's order
+    # (pstree, inventory, core, ids, files, fdinfo, fs, mm, pagemap, pages, mountpoints,
+    # stats); the target adds each image's magic, `!` takes a part as is.
+    def msg(*fields):
+        return b"".join(bytes([f << 3]) + varint(v) for f, v in fields)
+    mm = msg(*[(f, 0) for f in range(1, 8)], (8, 0x1000), (9, 0x1008), (10, 0x1008),
+             (11, 0x1010), (12, 1))
+    vma = msg((1, 0x1000), (2, 0x2000), (3, 0), (4, 0), (5, 3), (6, 0x22), (7, 1 | 1 << 9), (8, 1))
+    mm += b"\x72" + varint(len(vma)) + vma
+    page = bytearray(4096)
+    page[:16] = b"cmd\0-x\0\0\0HOME=/\0\0\0"
+    parts = [
+        frame(msg((1, 1), (2, 0), (3, 1), (4, 1))),
+        frame(msg((1, 2))),
+        frame(msg((1, 1))),
+        frame(msg((1, 1), (2, 1), (3, 1), (4, 1))),
+        b"",
+        frame(msg((1, 1), (2, 0), (3, 2), (4, 3))),
+        frame(msg((1, 1), (2, 1))),
+        frame(mm),
+        frame(msg((1, 1))) + frame(msg((1, 0x1000), (2, 1), (4, 4))),
+        b"!" + bytes(page),
+    ]
+    add("criu_images", b"|||".join(parts))
+    add("criu_images", b"|||".join(parts[:4]))
     for target in sorted(os.listdir(CORPUS)):
         print(f"fuzz-seeds: {target}: {len(os.listdir(os.path.join(CORPUS, target)))} inputs")
 

@@ -30,7 +30,12 @@ pub struct Container {
 /// Files larger than this under `podman/` are not read for a summary.
 const MAX_JSON: u64 = 16 << 20;
 
-fn read_json(reader: &ArchiveReader, name: &str) -> Result<Option<Value>> {
+/// The bytes of podman's bundle file `name` (`podman/NAME`: `config.dump`,
+/// `stats-dump`, ...), when the archive has it and it is not implausibly large.
+///
+/// # Errors
+/// Archive errors reading it.
+pub fn bundle_file(reader: &ArchiveReader, name: &str) -> Result<Option<Vec<u8>>> {
     let path = format!("{CKA_PODMAN_DIR}/{name}");
     let Some(i) = reader.find(path.as_bytes()) else {
         return Ok(None);
@@ -40,7 +45,11 @@ fn read_json(reader: &ArchiveReader, name: &str) -> Result<Option<Value>> {
     }
     let mut bytes = Vec::new();
     reader.copy_entry(i, &mut bytes)?;
-    Ok(serde_json::from_slice(&bytes).ok())
+    Ok(Some(bytes))
+}
+
+fn read_json(reader: &ArchiveReader, name: &str) -> Result<Option<Value>> {
+    Ok(bundle_file(reader, name)?.and_then(|b| serde_json::from_slice(&b).ok()))
 }
 
 /// Every `ipnet` string anywhere in `v` (podman 4's network status nests them under

@@ -133,8 +133,16 @@ pub fn run(args: Args) -> Result<()> {
         cmdline: args.ps_tree || all,
         environment: args.env,
     };
-    let inspection = ckstream_criu::inspect::inspect(&reader, opts)?;
+    let mut inspection = ckstream_criu::inspect::inspect(&reader, opts)?;
     let container = ckstream_podman::inspect::container(&reader)?;
+    if inspection.stats.is_none() {
+        // Podman keeps CRIU's statistics with its bundle files.
+        if let Some(b) = ckstream_podman::inspect::bundle_file(&reader, "stats-dump")? {
+            let stats = ckstream_criu::stats::parse_dump_stats(&b)
+                .map_err(|e| ckstream_format::Error::Corrupt(format!("podman/stats-dump: {e}")))?;
+            inspection.stats = Some((&stats).into());
+        }
+    }
     let rootfs = ckstream_podman::inspect::rootfs_changes(&reader);
     let summary = summary(&reader, &inspection)?;
     if args.json {

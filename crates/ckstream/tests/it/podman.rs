@@ -379,11 +379,60 @@ fn an_incremental_podman_checkpoint_restores() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let referenced = v["referenced_bytes"].as_u64().unwrap();
     assert!(referenced >= (8 + 32) << 20, "{v}");
+    // Inspect and diff read the chain: the second checkpoint wrote /data/small.
+    let seen = podman_inspect(name);
+    let v = inspect_names_the_container(g2, &seen);
+    let written = |v: &serde_json::Value, path: &str| {
+        v["rootfs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["path"] == path && c["change"] == "written")
+    };
+    assert!(
+        written(&v, "/data/small") && written(&v, "/data/big"),
+        "{:#}",
+        v["rootfs"]
+    );
+    let d: serde_json::Value =
+        serde_json::from_slice(&ck_ok(&["diff", "--json", g1, g2]).stdout).unwrap();
+    let changed: Vec<&str> = ["added", "modified"]
+        .iter()
+        .flat_map(|k| d["rootfs"][k].as_array().unwrap())
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert!(changed.contains(&"/data/small"), "{d:#}");
+    assert!(!changed.contains(&"/data/big"), "{d:#}");
     podman_ok(&["rm", "-f", name]);
     ck_ok(&["podman", "restore", g2]);
     assert_alive_and_intact(name);
     assert_same_manifest(&before, &manifest(name));
     drop(ctr);
+}
+
+/// `ckstream inspect --json` of a container checkpoint: the summary names the container
+/// as `podman inspect` did before the checkpoint (`seen`), and the tree holds processes.
+fn inspect_names_the_container(archive: &str, seen: &serde_json::Value) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_slice(&ck_ok(&["inspect", "--json", archive]).stdout).unwrap();
+    let c = &v["container"];
+    assert_eq!(c["name"], seen["Name"], "{c:#}");
+    assert_eq!(c["id"], seen["Id"], "{c:#}");
+    assert_eq!(c["image"], seen["ImageName"], "{c:#}");
+    let procs = v["criu"]["processes"].as_array().unwrap();
+    assert!(!procs.is_empty(), "{v:#}");
+    assert!(
+        procs
+            .iter()
+            .all(|p| !p["comm"].as_str().unwrap().is_empty()),
+        "{v:#}"
+    );
+    v
+}
+
+fn podman_inspect(name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&podman_ok(&["inspect", name])).unwrap();
+    v[0].clone()
 }
 
 /// podman's own export → `ckstream podman import` → `.cka` → `ckstream podman export`
@@ -400,6 +449,7 @@ fn podman_exports_convert_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
     // podman's default export: zstd-compressed tar.
+    let seen = podman_inspect(name);
     podman_ok(&["container", "checkpoint", "-e", &p("podman.tar.zst"), name]);
     podman_ok(&["rm", "-f", name]);
     let o = ck_ok(&[
@@ -423,6 +473,33 @@ fn podman_exports_convert_both_ways() {
     ] {
         assert!(ls.contains(want), "{want} not in\n{ls}");
     }
+    // Inspected from the index: podman's container, its changed and deleted paths.
+    let v = inspect_names_the_container(&p("c.cka"), &seen);
+    let change = |path: &str| {
+        v["rootfs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["path"] == path)
+            .map(|c| c["change"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        change("/data/kept").as_deref(),
+        Some("written"),
+        "{:#}",
+        v["rootfs"]
+    );
+    assert_eq!(
+        change("/data/delete-me.txt").as_deref(),
+        Some("deleted"),
+        "{:#}",
+        v["rootfs"]
+    );
+    assert!(
+        v["criu"]["stats"]["frozen_time_us"].as_u64().is_some(),
+        "{:#}",
+        v["criu"]
+    );
     ck_ok(&["podman", "export", &p("c.cka"), "-o", &p("back.tar")]);
     // Through ckstream: its safety check walks the tar by seeking, then podman restores.
     ck_ok(&["podman", "restore", &p("back.tar")]);
