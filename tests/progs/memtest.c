@@ -580,8 +580,11 @@ int main(int argc, char **argv)
 		if (got_usr2) {
 			got_usr2 = 0;
 			buf_mutate(&b, &mutate_seed, mutate_pages ? 4096 : 128u << 10);
+			/* Its own stream: mutate_seed's continuation is what the next
+			 * SIGUSR2 writes, which would then be found in the mapping. */
 			if (mutate_insert && !inserted.nwords)
-				insert_mapping(&inserted, &b, insert_size, mutate_seed);
+				insert_mapping(&inserted, &b, insert_size,
+					       mutate_seed * 0x9e3779b97f4a7c15ULL ^ 0xd1b54a32d192ed03ULL);
 			dprintf(logfd, "mutated=%u\n", ++mutations);
 		}
 		if (got_usr1) {
