@@ -19,7 +19,8 @@
 # restore wall of the chain vs the full archive, and of restic (`restic restore` of the
 # last snapshot, then `criu restore -D -d`). Directory: DIR (default
 # /var/tmp/ckstream-incr-bench, a real disk here; DIR=/dev/shm/... for tmpfs); caches
-# dropped before every restore with DROP_CACHES=1. With S3=1 the last full archive and
+# dropped before every restore with DROP_CACHES=1, else the archives a local restore
+# reads are read once first (the chain's oldest was written long before). With S3=1 the last full archive and
 # the chain are also copied to a local SeaweedFS (scripts/s3-server.sh) with `aws s3 cp`
 # and restored from there (s3://BUCKET/incr/...), the chain finding its parents beside it.
 #
@@ -163,7 +164,13 @@ for rep in $(seq "$REPS"); do
 		for tool in full incr; do
 			src=$WORK/$tool-$GENS.cka
 			[[ $place == s3 ]] && src=s3://bench/incr/$tool-$GENS.cka
-			[[ $DROP_CACHES == 1 ]] && drop_caches
+			if [[ $DROP_CACHES == 1 ]]; then
+				drop_caches
+			elif [[ $place == local ]]; then
+				# Warm means warm for both: the chain's oldest archive was written many
+				# gigabytes ago and may have left the page cache since.
+				cat "$WORK/$tool"-*.cka >/dev/null
+			fi
 			t0=$(now)
 			"$CKSTREAM" restore -q "$src" || die "restore of $src failed"
 			t1=$(now)
