@@ -68,7 +68,8 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(found) = ckstream_criu::inspect::inspect(&reader, opts) {
         for p in &found.processes {
-            let _ = ckstream_criu::inspect::search_memory(&reader, p.pid, b"\0\x01", 4);
+            let pattern = ckstream_criu::inspect::Pattern::Bytes(b"\0\x01".to_vec());
+            let _ = ckstream_criu::inspect::search_memory(&reader, p.pid, &pattern, 4);
             for v in p.memory.vmas.iter().take(4) {
                 let _ = ckstream_criu::inspect::read_memory(&reader, p.pid, v.start, 64);
             }

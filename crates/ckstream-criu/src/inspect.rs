@@ -245,6 +245,87 @@ fn criu_images(reader: &ArchiveReader) -> BTreeMap<String, usize> {
         .collect()
 }
 
+/// The CRIU images of an archive by name, with the bytes of those read ahead.
+struct Images<'r> {
+    reader: &'r ArchiveReader,
+    by_name: BTreeMap<String, usize>,
+    fetched: HashMap<usize, Vec<u8>>,
+}
+
+/// Metadata read ahead in one batch at most (more is read image by image).
+const PREFETCH_LIMIT: u64 = 64 << 20;
+
+impl<'r> Images<'r> {
+    fn new(reader: &'r ArchiveReader) -> Self {
+        Images {
+            reader,
+            by_name: criu_images(reader),
+            fetched: HashMap::new(),
+        }
+    }
+
+    /// Reads every image [`inspect`] decodes with one batch of reads (an object store
+    /// then serves neighbouring chunks in one request, and the rest in parallel),
+    /// every chunk verified.
+    fn prefetch(&mut self) -> Result<()> {
+        let reader = self.reader;
+        let wanted: Vec<usize> = self
+            .by_name
+            .iter()
+            .filter(|(name, _)| is_decoded(name))
+            .map(|(_, &i)| i)
+            .collect();
+        let total: u64 = wanted.iter().map(|&i| reader.entries()[i].size).sum();
+        if total > PREFETCH_LIMIT {
+            return Ok(());
+        }
+        let chunks: Vec<ckstream_format::Chunk> = wanted
+            .iter()
+            .flat_map(|&i| reader.chunks_of(i).iter().cloned())
+            .collect();
+        let mut stored = reader.read_stored_many(&chunks)?.into_iter();
+        for &i in &wanted {
+            let e = &reader.entries()[i];
+            let mut bytes = vec![0u8; e.size as usize];
+            for c in reader.chunks_of(i) {
+                let data = ckstream_format::reader::decode_chunk(
+                    e,
+                    c,
+                    stored.next().expect("one per chunk"),
+                )?;
+                let place = bytes
+                    .get_mut(c.file_offset as usize..c.file_end() as usize)
+                    .filter(|p| p.len() == data.len())
+                    .ok_or_else(|| {
+                        ckstream_format::Error::Corrupt(format!(
+                            "{}: a chunk outside the file",
+                            e.path_lossy()
+                        ))
+                    })?;
+                place.copy_from_slice(&data);
+            }
+            self.fetched.insert(i, bytes);
+        }
+        Ok(())
+    }
+
+    /// The entry of image `name`.
+    fn entry(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The bytes of image `name` (verified), if the archive has it.
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let Some(i) = self.entry(name) else {
+            return Ok(None);
+        };
+        match self.fetched.get(&i) {
+            Some(b) => Ok(Some(b.clone())),
+            None => read_image(self.reader, name, i).map(Some),
+        }
+    }
+}
+
 /// A corrupt CRIU image inside an archive whose chunks all verified: a bad archive.
 fn bad_image(name: &str, why: impl std::fmt::Display) -> CriuError {
     CriuError::Archive(ckstream_format::Error::Corrupt(format!(
@@ -384,13 +465,13 @@ fn overlap(a0: u64, a1: u64, b0: u64, b1: u64) -> u64 {
 /// [`CriuError::Criu`] when the process or the address is not in the checkpoint's page
 /// images; archive errors.
 pub fn read_memory(reader: &ArchiveReader, pid: u32, addr: u64, len: u64) -> Result<Vec<u8>> {
-    let images = criu_images(reader);
-    let layout = page_layout(reader, &images, pid)?.ok_or_else(|| {
+    let images = Images::new(reader);
+    let layout = page_layout(&images, pid)?.ok_or_else(|| {
         CriuError::Criu(format!("process {pid} has no pagemap in the checkpoint"))
     })?;
     let pages_name = format!("pages-{}.img", layout.pages_id);
-    let pages = *images
-        .get(&pages_name)
+    let pages = images
+        .entry(&pages_name)
         .ok_or_else(|| bad_image(&pages_name, "missing"))?;
     // A range may span several runs: read it run by run.
     let mut out = Vec::with_capacity(len.min(1 << 30) as usize);
@@ -416,45 +497,83 @@ pub fn read_memory(reader: &ArchiveReader, pid: u32, addr: u64, len: u64) -> Res
     Ok(out)
 }
 
-/// Addresses in process `pid`'s dumped memory where `needle` occurs (at most `limit`),
-/// reading its page image run by run (every chunk verified).
+/// What [`search_memory`] looks for.
+#[derive(Debug, Clone)]
+pub enum Pattern {
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// A regular expression over bytes; a match is found when it is at most
+    /// [`REGEX_SPAN`] bytes long.
+    Regex(regex::bytes::Regex),
+}
+
+/// The longest match [`Pattern::Regex`] is sure to find (memory is searched in pieces
+/// that overlap by this much).
+pub const REGEX_SPAN: usize = 4096;
+
+impl Pattern {
+    /// Bytes a match can span: pieces overlap by this much less one.
+    fn span(&self) -> usize {
+        match self {
+            Pattern::Bytes(b) => b.len().max(1),
+            Pattern::Regex(_) => REGEX_SPAN,
+        }
+    }
+
+    /// Offsets in `hay` where a match starts.
+    fn starts(&self, hay: &[u8]) -> Vec<usize> {
+        match self {
+            Pattern::Bytes(needle) if needle.is_empty() => Vec::new(),
+            Pattern::Bytes(needle) => hay
+                .windows(needle.len())
+                .enumerate()
+                .filter(|(_, w)| w == needle)
+                .map(|(k, _)| k)
+                .collect(),
+            Pattern::Regex(re) => re.find_iter(hay).map(|m| m.start()).collect(),
+        }
+    }
+}
+
+/// Addresses in process `pid`'s dumped memory where `pattern` matches (at most `limit`,
+/// in address order), reading its page image run by run (every chunk verified).
 ///
 /// # Errors
 /// As [`read_memory`].
 pub fn search_memory(
     reader: &ArchiveReader,
     pid: u32,
-    needle: &[u8],
+    pattern: &Pattern,
     limit: usize,
 ) -> Result<Vec<u64>> {
     const PIECE: u64 = 4 << 20;
-    let images = criu_images(reader);
-    let layout = page_layout(reader, &images, pid)?.ok_or_else(|| {
+    let images = Images::new(reader);
+    let layout = page_layout(&images, pid)?.ok_or_else(|| {
         CriuError::Criu(format!("process {pid} has no pagemap in the checkpoint"))
     })?;
     let pages_name = format!("pages-{}.img", layout.pages_id);
-    let pages = *images
-        .get(&pages_name)
+    let pages = images
+        .entry(&pages_name)
         .ok_or_else(|| bad_image(&pages_name, "missing"))?;
     let mut found = Vec::new();
-    if needle.is_empty() {
-        return Ok(found);
-    }
-    let keep = needle.len() as u64 - 1;
+    let overlap = pattern.span() as u64 - 1;
     for &(start, len, offset, _) in &layout.runs {
         let Some(offset) = offset else { continue };
-        // Pieces overlap by needle.len() - 1 bytes, so a match across two is seen once.
+        // Pieces overlap so that a match across two is seen; it counts in the piece
+        // where it starts.
         let mut at = 0u64;
         while at < len {
-            let take = (len - at).min(PIECE + keep);
+            let take = (len - at).min(PIECE + overlap);
             let bytes = read_entry_range(reader, pages, offset + at, take as usize)?;
-            let mut from = 0;
-            while let Some(k) = find(&bytes[from..], needle) {
-                found.push(start + at + (from + k) as u64);
+            let last = at + PIECE >= len;
+            for k in pattern.starts(&bytes) {
+                if !last && k as u64 >= PIECE {
+                    break;
+                }
+                found.push(start + at + k as u64);
                 if found.len() >= limit {
                     return Ok(found);
                 }
-                from += k + 1;
             }
             at += PIECE;
         }
@@ -462,20 +581,12 @@ pub fn search_memory(
     Ok(found)
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-fn page_layout(
-    reader: &ArchiveReader,
-    images: &BTreeMap<String, usize>,
-    pid: u32,
-) -> Result<Option<PageLayout>> {
+fn page_layout(images: &Images<'_>, pid: u32) -> Result<Option<PageLayout>> {
     let name = format!("pagemap-{pid}.img");
-    let Some(&i) = images.get(&name) else {
+    let Some(bytes) = images.read(&name)? else {
         return Ok(None);
     };
-    PageLayout::parse(&name, &read_image(reader, &name, i)?).map(Some)
+    PageLayout::parse(&name, &bytes).map(Some)
 }
 
 /// NUL-separated strings (a command line or an environment block).
@@ -738,15 +849,11 @@ fn perms(v: &VmaEntry) -> String {
 /// [`ckstream_format::Error::Corrupt`] (inside [`CriuError::Archive`]) for a CRIU image
 /// that does not decode, naming it; archive errors reading the images.
 pub fn inspect(reader: &ArchiveReader, opts: InspectOptions) -> Result<Inspection> {
-    let images = criu_images(reader);
-    let read = |name: &str| -> Result<Option<Vec<u8>>> {
-        images
-            .get(name)
-            .map(|&i| read_image(reader, name, i))
-            .transpose()
-    };
+    let mut images = Images::new(reader);
+    images.prefetch()?;
+    let read = |name: &str| images.read(name);
     let mut out = Inspection::default();
-    for (name, &i) in &images {
+    for (name, &i) in &images.by_name {
         let bytes = reader.entries()[i].size;
         if name.starts_with("pages-") {
             out.memory_bytes += bytes;
@@ -804,11 +911,13 @@ pub fn inspect(reader: &ArchiveReader, opts: InspectOptions) -> Result<Inspectio
             unix_by_ino: HashMap::new(),
         },
     };
-    for (name, &i) in images.range("mountpoints-".to_string()..) {
-        if !name.starts_with("mountpoints-") {
-            break;
-        }
-        for m in messages_of::<MntEntry>(name, &read_image(reader, name, i)?)? {
+    for name in images
+        .by_name
+        .keys()
+        .filter(|n| n.starts_with("mountpoints-"))
+    {
+        let bytes = images.read(name)?.unwrap_or_default();
+        for m in messages_of::<MntEntry>(name, &bytes)? {
             out.mounts.push(Mount {
                 id: m.mnt_id,
                 parent: m.parent_mnt_id,
@@ -825,8 +934,7 @@ pub fn inspect(reader: &ArchiveReader, opts: InspectOptions) -> Result<Inspectio
         None => Vec::new(),
     };
     for p in tree {
-        out.processes
-            .push(process(reader, &images, &files, &p, opts)?);
+        out.processes.push(process(&images, &files, &p, opts)?);
     }
     Ok(out)
 }
@@ -851,17 +959,14 @@ fn is_decoded(name: &str) -> bool {
 }
 
 fn process(
-    reader: &ArchiveReader,
-    images: &BTreeMap<String, usize>,
+    images: &Images<'_>,
     files: &Files,
     p: &PstreeEntry,
     opts: InspectOptions,
 ) -> Result<Process> {
+    let reader = images.reader;
     let read = |name: String| -> Result<Option<(String, Vec<u8>)>> {
-        images
-            .get(&name)
-            .map(|&i| read_image(reader, &name, i).map(|b| (name.clone(), b)))
-            .transpose()
+        Ok(images.read(&name)?.map(|b| (name, b)))
     };
     let mut out = Process {
         pid: p.pid,
@@ -894,7 +999,7 @@ fn process(
             out.files = fds.iter().map(|f| files.open_file(f)).collect();
         }
     }
-    let layout = page_layout(reader, images, p.pid)?;
+    let layout = page_layout(images, p.pid)?;
     if let Some((n, b)) = read(format!("mm-{}.img", p.pid))? {
         let mm: MmEntry = one_message(&n, &b)?;
         out.exe = files.path(mm.exe_file_id);

@@ -398,12 +398,23 @@ fn every_section_reads_back_from_the_images() {
     );
     assert!(read_memory(&r, PID, ARGS_AT + 0x1000, 1).is_err());
     assert!(read_memory(&r, CHILD, ARGS_AT, 1).is_err());
+    let bytes = |b: &[u8]| Pattern::Bytes(b.to_vec());
     assert_eq!(
-        search_memory(&r, PID, b"TOKEN=", 10).unwrap(),
+        search_memory(&r, PID, &bytes(b"TOKEN="), 10).unwrap(),
         [ARGS_AT + 64 + 11]
     );
-    assert_eq!(search_memory(&r, PID, &[0xaa; 3], 2).unwrap().len(), 2);
-    assert!(search_memory(&r, PID, b"absent", 10).unwrap().is_empty());
+    assert_eq!(
+        search_memory(&r, PID, &bytes(&[0xaa; 3]), 2).unwrap().len(),
+        2
+    );
+    assert!(search_memory(&r, PID, &bytes(b"absent"), 10)
+        .unwrap()
+        .is_empty());
+    let re = Pattern::Regex(regex::bytes::Regex::new("(?-u)[A-Z]+=[a-z/]+").unwrap());
+    assert_eq!(
+        search_memory(&r, PID, &re, 10).unwrap(),
+        [ARGS_AT + 64, ARGS_AT + 64 + 11]
+    );
     // Without the options, no page is read.
     let plain = inspect(&r, InspectOptions::default()).unwrap();
     assert!(plain.processes[0].cmdline.is_none() && plain.processes[0].environment.is_none());

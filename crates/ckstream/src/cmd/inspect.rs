@@ -2,7 +2,7 @@
 //! from the index and CRIU's metadata images (see `ckstream_criu::inspect`).
 
 use anyhow::{Context, Result};
-use ckstream_criu::inspect::{InspectOptions, Inspection, OpenFile, Process};
+use ckstream_criu::inspect::{InspectOptions, Inspection, OpenFile, Pattern, Process};
 use ckstream_format::ArchiveReader;
 use ckstream_podman::inspect::{Container, RootfsChange};
 use serde::Serialize;
@@ -48,8 +48,11 @@ pub struct Args {
     dump_memory: Option<Vec<String>>,
     /// Print the addresses in process PID's memory where STRING occurs (reading only
     /// that process's page image, every chunk verified).
-    #[arg(long, num_args = 2, value_names = ["PID", "STRING"])]
+    #[arg(long, num_args = 2, value_names = ["PID", "STRING"], conflicts_with = "search_regex")]
     search: Option<Vec<String>>,
+    /// Like --search, for a regular expression over bytes (matches up to 4 KiB long).
+    #[arg(long, num_args = 2, value_names = ["PID", "REGEX"])]
+    search_regex: Option<Vec<String>>,
     /// With --search: stop after this many matches.
     #[arg(long, default_value_t = 100)]
     max_matches: usize,
@@ -115,10 +118,18 @@ pub fn run(args: Args) -> Result<()> {
         std::io::Write::write_all(&mut std::io::stdout().lock(), &bytes)?;
         return Ok(());
     }
-    if let Some(v) = &args.search {
-        let pid = parse_number(&v[0])? as u32;
-        let hits =
-            ckstream_criu::inspect::search_memory(&reader, pid, v[1].as_bytes(), args.max_matches)?;
+    let search = match (&args.search, &args.search_regex) {
+        (Some(v), _) => Some((&v[0], Pattern::Bytes(v[1].as_bytes().to_vec()))),
+        (None, Some(v)) => {
+            let re = regex::bytes::Regex::new(&v[1])
+                .with_context(|| format!("not a regular expression: {}", v[1]))?;
+            Some((&v[0], Pattern::Regex(re)))
+        }
+        (None, None) => None,
+    };
+    if let Some((pid, pattern)) = search {
+        let pid = parse_number(pid)? as u32;
+        let hits = ckstream_criu::inspect::search_memory(&reader, pid, &pattern, args.max_matches)?;
         if args.json {
             println!("{}", serde_json::json!({ "pid": pid, "addresses": hits }));
         } else {

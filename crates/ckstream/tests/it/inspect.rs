@@ -138,6 +138,15 @@ fn inspect_and_diff_describe_a_dumped_tree() {
         s(&a),
     ]);
     assert_eq!(out.stdout, marker.as_bytes());
+    let by_regex = json(&ck_ok(&[
+        "inspect",
+        "--json",
+        "--search-regex",
+        &m.pid.to_string(),
+        "CKSTREAM_INSPECT_MARKER=[a-z]+-[0-9]",
+        s(&a),
+    ]));
+    assert_eq!(by_regex["addresses"][0], at, "{by_regex}");
 
     // Diff: the second dump changed 2% of the parent's buffer, nothing of the child's.
     let d = json(&ck_ok(&["diff", "--json", s(&a), s(&b)]));
