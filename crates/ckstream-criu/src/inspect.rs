@@ -985,7 +985,7 @@ fn process(
     }
     let ids = match read(format!("ids-{}.img", p.pid))? {
         Some((n, b)) => Some(one_message::<TaskKobjIdsEntry>(&n, &b)?),
-        None => core.as_ref().and_then(|c| c.ids.clone()),
+        None => core.as_ref().and_then(|c| c.ids),
     };
     if let Some((n, b)) = read(format!("fs-{}.img", p.pid))? {
         let fs: FsEntry = one_message(&n, &b)?;

@@ -69,7 +69,7 @@ mod tests {
 
     fn image(stats: &DumpStats) -> Vec<u8> {
         let body = StatsEntry {
-            dump: Some(stats.clone()),
+            dump: Some(*stats),
             restore: None,
         }
         .encode_to_vec();

@@ -157,17 +157,29 @@ pub struct RootfsDiff {
     pub modified: Vec<RootfsChange>,
 }
 
-/// What identifies a changed path's content: kind, size, link target and the digests of
+/// What identifies a changed path's content: mode, size, link target and the digests of
 /// its chunks (from the index: nothing is read).
-fn fingerprint(reader: &ArchiveReader, path: &str) -> Option<(u32, u64, Vec<u8>, Vec<Vec<u8>>)> {
+#[derive(PartialEq)]
+struct Fingerprint {
+    mode: u32,
+    size: u64,
+    link_target: Vec<u8>,
+    digests: Vec<Vec<u8>>,
+}
+
+fn fingerprint(reader: &ArchiveReader, path: &str) -> Option<Fingerprint> {
     let i = reader.find(format!("{CKA_ROOTFS_DIR}{path}").as_bytes())?;
     let e = &reader.entries()[i];
-    let digests = reader
-        .chunks_of(i)
-        .iter()
-        .map(|c| c.digest.clone())
-        .collect();
-    Some((e.mode, e.size, e.link_target.clone(), digests))
+    Some(Fingerprint {
+        mode: e.mode,
+        size: e.size,
+        link_target: e.link_target.clone(),
+        digests: reader
+            .chunks_of(i)
+            .iter()
+            .map(|c| c.digest.clone())
+            .collect(),
+    })
 }
 
 /// Compares the rootfs changes of checkpoint `a` with those of `b`.
