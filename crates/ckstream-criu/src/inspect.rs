@@ -459,42 +459,90 @@ fn overlap(a0: u64, a1: u64, b0: u64, b1: u64) -> u64 {
     a1.min(b1).saturating_sub(a0.max(b0))
 }
 
+/// A process's pagemap and the entry of the page image it points into (`None` when the
+/// archive lacks that image: reading memory then fails, the rest is still inspected).
+struct ProcessPages {
+    layout: PageLayout,
+    pages: Option<usize>,
+}
+
+impl ProcessPages {
+    /// The pages of process `pid`; `None` when the checkpoint has no pagemap for it.
+    fn of(images: &Images<'_>, pid: u32) -> Result<Option<ProcessPages>> {
+        let Some(layout) = page_layout(images, pid)? else {
+            return Ok(None);
+        };
+        let pages = images.entry(&format!("pages-{}.img", layout.pages_id));
+        Ok(Some(ProcessPages { layout, pages }))
+    }
+
+    /// As [`ProcessPages::of`], an error when the process has no pagemap.
+    fn required(images: &Images<'_>, pid: u32) -> Result<ProcessPages> {
+        Self::of(images, pid)?.ok_or_else(|| {
+            CriuError::Criu(format!("process {pid} has no pagemap in the checkpoint"))
+        })
+    }
+
+    /// Reads `len` bytes of the process's memory at `addr`, run by run (a range may
+    /// span several).
+    fn read(&self, reader: &ArchiveReader, pid: u32, addr: u64, len: u64) -> Result<Vec<u8>> {
+        let pages = self.pages()?;
+        let mut out = Vec::with_capacity(len.min(1 << 30) as usize);
+        let mut at = addr;
+        let end = addr
+            .checked_add(len)
+            .ok_or_else(|| CriuError::Criu("address range overflows".into()))?;
+        while at < end {
+            let run = self
+                .layout
+                .runs
+                .iter()
+                .find(|&&(s, l, off, _)| off.is_some() && at >= s && at < s.saturating_add(l))
+                .ok_or_else(|| {
+                    CriuError::Criu(format!(
+                        "address {at:#x} of process {pid} is not in the checkpoint's memory"
+                    ))
+                })?;
+            let take = (run.0 + run.1).min(end) - at;
+            let offset = self.layout.locate(at, take).expect("inside a present run");
+            out.extend(read_entry_range(reader, pages, offset, take as usize)?);
+            at += take;
+        }
+        Ok(out)
+    }
+
+    /// The entry of the page image.
+    fn pages(&self) -> Result<usize> {
+        self.pages
+            .ok_or_else(|| bad_image(&format!("pages-{}.img", self.layout.pages_id), "missing"))
+    }
+
+    /// The range `[start, end)` as NUL-separated strings (a command line or an
+    /// environment); `None` when its pages are not in the checkpoint (a lazy dump) or
+    /// the range is empty or implausibly long.
+    fn strings(
+        &self,
+        reader: &ArchiveReader,
+        pid: u32,
+        start: u64,
+        end: u64,
+    ) -> Option<Vec<String>> {
+        if end <= start || end - start > 1 << 20 {
+            return None;
+        }
+        self.read(reader, pid, start, end - start)
+            .ok()
+            .map(|b| split_nul(&b))
+    }
+}
+
 /// Reads `len` bytes of process memory at `addr` from the checkpoint.
 ///
 /// # Errors
 /// [`CriuError::Criu`] when the process or the address is not in the checkpoint's page
 /// images; archive errors.
 pub fn read_memory(reader: &ArchiveReader, pid: u32, addr: u64, len: u64) -> Result<Vec<u8>> {
-    let images = Images::new(reader);
-    let layout = page_layout(&images, pid)?.ok_or_else(|| {
-        CriuError::Criu(format!("process {pid} has no pagemap in the checkpoint"))
-    })?;
-    let pages_name = format!("pages-{}.img", layout.pages_id);
-    let pages = images
-        .entry(&pages_name)
-        .ok_or_else(|| bad_image(&pages_name, "missing"))?;
-    // A range may span several runs: read it run by run.
-    let mut out = Vec::with_capacity(len.min(1 << 30) as usize);
-    let mut at = addr;
-    let end = addr
-        .checked_add(len)
-        .ok_or_else(|| CriuError::Criu("address range overflows".into()))?;
-    while at < end {
-        let run = layout
-            .runs
-            .iter()
-            .find(|&&(s, l, off, _)| off.is_some() && at >= s && at < s.saturating_add(l))
-            .ok_or_else(|| {
-                CriuError::Criu(format!(
-                    "address {at:#x} of process {pid} is not in the checkpoint's memory"
-                ))
-            })?;
-        let take = (run.0 + run.1).min(end) - at;
-        let offset = layout.locate(at, take).expect("inside a present run");
-        out.extend(read_entry_range(reader, pages, offset, take as usize)?);
-        at += take;
-    }
-    Ok(out)
+    ProcessPages::required(&Images::new(reader), pid)?.read(reader, pid, addr, len)
 }
 
 /// What [`search_memory`] looks for.
@@ -547,14 +595,8 @@ pub fn search_memory(
     limit: usize,
 ) -> Result<Vec<u64>> {
     const PIECE: u64 = 4 << 20;
-    let images = Images::new(reader);
-    let layout = page_layout(&images, pid)?.ok_or_else(|| {
-        CriuError::Criu(format!("process {pid} has no pagemap in the checkpoint"))
-    })?;
-    let pages_name = format!("pages-{}.img", layout.pages_id);
-    let pages = images
-        .entry(&pages_name)
-        .ok_or_else(|| bad_image(&pages_name, "missing"))?;
+    let process = ProcessPages::required(&Images::new(reader), pid)?;
+    let (layout, pages) = (&process.layout, process.pages()?);
     let mut found = Vec::new();
     let overlap = pattern.span() as u64 - 1;
     for &(start, len, offset, _) in &layout.runs {
@@ -599,17 +641,6 @@ fn split_nul(bytes: &[u8]) -> Vec<String> {
         .split(|&b| b == 0)
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect()
-}
-
-/// Reads one process's memory range as NUL-separated strings; None when the pages are
-/// not in the checkpoint (a lazy dump, or an empty range).
-fn strings_at(reader: &ArchiveReader, pid: u32, start: u64, end: u64) -> Option<Vec<String>> {
-    if end <= start || end - start > 1 << 20 {
-        return None;
-    }
-    read_memory(reader, pid, start, end - start)
-        .ok()
-        .map(|b| split_nul(&b))
 }
 
 fn task_state(state: u32) -> &'static str {
@@ -999,7 +1030,8 @@ fn process(
             out.files = fds.iter().map(|f| files.open_file(f)).collect();
         }
     }
-    let layout = page_layout(images, p.pid)?;
+    let pages = ProcessPages::of(images, p.pid)?;
+    let layout = pages.as_ref().map(|p| &p.layout);
     if let Some((n, b)) = read(format!("mm-{}.img", p.pid))? {
         let mm: MmEntry = one_message(&n, &b)?;
         out.exe = files.path(mm.exe_file_id);
@@ -1013,17 +1045,19 @@ fn process(
                 perms: perms(v),
                 kind: vma_kind(v).into(),
                 file,
-                dumped_bytes: layout.as_ref().map_or(0, |l| l.bytes_in(v.start, v.end)),
+                dumped_bytes: layout.map_or(0, |l| l.bytes_in(v.start, v.end)),
             });
         }
-        if opts.cmdline {
-            out.cmdline = strings_at(reader, p.pid, mm.mm_arg_start, mm.mm_arg_end);
-        }
-        if opts.environment {
-            out.environment = strings_at(reader, p.pid, mm.mm_env_start, mm.mm_env_end);
+        if let Some(pages) = &pages {
+            if opts.cmdline {
+                out.cmdline = pages.strings(reader, p.pid, mm.mm_arg_start, mm.mm_arg_end);
+            }
+            if opts.environment {
+                out.environment = pages.strings(reader, p.pid, mm.mm_env_start, mm.mm_env_end);
+            }
         }
     }
-    if let Some(l) = &layout {
+    if let Some(l) = layout {
         out.memory.pages_image = Some(format!("pages-{}.img", l.pages_id));
         for &(_, len, offset, flags) in &l.runs {
             if offset.is_some() {
