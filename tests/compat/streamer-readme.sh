@@ -106,6 +106,62 @@ wait_line "$work/s3.progress" socket-init
 wait "$serve_pid" || fail "3-shard serve exited non-zero"
 check_alive_and_intact "after the 3-shard restore"
 
+# Shards that are pipes: the capture splices CRIU's pages into them (no copy); every
+# shard is read by its own cat, as the README's S3 example does with its uploaders.
+pkill -KILL -s "$pid"; wait_gone
+start_app
+exec 10> >(cat >"$work/p0")
+exec 11> >(cat >"$work/p1")
+criu-image-streamer --images-dir "$work/images" --shard-fds 10,11 --progress-fd 3 capture 3>"$work/p2.progress" 2>"$work/p2.stderr" &
+capture_pid=$!
+exec 10>&-
+exec 11>&-
+wait_line "$work/p2.progress" socket-init
+"$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log || fail "criu dump (2 pipe shards)"
+wait "$capture_pid" || fail "2-pipe capture exited non-zero: $(cat "$work/p2.stderr")"
+wait_gone
+for _ in $(seq 100); do [[ $(stat -c %s "$work/p0") -gt 0 && $(stat -c %s "$work/p1") -gt 0 ]] && break; sleep 0.05; done
+sleep 0.2
+exec 10<"$work/p0"
+exec 11<"$work/p1"
+criu-image-streamer --shard-fds 10,11 --images-dir "$work/images" --progress-fd 3 serve 3>"$work/p2s.progress" &
+serve_pid=$!
+exec 10<&-
+exec 11<&-
+wait_line "$work/p2s.progress" socket-init
+"$criu" restore --images-dir "$work/images" --stream -d -o restore.log || fail "criu restore (2 pipe shards)"
+wait "$serve_pid" || fail "2-pipe serve exited non-zero"
+check_alive_and_intact "after the restore from 2 piped shards"
+
+# Compressed through a pipe (chunks are compressed, so nothing is spliced).
+pkill -KILL -s "$pid"; wait_gone
+start_app
+criu-image-streamer --images-dir "$work/images" --progress-fd 3 capture -c zstd 3>"$work/z.progress" | cat >"$work/z.cka" &
+capture_pid=$!
+wait_line "$work/z.progress" socket-init
+"$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log || fail "criu dump (zstd)"
+wait "$capture_pid" || fail "zstd capture exited non-zero"
+wait_gone
+"$CKSTREAM" verify "$work/z.cka" >/dev/null || fail "zstd capture does not verify"
+criu-image-streamer --images-dir "$work/images" --progress-fd 3 serve <"$work/z.cka" 3>"$work/zs.progress" &
+serve_pid=$!
+wait_line "$work/zs.progress" socket-init
+"$criu" restore --images-dir "$work/images" --stream -d -o restore.log || fail "criu restore (zstd)"
+wait "$serve_pid" || fail "zstd serve exited non-zero"
+check_alive_and_intact "after the zstd restore"
+
+# The reader of the shard pipe goes away in the middle of the pages: the capture fails
+# (non-zero), CRIU's dump fails with it, and the application runs on untouched.
+(
+  criu-image-streamer --images-dir "$work/images" --progress-fd 3 capture 3>"$work/cut.progress" 2>"$work/cut.stderr" | head -c 3000000 >/dev/null
+  exit "${PIPESTATUS[0]}"
+) &
+capture_pid=$!
+wait_line "$work/cut.progress" socket-init
+if "$criu" dump --images-dir "$work/images" --stream --tree "$pid" -o dump.log 2>/dev/null; then fail "dump into a pipe closed mid-way succeeded"; fi
+if wait "$capture_pid"; then fail "capture exited 0 after its pipe closed"; fi
+check_alive_and_intact "after the shard pipe closed mid-dump"
+
 # Example 2: extract to a directory; the result is a plain CRIU image directory.
 mkdir -p "$work/extracted"
 cat "$work/img.cka" | criu-image-streamer --images-dir "$work/extracted" extract 2>/dev/null || fail "extract"

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,8 +115,71 @@ fn prepare<'a>(
     reader.read_chunk(entry, c).map(Piece::Bytes)
 }
 
+/// A private pipe collecting spliced ranges before they go to CRIU's pipe together.
+struct Gather {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// Pipe buffers (one per page or part of a page) it has room for...
+    slots: usize,
+    /// ...and holds: a range takes one per page it touches, so an unaligned one more.
+    used: usize,
+    pending: usize,
+}
+
+/// How much a [`Gather`] pipe holds.
+const GATHER_PIPE: usize = 1 << 20;
+const PAGE: u64 = 4096;
+
+impl Gather {
+    fn new() -> Option<Self> {
+        let (read, write) = ckstream_store::pipe::sized_pipe(GATHER_PIPE)
+            .ok()
+            .flatten()?;
+        Some(Gather {
+            read,
+            write,
+            slots: GATHER_PIPE / PAGE as usize,
+            used: 0,
+            pending: 0,
+        })
+    }
+
+    /// Takes `len` bytes of `src` at `offset`, sending what it holds to `out` first when
+    /// they would not fit (splicing into a full pipe of our own would wait forever).
+    /// Returns false on EPIPE.
+    fn add(&mut self, src: &File, offset: u64, len: usize, out: &File) -> io::Result<bool> {
+        let pages = ((offset % PAGE + len as u64).div_ceil(PAGE)) as usize;
+        if pages > self.slots {
+            return Ok(self.flush(out)? && splice_all(src, offset, len, out)?);
+        }
+        if self.used + pages > self.slots && !self.flush(out)? {
+            return Ok(false);
+        }
+        splice_all(src, offset, len, &self.write)?;
+        self.used += pages;
+        self.pending += len;
+        Ok(true)
+    }
+
+    /// Sends everything held to `out`. Returns false on EPIPE.
+    fn flush(&mut self, out: &File) -> io::Result<bool> {
+        if self.pending == 0 {
+            return Ok(true);
+        }
+        let n = self.pending;
+        self.pending = 0;
+        self.used = 0;
+        match ckstream_store::pipe::splice_exact(self.read.as_fd(), out.as_fd(), n) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PIPE.raw_os_error()) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Moves `len` bytes of `src` at `offset` into the pipe `out`. Returns false on EPIPE.
-fn splice_all(src: &File, mut offset: u64, mut len: usize, out: &File) -> io::Result<bool> {
+fn splice_all(src: &File, mut offset: u64, mut len: usize, out: impl AsFd) -> io::Result<bool> {
+    let out = out.as_fd();
     while len > 0 {
         match rustix::pipe::splice(
             src,
@@ -215,27 +278,65 @@ pub fn stream_entry(
             });
         }
         let mut pos = 0u64;
+        let mut gather = splice_ok.then(Gather::new).flatten();
         for (i, c) in chunks.iter().enumerate() {
-            let (piece, _lease) = rxs[i % k]
+            let prepared = rxs[i % k]
                 .recv()
-                .map_err(|_| CriuError::Protocol("decoder thread stopped".into()))??;
-            if !write_zeros(c.file_offset - pos, &mut written)? {
-                return Ok(written);
-            }
+                .map_err(|_| CriuError::Protocol("decoder thread stopped".into()))?;
+            let (piece, _lease) = match prepared {
+                Ok(p) => p,
+                Err(e) => {
+                    // What came before the bad chunk is good: CRIU gets all of it, then
+                    // a short image (never wrong memory).
+                    if let Some(g) = gather.as_mut() {
+                        let _ = g.flush(out);
+                    }
+                    return Err(e.into());
+                }
+            };
+            let gap = c.file_offset - pos;
             let more = match piece {
-                Piece::Bytes(data) => write(&data, &mut written)?,
-                Piece::Splice { file, offset, len } => {
-                    let ok = splice_all(file, offset, len, out).map_err(err)?;
+                // Contiguous verified ranges are gathered in a pipe of our own and moved
+                // to CRIU's a megabyte at a time: one splice per chunk into CRIU's pipe
+                // would fight its reader for the pipe's lock every few dozen KiB.
+                Piece::Splice { file, offset, len } if gap == 0 => {
+                    let ok = match gather.as_mut() {
+                        Some(g) => g.add(file, offset, len, out).map_err(err)?,
+                        None => splice_all(file, offset, len, out).map_err(err)?,
+                    };
                     if ok {
                         sent(len, &mut written);
                     }
                     ok
+                }
+                piece => {
+                    let flushed = match gather.as_mut() {
+                        Some(g) => g.flush(out).map_err(err)?,
+                        None => true,
+                    };
+                    flushed
+                        && write_zeros(gap, &mut written)?
+                        && match piece {
+                            Piece::Bytes(data) => write(&data, &mut written)?,
+                            Piece::Splice { file, offset, len } => {
+                                let ok = splice_all(file, offset, len, out).map_err(err)?;
+                                if ok {
+                                    sent(len, &mut written);
+                                }
+                                ok
+                            }
+                        }
                 }
             };
             if !more {
                 return Ok(written);
             }
             pos = c.file_end();
+        }
+        if let Some(g) = gather.as_mut() {
+            if !g.flush(out).map_err(err)? {
+                return Ok(written);
+            }
         }
         write_zeros(entry.size - pos, &mut written)?;
         Ok(written)

@@ -8,7 +8,6 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
@@ -184,40 +183,4 @@ pub fn recv_fd(stream: &UnixStream) -> Result<OwnedFd> {
     ))
 }
 
-static PIPE_WARNED: AtomicBool = AtomicBool::new(false);
-
-/// Largest pipe size an unprivileged process may set (`/proc/sys/fs/pipe-max-size`).
-fn pipe_max_size() -> usize {
-    fs::read_to_string("/proc/sys/fs/pipe-max-size")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1 << 20)
-}
-
-/// Enlarges a pipe towards `want` bytes (F_SETPIPE_SZ). Without CAP_SYS_RESOURCE the
-/// kernel caps it at `pipe-max-size`; says so once, on stderr. Returns the size achieved.
-pub fn enlarge_pipe(fd: impl AsFd, want: usize) -> usize {
-    let fd = fd.as_fd();
-    let current = rustix::pipe::fcntl_getpipe_size(fd).unwrap_or(65536);
-    if current >= want {
-        return current;
-    }
-    if let Ok(n) = rustix::pipe::fcntl_setpipe_size(fd, want) {
-        return n;
-    }
-    let cap = pipe_max_size();
-    let got = if cap > current {
-        rustix::pipe::fcntl_setpipe_size(fd, cap).unwrap_or(current)
-    } else {
-        current
-    };
-    if !PIPE_WARNED.swap(true, Ordering::Relaxed) {
-        eprintln!(
-            "ckstream: warning: pipes limited to {} KiB (wanted {} KiB): no CAP_SYS_RESOURCE and fs.pipe-max-size is {} KiB; raise it for faster streaming",
-            got >> 10,
-            want >> 10,
-            cap >> 10
-        );
-    }
-    got
-}
+pub use ckstream_store::pipe::enlarge_pipe;

@@ -12,6 +12,7 @@ pub mod failpoint;
 pub mod keys;
 pub mod local;
 pub mod location;
+pub mod pipe;
 pub mod publish;
 #[cfg(feature = "s3")]
 pub mod s3;

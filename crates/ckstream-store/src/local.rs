@@ -33,6 +33,55 @@ pub struct FileSink {
 
 const SINK_BUFFER: usize = 1 << 20;
 
+/// Payloads at least this long are written straight from the caller's memory, in one
+/// vectored write with whatever the buffer holds (record header, padding), instead of
+/// being copied into the buffer first.
+const DIRECT_WRITE: usize = 16 << 10;
+
+/// Writes all of `parts` in order with `write` (a `writev`/`pwritev` taking the offset
+/// into the whole so far), however short the writes it makes.
+fn write_all_vectored(
+    parts: &[&[u8]],
+    mut write: impl FnMut(&[io::IoSlice<'_>], u64) -> io::Result<usize>,
+) -> io::Result<()> {
+    let mut part = 0;
+    let mut skip = 0;
+    let mut done = 0u64;
+    while part < parts.len() {
+        let slices: Vec<io::IoSlice<'_>> = std::iter::once(&parts[part][skip..])
+            .chain(parts[part + 1..].iter().copied())
+            .filter(|p| !p.is_empty())
+            .map(io::IoSlice::new)
+            .collect();
+        if slices.is_empty() {
+            return Ok(());
+        }
+        let mut n = match write(&slices, done) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        done += n as u64;
+        while n > 0 {
+            let left = parts[part].len() - skip;
+            if n < left {
+                skip += n;
+                n = 0;
+            } else {
+                n -= left;
+                part += 1;
+                skip = 0;
+            }
+        }
+        while part < parts.len() && parts[part].len() == skip {
+            part += 1;
+            skip = 0;
+        }
+    }
+    Ok(())
+}
+
 impl FileSink {
     /// Wraps an open, empty file.
     pub fn new(file: File, name: impl Into<String>, writeback: Writeback) -> Self {
@@ -125,12 +174,17 @@ fn sync_file_range(file: &File, offset: u64, len: u64, wait: bool) -> io::Result
 
 impl ShardSink for FileSink {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        if self.buf.len() + buf.len() > SINK_BUFFER {
-            self.flush_buffer()?;
-        }
-        if buf.len() >= SINK_BUFFER {
-            self.file.write_all_at(buf, self.pos)?;
+        if buf.len() >= DIRECT_WRITE {
+            let start = self.pos - self.buf.len() as u64;
+            let file = &self.file;
+            write_all_vectored(&[&self.buf[..], buf], |slices, done| {
+                rustix::io::pwritev(file, slices, start + done).map_err(io::Error::from)
+            })?;
+            self.buf.clear();
         } else {
+            if self.buf.len() + buf.len() > SINK_BUFFER {
+                self.flush_buffer()?;
+            }
             self.buf.extend_from_slice(buf);
         }
         self.pos += buf.len() as u64;
@@ -183,58 +237,102 @@ impl ShardSink for FileSink {
     }
 }
 
-/// A shard written to standard output (a pipe or a redirected file).
-pub struct StdoutSink {
-    out: io::Stdout,
-}
+/// A shard written to standard output (a pipe or a redirected file): an [`FdSink`] on a
+/// duplicate of fd 1, bypassing the standard library's line-buffered `Stdout` (which
+/// would split binary data at every newline byte).
+pub struct StdoutSink(FdSink);
 
 impl StdoutSink {
     /// The process's standard output.
-    pub fn new() -> Self {
-        StdoutSink { out: io::stdout() }
-    }
-}
-
-impl Default for StdoutSink {
-    fn default() -> Self {
-        Self::new()
+    ///
+    /// # Errors
+    /// [`Error::Usage`] when fd 1 is not open.
+    pub fn new() -> Result<Self> {
+        Ok(StdoutSink(FdSink::new(
+            take_fd(1, "standard output")?,
+            "stdout",
+        )))
     }
 }
 
 impl ShardSink for StdoutSink {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.out.write_all(buf)
+        self.0.write_all(buf)
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.0.sync()
     }
     fn describe(&self) -> String {
-        "stdout".into()
+        self.0.describe()
     }
 }
 
+/// How large a pipe an [`FdSink`] asks for: its reader then wakes up less often.
+const SINK_PIPE: usize = 4 << 20;
+
 /// A shard written to an inherited file descriptor (a pipe to `lz4`, `aws s3 cp`, ...).
+/// Small records are gathered in a buffer; large payloads are written from the caller's
+/// memory in one `writev` with it.
 pub struct FdSink {
-    out: io::BufWriter<File>,
+    out: File,
+    buf: Vec<u8>,
     name: String,
 }
 
+const FD_SINK_BUFFER: usize = 256 << 10;
+
 impl FdSink {
-    /// Wraps an inherited descriptor (`name` is for messages).
+    /// Wraps an inherited descriptor (`name` is for messages). A pipe is enlarged as far
+    /// as the kernel allows.
     pub fn new(file: File, name: impl Into<String>) -> Self {
+        if crate::pipe::is_pipe(&file) {
+            crate::pipe::enlarge_pipe(&file, SINK_PIPE);
+        }
         FdSink {
-            out: io::BufWriter::with_capacity(1 << 20, file),
+            out: file,
+            buf: Vec::with_capacity(FD_SINK_BUFFER),
             name: name.into(),
         }
+    }
+
+    fn flush_buffer(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.out.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// A reader that goes away leaves the archive incomplete: unlike `ckstream ls | head`,
+/// that is a failure, so it must not look like the broken pipe a command may ignore.
+fn reader_gone(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        io::Error::other("the reader closed the pipe before the archive was complete")
+    } else {
+        e
     }
 }
 
 impl ShardSink for FdSink {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.out.write_all(buf)
+        if buf.len() >= DIRECT_WRITE {
+            let out = &self.out;
+            write_all_vectored(&[&self.buf[..], buf], |slices, _| {
+                rustix::io::writev(out, slices).map_err(io::Error::from)
+            })
+            .map_err(reader_gone)?;
+            self.buf.clear();
+            return Ok(());
+        }
+        if self.buf.len() + buf.len() > FD_SINK_BUFFER {
+            self.flush_buffer().map_err(reader_gone)?;
+        }
+        self.buf.extend_from_slice(buf);
+        Ok(())
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.flush_buffer().map_err(reader_gone)
     }
     fn describe(&self) -> String {
         self.name.clone()
@@ -377,4 +475,72 @@ pub fn seekable(mut f: File, dir: &Path, what: &str) -> Result<File> {
     let mut tmp = File::from(tmp);
     io::copy(&mut f, &mut tmp).map_err(|e| Error::io(format!("reading {what}"), e))?;
     Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn vectored_writes_survive_short_writes() {
+        let parts: [&[u8]; 4] = [b"header", b"", b"0123456789", b"tail"];
+        let mut out = Vec::new();
+        write_all_vectored(&parts, |slices, done| {
+            assert_eq!(done, out.len() as u64, "offset of the write");
+            // Never more than 7 bytes at once, across slice boundaries.
+            let mut n = 0;
+            for s in slices {
+                let take = (7 - n).min(s.len());
+                out.extend_from_slice(&s[..take]);
+                n += take;
+                if n == 7 {
+                    break;
+                }
+            }
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(out, b"header0123456789tail");
+    }
+
+    #[test]
+    fn fd_sink_keeps_order_of_buffered_and_direct_writes() {
+        let (r, w) = crate::pipe::sized_pipe(1 << 16).unwrap().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            File::from(r).read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut sink = FdSink::new(File::from(w), "test pipe");
+        let mut expected = Vec::new();
+        for i in 0..50u32 {
+            let small = vec![i as u8; 100 + i as usize];
+            let large: Vec<u8> = (0..DIRECT_WRITE as u32 + i * 977)
+                .map(|k| (k ^ i) as u8)
+                .collect();
+            sink.write_all(&small).unwrap();
+            sink.write_all(&large).unwrap();
+            expected.extend_from_slice(&small);
+            expected.extend_from_slice(&large);
+        }
+        sink.write_all(b"end").unwrap();
+        expected.extend_from_slice(b"end");
+        sink.sync().unwrap();
+        drop(sink);
+        assert!(reader.join().unwrap() == expected);
+    }
+
+    #[test]
+    fn a_reader_gone_is_not_a_harmless_broken_pipe() {
+        let (r, w) = crate::pipe::sized_pipe(1 << 16).unwrap().unwrap();
+        drop(r);
+        let mut sink = FdSink::new(File::from(w), "test pipe");
+        let e = sink.write_all(&vec![1u8; 1 << 20]).unwrap_err();
+        assert_ne!(e.kind(), io::ErrorKind::BrokenPipe);
+        assert!(
+            e.to_string().contains("before the archive was complete"),
+            "{e}"
+        );
+    }
 }

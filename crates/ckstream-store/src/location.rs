@@ -109,7 +109,7 @@ impl ArchiveLocation {
                         "standard output can carry only one shard".into(),
                     ));
                 }
-                (vec![Box::new(StdoutSink::new())], PendingArchive::Stream)
+                (vec![Box::new(StdoutSink::new()?)], PendingArchive::Stream)
             }
             ArchiveLocation::Fds(fds) => {
                 if fds.len() != spec.shards as usize {

@@ -10,10 +10,11 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use prost::Message;
 
-use super::{CloneFrom, EntryId, FailFlag};
+use super::{Batch, BatchToken, CloneFrom, EntryId, FailFlag};
 use crate::codec::{CodecId, Compression, Encoder};
 use crate::crypto::ArchiveKey;
 use crate::error::Result;
@@ -40,7 +41,7 @@ pub(super) enum Job {
         seq: u64,
         id: EntryId,
         offset: u64,
-        data: Vec<u8>,
+        data: Bytes,
         clone: CloneFrom,
     },
     /// The final size of a streamed entry.
@@ -50,21 +51,43 @@ pub(super) enum Job {
 /// A record's payload as the shard thread writes it.
 pub(super) enum Payload {
     /// Bytes to write (stored bytes, or raw bytes for codec none).
-    Bytes(Vec<u8>),
+    Bytes(Bytes),
     /// Raw bytes that may be cloned from `file` at `offset`; `bytes` is the fallback.
     Clone {
         file: Arc<File>,
         offset: u64,
-        bytes: Vec<u8>,
+        bytes: Bytes,
     },
 }
 
 impl Payload {
     pub(super) fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    pub(super) fn bytes(&self) -> &Bytes {
         match self {
-            Payload::Bytes(b) | Payload::Clone { bytes: b, .. } => b.len(),
+            Payload::Bytes(b) | Payload::Clone { bytes: b, .. } => b,
         }
     }
+}
+
+impl Job {
+    /// Bytes of data the job carries (what a batch is measured by).
+    pub(super) fn data_len(&self) -> usize {
+        match self {
+            Job::Data { data, .. } => data.len(),
+            Job::Bundle { parts, .. } => parts.iter().map(|(_, d)| d.len()).sum(),
+            Job::Entry { .. } | Job::EntryEnd { .. } => 0,
+        }
+    }
+}
+
+/// A finished batch, for the sequencer: its jobs in their order, and its token, handed
+/// back once the last of its records is written.
+pub(super) struct PreparedBatch {
+    pub(super) items: Vec<Prepared>,
+    pub(super) token: Arc<BatchToken>,
 }
 
 /// A finished job, for the sequencer.
@@ -110,9 +133,9 @@ fn seal_record(key: Option<&ArchiveKey>, seq: u64, record: &mut PreparedRecord) 
     let Some(key) = key else {
         return Ok(());
     };
-    let mut bytes = match std::mem::replace(&mut record.payload, Payload::Bytes(Vec::new())) {
-        Payload::Bytes(b) | Payload::Clone { bytes: b, .. } => b,
-    };
+    let payload = std::mem::replace(&mut record.payload, Payload::Bytes(Bytes::new()));
+    let mut bytes = Vec::from(payload.bytes().clone());
+    drop(payload);
     key.seal(
         seq,
         record.kind,
@@ -121,7 +144,7 @@ fn seal_record(key: Option<&ArchiveKey>, seq: u64, record: &mut PreparedRecord) 
         &mut bytes,
     )?;
     record.sealed_digest = Some(*blake3::hash(&bytes).as_bytes());
-    record.payload = Payload::Bytes(bytes);
+    record.payload = Payload::Bytes(bytes.into());
     record.align = false;
     Ok(())
 }
@@ -130,8 +153,8 @@ fn seal_record(key: Option<&ArchiveKey>, seq: u64, record: &mut PreparedRecord) 
 /// thread failed. Its own failure (a codec error) goes into `fail`. With `key`, every
 /// payload but an EntryEnd's (which has none) is sealed.
 pub(super) fn encode_worker(
-    jobs: Receiver<Job>,
-    done: Sender<Prepared>,
+    batches: Receiver<Batch>,
+    done: Sender<PreparedBatch>,
     fail: Arc<FailFlag>,
     compression: Compression,
     key: Option<Arc<ArchiveKey>>,
@@ -141,158 +164,166 @@ pub(super) fn encode_worker(
         Ok(e) => e,
         Err(e) => return fail.set(e),
     };
-    for job in jobs {
-        if fail.is_set() {
-            return;
-        }
-        let prepared = match job {
-            Job::Entry { seq, id, entry } => {
-                let mut inline = (*entry).clone();
-                inline.first_chunk = 0;
-                inline.chunk_count = 0;
-                let bytes = inline.encode_to_vec();
-                Prepared {
-                    seq,
-                    record: Some(PreparedRecord {
-                        kind: RecordKind::Entry,
-                        codec: CodecId::None,
-                        entry_id: id,
-                        file_offset: 0,
-                        raw_len: bytes.len() as u32,
-                        digest: *blake3::hash(&bytes).as_bytes(),
-                        sealed_digest: None,
-                        payload: Payload::Bytes(bytes),
-                        align: false,
-                        parts: Vec::new(),
-                    }),
-                    entry: Some(entry),
-                }
+    for batch in batches {
+        let mut items = Vec::with_capacity(batch.jobs.len());
+        for job in batch.jobs {
+            if fail.is_set() {
+                return;
             }
-            Job::Bundle { seq, parts } => {
-                let total: usize = parts.iter().map(|(_, d)| d.len()).sum();
-                let mut frame = Vec::with_capacity(total);
-                let mut frame_parts = Vec::with_capacity(parts.len());
-                for (entry_id, data) in &parts {
-                    frame_parts.push(FramePart {
-                        entry_id: *entry_id,
-                        offset: frame.len() as u32,
-                        len: data.len() as u32,
-                        digest: *blake3::hash(data).as_bytes(),
-                    });
-                    frame.extend_from_slice(data);
-                }
-                let digest = *blake3::hash(&frame).as_bytes();
-                let raw_len = frame.len() as u32;
-                let (codec, payload) = match encoder.encode(&frame) {
-                    Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
-                    Ok(None) => (CodecId::None, Payload::Bytes(frame)),
-                    Err(e) => return fail.set(e),
-                };
-                Prepared {
-                    seq,
-                    record: Some(PreparedRecord {
-                        kind: RecordKind::Data,
-                        codec,
-                        entry_id: frame_parts.first().map_or(0, |p| p.entry_id),
-                        file_offset: 0,
-                        raw_len,
-                        digest,
-                        sealed_digest: None,
-                        payload,
-                        align: false,
-                        parts: frame_parts,
-                    }),
-                    entry: None,
-                }
-            }
-            Job::EntryEnd { seq, id, size } => Prepared {
-                seq,
-                record: Some(PreparedRecord {
-                    kind: RecordKind::EntryEnd,
-                    codec: CodecId::None,
-                    entry_id: id,
-                    file_offset: size,
-                    raw_len: 0,
-                    digest: *blake3::hash(&[]).as_bytes(),
-                    sealed_digest: None,
-                    payload: Payload::Bytes(Vec::new()),
-                    align: false,
-                    parts: Vec::new(),
-                }),
-                entry: None,
-            },
-            Job::Data {
-                seq,
-                id,
-                offset,
-                data,
-                clone,
-            } => {
-                if is_all_zero(&data) {
+            let prepared = match job {
+                Job::Entry { seq, id, entry } => {
+                    let mut inline = (*entry).clone();
+                    inline.first_chunk = 0;
+                    inline.chunk_count = 0;
+                    let bytes = inline.encode_to_vec();
                     Prepared {
                         seq,
-                        record: None,
-                        entry: None,
+                        record: Some(PreparedRecord {
+                            kind: RecordKind::Entry,
+                            codec: CodecId::None,
+                            entry_id: id,
+                            file_offset: 0,
+                            raw_len: bytes.len() as u32,
+                            digest: *blake3::hash(&bytes).as_bytes(),
+                            sealed_digest: None,
+                            payload: Payload::Bytes(bytes.into()),
+                            align: false,
+                            parts: Vec::new(),
+                        }),
+                        entry: Some(entry),
                     }
-                } else {
-                    let digest = *blake3::hash(&data).as_bytes();
-                    let raw_len = data.len() as u32;
-                    // Stored in a parent already: the sequencer records a reference, so
-                    // the bytes are neither compressed nor kept.
-                    let in_parent = parents
-                        .as_ref()
-                        .is_some_and(|p| p.find(&digest, raw_len).is_some());
-                    let encoded = if in_parent {
-                        Ok(Some((CodecId::None, Vec::new())))
-                    } else {
-                        encoder.encode(&data)
-                    };
-                    let (codec, payload) = match encoded {
-                        Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored)),
-                        Ok(None) => match clone {
-                            Some((file, off)) => (
-                                CodecId::None,
-                                Payload::Clone {
-                                    file,
-                                    offset: off,
-                                    bytes: data,
-                                },
-                            ),
-                            None => (CodecId::None, Payload::Bytes(data)),
-                        },
+                }
+                Job::Bundle { seq, parts } => {
+                    let total: usize = parts.iter().map(|(_, d)| d.len()).sum();
+                    let mut frame = Vec::with_capacity(total);
+                    let mut frame_parts = Vec::with_capacity(parts.len());
+                    for (entry_id, data) in &parts {
+                        frame_parts.push(FramePart {
+                            entry_id: *entry_id,
+                            offset: frame.len() as u32,
+                            len: data.len() as u32,
+                            digest: *blake3::hash(data).as_bytes(),
+                        });
+                        frame.extend_from_slice(data);
+                    }
+                    let digest = *blake3::hash(&frame).as_bytes();
+                    let raw_len = frame.len() as u32;
+                    let (codec, payload) = match encoder.encode(&frame) {
+                        Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored.into())),
+                        Ok(None) => (CodecId::None, Payload::Bytes(frame.into())),
                         Err(e) => return fail.set(e),
                     };
-                    let align = codec == CodecId::None && compression.codec == CodecId::None;
                     Prepared {
                         seq,
                         record: Some(PreparedRecord {
                             kind: RecordKind::Data,
                             codec,
-                            entry_id: id,
-                            file_offset: offset,
+                            entry_id: frame_parts.first().map_or(0, |p| p.entry_id),
+                            file_offset: 0,
                             raw_len,
                             digest,
                             sealed_digest: None,
                             payload,
-                            align,
-                            parts: Vec::new(),
+                            align: false,
+                            parts: frame_parts,
                         }),
                         entry: None,
                     }
                 }
+                Job::EntryEnd { seq, id, size } => Prepared {
+                    seq,
+                    record: Some(PreparedRecord {
+                        kind: RecordKind::EntryEnd,
+                        codec: CodecId::None,
+                        entry_id: id,
+                        file_offset: size,
+                        raw_len: 0,
+                        digest: *blake3::hash(&[]).as_bytes(),
+                        sealed_digest: None,
+                        payload: Payload::Bytes(Bytes::new()),
+                        align: false,
+                        parts: Vec::new(),
+                    }),
+                    entry: None,
+                },
+                Job::Data {
+                    seq,
+                    id,
+                    offset,
+                    data,
+                    clone,
+                } => {
+                    if is_all_zero(&data) {
+                        Prepared {
+                            seq,
+                            record: None,
+                            entry: None,
+                        }
+                    } else {
+                        let digest = *blake3::hash(&data).as_bytes();
+                        let raw_len = data.len() as u32;
+                        // Stored in a parent already: the sequencer records a reference, so
+                        // the bytes are neither compressed nor kept.
+                        let in_parent = parents
+                            .as_ref()
+                            .is_some_and(|p| p.find(&digest, raw_len).is_some());
+                        let encoded = if in_parent {
+                            Ok(Some((CodecId::None, Vec::new())))
+                        } else {
+                            encoder.encode(&data)
+                        };
+                        let (codec, payload) = match encoded {
+                            Ok(Some((codec, stored))) => (codec, Payload::Bytes(stored.into())),
+                            Ok(None) => match clone {
+                                Some((file, off)) => (
+                                    CodecId::None,
+                                    Payload::Clone {
+                                        file,
+                                        offset: off,
+                                        bytes: data,
+                                    },
+                                ),
+                                None => (CodecId::None, Payload::Bytes(data)),
+                            },
+                            Err(e) => return fail.set(e),
+                        };
+                        let align = codec == CodecId::None && compression.codec == CodecId::None;
+                        Prepared {
+                            seq,
+                            record: Some(PreparedRecord {
+                                kind: RecordKind::Data,
+                                codec,
+                                entry_id: id,
+                                file_offset: offset,
+                                raw_len,
+                                digest,
+                                sealed_digest: None,
+                                payload,
+                                align,
+                                parts: Vec::new(),
+                            }),
+                            entry: None,
+                        }
+                    }
+                }
+            };
+            let mut prepared = prepared;
+            if let Some(record) = prepared
+                .record
+                .as_mut()
+                .filter(|r| r.kind != RecordKind::EntryEnd)
+            {
+                if let Err(e) = seal_record(key.as_deref(), prepared.seq, record) {
+                    return fail.set(e);
+                }
             }
-        };
-        let mut prepared = prepared;
-        if let Some(record) = prepared
-            .record
-            .as_mut()
-            .filter(|r| r.kind != RecordKind::EntryEnd)
-        {
-            if let Err(e) = seal_record(key.as_deref(), prepared.seq, record) {
-                return fail.set(e);
-            }
+            items.push(prepared);
         }
-        if done.send(prepared).is_err() {
+        let finished = PreparedBatch {
+            items,
+            token: batch.token,
+        };
+        if done.send(finished).is_err() {
             return;
         }
     }

@@ -24,10 +24,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use bytes::Bytes;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use prost::Message;
 
-use self::encode::{encode_worker, Job, Prepared};
+use self::encode::{encode_worker, Job, PreparedBatch};
 use self::sequencer::{sequencer_thread, SequencerOutput, ShardState};
 use self::shard::{FinishedShard, ShardThread, WriteOp};
 use crate::codec::{CodecId, Compression};
@@ -191,26 +192,42 @@ impl FailFlag {
 struct Pipeline {
     fail: Arc<FailFlag>,
     stats: Arc<WriterStats>,
-    /// The other end of [`ArchiveWriter::submit`]'s tokens.
-    tokens: Receiver<()>,
     /// Payloads are sealed: chunks record their sequence number.
     sealed: bool,
 }
 
-impl Pipeline {
-    /// Hands back the token of a job whose bytes are written (or that needed none), making
-    /// room for the caller's next one.
-    fn job_done(&self) {
-        let _ = self.tokens.try_recv();
+/// A batch's claim on one token of [`ArchiveWriter::submit`]: handed back when the last
+/// record of the batch is written (or needed no writing), whichever thread drops it.
+struct BatchToken(Receiver<()>);
+
+impl Drop for BatchToken {
+    fn drop(&mut self) {
+        let _ = self.0.try_recv();
     }
 }
+
+/// Jobs the caller hands over together: passing every chunk through the threads on its
+/// own costs more in wake-ups than hashing it when chunks are small.
+struct Batch {
+    jobs: Vec<Job>,
+    token: Arc<BatchToken>,
+}
+
+/// A batch is handed over once it holds this many bytes of data...
+const BATCH_BYTES: usize = 1 << 20;
+/// ...or this many jobs.
+const BATCH_JOBS: usize = 64;
 
 /// Writes one archive to 1..N shard sinks.
 pub struct ArchiveWriter {
     header: ShardHeader,
     opts: WriterOptions,
-    job_tx: Option<Sender<Job>>,
+    job_tx: Option<Sender<Batch>>,
     token_tx: Sender<()>,
+    token_rx: Receiver<()>,
+    /// Jobs not handed to the workers yet, and their data bytes.
+    pending: Vec<Job>,
+    pending_bytes: usize,
     workers: Vec<JoinHandle<()>>,
     sequencer: Option<JoinHandle<Option<SequencerOutput>>>,
     shard_threads: Vec<JoinHandle<Option<FinishedShard>>>,
@@ -301,7 +318,6 @@ impl ArchiveWriter {
         let pipeline = Pipeline {
             fail: fail.clone(),
             stats: stats.clone(),
-            tokens: token_rx,
             sealed: sealing.is_some(),
         };
 
@@ -314,7 +330,7 @@ impl ArchiveWriter {
             };
             sink.write_all(&h.encode())
                 .map_err(|e| Error::io(format!("writing header of {}", sink.describe()), e))?;
-            let (tx, rx) = bounded::<WriteOp>(8);
+            let (tx, rx) = bounded::<Vec<WriteOp>>(8);
             let written = Arc::new(AtomicU64::new(HEADER_LEN as u64));
             let writer = ShardThread {
                 sink,
@@ -337,8 +353,8 @@ impl ArchiveWriter {
             .written_bytes
             .store(HEADER_LEN as u64 * shard_count as u64, Ordering::Relaxed);
 
-        let (job_tx, job_rx) = bounded::<Job>(threads * 2);
-        let (done_tx, done_rx) = bounded::<Prepared>(inflight + threads * 2);
+        let (job_tx, job_rx) = bounded::<Batch>(threads * 2);
+        let (done_tx, done_rx) = bounded::<PreparedBatch>(inflight + threads * 2);
         let mut workers = Vec::new();
         for i in 0..threads {
             let job_rx = job_rx.clone();
@@ -370,6 +386,9 @@ impl ArchiveWriter {
             sealing,
             job_tx: Some(job_tx),
             token_tx,
+            token_rx,
+            pending: Vec::new(),
+            pending_bytes: 0,
             workers,
             sequencer: Some(sequencer),
             shard_threads,
@@ -418,7 +437,28 @@ impl ArchiveWriter {
         if self.job_tx.is_none() {
             return Err(Error::Usage("the archive was already committed".into()));
         }
-        // One token per job bounds the bytes in flight between caller and shards.
+        if self.fail.is_set() {
+            return Err(self.fail.take());
+        }
+        self.pending_bytes += job.data_len();
+        self.pending.push(job);
+        if self.pending_bytes >= BATCH_BYTES || self.pending.len() >= BATCH_JOBS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Hands what was added so far to the pipeline (it is otherwise handed over in
+    /// batches of about a megabyte). A caller about to wait for more input calls this,
+    /// so the sinks need not wait with it.
+    ///
+    /// # Errors
+    /// The error of a failed worker or shard.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        // One token per batch bounds the bytes in flight between caller and shards.
         loop {
             if self.fail.is_set() {
                 return Err(self.fail.take());
@@ -431,11 +471,16 @@ impl ArchiveWriter {
                 }
             }
         }
+        let batch = Batch {
+            jobs: std::mem::take(&mut self.pending),
+            token: Arc::new(BatchToken(self.token_rx.clone())),
+        };
+        self.pending_bytes = 0;
         let tx = self
             .job_tx
             .as_ref()
             .ok_or_else(|| Error::Usage("writer already finished".into()))?;
-        if tx.send(job).is_err() {
+        if tx.send(batch).is_err() {
             return Err(self.fail.take());
         }
         Ok(())
@@ -479,9 +524,10 @@ impl ArchiveWriter {
         &mut self,
         id: EntryId,
         offset: u64,
-        data: Vec<u8>,
+        data: impl Into<Bytes>,
         clone: CloneFrom,
     ) -> Result<()> {
+        let data = data.into();
         if data.is_empty() {
             return Ok(());
         }
@@ -552,7 +598,9 @@ impl ArchiveWriter {
     }
 
     fn join_pipeline(&mut self) -> Result<(SequencerOutput, Vec<FinishedShard>)> {
+        let flushed = self.flush();
         self.job_tx = None;
+        self.pending.clear();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -563,6 +611,7 @@ impl ArchiveWriter {
                 sinks.push(s);
             }
         }
+        flushed?;
         if self.fail.is_set() {
             return Err(self.fail.take());
         }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::encode::{Prepared, PreparedRecord};
+use super::encode::{PreparedBatch, PreparedRecord};
 use super::shard::WriteOp;
 use super::{Pipeline, RECORD_FLAG_SHARED_FRAME};
 use crate::error::{Error, Result};
@@ -26,7 +26,7 @@ use crate::parents::ParentChunks;
 /// The sequencer's view of one shard.
 pub(super) struct ShardState {
     /// Records for the shard's writer thread.
-    pub(super) tx: Sender<WriteOp>,
+    pub(super) tx: Sender<Vec<WriteOp>>,
     /// Bytes placed in the shard so far: where its next record starts.
     pub(super) assigned: u64,
     /// Bytes its writer thread has written so far.
@@ -80,107 +80,112 @@ impl Dedup {
 /// Runs until the workers are done or a thread failed; `None` after a failure (the error
 /// is in the pipeline's fail flag) or when a shard thread has gone.
 pub(super) fn sequencer_thread(
-    done: Receiver<Prepared>,
+    done: Receiver<PreparedBatch>,
     mut shards: Vec<ShardState>,
     pipeline: Pipeline,
     alignment: u64,
     mut dedup: Option<Dedup>,
 ) -> Option<SequencerOutput> {
-    let mut pending: BTreeMap<u64, Prepared> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, PreparedBatch> = BTreeMap::new();
     let mut next = 0u64;
     let mut entries: Vec<Entry> = Vec::new();
     let mut chunks: Vec<Vec<Chunk>> = Vec::new();
-    for p in done {
-        pending.insert(p.seq, p);
-        while let Some(p) = pending.remove(&next) {
-            next += 1;
-            if let Some(entry) = p.entry {
-                entries.push(*entry);
-                chunks.push(Vec::new());
-            }
-            let Some(rec) = p.record else {
-                // A hole: nothing to write, so the job is done here.
-                pipeline.job_done();
-                continue;
-            };
-            let stored_before = (rec.kind == RecordKind::Data && rec.parts.is_empty())
-                .then(|| dedup.as_ref()?.find(&rec).cloned())
-                .flatten();
-            if let Some(stored) = stored_before {
-                match chunks.get_mut(rec.entry_id as usize) {
-                    Some(list) => list.push(Chunk {
-                        file_offset: rec.file_offset,
-                        ..stored
-                    }),
-                    None => {
-                        pipeline.fail.set(Error::Usage(format!(
-                            "data for unknown entry {}",
-                            rec.entry_id
-                        )));
-                        return None;
+    let mut ops: Vec<Vec<WriteOp>> = shards.iter().map(|_| Vec::new()).collect();
+    for batch in done {
+        let Some(first) = batch.items.first().map(|p| p.seq) else {
+            continue;
+        };
+        pending.insert(first, batch);
+        while let Some(batch) = pending.remove(&next) {
+            for p in batch.items {
+                next = p.seq + 1;
+                if let Some(entry) = p.entry {
+                    entries.push(*entry);
+                    chunks.push(Vec::new());
+                }
+                // A hole: nothing to write.
+                let Some(rec) = p.record else { continue };
+                let stored_before = (rec.kind == RecordKind::Data && rec.parts.is_empty())
+                    .then(|| dedup.as_ref()?.find(&rec).cloned())
+                    .flatten();
+                if let Some(stored) = stored_before {
+                    match chunks.get_mut(rec.entry_id as usize) {
+                        Some(list) => list.push(Chunk {
+                            file_offset: rec.file_offset,
+                            ..stored
+                        }),
+                        None => {
+                            pipeline.fail.set(Error::Usage(format!(
+                                "data for unknown entry {}",
+                                rec.entry_id
+                            )));
+                            return None;
+                        }
+                    }
+                    continue;
+                }
+                let target = least_backlog(&shards);
+                let shard = &mut shards[target];
+                let header_end = shard.assigned + RECORD_HEADER_LEN as u64;
+                let payload_start = if rec.align && rec.raw_len as u64 >= alignment {
+                    aligned_position(header_end, rec.file_offset, alignment)
+                } else {
+                    header_end
+                };
+                let pad = (payload_start - header_end) as u32;
+                let stored_len = rec.payload.len() as u32;
+                let header = RecordHeader {
+                    kind: rec.kind,
+                    codec: rec.codec,
+                    flags: if rec.parts.is_empty() {
+                        0
+                    } else {
+                        RECORD_FLAG_SHARED_FRAME
+                    },
+                    seq: p.seq,
+                    entry_id: rec.entry_id,
+                    file_offset: rec.file_offset,
+                    raw_len: rec.raw_len,
+                    stored_len,
+                    pad,
+                    digest: rec.sealed_digest.unwrap_or(rec.digest),
+                };
+                let placed = Placed {
+                    shard: target as u32,
+                    offset: payload_start,
+                    stored_len,
+                };
+                if let Err(e) = index_record(
+                    &mut entries,
+                    &mut chunks,
+                    &rec,
+                    &placed,
+                    p.seq,
+                    pipeline.sealed,
+                ) {
+                    pipeline.fail.set(e);
+                    return None;
+                }
+                if let (Some(d), RecordKind::Data, true) =
+                    (dedup.as_mut(), rec.kind, rec.parts.is_empty())
+                {
+                    if let Some(c) = chunks.get(rec.entry_id as usize).and_then(|l| l.last()) {
+                        d.own.entry(rec.digest).or_insert_with(|| c.clone());
                     }
                 }
-                pipeline.job_done();
-                continue;
+                shard.assigned = payload_start + stored_len as u64;
+                shard.records += 1;
+                ops[target].push(WriteOp {
+                    header: header.encode(),
+                    pad,
+                    payload: rec.payload,
+                    _token: batch.token.clone(),
+                });
             }
-            let target = least_backlog(&shards);
-            let shard = &mut shards[target];
-            let header_end = shard.assigned + RECORD_HEADER_LEN as u64;
-            let payload_start = if rec.align && rec.raw_len as u64 >= alignment {
-                aligned_position(header_end, rec.file_offset, alignment)
-            } else {
-                header_end
-            };
-            let pad = (payload_start - header_end) as u32;
-            let stored_len = rec.payload.len() as u32;
-            let header = RecordHeader {
-                kind: rec.kind,
-                codec: rec.codec,
-                flags: if rec.parts.is_empty() {
-                    0
-                } else {
-                    RECORD_FLAG_SHARED_FRAME
-                },
-                seq: p.seq,
-                entry_id: rec.entry_id,
-                file_offset: rec.file_offset,
-                raw_len: rec.raw_len,
-                stored_len,
-                pad,
-                digest: rec.sealed_digest.unwrap_or(rec.digest),
-            };
-            let placed = Placed {
-                shard: target as u32,
-                offset: payload_start,
-                stored_len,
-            };
-            if let Err(e) = index_record(
-                &mut entries,
-                &mut chunks,
-                &rec,
-                &placed,
-                p.seq,
-                pipeline.sealed,
-            ) {
-                pipeline.fail.set(e);
-                return None;
-            }
-            if let (Some(d), RecordKind::Data, true) =
-                (dedup.as_mut(), rec.kind, rec.parts.is_empty())
-            {
-                if let Some(c) = chunks.get(rec.entry_id as usize).and_then(|l| l.last()) {
-                    d.own.entry(rec.digest).or_insert_with(|| c.clone());
+            for (shard, ops) in shards.iter().zip(ops.iter_mut()) {
+                if !ops.is_empty() && shard.tx.send(std::mem::take(ops)).is_err() {
+                    return None;
                 }
-            }
-            shard.assigned = payload_start + stored_len as u64;
-            shard.records += 1;
-            let op = WriteOp {
-                header: header.encode(),
-                pad,
-                payload: rec.payload,
-            };
-            if shard.tx.send(op).is_err() {
-                return None;
             }
         }
         if pipeline.fail.is_set() {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 
 use super::encode::Payload;
-use super::{Pipeline, ShardSink};
+use super::{BatchToken, Pipeline, ShardSink};
 use crate::error::Error;
 use crate::layout::RECORD_HEADER_LEN;
 
@@ -26,6 +26,8 @@ pub(super) struct WriteOp {
     pub(super) header: [u8; RECORD_HEADER_LEN],
     pub(super) pad: u32,
     pub(super) payload: Payload,
+    /// Its batch's token: dropped with the op, once its bytes are written.
+    pub(super) _token: Arc<BatchToken>,
 }
 
 /// Up to 64 KiB of zeros, for padding.
@@ -46,8 +48,8 @@ impl ShardThread {
     /// Writes every record of `ops` until the sequencer closes it; returns the sink and
     /// its length, or `None` after a failure (this thread's or another's: the error is in
     /// the pipeline's fail flag).
-    pub(super) fn run(mut self, ops: Receiver<WriteOp>) -> Option<FinishedShard> {
-        for op in ops {
+    pub(super) fn run(mut self, batches: Receiver<Vec<WriteOp>>) -> Option<FinishedShard> {
+        for op in batches.into_iter().flatten() {
             if self.pipeline.fail.is_set() {
                 return None;
             }
@@ -58,7 +60,6 @@ impl ShardThread {
                         .stats
                         .written_bytes
                         .fetch_add(n, Ordering::Relaxed);
-                    self.pipeline.job_done();
                 }
                 Err(e) => {
                     self.pipeline
@@ -82,11 +83,9 @@ impl ShardThread {
             sink.write_all(z)?;
             left -= z.len();
         }
-        let n = match &op.payload {
-            Payload::Bytes(b) => {
-                sink.write_all(b)?;
-                b.len()
-            }
+        let n = op.payload.len();
+        match &op.payload {
+            Payload::Bytes(b) => sink.write_all(b)?,
             Payload::Clone {
                 file,
                 offset,
@@ -100,9 +99,8 @@ impl ShardThread {
                 } else {
                     sink.write_all(bytes)?;
                 }
-                bytes.len()
             }
-        };
+        }
         Ok((RECORD_HEADER_LEN + op.pad as usize + n) as u64)
     }
 }
