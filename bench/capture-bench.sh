@@ -15,6 +15,7 @@
 #
 # Env: MIB (1024) REPS (3) MEMTEST_FILL (random) DIR (/dev/shm/ckstream-capture-bench)
 #      CIS (/var/tmp/criu-image-streamer) CRIU (/usr/local/sbin/criu) NO_BUILD CKSTREAM
+#      CKSTREAM_BASE (an older ckstream binary to run as a third tool, "ck-base")
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 MIB=${MIB:-1024}
@@ -28,20 +29,25 @@ need_ckstream
 need_tools "$CRIU" /usr/bin/time gcc
 TOOLS=(ck)
 if [[ -x $CIS ]]; then TOOLS=(cis ck); else log "no criu-image-streamer at $CIS: ckstream only"; fi
+if [[ -n ${CKSTREAM_BASE:-} ]]; then TOOLS+=(ck-base); fi
 rm -rf "$DIR"
 mkdir -p "$DIR"
 on_exit 'kill_memtest; rm -rf "$DIR"'
 build_memtest "$DIR"
 # The binary under test is copied, so a rebuild during the run cannot change it.
 cp "$CKSTREAM" "$DIR/ckstream"
+[[ -n ${CKSTREAM_BASE:-} ]] && cp "$CKSTREAM_BASE" "$DIR/ckstream-base"
 printf 'tool\trep\tdump_wall\tcapture_cpu\tcapture_rss_kib\timage_bytes\trestore_wall\tserve_cpu\tserve_rss_kib\n' >"$TSV"
 
 # run_tool TOOL REP: one capture and one restore through TOOL; appends a TSV row.
 run_tool() {
 	local tool=$1 rep=$2 bin img=$DIR/img hb=$DIR/hb t0 t1 dump_wall restore_wall
 	local cap_cpu cap_rss srv_cpu srv_rss size
-	bin=$DIR/ckstream
-	[[ $tool == cis ]] && bin=$CIS
+	case $tool in
+	cis) bin=$CIS ;;
+	ck-base) bin=$DIR/ckstream-base ;;
+	*) bin=$DIR/ckstream ;;
+	esac
 	rm -rf "$DIR/images" "$img"
 	mkdir -p "$DIR/images"
 	start_memtest "$MIB" "$hb"
@@ -57,7 +63,7 @@ run_tool() {
 	read -r u s cap_rss <"$DIR/cap.time"
 	cap_cpu=$(awk -v u="$u" -v s="$s" 'BEGIN{printf "%.2f", u+s}')
 	size=$(stat -c %s "$img")
-	if [[ $tool == ck ]]; then
+	if [[ $tool == ck* ]]; then
 		"$DIR/ckstream" verify "$img" >/dev/null || die "ckstream verify failed on the captured archive"
 	fi
 	rm -f "$DIR/images"/*.sock
@@ -89,6 +95,7 @@ med() { tsv_med "$TSV" "$2" tool="$1"; }
 	echo
 	echo "ckstream $CK_REV; $MIB MiB memtest ($MEMTEST_FILL), $REPS reps, images on $DIR; load $(loadavg)."
 	echo "criu-image-streamer: $([[ -x $CIS ]] && echo "$CIS" || echo "not available (compare with the numbers in issue 16)")."
+	[[ -n ${CKSTREAM_BASE:-} ]] && echo "ck-base: $CKSTREAM_BASE ($("$CKSTREAM_BASE" --version 2>/dev/null || echo ?)), the same pipelines."
 	echo "fs.pipe-max-size $(cat /proc/sys/fs/pipe-max-size). Medians; CPU is the streamer's own user+sys (GNU time)."
 	echo
 	echo "| tool | criu dump wall s | capture CPU s (CPU-s/GB) | capture peak RSS MiB | archive bytes | criu restore wall s | serve CPU s | serve peak RSS MiB |"

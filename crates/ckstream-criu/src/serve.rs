@@ -115,6 +115,31 @@ fn prepare<'a>(
     reader.read_chunk(entry, c).map(Piece::Bytes)
 }
 
+/// Chunks a decoder takes at once: consecutive ones up to `max_bytes` (at most 64 of
+/// them; one alone when it is larger).
+fn chunk_runs(chunks: &[ckstream_format::Chunk], max_bytes: u64) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, c) in chunks.iter().enumerate() {
+        if i > start && (bytes + u64::from(c.raw_len) > max_bytes || i - start >= 64) {
+            runs.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += u64::from(c.raw_len);
+    }
+    if start < chunks.len() {
+        runs.push(start..chunks.len());
+    }
+    runs
+}
+
+/// The run holding chunk `i` (runs are sorted and cover every chunk).
+fn i_run(runs: &[std::ops::Range<usize>], i: usize) -> usize {
+    runs.partition_point(|r| r.end <= i)
+}
+
 /// A private pipe collecting spliced ranges before they go to CRIU's pipe together.
 struct Gather {
     read: OwnedFd,
@@ -127,7 +152,7 @@ struct Gather {
 }
 
 /// How much a [`Gather`] pipe holds.
-const GATHER_PIPE: usize = 1 << 20;
+const GATHER_PIPE: usize = 256 << 10;
 const PAGE: u64 = 4096;
 
 impl Gather {
@@ -216,7 +241,14 @@ pub fn stream_entry(
     let entry = &reader.entries()[index];
     let chunks = reader.chunks_of(index);
     reader.will_read_entry(index);
-    let k = decoders.clamp(1, chunks.len().max(1));
+    // Runs of chunks from local shards; one chunk at a time from object storage, whose
+    // read-ahead keeps only a few megabytes per shard: decoders a megabyte ahead each
+    // would evict what the others have yet to read.
+    let local = chunks
+        .first()
+        .is_some_and(|c| reader.raw_file_of(c).is_some());
+    let runs = chunk_runs(chunks, if local { 1 << 20 } else { 0 });
+    let k = decoders.clamp(1, runs.len().max(1));
     let splice_ok = out
         .metadata()
         .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
@@ -256,22 +288,33 @@ pub fn stream_entry(
     std::thread::scope(|s| -> Result<u64> {
         // However the writer stops, decoders waiting for their turn must not wait on.
         let _close = budget.close_on_drop();
+        // Decoders take runs of consecutive chunks (about a megabyte) in turn: handing
+        // over each 51 KiB chunk on its own cost more in wake-ups than reading it.
         let mut rxs = Vec::new();
         for t in 0..k {
-            let (tx, rx) = bounded::<ckstream_format::Result<(Piece<'_>, Option<Lease<'_>>)>>(2);
+            type Prepared<'a> = (Vec<ckstream_format::Result<Piece<'a>>>, Option<Lease<'a>>);
+            let (tx, rx) = bounded::<Prepared<'_>>(2);
             rxs.push(rx);
+            let runs = &runs;
             s.spawn(move || {
-                for (i, c) in chunks.iter().enumerate().skip(t).step_by(k) {
-                    let Some(lease) = budget.take_in_turn(i as u64, chunk_cost(c)) else {
+                for (r, run) in runs.iter().enumerate().skip(t).step_by(k) {
+                    let cost = chunks[run.clone()].iter().map(chunk_cost).sum();
+                    let Some(lease) = budget.take_in_turn(r as u64, cost) else {
                         return;
                     };
-                    // A range to splice holds no memory once it is verified.
-                    let r = prepare(reader, entry, c, splice_ok).map(|piece| match piece {
-                        Piece::Bytes(_) => (piece, Some(lease)),
-                        Piece::Splice { .. } => (piece, None),
-                    });
-                    let stop = r.is_err();
-                    if tx.send(r).is_err() || stop {
+                    let mut pieces = Vec::with_capacity(run.len());
+                    for c in &chunks[run.clone()] {
+                        let piece = prepare(reader, entry, c, splice_ok);
+                        let failed = piece.is_err();
+                        pieces.push(piece);
+                        if failed {
+                            break;
+                        }
+                    }
+                    let stop = pieces.last().is_some_and(|p| p.is_err());
+                    // Ranges to splice hold no memory once they are verified.
+                    let holds = pieces.iter().any(|p| matches!(p, Ok(Piece::Bytes(_))));
+                    if tx.send((pieces, holds.then_some(lease))).is_err() || stop {
                         return;
                     }
                 }
@@ -279,11 +322,24 @@ pub fn stream_entry(
         }
         let mut pos = 0u64;
         let mut gather = splice_ok.then(Gather::new).flatten();
+        let mut pending = Vec::new().into_iter();
+        let mut _lease = None;
         for (i, c) in chunks.iter().enumerate() {
-            let prepared = rxs[i % k]
-                .recv()
-                .map_err(|_| CriuError::Protocol("decoder thread stopped".into()))?;
-            let (piece, _lease) = match prepared {
+            let prepared = match pending.next() {
+                Some(p) => p,
+                None => {
+                    let run = i_run(&runs, i);
+                    let (pieces, lease) = rxs[run % k]
+                        .recv()
+                        .map_err(|_| CriuError::Protocol("decoder thread stopped".into()))?;
+                    _lease = lease;
+                    pending = pieces.into_iter();
+                    pending
+                        .next()
+                        .ok_or_else(|| CriuError::Protocol("decoder sent an empty run".into()))?
+                }
+            };
+            let piece = match prepared {
                 Ok(p) => p,
                 Err(e) => {
                     // What came before the bad chunk is good: CRIU gets all of it, then
@@ -297,7 +353,7 @@ pub fn stream_entry(
             let gap = c.file_offset - pos;
             let more = match piece {
                 // Contiguous verified ranges are gathered in a pipe of our own and moved
-                // to CRIU's a megabyte at a time: one splice per chunk into CRIU's pipe
+                // to CRIU's a quarter megabyte at a time: one splice per chunk into CRIU's pipe
                 // would fight its reader for the pipe's lock every few dozen KiB.
                 Piece::Splice { file, offset, len } if gap == 0 => {
                     let ok = match gather.as_mut() {
