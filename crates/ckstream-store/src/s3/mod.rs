@@ -67,6 +67,10 @@ pub const READ_AHEAD_SPANS: u64 = 2;
 /// ...and keep at most this many per shard (12 MiB; spans read whole are dropped first,
 /// then the oldest).
 pub const READ_AHEAD_KEPT: usize = 12;
+/// Spans read whole of at most this size are kept for reuse ([`RECENT_BYTES`] of them)...
+pub const RECENT_SPAN_MAX: u64 = 256 << 10;
+/// ...up to this many bytes per shard, least recently used dropped first.
+pub const RECENT_BYTES: u64 = 4 << 20;
 /// Default for how long a request is retried (`CKSTREAM_S3_RETRY_SECS` overrides it).
 pub const DEFAULT_RETRY_SECS: u64 = 120;
 

@@ -15,7 +15,7 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use super::config::connect;
 use super::{
     block_on, count_get, runtime, to_io, S3Url, MAX_SPAN, MERGE_GAP, OTHER_TAIL, PARALLEL_GETS,
-    READ_AHEAD_KEPT, READ_AHEAD_SPAN, READ_AHEAD_SPANS, SHARD0_TAIL,
+    READ_AHEAD_KEPT, READ_AHEAD_SPAN, READ_AHEAD_SPANS, RECENT_BYTES, RECENT_SPAN_MAX, SHARD0_TAIL,
 };
 use crate::ShardNames;
 
@@ -79,6 +79,11 @@ pub struct S3Source {
     sequential: AtomicBool,
     /// The spans fetched or being fetched, oldest first (at most [`READ_AHEAD_KEPT`]).
     spans: Mutex<VecDeque<Arc<Span>>>,
+    /// Small spans already read, least recently used first (at most [`RECENT_BYTES`]): a
+    /// chunk stored once and used in many places (identical pages of several processes,
+    /// deduplicated by the writer) is read again and again, far from where it lies, long
+    /// after the read-ahead span that held it is gone.
+    recent: Mutex<VecDeque<Arc<Span>>>,
     /// Once anything is announced, spans hold only announced bytes and read-ahead
     /// fetches only announced spans, so bytes between two files that are read far
     /// apart in time are not fetched twice. `None`: whole spans, read ahead blindly.
@@ -99,6 +104,7 @@ impl S3Source {
             tail: Mutex::new(None),
             sequential: AtomicBool::new(false),
             spans: Mutex::new(VecDeque::new()),
+            recent: Mutex::new(VecDeque::new()),
             planned: Mutex::new(None),
             get_requests: Arc::new(AtomicU64::new(0)),
             get_bytes: Arc::new(AtomicU64::new(0)),
@@ -123,7 +129,21 @@ impl S3Source {
         });
         {
             let mut spans = self.spans.lock().unwrap();
-            spans.retain(|s| !s.used_up());
+            let mut recent = self.recent.lock().unwrap();
+            spans.retain(|s| {
+                if !s.used_up() {
+                    return true;
+                }
+                if s.len <= RECENT_SPAN_MAX {
+                    recent.push_back(s.clone());
+                }
+                false
+            });
+            let mut kept: u64 = recent.iter().map(|s| s.len).sum();
+            while kept > RECENT_BYTES {
+                kept -= recent.pop_front().map_or(0, |s| s.len);
+            }
+            drop(recent);
             while spans.len() >= READ_AHEAD_KEPT {
                 spans.pop_front();
             }
@@ -181,6 +201,9 @@ impl S3Source {
             }
             return s.clone();
         }
+        if let Some(s) = self.recent_span(from, to) {
+            return s;
+        }
         let (start, end) = match (planned.as_mut(), hull) {
             (Some(p), Some((lo, hi))) => {
                 p.remove(&index);
@@ -195,6 +218,15 @@ impl S3Source {
         };
         drop(planned);
         self.start_span(start, end)
+    }
+
+    /// A small span read before that holds `from..to`, now the most recently used.
+    fn recent_span(&self, from: u64, to: u64) -> Option<Arc<Span>> {
+        let mut recent = self.recent.lock().unwrap();
+        let at = recent.iter().position(|s| s.covers(from, to))?;
+        let span = recent.remove(at)?;
+        recent.push_back(span.clone());
+        Some(span)
     }
 
     /// Starts the spans after aligned span `last`: the announced ones, or (nothing
@@ -602,6 +634,45 @@ mod tests {
         src.read_exact_at(7 << 20, &mut buf).unwrap();
         assert_eq!(buf, data[7 << 20..(7 << 20) + 1000]);
         assert_eq!(src.get_bytes.load(Ordering::Relaxed), wanted + 1000);
+    }
+
+    #[test]
+    fn a_chunk_used_in_many_places_is_fetched_once() {
+        let mib = 1usize << 20;
+        let (src, data) = memory_source(40 * mib, 512 << 10);
+        src.expect_sequential();
+        src.len().unwrap();
+        // A file read front to back whose every eighth "chunk" is a reference to one
+        // chunk stored near the start, as the writer stores identical pages once.
+        let shared = (100_000usize, 28 << 10);
+        let chunk = 28 << 10;
+        let mut ranges = Vec::new();
+        let mut pos = 2 * mib;
+        while pos + chunk <= 30 * mib {
+            ranges.push((pos, chunk));
+            pos += chunk;
+        }
+        let announced: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|&(o, l)| (o as u64, l as u64))
+            .chain(std::iter::once((shared.0 as u64, shared.1 as u64)))
+            .collect();
+        src.will_read(&announced);
+        let before = requests(&src);
+        let mut reads = 0;
+        for (k, &(offset, len)) in ranges.iter().enumerate() {
+            let (offset, len) = if k % 8 == 7 { shared } else { (offset, len) };
+            let mut buf = vec![0u8; len];
+            src.read_exact_at(offset as u64, &mut buf).unwrap();
+            assert!(buf == data[offset..offset + len], "at {offset}");
+            reads += 1;
+        }
+        let spans = 28 + 1;
+        let made = requests(&src) - before;
+        assert!(
+            made <= spans + 2,
+            "{made} requests for {reads} reads of {spans} spans and one shared chunk"
+        );
     }
 
     #[test]
