@@ -13,13 +13,19 @@
 # Env: REPS (3) CACHE (/var/tmp/ckstream-bench) FSLIST ("xfs btrfs") MEM_MIB (1280,
 #      plus 2 children of MEM_MIB/8) ROOTFS_SRC (list of dirs) IMG_FACTOR (5)
 #      NO_BUILD=1 (skip cargo build) CKSTREAM (binary path)
+#      BIGFILE_GIB=N: the dataset is instead one N GiB file of random bytes (the
+#      reflink case: one large CRIU page image or disk image)
+#      CODECS ("zstd-1 none"): which of the two step pairs to run
 
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 REPS=${REPS:-3}
 CACHE=${CACHE:-/var/tmp/ckstream-bench}
-DATASET=$CACHE/dataset
+BIGFILE_GIB=${BIGFILE_GIB:-}
+DATASET=$CACHE/dataset${BIGFILE_GIB:+-bigfile-$BIGFILE_GIB}
+CODECS=${CODECS:-"zstd-1 none"}
+DS_INFO=$CACHE/dataset${BIGFILE_GIB:+-bigfile-$BIGFILE_GIB}.info
 FSLIST=${FSLIST:-"xfs btrfs"}
 MEM_MIB=${MEM_MIB:-1280}
 ROOTFS_SRC=${ROOTFS_SRC:-"/usr/share /usr/lib/python3 /usr/lib/python3.11 /usr/lib/gcc /usr/lib/git-core /usr/lib/postgresql /usr/lib/node_modules /usr/lib/systemd"}
@@ -71,10 +77,22 @@ build_dataset() {
 				"$(find "$tmp/$part" -type d | wc -l)" "$(find "$tmp/$part" -type l | wc -l)" "$z"
 		done
 	} >"$tmp.info"
-	mv "$tmp.info" "$CACHE/dataset.info"
+	mv "$tmp.info" "$DS_INFO"
 	mv "$tmp" "$DATASET"
 }
-if [[ ! -d $DATASET || ! -s $CACHE/dataset.info ]]; then
+build_bigfile() {
+	local tmp=$DATASET.tmp
+	rm -rf "$tmp"; mkdir -p "$tmp"
+	log "dataset: one ${BIGFILE_GIB} GiB file of random bytes"
+	head -c $((BIGFILE_GIB << 30)) /dev/urandom >"$tmp/big"
+	# random bytes: zstd stores them (ratio 1.00), not measured
+	echo "big bytes=$((BIGFILE_GIB << 30)) files=1 dirs=1 symlinks=0 zstd1_bytes=$((BIGFILE_GIB << 30))" >"$tmp.info"
+	mv "$tmp.info" "$DS_INFO"
+	mv "$tmp" "$DATASET"
+}
+if [[ -n $BIGFILE_GIB ]]; then
+	[[ -d $DATASET && -s $DS_INFO ]] || { rm -rf "$DATASET"; build_bigfile; }
+elif [[ ! -d $DATASET || ! -s $DS_INFO ]]; then
 	rm -rf "$DATASET"
 	build_dataset
 else
@@ -171,27 +189,41 @@ bench_fs() {
 	cp -a "$DATASET" "$mnt/data"; sync
 	local D=$mnt/data A=$mnt/arch O=$mnt/out r
 	mkdir -p "$A"
+	local zstd=false none=false
+	[[ " $CODECS " == *" zstd-1 "* ]] && zstd=true
+	[[ " $CODECS " == *" none "* ]] && none=true
 	for ((r = 1; r <= REPS; r++)); do
-		rm -f "$A/x.tar.zst"; prep "$D"
-		timed "$fs" "pack zstd-1" "tar + zstd -1 -T0" "$r" "$A/x.tar.zst" "$mnt" "tar -C '$D' -cf - . | zstd -1 -T0 -q -o '$A/x.tar.zst'"
-		rm -f "$A/x.cka"; prep "$D"
-		timed "$fs" "pack zstd-1" "ckstream" "$r" "$A/x.cka" "$mnt" "'$CKSTREAM' pack -q --json -c zstd:1 -o '$A/x.cka' .='$D' >\$JF"
-		rm -f "$A/x.tar"; prep "$D"
-		timed "$fs" "pack none" "tar" "$r" "$A/x.tar" "$mnt" "tar -C '$D' -cf '$A/x.tar' ."
-		rm -f "$A/n.cka"; prep "$D"
-		timed "$fs" "pack none" "ckstream" "$r" "$A/n.cka" "$mnt" "'$CKSTREAM' pack -q --json -c none -o '$A/n.cka' .='$D' >\$JF"
+		# What reading the input alone takes: the disk's speed with cold caches.
+		prep "$D"
+		timed "$fs" "read input (reference)" "cat" "$r" "$D" "$mnt" "find '$D' -type f -print0 | xargs -0 cat >/dev/null"
+		if $zstd; then
+			rm -f "$A/x.tar.zst"; prep "$D"
+			timed "$fs" "pack zstd-1" "tar + zstd -1 -T0" "$r" "$A/x.tar.zst" "$mnt" "tar -C '$D' -cf - . | zstd -1 -T0 -q -o '$A/x.tar.zst'"
+			rm -f "$A/x.cka"; prep "$D"
+			timed "$fs" "pack zstd-1" "ckstream" "$r" "$A/x.cka" "$mnt" "'$CKSTREAM' pack -q --json -c zstd:1 -o '$A/x.cka' .='$D' >\$JF"
+		fi
+		if $none; then
+			rm -f "$A/x.tar"; prep "$D"
+			timed "$fs" "pack none" "tar" "$r" "$A/x.tar" "$mnt" "tar -C '$D' -cf '$A/x.tar' ."
+			rm -f "$A/n.cka"; prep "$D"
+			timed "$fs" "pack none" "ckstream" "$r" "$A/n.cka" "$mnt" "'$CKSTREAM' pack -q --json -c none -o '$A/n.cka' .='$D' >\$JF"
+		fi
 	done
 	for ((r = 1; r <= REPS; r++)); do
-		rm -rf "$O"; mkdir "$O"; prep "$A/x.tar.zst"
-		timed "$fs" "unpack zstd-1" "zstd -dc + tar -x" "$r" "$O" "$mnt" "zstd -dc '$A/x.tar.zst' | tar -C '$O' -xf -"
-		rm -rf "$O"; prep "$A/x.cka"
-		timed "$fs" "unpack zstd-1" "ckstream" "$r" "$O" "$mnt" "'$CKSTREAM' unpack -q --json '$A/x.cka' -C '$O' >\$JF"
-		((r == 1)) && check "$A/x.cka" "$O" "$D"
-		rm -rf "$O"; mkdir "$O"; prep "$A/x.tar"
-		timed "$fs" "unpack none" "tar" "$r" "$O" "$mnt" "tar -C '$O' -xf '$A/x.tar'"
-		rm -rf "$O"; prep "$A/n.cka"
-		timed "$fs" "unpack none" "ckstream" "$r" "$O" "$mnt" "'$CKSTREAM' unpack -q --json '$A/n.cka' -C '$O' >\$JF"
-		((r == 1)) && check "$A/n.cka" "$O" "$D"
+		if $zstd; then
+			rm -rf "$O"; mkdir "$O"; prep "$A/x.tar.zst"
+			timed "$fs" "unpack zstd-1" "zstd -dc + tar -x" "$r" "$O" "$mnt" "zstd -dc '$A/x.tar.zst' | tar -C '$O' -xf -"
+			rm -rf "$O"; prep "$A/x.cka"
+			timed "$fs" "unpack zstd-1" "ckstream" "$r" "$O" "$mnt" "'$CKSTREAM' unpack -q --json '$A/x.cka' -C '$O' >\$JF"
+			((r == 1)) && check "$A/x.cka" "$O" "$D"
+		fi
+		if $none; then
+			rm -rf "$O"; mkdir "$O"; prep "$A/x.tar"
+			timed "$fs" "unpack none" "tar" "$r" "$O" "$mnt" "tar -C '$O' -xf '$A/x.tar'"
+			rm -rf "$O"; prep "$A/n.cka"
+			timed "$fs" "unpack none" "ckstream" "$r" "$O" "$mnt" "'$CKSTREAM' unpack -q --json '$A/n.cka' -C '$O' >\$JF"
+			((r == 1)) && check "$A/n.cka" "$O" "$D"
+		fi
 	done
 	rm -rf "$O"
 	umount "$mnt"; rmdir "$mnt"; MOUNTS=()
@@ -240,7 +272,7 @@ table() {
 	echo
 	echo "- host: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r); ckstream $("$CKSTREAM" --version | awk '{print $2}') (built at $CK_REV)"
 	echo "- dataset: $DATASET — $DS_BYTES bytes ($(echo "scale=2; $DS_BYTES / 1073741824" | bc) GiB) in $DS_FILES regular files ($DS_ALL entries incl. dirs/symlinks)"
-	awk '{ split($2, b, "="); split($6, z, "="); printf "  - %s: %s, %s, %s, %s; tar|zstd -1 ratio %.2f\n", $1, $2, $3, $4, $5, b[2] / z[2] }' "$CACHE/dataset.info"
+	awk '{ split($2, b, "="); split($6, z, "="); printf "  - %s: %s, %s, %s, %s; tar|zstd -1 ratio %.2f\n", $1, $2, $3, $4, $5, b[2] / z[2] }' "$DS_INFO"
 	echo "- caches: $CACHE_NOTE"
 	echo "- REPS=$REPS, medians shown; loop images sparse ${IMG_FACTOR}x dataset on $(df --output=fstype /var/tmp | tail -1), losetup direct-io where supported"
 	echo "- wall = until the command returned; wall+sync = plus a following \`sync\` (all steps, readers and writers); CPU = user+sys of the command tree (/usr/bin/time)"

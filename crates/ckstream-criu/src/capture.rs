@@ -11,9 +11,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
 use ckstream_format::chunker::{is_memory_image, PageChunker};
 use ckstream_format::index::entry_flags;
+use ckstream_format::window::ChunkWindows;
 use ckstream_format::{ArchiveWriter, Entry, EntryKind, Stop};
 use rustix::event::{poll, PollFd, PollFlags};
 
@@ -114,9 +114,7 @@ struct Stream {
     id: u64,
     name: String,
     /// Bytes read of chunks not handed over yet; chunks are split off without copying.
-    buf: BytesMut,
-    /// Windows read before, oldest first, to reuse once nothing refers to them.
-    spare: std::collections::VecDeque<BytesMut>,
+    windows: ChunkWindows,
     offset: u64,
     /// For process memory (`pages-*.img`): cut by content, so that the chunks of an
     /// unchanged page run are the same in the next checkpoint wherever it lands.
@@ -126,10 +124,6 @@ struct Stream {
 /// Memory for reading a stream comes in windows this large; chunks handed to the writer
 /// keep their window alive until they are written.
 const READ_WINDOW: usize = 2 << 20;
-/// Windows a stream keeps for reuse: once the chunks cut from one are written, it takes
-/// the next reads. Fresh memory would cost a page fault and a zeroed page per 4 KiB
-/// (~10 % of capture CPU).
-const SPARE_WINDOWS: usize = 8;
 
 fn now_ns() -> i64 {
     SystemTime::now()
@@ -159,29 +153,9 @@ impl Stream {
             chunker: is_memory_image(name.as_bytes())
                 .then(|| PageChunker::for_memory(chunk, aligned)),
             name,
-            buf: BytesMut::new(),
-            spare: std::collections::VecDeque::new(),
+            windows: ChunkWindows::new(READ_WINDOW.max(2 * chunk)),
             offset: 0,
         })
-    }
-
-    /// Moves the bytes not handed over yet (less than a chunk) into a window with room
-    /// for a chunk more: a spare one nothing refers to any longer, or a new one.
-    fn next_window(&mut self, chunk: usize) {
-        let size = READ_WINDOW.max(2 * chunk);
-        let reusable = self.spare.front_mut().is_some_and(|w| w.try_reclaim(size));
-        let mut next = if reusable {
-            self.spare.pop_front().expect("checked")
-        } else {
-            BytesMut::with_capacity(size)
-        };
-        next.extend_from_slice(&self.buf);
-        let mut old = std::mem::replace(&mut self.buf, next);
-        old.clear();
-        self.spare.push_back(old);
-        if self.spare.len() > SPARE_WINDOWS {
-            self.spare.pop_front();
-        }
     }
 
     /// Reads what the pipe has. Returns true at EOF (after handing over the last chunk).
@@ -195,27 +169,26 @@ impl Stream {
         loop {
             // A busy pipe never runs dry: notice signals here, not only between polls.
             check_stop(stop)?;
-            if self.buf.capacity() - self.buf.len() < chunk {
-                self.next_window(chunk);
-            }
-            let got = match rustix::io::read(&self.fd, self.buf.spare_capacity_mut()) {
-                Ok((read, _)) => read.len(),
+            let read = self.windows.fill(chunk, |room| {
+                rustix::io::read(&self.fd, room).map(|(got, _)| got)
+            });
+            let got = match read {
+                Ok(got) => got,
                 Err(rustix::io::Errno::AGAIN) => return Ok(false),
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(CriuError::io(format!("reading image {}", self.name), e)),
             };
             let at_end = got == 0;
-            // SAFETY: read() initialised `got` bytes of the spare capacity.
-            unsafe { self.buf.set_len(self.buf.len() + got) };
             *bytes += got as u64;
             loop {
+                let pending = self.windows.pending();
                 let cut = match self.chunker {
-                    Some(c) => c.next_cut(&self.buf, at_end),
-                    None if self.buf.len() >= chunk => Some(chunk),
-                    None => (at_end && !self.buf.is_empty()).then_some(self.buf.len()),
+                    Some(c) => c.next_cut(pending, at_end),
+                    None if pending.len() >= chunk => Some(chunk),
+                    None => (at_end && !pending.is_empty()).then_some(pending.len()),
                 };
                 let Some(n) = cut else { break };
-                let data = self.buf.split_to(n).freeze();
+                let data = self.windows.take(n);
                 writer.add_data(self.id, self.offset, data, None)?;
                 self.offset += n as u64;
             }

@@ -26,6 +26,7 @@ pub mod scanner;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 mod verify;
+pub mod window;
 pub mod writer;
 
 pub use codec::{CodecId, Compression, CompressionArg};

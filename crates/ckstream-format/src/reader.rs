@@ -847,6 +847,26 @@ impl ArchiveReader {
         self.unseal(c, buf)
     }
 
+    /// Reads the stored bytes of chunk `c` of an unsealed archive into `buf` (exactly
+    /// `stored_len` long): a buffer the caller reuses, where [`Self::read_stored`] would
+    /// allocate one per chunk. Nothing is decoded or verified.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for a sealed archive or a `buf` of the wrong length; I/O errors
+    /// and truncation.
+    pub fn read_stored_into(&self, c: &Chunk, buf: &mut [u8]) -> Result<()> {
+        if c.archive != 0 {
+            let (holder, own) = self.in_parent(c)?;
+            return holder.read_stored_into(&own, buf);
+        }
+        if self.key.is_some() || buf.len() != c.stored_len as usize {
+            return Err(Error::Usage(
+                "read_stored_into: a sealed archive, or a buffer of the wrong length".into(),
+            ));
+        }
+        read_at(self.shard(c.shard), c.offset, buf, "chunk")
+    }
+
     /// Reads, decodes and verifies one chunk of `entry`.
     ///
     /// # Errors

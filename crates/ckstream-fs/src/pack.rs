@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ckstream_format::chunker::{is_memory_image, PageChunker};
+use ckstream_format::window::ChunkWindows;
 use ckstream_format::{ArchiveWriter, CodecId, Entry, EntryKind, Error, Result, Stop};
 
 use crate::overlay::{indirect_kind, overlay_xattr, Indirect};
@@ -635,6 +636,8 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
     } else {
         (chunk / 8).min(SMALL_FILE)
     };
+    // File data is read into windows and handed to the writer without copying.
+    let mut windows = ChunkWindows::new((2 * chunk as usize).max(READ_WINDOW));
     let mut bundle: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut bundle_bytes = 0u64;
     let mut stats = PackStats::default();
@@ -659,8 +662,13 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
         stats.files += 1;
         // Shared with the writer's workers as the reflink source of uncompressed chunks.
         let file = Arc::new(file);
-        let read = |buf: &mut [u8], off: u64| {
-            file.read_exact_at(buf, off).map_err(|e| {
+        if size > 0 && size <= small_limit {
+            if bundle_bytes + size > chunk {
+                writer.add_bundle(std::mem::take(&mut bundle))?;
+                bundle_bytes = 0;
+            }
+            let mut buf = vec![0u8; size as usize];
+            file.read_exact_at(&mut buf, 0).map_err(|e| {
                 if e.kind() == io::ErrorKind::UnexpectedEof {
                     Error::io(
                         format!("{} shrank while being read", planned.source.display()),
@@ -669,15 +677,7 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
                 } else {
                     io_err(&planned.source, "cannot read", e)
                 }
-            })
-        };
-        if size > 0 && size <= small_limit {
-            if bundle_bytes + size > chunk {
-                writer.add_bundle(std::mem::take(&mut bundle))?;
-                bundle_bytes = 0;
-            }
-            let mut buf = vec![0u8; size as usize];
-            read(&mut buf, 0)?;
+            })?;
             stats.bytes_read += size;
             bundle.push((id, buf));
             bundle_bytes += size;
@@ -693,43 +693,47 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
         let chunker = is_memory_image(&path)
             .then(|| PageChunker::for_memory(chunk as usize, writer.aligns_chunks()));
         for r in ranges {
+            // File offset of the first pending byte; every range starts with none.
             let mut off = r.start;
-            // Read but not yet handed over (content-defined chunks only).
-            let mut pending: Vec<u8> = Vec::new();
+            debug_assert!(windows.pending().is_empty());
             while off < r.end {
                 if stop.requested() {
                     return Err(interrupted());
                 }
-                let pieces = if let Some(chunker) = chunker {
-                    let have = off + pending.len() as u64;
-                    let want = (chunk as usize).saturating_sub(pending.len());
-                    let more = (r.end - have).min(want as u64) as usize;
-                    if more > 0 {
-                        let start = pending.len();
-                        pending.resize(start + more, 0);
-                        read(&mut pending[start..], have)?;
-                        stats.bytes_read += more as u64;
-                    }
-                    let at_end = off + pending.len() as u64 == r.end;
-                    let pieces = chunker.take_chunks(&mut pending, at_end);
-                    assert!(
-                        !pieces.is_empty(),
-                        "a full window or the range's end always has a cut"
-                    );
-                    pieces
-                } else {
-                    let next = ((off / chunk) + 1) * chunk;
-                    let len = (next.min(r.end) - off) as usize;
-                    let mut buf = vec![0u8; len];
-                    read(&mut buf, off)?;
-                    stats.bytes_read += len as u64;
-                    vec![buf]
+                let have = windows.pending().len() as u64;
+                let want = match chunker {
+                    Some(_) => chunk - have,
+                    None => ((off / chunk) + 1) * chunk - off - have,
                 };
-                for buf in pieces {
-                    let len = buf.len() as u64;
+                let mut more = (r.end - off - have).min(want) as usize;
+                let mut at = off + have;
+                while more > 0 {
+                    let got = windows
+                        .fill(more, |room| {
+                            rustix::io::pread(&*file, &mut room[..more], at).map(|(got, _)| got)
+                        })
+                        .map_err(|e| io_err(&planned.source, "cannot read", e.into()))?;
+                    if got == 0 {
+                        return Err(Error::io(
+                            format!("{} shrank while being read", planned.source.display()),
+                            io::ErrorKind::UnexpectedEof.into(),
+                        ));
+                    }
+                    stats.bytes_read += got as u64;
+                    more -= got;
+                    at += got as u64;
+                }
+                let at_end = off + windows.pending().len() as u64 == r.end;
+                loop {
+                    let pending = windows.pending();
+                    let cut = match chunker {
+                        Some(c) => c.next_cut(pending, at_end),
+                        None => (!pending.is_empty()).then_some(pending.len()),
+                    };
+                    let Some(n) = cut else { break };
                     let clone = cloneable.then(|| (file.clone(), off));
-                    writer.add_data(id, off, buf, clone)?;
-                    off += len;
+                    writer.add_data(id, off, windows.take(n), clone)?;
+                    off += n as u64;
                 }
             }
         }
@@ -740,6 +744,8 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
 
 /// Files up to this size share compressed frames with their neighbours.
 const SMALL_FILE: u64 = 64 << 10;
+/// File data is read into windows of at least this size (see [`ChunkWindows`]).
+const READ_WINDOW: usize = 2 << 20;
 
 #[cfg(test)]
 mod tests {
