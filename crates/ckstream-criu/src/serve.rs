@@ -241,13 +241,14 @@ pub fn stream_entry(
     let entry = &reader.entries()[index];
     let chunks = reader.chunks_of(index);
     reader.will_read_entry(index);
-    // Runs of chunks from local shards; one chunk at a time from object storage, whose
-    // read-ahead keeps only a few megabytes per shard: decoders a megabyte ahead each
-    // would evict what the others have yet to read.
+    // Decoders take runs of chunks: about a megabyte from local shards, a quarter from
+    // object storage, whose read-ahead keeps 16 MiB per shard (six decoders a quarter
+    // megabyte apart stay inside it; a chunk at a time cost a thread switch per 28 KiB:
+    // 5.0 CPU-s instead of 3.8 for a 2 GiB restore).
     let local = chunks
         .first()
         .is_some_and(|c| reader.raw_file_of(c).is_some());
-    let runs = chunk_runs(chunks, if local { 1 << 20 } else { 0 });
+    let runs = chunk_runs(chunks, if local { 1 << 20 } else { 256 << 10 });
     let k = decoders.clamp(1, runs.len().max(1));
     let splice_ok = out
         .metadata()

@@ -130,24 +130,26 @@ impl S3Source {
         {
             let mut spans = self.spans.lock().unwrap();
             let mut recent = self.recent.lock().unwrap();
-            spans.retain(|s| {
-                if !s.used_up() {
-                    return true;
+            // A small span (a chunk read far from the others, e.g. one stored once and
+            // used in many places) must not push read-ahead spans out before they are
+            // read: it goes straight among the recent ones.
+            if span.len <= RECENT_SPAN_MAX {
+                recent.push_back(span.clone());
+            } else {
+                // Spans read (almost) whole go first, but only when room is needed: a
+                // decoder a few chunks behind the others may still want the last one.
+                if spans.len() >= READ_AHEAD_KEPT {
+                    spans.retain(|s| !s.used_up());
                 }
-                if s.len <= RECENT_SPAN_MAX {
-                    recent.push_back(s.clone());
+                while spans.len() >= READ_AHEAD_KEPT {
+                    spans.pop_front();
                 }
-                false
-            });
+                spans.push_back(span.clone());
+            }
             let mut kept: u64 = recent.iter().map(|s| s.len).sum();
             while kept > RECENT_BYTES {
                 kept -= recent.pop_front().map_or(0, |s| s.len);
             }
-            drop(recent);
-            while spans.len() >= READ_AHEAD_KEPT {
-                spans.pop_front();
-            }
-            spans.push_back(span.clone());
         }
         if std::env::var_os("CKSTREAM_S3_DEBUG").is_some() {
             eprintln!("s3: span {} {start}..{end}", self.url);
@@ -667,11 +669,50 @@ mod tests {
             assert!(buf == data[offset..offset + len], "at {offset}");
             reads += 1;
         }
-        let spans = 28 + 1;
+        let spans = (30 * mib as u64 - 1) / READ_AHEAD_SPAN + 1 + 1;
         let made = requests(&src) - before;
         assert!(
             made <= spans + 2,
             "{made} requests for {reads} reads of {spans} spans and one shared chunk"
+        );
+    }
+
+    #[test]
+    fn chunks_read_again_far_behind_do_not_push_out_the_read_ahead() {
+        let mib = 1usize << 20;
+        let (src, data) = memory_source(40 * mib, 512 << 10);
+        src.expect_sequential();
+        src.len().unwrap();
+        let chunk = 28 << 10;
+        let ranges: Vec<(usize, usize)> = (2 * mib..30 * mib - chunk)
+            .step_by(chunk)
+            .map(|o| (o, chunk))
+            .collect();
+        let announced: Vec<(u64, u64)> =
+            ranges.iter().map(|&(o, l)| (o as u64, l as u64)).collect();
+        src.will_read(&announced);
+        let before = requests(&src);
+        // Every fourth read is a chunk of the first megabytes again (as a chunk stored
+        // once and used in many places is), a different one each time: a GET of its
+        // own, which must not evict the spans fetched ahead.
+        let mut again = 0;
+        for (k, &(offset, len)) in ranges.iter().enumerate() {
+            if k % 4 == 3 && k > 300 {
+                let (o, l) = ranges[again];
+                again += 1;
+                let mut buf = vec![0u8; l];
+                src.read_exact_at(o as u64, &mut buf).unwrap();
+                assert!(buf == data[o..o + l], "again at {o}");
+            }
+            let mut buf = vec![0u8; len];
+            src.read_exact_at(offset as u64, &mut buf).unwrap();
+            assert!(buf == data[offset..offset + len], "at {offset}");
+        }
+        let spans = (30 * mib as u64 - 1) / READ_AHEAD_SPAN + 1;
+        let made = requests(&src) - before;
+        assert!(
+            made <= spans + again as u64 + 2,
+            "{made} requests for {spans} spans and {again} chunks read again"
         );
     }
 
