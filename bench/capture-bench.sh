@@ -103,7 +103,7 @@ med() { tsv_med "$TSV" "$2" tool="$1"; }
 	[[ -n ${CKSTREAM_BASE:-} ]] && echo "ck-base: $CKSTREAM_BASE ($("$CKSTREAM_BASE" --version 2>/dev/null || echo ?)), the same pipelines."
 	echo "fs.pipe-max-size $(cat /proc/sys/fs/pipe-max-size). Medians; CPU is the streamer's own user+sys (GNU time)."
 	echo
-	echo "| tool | criu dump wall s | capture CPU s (CPU-s/GB) | capture peak RSS MiB | archive bytes | criu restore wall s (from the socket) | restore wall s (from `cat`) | serve CPU s | serve peak RSS MiB |"
+	echo "| tool | criu dump wall s | capture CPU s (CPU-s/GB) | capture peak RSS MiB | archive bytes | criu restore wall s (from the socket) | restore wall s (from \`cat\`) | serve CPU s | serve peak RSS MiB |"
 	echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
 	for tool in "${TOOLS[@]}"; do
 		c=$(med "$tool" capture_cpu)
