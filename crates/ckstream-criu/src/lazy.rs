@@ -462,8 +462,9 @@ pub fn restore_lazy(
         reader.copy_entry(*i, &mut out)?;
     }
     if remote {
-        // The push reads each page file front to back: fetch large spans ahead.
-        reader.expect_sequential();
+        // The push reads each page file front to back, page faults jump ahead of it:
+        // fetch spans ahead, small enough that a fault's read does not wait long.
+        reader.expect_sequential_with_urgent_reads();
     }
     let decoders = opts.decoders.unwrap_or(if remote {
         default_threads().max(REMOTE_DECODERS)

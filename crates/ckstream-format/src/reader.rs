@@ -81,6 +81,14 @@ pub trait ShardSource: Send + Sync {
     /// sources with per-request latency may then fetch large spans ahead of the reads.
     fn expect_sequential(&self) {}
 
+    /// Like [`expect_sequential`](Self::expect_sequential), for a reader that also waits
+    /// on single reads out of order (a lazy restore answering page faults while it
+    /// pushes every page): sources keep their read-ahead requests small, so that an
+    /// urgent read is answered soon and little is held.
+    fn expect_sequential_with_urgent_reads(&self) {
+        self.expect_sequential();
+    }
+
     /// A hint that the stored ranges `(offset, len)` are about to be read, in this order
     /// (one file being streamed out). Sources that read ahead fetch only what has been
     /// announced, instead of guessing past the end of what a caller needs.
@@ -285,6 +293,11 @@ impl ShardSource for DeferredShard {
     fn expect_sequential(&self) {
         if let Ok(s) = self.opened() {
             s.expect_sequential();
+        }
+    }
+    fn expect_sequential_with_urgent_reads(&self) {
+        if let Ok(s) = self.opened() {
+            s.expect_sequential_with_urgent_reads();
         }
     }
     fn will_read(&self, ranges: &[(u64, u64)]) {
@@ -691,6 +704,17 @@ impl ArchiveReader {
         for r in std::iter::once(self).chain(&self.parents) {
             for s in &r.shards {
                 s.source.expect_sequential();
+            }
+        }
+    }
+
+    /// Tells every shard, of this archive and of its parents, that it will be read front
+    /// to back with urgent reads out of order between (see
+    /// [`ShardSource::expect_sequential_with_urgent_reads`]).
+    pub fn expect_sequential_with_urgent_reads(&self) {
+        for r in std::iter::once(self).chain(&self.parents) {
+            for s in &r.shards {
+                s.source.expect_sequential_with_urgent_reads();
             }
         }
     }

@@ -70,6 +70,12 @@ pub const READ_AHEAD_SPANS: u64 = 2;
 /// then the oldest; small spans of chunks read far from the others are kept among the
 /// recent ones instead, so they never push out a span before it is read).
 pub const READ_AHEAD_KEPT: usize = 4;
+/// Spans and spans kept for a reader that also waits on single reads (a lazy restore
+/// answering page faults while it pushes every page): 4 MiB spans made its first page
+/// wait 0.6 s instead of 0.23 and its peak RSS 168 MiB instead of 85 (4 GiB, 4 shards).
+pub const URGENT_READ_SPAN: u64 = 1 << 20;
+/// (12 MiB per shard.)
+pub const URGENT_READ_KEPT: usize = 12;
 /// Spans read whole of at most this size are kept for reuse ([`RECENT_BYTES`] of them)...
 pub const RECENT_SPAN_MAX: u64 = 256 << 10;
 /// ...up to this many bytes per shard, least recently used dropped first.

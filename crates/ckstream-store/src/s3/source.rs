@@ -16,6 +16,7 @@ use super::config::connect;
 use super::{
     block_on, count_get, runtime, to_io, S3Url, MAX_SPAN, MERGE_GAP, OTHER_TAIL, PARALLEL_GETS,
     READ_AHEAD_KEPT, READ_AHEAD_SPAN, READ_AHEAD_SPANS, RECENT_BYTES, RECENT_SPAN_MAX, SHARD0_TAIL,
+    URGENT_READ_KEPT, URGENT_READ_SPAN,
 };
 use crate::ShardNames;
 
@@ -77,8 +78,13 @@ pub struct S3Source {
     tail: Mutex<Option<Arc<Tail>>>,
     /// Set by [`ShardSource::expect_sequential`]: reads go through `spans`.
     sequential: AtomicBool,
-    /// The spans fetched or being fetched, oldest first (at most [`READ_AHEAD_KEPT`]).
+    /// The spans fetched or being fetched, oldest first (at most `kept_spans`).
     spans: Mutex<VecDeque<Arc<Span>>>,
+    /// Read-ahead span size and how many are kept: [`READ_AHEAD_SPAN`] and
+    /// [`READ_AHEAD_KEPT`], or the smaller [`URGENT_READ_SPAN`] and [`URGENT_READ_KEPT`]
+    /// after [`ShardSource::expect_sequential_with_urgent_reads`].
+    span_len: AtomicU64,
+    kept_spans: std::sync::atomic::AtomicUsize,
     /// Small spans already read, least recently used first (at most [`RECENT_BYTES`]): a
     /// chunk stored once and used in many places (identical pages of several processes,
     /// deduplicated by the writer) is read again and again, far from where it lies, long
@@ -104,11 +110,21 @@ impl S3Source {
             tail: Mutex::new(None),
             sequential: AtomicBool::new(false),
             spans: Mutex::new(VecDeque::new()),
+            span_len: AtomicU64::new(READ_AHEAD_SPAN),
+            kept_spans: std::sync::atomic::AtomicUsize::new(READ_AHEAD_KEPT),
             recent: Mutex::new(VecDeque::new()),
             planned: Mutex::new(None),
             get_requests: Arc::new(AtomicU64::new(0)),
             get_bytes: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    fn span_len(&self) -> u64 {
+        self.span_len.load(Ordering::Relaxed)
+    }
+
+    fn kept_spans(&self) -> usize {
+        self.kept_spans.load(Ordering::Relaxed)
     }
 
     fn count(&self, bytes: usize) {
@@ -138,10 +154,10 @@ impl S3Source {
             } else {
                 // Spans read (almost) whole go first, but only when room is needed: a
                 // decoder a few chunks behind the others may still want the last one.
-                if spans.len() >= READ_AHEAD_KEPT {
+                if spans.len() >= self.kept_spans() {
                     spans.retain(|s| !s.used_up());
                 }
-                while spans.len() >= READ_AHEAD_KEPT {
+                while spans.len() >= self.kept_spans() {
                     spans.pop_front();
                 }
                 spans.push_back(span.clone());
@@ -186,7 +202,7 @@ impl S3Source {
     /// started now over the announced bytes around it (the whole aligned span when
     /// nothing was announced).
     fn span_for(&self, from: u64, to: u64, tail: &Tail) -> Arc<Span> {
-        let index = from / READ_AHEAD_SPAN;
+        let index = from / self.span_len();
         let mut planned = self.planned.lock().unwrap();
         let hull = planned.as_ref().and_then(|p| p.get(&index).copied());
         if let Some(s) = self
@@ -214,8 +230,8 @@ impl S3Source {
             // Announced reads elsewhere, none here: fetch just what is asked for.
             (Some(_), None) => (from, to),
             (None, _) => (
-                index * READ_AHEAD_SPAN,
-                ((index + 1) * READ_AHEAD_SPAN).min(tail.start),
+                index * self.span_len(),
+                ((index + 1) * self.span_len()).min(tail.start),
             ),
         };
         drop(planned);
@@ -243,8 +259,8 @@ impl S3Source {
             None => window
                 .map(|i| {
                     (
-                        i * READ_AHEAD_SPAN,
-                        ((i + 1) * READ_AHEAD_SPAN).min(tail.start),
+                        i * self.span_len(),
+                        ((i + 1) * self.span_len()).min(tail.start),
                     )
                 })
                 .filter(|(start, end)| start < end)
@@ -267,13 +283,13 @@ impl S3Source {
     /// spans, and starts fetching the spans after it.
     fn read_spans(&self, offset: u64, buf: &mut [u8], tail: &Tail) -> io::Result<()> {
         let end = offset + buf.len() as u64;
-        let first = offset / READ_AHEAD_SPAN;
-        let last = (end - 1) / READ_AHEAD_SPAN;
+        let first = offset / self.span_len();
+        let last = (end - 1) / self.span_len();
         // The spans needed now first, so starting the ones ahead cannot evict them.
         let needed: Vec<(u64, u64, Arc<Span>)> = (first..=last)
             .map(|index| {
-                let from = offset.max(index * READ_AHEAD_SPAN);
-                let to = end.min((index + 1) * READ_AHEAD_SPAN);
+                let from = offset.max(index * self.span_len());
+                let to = end.min((index + 1) * self.span_len());
                 (from, to, self.span_for(from, to, tail))
             })
             .collect();
@@ -367,6 +383,12 @@ impl ShardSource for S3Source {
         self.sequential.store(true, Ordering::Relaxed);
     }
 
+    fn expect_sequential_with_urgent_reads(&self) {
+        self.span_len.store(URGENT_READ_SPAN, Ordering::Relaxed);
+        self.kept_spans.store(URGENT_READ_KEPT, Ordering::Relaxed);
+        self.expect_sequential();
+    }
+
     fn will_read(&self, ranges: &[(u64, u64)]) {
         if !self.sequential.load(Ordering::Relaxed) {
             return;
@@ -380,9 +402,9 @@ impl ShardSource for S3Source {
             if offset >= end {
                 continue;
             }
-            for index in offset / READ_AHEAD_SPAN..=(end - 1) / READ_AHEAD_SPAN {
-                let from = offset.max(index * READ_AHEAD_SPAN);
-                let to = end.min((index + 1) * READ_AHEAD_SPAN);
+            for index in offset / self.span_len()..=(end - 1) / self.span_len() {
+                let from = offset.max(index * self.span_len());
+                let to = end.min((index + 1) * self.span_len());
                 let hull = planned.entry(index).or_insert((from, to));
                 *hull = (hull.0.min(from), hull.1.max(to));
             }
