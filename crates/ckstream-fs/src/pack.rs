@@ -708,11 +708,14 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
                 let mut more = (r.end - off - have).min(want) as usize;
                 let mut at = off + have;
                 while more > 0 {
-                    let got = windows
-                        .fill(more, |room| {
-                            rustix::io::pread(&*file, &mut room[..more], at).map(|(got, _)| got)
-                        })
-                        .map_err(|e| io_err(&planned.source, "cannot read", e.into()))?;
+                    let read = windows.fill(more, |room| {
+                        rustix::io::pread(&*file, &mut room[..more], at).map(|(got, _)| got)
+                    });
+                    let got = match read {
+                        Ok(got) => got,
+                        Err(rustix::io::Errno::INTR) => continue,
+                        Err(e) => return Err(io_err(&planned.source, "cannot read", e.into())),
+                    };
                     if got == 0 {
                         return Err(Error::io(
                             format!("{} shrank while being read", planned.source.display()),
