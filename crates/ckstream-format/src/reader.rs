@@ -701,20 +701,20 @@ impl ArchiveReader {
     /// Tells every shard, of this archive and of its parents, that it will be read front
     /// to back (see [`ShardSource::expect_sequential`]).
     pub fn expect_sequential(&self) {
-        for r in std::iter::once(self).chain(&self.parents) {
-            for s in &r.shards {
-                s.source.expect_sequential();
-            }
-        }
+        self.every_source(|s| s.expect_sequential());
     }
 
     /// Tells every shard, of this archive and of its parents, that it will be read front
     /// to back with urgent reads out of order between (see
     /// [`ShardSource::expect_sequential_with_urgent_reads`]).
     pub fn expect_sequential_with_urgent_reads(&self) {
+        self.every_source(|s| s.expect_sequential_with_urgent_reads());
+    }
+
+    fn every_source(&self, f: impl Fn(&dyn ShardSource)) {
         for r in std::iter::once(self).chain(&self.parents) {
             for s in &r.shards {
-                s.source.expect_sequential_with_urgent_reads();
+                f(s.source.as_ref());
             }
         }
     }
@@ -1032,26 +1032,42 @@ pub fn decode_chunk(entry: &Entry, c: &Chunk, stored: Vec<u8>) -> Result<Vec<u8>
     let codec = c
         .codec_id()
         .ok_or_else(|| Error::Unsupported(format!("{}: codec {}", what(), c.codec)))?;
-    let raw = if codec == CodecId::None && !c.in_shared_frame() {
+    if stored_as_raw(c) {
         // Stored bytes are the raw bytes: no copy.
-        if stored.len() != c.raw_len as usize {
-            return Err(Error::Corrupt(format!(
-                "{}: stored length differs from raw length",
-                what()
-            )));
-        }
-        stored
+        check_stored_raw(entry, c, &stored)?;
+        return Ok(stored);
+    }
+    let frame = codec::decode(codec, &stored, c.decoded_len() as usize, &what())?;
+    let raw = if c.in_shared_frame() {
+        let start = c.frame_offset as usize;
+        frame[start..start + c.raw_len as usize].to_vec()
     } else {
-        let frame = codec::decode(codec, &stored, c.decoded_len() as usize, &what())?;
-        if c.in_shared_frame() {
-            let start = c.frame_offset as usize;
-            frame[start..start + c.raw_len as usize].to_vec()
-        } else {
-            frame
-        }
+        frame
     };
     verify_digest(&raw, &c.digest, what)?;
     Ok(raw)
+}
+
+/// True when chunk `c`'s stored bytes are its raw bytes (uncompressed, a frame of its
+/// own), so [`check_stored_raw`] can check them where they were read.
+pub fn stored_as_raw(c: &Chunk) -> bool {
+    c.codec_id() == Some(CodecId::None) && !c.in_shared_frame()
+}
+
+/// Checks the stored bytes of a chunk stored as raw ([`stored_as_raw`]): their length
+/// and digest.
+///
+/// # Errors
+/// [`Error::Corrupt`] or [`Error::DigestMismatch`], naming the entry and offset.
+pub fn check_stored_raw(entry: &Entry, c: &Chunk, stored: &[u8]) -> Result<()> {
+    let what = || format!("{:?} at offset {}", entry.path_lossy(), c.file_offset);
+    if stored.len() != c.raw_len as usize {
+        return Err(Error::Corrupt(format!(
+            "{}: stored length differs from raw length",
+            what()
+        )));
+    }
+    verify_digest(stored, &c.digest, what)
 }
 
 /// Checks `data` against a BLAKE3 digest.

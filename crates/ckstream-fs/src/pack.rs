@@ -662,22 +662,23 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
         stats.files += 1;
         // Shared with the writer's workers as the reflink source of uncompressed chunks.
         let file = Arc::new(file);
+        let read_err = |e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Error::io(
+                    format!("{} shrank while being read", planned.source.display()),
+                    e,
+                )
+            } else {
+                io_err(&planned.source, "cannot read", e)
+            }
+        };
         if size > 0 && size <= small_limit {
             if bundle_bytes + size > chunk {
                 writer.add_bundle(std::mem::take(&mut bundle))?;
                 bundle_bytes = 0;
             }
             let mut buf = vec![0u8; size as usize];
-            file.read_exact_at(&mut buf, 0).map_err(|e| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    Error::io(
-                        format!("{} shrank while being read", planned.source.display()),
-                        e,
-                    )
-                } else {
-                    io_err(&planned.source, "cannot read", e)
-                }
-            })?;
+            file.read_exact_at(&mut buf, 0).map_err(read_err)?;
             stats.bytes_read += size;
             bundle.push((id, buf));
             bundle_bytes += size;
@@ -712,16 +713,11 @@ pub fn pack_inputs(writer: &mut ArchiveWriter, plan: PackPlan, stop: Stop) -> Re
                         rustix::io::pread(&*file, &mut room[..more], at).map(|(got, _)| got)
                     });
                     let got = match read {
+                        Ok(0) => return Err(read_err(io::ErrorKind::UnexpectedEof.into())),
                         Ok(got) => got,
                         Err(rustix::io::Errno::INTR) => continue,
-                        Err(e) => return Err(io_err(&planned.source, "cannot read", e.into())),
+                        Err(e) => return Err(read_err(e.into())),
                     };
-                    if got == 0 {
-                        return Err(Error::io(
-                            format!("{} shrank while being read", planned.source.display()),
-                            io::ErrorKind::UnexpectedEof.into(),
-                        ));
-                    }
                     stats.bytes_read += got as u64;
                     more -= got;
                     at += got as u64;

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ckstream_format::budget::{chunk_cost, Budget, CHUNK_MEMORY};
 use ckstream_format::index::parent_path;
-use ckstream_format::reader::{decode_chunk, verify_digest};
+use ckstream_format::reader::{check_stored_raw, decode_chunk, stored_as_raw};
 use ckstream_format::{Chunk, CodecId, Entry, Error, Result};
 use ckstream_store::{clone_or_copy_range, clone_range, CopyMethod};
 use rustix::fs::AtFlags;
@@ -221,21 +221,12 @@ impl<'a> Unpacker<'a> {
             }
             Ok(())
         };
-        if self.reflink_source(c).is_some() && !self.reader.is_sealed() {
-            // Stored bytes are the raw bytes: checked in a reused page-aligned buffer.
-            if c.stored_len != c.raw_len {
-                return Err(Error::Corrupt(format!(
-                    "{:?} at offset {}: stored length differs from raw length",
-                    job.entry.path_lossy(),
-                    c.file_offset
-                )));
-            }
+        if stored_as_raw(c) && !self.reader.is_sealed() {
+            // Checked where they are read: a reused page-aligned buffer.
             SCRATCH.with_borrow_mut(|scratch| {
-                let raw = scratch.get(c.raw_len as usize);
+                let raw = scratch.get(c.stored_len as usize);
                 self.reader.read_stored_into(c, raw)?;
-                verify_digest(raw, &c.digest, || {
-                    format!("{:?} at offset {}", job.entry.path_lossy(), c.file_offset)
-                })?;
+                check_stored_raw(job.entry, c, raw)?;
                 restore(raw)
             })?;
         } else {
