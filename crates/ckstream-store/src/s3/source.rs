@@ -78,13 +78,12 @@ pub struct S3Source {
     tail: Mutex<Option<Arc<Tail>>>,
     /// Set by [`ShardSource::expect_sequential`]: reads go through `spans`.
     sequential: AtomicBool,
-    /// The spans fetched or being fetched, oldest first (at most `kept_spans`).
+    /// The spans fetched or being fetched, oldest first (at most `kept_spans()`).
     spans: Mutex<VecDeque<Arc<Span>>>,
-    /// Read-ahead span size and how many are kept: [`READ_AHEAD_SPAN`] and
-    /// [`READ_AHEAD_KEPT`], or the smaller [`URGENT_READ_SPAN`] and [`URGENT_READ_KEPT`]
-    /// after [`ShardSource::expect_sequential_with_urgent_reads`].
-    span_len: AtomicU64,
-    kept_spans: std::sync::atomic::AtomicUsize,
+    /// Set by [`ShardSource::expect_sequential_with_urgent_reads`]: spans are the smaller
+    /// [`URGENT_READ_SPAN`] and [`URGENT_READ_KEPT`] instead of [`READ_AHEAD_SPAN`] and
+    /// [`READ_AHEAD_KEPT`].
+    urgent_reads: AtomicBool,
     /// Small spans already read, least recently used first (at most [`RECENT_BYTES`]): a
     /// chunk stored once and used in many places (identical pages of several processes,
     /// deduplicated by the writer) is read again and again, far from where it lies, long
@@ -110,8 +109,7 @@ impl S3Source {
             tail: Mutex::new(None),
             sequential: AtomicBool::new(false),
             spans: Mutex::new(VecDeque::new()),
-            span_len: AtomicU64::new(READ_AHEAD_SPAN),
-            kept_spans: std::sync::atomic::AtomicUsize::new(READ_AHEAD_KEPT),
+            urgent_reads: AtomicBool::new(false),
             recent: Mutex::new(VecDeque::new()),
             planned: Mutex::new(None),
             get_requests: Arc::new(AtomicU64::new(0)),
@@ -120,11 +118,19 @@ impl S3Source {
     }
 
     fn span_len(&self) -> u64 {
-        self.span_len.load(Ordering::Relaxed)
+        if self.urgent_reads.load(Ordering::Relaxed) {
+            URGENT_READ_SPAN
+        } else {
+            READ_AHEAD_SPAN
+        }
     }
 
     fn kept_spans(&self) -> usize {
-        self.kept_spans.load(Ordering::Relaxed)
+        if self.urgent_reads.load(Ordering::Relaxed) {
+            URGENT_READ_KEPT
+        } else {
+            READ_AHEAD_KEPT
+        }
     }
 
     fn count(&self, bytes: usize) {
@@ -384,8 +390,7 @@ impl ShardSource for S3Source {
     }
 
     fn expect_sequential_with_urgent_reads(&self) {
-        self.span_len.store(URGENT_READ_SPAN, Ordering::Relaxed);
-        self.kept_spans.store(URGENT_READ_KEPT, Ordering::Relaxed);
+        self.urgent_reads.store(true, Ordering::Relaxed);
         self.expect_sequential();
     }
 
